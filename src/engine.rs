@@ -1,0 +1,531 @@
+//! The decision: a request evaluated against one immutable [`State`].
+//!
+//! Order of evaluation (SEMANTICS.md, "Evaluating a request"): collect the
+//! principal's identity policies and the resource's key or resource policy;
+//! find the statements that apply; any applicable `Deny` denies; a KMS key is
+//! allowed only through its key policy (directly, or by delegating to IAM
+//! through the account root, in which case an identity policy must allow
+//! too); other resources in the caller's account are allowed by either side;
+//! cross-account requests need both sides. Nothing allowed: implicit deny.
+//!
+//! Evaluation is pure and synchronous and touches no JSON. It allocates only
+//! for the lists in the answer.
+
+use std::borrow::Cow;
+use std::cell::{Cell, OnceCell};
+use std::fmt;
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+use thiserror::Error;
+
+use crate::arn::{check_resource, Arn, Caller, CallerKind};
+use crate::policy::condition::{parse_date, Context, Values};
+use crate::policy::keys::KeyRef;
+use crate::policy::pattern::Resolve;
+use crate::policy::{Effect, Policy, PolicyKind, PrincipalEntry, Statement};
+use crate::state::{is_kms_key, Principal, State, Target};
+use crate::tags::keys_equal_ignoring_case;
+
+/// A context value: one string or a list (a multivalued key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContextValue {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// "May `principal` do `action` on `resource`?"
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Request {
+    /// A user, role, assumed-role session or account-root ARN.
+    pub principal: String,
+    /// `service:Action`.
+    pub action: String,
+    /// An ARN, or `*` for actions without a resource.
+    pub resource: String,
+    /// `aws:RequestTag/K`.
+    pub request_tags: Vec<(String, String)>,
+    /// `aws:TagKeys`; `None` means absent (not an empty list).
+    pub tag_keys: Option<Vec<String>>,
+    /// Session tags: override the principal's tags with the same key.
+    pub session_tags: Vec<(String, String)>,
+    /// Any other condition key, by name.
+    pub context: Vec<(String, ContextValue)>,
+}
+
+impl Request {
+    /// Sets `aws:TagKeys` from the request tags when it was not given.
+    pub fn derive_tag_keys(&mut self) {
+        if self.tag_keys.is_none() {
+            self.tag_keys = Some(self.request_tags.iter().map(|(k, _)| k.clone()).collect());
+        }
+    }
+
+    /// Checks the request's shape; every error names the field.
+    pub fn validate(&self) -> Result<(), RequestError> {
+        Caller::parse(&self.principal).map_err(|e| RequestError::new("principal", e.to_string()))?;
+        let well_formed_action = self
+            .action
+            .split_once(':')
+            .is_some_and(|(svc, name)| !svc.is_empty() && !name.is_empty() && !self.action.contains(['*', '?', ' ']));
+        if !well_formed_action {
+            return Err(RequestError::new("action", format!("{:?} is not an action: expected service:Action", self.action)));
+        }
+        check_resource(&self.resource).map_err(|e| RequestError::new("resource", e.to_string()))?;
+        for (name, _) in &self.context {
+            let key = KeyRef::parse(name).map_err(|e| RequestError::new(format!("context[{name:?}]"), e.to_string()))?;
+            if key.filled_by_service() {
+                return Err(RequestError::new(
+                    format!("context[{name:?}]"),
+                    "this key is filled in by Tagward from its own state; give request tags, tag keys or session tags in their own fields",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A request that cannot be evaluated: which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{field}: {reason}")]
+pub struct RequestError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl RequestError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> RequestError {
+        RequestError { field: field.into(), reason: reason.into() }
+    }
+}
+
+/// Why the answer is what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Allowed,
+    ExplicitDeny,
+    ImplicitDeny,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Allowed => "Allowed",
+            Reason::ExplicitDeny => "ExplicitDeny",
+            Reason::ImplicitDeny => "ImplicitDeny",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which policy a statement belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyRef {
+    Managed(Arc<str>),
+    Inline(Arc<str>),
+    KeyPolicy,
+    ResourcePolicy,
+}
+
+impl fmt::Display for PolicyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PolicyRef::Managed(name) => write!(f, "{name}"),
+            PolicyRef::Inline(name) => write!(f, "inline:{name}"),
+            PolicyRef::KeyPolicy => f.write_str("key-policy"),
+            PolicyRef::ResourcePolicy => f.write_str("resource-policy"),
+        }
+    }
+}
+
+/// A statement named in an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatementRef {
+    pub policy: PolicyRef,
+    pub index: usize,
+    pub sid: Option<Arc<str>>,
+    pub effect: Effect,
+}
+
+impl fmt::Display for StatementRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}]", self.policy, self.index)?;
+        if let Some(sid) = &self.sid {
+            write!(f, " {sid:?}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What became of one statement the engine looked at (explain mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Applies,
+    ActionDoesNotMatch,
+    PrincipalDoesNotMatch,
+    ResourceDoesNotMatch,
+    ConditionFailed { operator: Arc<str>, key: Arc<str> },
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Applies => f.write_str("applies"),
+            Outcome::ActionDoesNotMatch => f.write_str("action does not match"),
+            Outcome::PrincipalDoesNotMatch => f.write_str("principal does not match"),
+            Outcome::ResourceDoesNotMatch => f.write_str("resource does not match"),
+            Outcome::ConditionFailed { operator, key } => write!(f, "condition {operator} on {key} does not hold"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Considered {
+    pub statement: StatementRef,
+    pub outcome: Outcome,
+}
+
+/// The answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub reason: Reason,
+    /// The statements that decided: every applicable `Deny` for an explicit
+    /// deny, every applicable `Allow` for an allow, none otherwise.
+    pub matched: Vec<StatementRef>,
+    /// Condition keys that evaluated conditions looked for and the request
+    /// did not have.
+    pub missing_keys: Vec<Arc<str>>,
+    /// With explain: every statement looked at, and what became of it.
+    pub considered: Option<Vec<Considered>>,
+}
+
+impl Decision {
+    pub fn allowed(&self) -> bool {
+        self.reason == Reason::Allowed
+    }
+}
+
+/// Actions that do not act on an existing resource: `aws:ResourceTag` is not
+/// available to them (lowercased).
+const NO_EXISTING_RESOURCE: &[&str] = &["kms:createkey", "kms:listkeys", "kms:listaliases"];
+
+/// How a key or resource policy statement's principal matched the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Grant {
+    /// Through the caller's account: delegates to the caller's IAM policies.
+    Account,
+    /// The caller itself (or `*`).
+    Direct,
+}
+
+struct Eval<'a> {
+    state: &'a State,
+    req: &'a Request,
+    caller: Caller<'a>,
+    principal: Option<&'a Principal>,
+    target: Option<Target<'a>>,
+    resource_account: Option<&'a str>,
+    resource_tags_available: bool,
+    in_key_policy: Cell<bool>,
+    time: OnceCell<(String, String)>,
+}
+
+/// Decides `req` against `state`. `explain` adds every statement looked at.
+pub fn authorize(state: &State, req: &Request, explain: bool) -> Result<Decision, RequestError> {
+    req.validate()?;
+    let caller = Caller::parse(&req.principal).map_err(|e| RequestError::new("principal", e.to_string()))?;
+    let principal = match caller.kind {
+        CallerKind::User { .. } | CallerKind::Role { .. } => state.principal(caller.arn).map(|p| &**p),
+        CallerKind::Session { role, .. } => state.role_by_name(caller.account, role).map(|p| &**p),
+        CallerKind::Root => None,
+    };
+    let mut action_buf: SmallVec<[u8; 64]> = SmallVec::from_slice(req.action.as_bytes());
+    action_buf.make_ascii_lowercase();
+    let action_lower = std::str::from_utf8(&action_buf).unwrap_or(&req.action);
+    let target = if req.resource == "*" { None } else { state.target(&req.resource) };
+    let resource_account = match target {
+        Some(t) => t.account(),
+        None => Arn::parse(&req.resource).map(|a| a.account).filter(|a| !a.is_empty()),
+    };
+    let ev = Eval {
+        state,
+        req,
+        caller,
+        principal,
+        target,
+        resource_account,
+        resource_tags_available: req.resource != "*" && !NO_EXISTING_RESOURCE.contains(&action_lower),
+        in_key_policy: Cell::new(false),
+        time: OnceCell::new(),
+    };
+    Ok(ev.decide(action_lower, explain))
+}
+
+struct Collector {
+    denies: SmallVec<[StatementRef; 2]>,
+    identity_allows: SmallVec<[StatementRef; 4]>,
+    resource_allows: SmallVec<[(StatementRef, Grant); 4]>,
+    missing: SmallVec<[Arc<str>; 4]>,
+    considered: Option<Vec<Considered>>,
+}
+
+impl<'a> Eval<'a> {
+    fn decide(&self, action: &str, explain: bool) -> Decision {
+        let mut c = Collector {
+            denies: SmallVec::new(),
+            identity_allows: SmallVec::new(),
+            resource_allows: SmallVec::new(),
+            missing: SmallVec::new(),
+            considered: explain.then(Vec::new),
+        };
+        if let Some(p) = self.principal {
+            for name in &p.managed {
+                if let Some(policy) = self.state.policy(name) {
+                    self.run_policy(policy, || PolicyRef::Managed(name.clone()), action, &mut c);
+                }
+            }
+            for (name, policy) in &p.inline {
+                self.run_policy(policy, || PolicyRef::Inline(name.clone()), action, &mut c);
+            }
+        }
+        let is_key = match self.target {
+            Some(t) => t.key().is_some(),
+            None => is_kms_key(&self.req.resource),
+        };
+        if let Some(policy) = self.target.and_then(|t| t.policy()) {
+            self.in_key_policy.set(is_key);
+            let which = if is_key { PolicyRef::KeyPolicy } else { PolicyRef::ResourcePolicy };
+            self.run_policy(policy, || which.clone(), action, &mut c);
+            self.in_key_policy.set(false);
+        }
+
+        let missing_keys = c.missing.into_vec();
+        if !c.denies.is_empty() {
+            return Decision {
+                reason: Reason::ExplicitDeny,
+                matched: c.denies.into_vec(),
+                missing_keys,
+                considered: c.considered,
+            };
+        }
+        let identity = !c.identity_allows.is_empty();
+        let best = c.resource_allows.iter().map(|(_, g)| *g).max();
+        let same_account = self.resource_account.is_none_or(|a| a == self.caller.account);
+        let allowed = if is_key {
+            match best {
+                Some(Grant::Direct) if same_account => true,
+                Some(_) => identity,
+                None => false,
+            }
+        } else if same_account {
+            identity || best == Some(Grant::Direct)
+        } else {
+            best.is_some() && identity
+        };
+        if !allowed {
+            return Decision { reason: Reason::ImplicitDeny, matched: Vec::new(), missing_keys, considered: c.considered };
+        }
+        let mut matched = c.identity_allows.into_vec();
+        matched.extend(c.resource_allows.into_iter().map(|(s, _)| s));
+        Decision { reason: Reason::Allowed, matched, missing_keys, considered: c.considered }
+    }
+
+    fn run_policy(&self, policy: &Policy, name: impl Fn() -> PolicyRef, action: &str, c: &mut Collector) {
+        for i in policy.candidates(action) {
+            let st = &policy.statements[i as usize];
+            let grant = self.check(st, policy.kind, action, c);
+            let applies = grant.is_ok();
+            if !applies && c.considered.is_none() {
+                continue;
+            }
+            let sref = StatementRef { policy: name(), index: st.index, sid: st.sid.clone(), effect: st.effect };
+            if let Some(list) = c.considered.as_mut() {
+                if let Err(outcome) = &grant {
+                    list.push(Considered { statement: sref, outcome: outcome.clone() });
+                    continue;
+                }
+                list.push(Considered { statement: sref.clone(), outcome: Outcome::Applies });
+            }
+            let Ok(grant) = grant else { continue };
+            match (st.effect, policy.kind) {
+                (Effect::Deny, _) => c.denies.push(sref),
+                (Effect::Allow, PolicyKind::Identity) => c.identity_allows.push(sref),
+                (Effect::Allow, _) => c.resource_allows.push((sref, grant)),
+            }
+        }
+    }
+
+    /// Does the statement apply? `Ok` with how the principal matched.
+    fn check(&self, st: &Statement, kind: PolicyKind, action: &str, c: &mut Collector) -> Result<Grant, Outcome> {
+        if !st.covers_action(action) {
+            return Err(Outcome::ActionDoesNotMatch);
+        }
+        let grant = match (&st.principal, kind) {
+            (Some(p), PolicyKind::Key | PolicyKind::Resource) => {
+                if p.negated {
+                    let listed = p.entries.iter().any(|e| self.lists(e));
+                    if listed {
+                        return Err(Outcome::PrincipalDoesNotMatch);
+                    }
+                    Grant::Direct
+                } else {
+                    p.entries
+                        .iter()
+                        .filter_map(|e| self.grant(e))
+                        .max()
+                        .ok_or(Outcome::PrincipalDoesNotMatch)?
+                }
+            }
+            _ => Grant::Direct,
+        };
+        let resource_hit = st.resources.patterns.iter().any(|p| p.matches(&self.req.resource, self)) != st.resources.negated;
+        if !resource_hit {
+            return Err(Outcome::ResourceDoesNotMatch);
+        }
+        for cond in &st.conditions {
+            let out = cond.evaluate(self);
+            if out.missing && !c.missing.contains(&cond.key_name) {
+                c.missing.push(cond.key_name.clone());
+            }
+            if !out.holds {
+                return Err(Outcome::ConditionFailed { operator: cond.operator.clone(), key: cond.key_name.clone() });
+            }
+        }
+        Ok(grant)
+    }
+
+    /// How a `Principal` entry matches the caller.
+    fn grant(&self, entry: &PrincipalEntry) -> Option<Grant> {
+        let caller = &self.caller;
+        match entry {
+            PrincipalEntry::Any => Some(Grant::Direct),
+            PrincipalEntry::Account(a) if **a == *caller.account => {
+                Some(if caller.kind == CallerKind::Root { Grant::Direct } else { Grant::Account })
+            }
+            _ => self.lists(entry).then_some(Grant::Direct),
+        }
+    }
+
+    /// Is the caller itself listed by the entry? (For `NotPrincipal`: an
+    /// account entry lists only the account root, not the account's users.)
+    fn lists(&self, entry: &PrincipalEntry) -> bool {
+        let caller = &self.caller;
+        match entry {
+            PrincipalEntry::Any => true,
+            PrincipalEntry::Account(a) => caller.kind == CallerKind::Root && **a == *caller.account,
+            PrincipalEntry::User(arn) | PrincipalEntry::Session(arn) | PrincipalEntry::Other(arn) => **arn == *caller.arn,
+            PrincipalEntry::Role { account, name } => {
+                **account == *caller.account && caller.role_name().is_some_and(|r| r == &**name)
+            }
+        }
+    }
+
+    fn time(&self) -> &(String, String) {
+        self.time.get_or_init(|| {
+            let given = |name: &str| {
+                self.req.context.iter().find_map(|(k, v)| match v {
+                    ContextValue::One(s) if k.eq_ignore_ascii_case(name) => Some(s.as_str()),
+                    _ => None,
+                })
+            };
+            let millis = given("aws:CurrentTime")
+                .or_else(|| given("aws:EpochTime"))
+                .and_then(parse_date)
+                .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
+            let iso = given("aws:CurrentTime").map(str::to_string).unwrap_or_else(|| {
+                chrono::DateTime::from_timestamp_millis(millis)
+                    .map(|d| d.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                    .unwrap_or_default()
+            });
+            let epoch = given("aws:EpochTime").map(str::to_string).unwrap_or_else(|| (millis / 1000).to_string());
+            (iso, epoch)
+        })
+    }
+}
+
+/// Looks a tag up in an unsorted list: the exact key, else the key equal
+/// ignoring case that sorts first in byte order.
+fn lookup_unsorted<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    if let Some((_, v)) = pairs.iter().find(|(k, _)| k == key) {
+        return Some(v);
+    }
+    pairs
+        .iter()
+        .filter(|(k, _)| keys_equal_ignoring_case(k, key))
+        .min_by(|a, b| a.0.cmp(&b.0))
+        .map(|(_, v)| v.as_str())
+}
+
+impl Context for Eval<'_> {
+    fn values(&self, key: &KeyRef) -> Values<'_> {
+        fn one(v: Option<&str>) -> Values<'_> {
+            match v {
+                Some(v) => Values::One(Cow::Borrowed(v)),
+                None => Values::Missing,
+            }
+        }
+        match key {
+            KeyRef::ResourceTag(k) => {
+                if !self.resource_tags_available || self.in_key_policy.get() {
+                    return Values::Missing;
+                }
+                one(self.target.and_then(|t| t.tags().lookup(k)))
+            }
+            KeyRef::RequestTag(k) => one(lookup_unsorted(&self.req.request_tags, k)),
+            KeyRef::PrincipalTag(k) => match lookup_unsorted(&self.req.session_tags, k) {
+                Some(v) => Values::One(Cow::Borrowed(v)),
+                None => one(self.principal.and_then(|p| p.tags.lookup(k))),
+            },
+            KeyRef::TagKeys => match &self.req.tag_keys {
+                Some(list) => Values::Many(list),
+                None => Values::Missing,
+            },
+            KeyRef::PrincipalArn => match (self.caller.kind, self.principal) {
+                (CallerKind::Session { .. }, Some(role)) => Values::One(Cow::Borrowed(&role.arn)),
+                (CallerKind::Session { role, .. }, None) => Values::One(Cow::Owned(format!(
+                    "arn:{}:iam::{}:role/{role}",
+                    self.caller.partition, self.caller.account
+                ))),
+                _ => one(Some(self.caller.arn)),
+            },
+            KeyRef::PrincipalAccount | KeyRef::CallerAccount => one(Some(self.caller.account)),
+            KeyRef::Username => match self.caller.kind {
+                CallerKind::User { name } => one(Some(name)),
+                _ => Values::Missing,
+            },
+            KeyRef::Userid => match self.caller.kind {
+                CallerKind::User { name } | CallerKind::Role { name } => one(Some(name)),
+                CallerKind::Session { role, session } => Values::One(Cow::Owned(format!("{role}:{session}"))),
+                CallerKind::Root => one(Some(self.caller.account)),
+            },
+            KeyRef::PrincipalType => one(Some(self.caller.principal_type())),
+            KeyRef::ResourceAccount => one(self.resource_account),
+            KeyRef::KeySpec => one(self.target.and_then(|t| t.key()).map(|k| &*k.spec)),
+            KeyRef::KeyUsage => one(self.target.and_then(|t| t.key()).map(|k| &*k.usage)),
+            KeyRef::KeyOrigin => one(self.target.and_then(|t| t.key()).map(|k| &*k.origin)),
+            KeyRef::CurrentTime => one(Some(&self.time().0)),
+            KeyRef::EpochTime => one(Some(&self.time().1)),
+            KeyRef::Context(name) => {
+                match self.req.context.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)) {
+                    Some((_, ContextValue::One(v))) => Values::One(Cow::Borrowed(v)),
+                    Some((_, ContextValue::Many(list))) => Values::Many(list),
+                    None => Values::Missing,
+                }
+            }
+        }
+    }
+}
+
+impl Resolve for Eval<'_> {
+    fn single(&self, key: &KeyRef) -> Option<Cow<'_, str>> {
+        match self.values(key) {
+            Values::One(v) => Some(v),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,609 @@
+//! The IAM policy language: JSON documents parsed, validated and compiled
+//! once into a form that evaluation reads without touching JSON.
+//!
+//! A malformed document is refused whole with a [`PolicyError`] that names
+//! the JSON path and the reason, e.g.
+//! `Statement[2].Effect: expected "Allow" or "Deny", found "Permit"`.
+//! Compiling builds the wildcard matchers, pre-parses condition values and
+//! indexes statements by action so a request looks at few of them.
+
+pub mod condition;
+pub mod keys;
+pub mod pattern;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde_json::Value;
+use smallvec::SmallVec;
+use thiserror::Error;
+
+use crate::arn::{is_account_id, Arn};
+use condition::{ArnPattern, Condition};
+use pattern::{Pattern, Syntax};
+
+/// A refused policy document: where, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{}{message}", if path.is_empty() { String::new() } else { format!("{path}: ") })]
+pub struct PolicyError {
+    /// JSON path inside the document, e.g. `Statement[2].Effect`.
+    pub path: String,
+    pub message: String,
+}
+
+impl PolicyError {
+    fn at(path: &str, message: impl Into<String>) -> PolicyError {
+        PolicyError { path: path.to_string(), message: message.into() }
+    }
+}
+
+/// Where a policy applies, which decides whether `Principal` is required.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyKind {
+    /// Attached to a user or role: no `Principal`.
+    Identity,
+    /// A KMS key policy: `Principal` or `NotPrincipal` in every statement.
+    Key,
+    /// A resource-based policy on any other resource: likewise.
+    Resource,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    Allow,
+    Deny,
+}
+
+impl fmt::Display for Effect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Effect::Allow => "Allow",
+            Effect::Deny => "Deny",
+        })
+    }
+}
+
+/// One entry of a `Principal` or `NotPrincipal` element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrincipalEntry {
+    /// `"*"` or `{"AWS": "*"}`.
+    Any,
+    /// `arn:aws:iam::A:root` or `"A"`: the account.
+    Account(Box<str>),
+    User(Box<str>),
+    /// A role, by account and name: matches the role and its sessions.
+    Role { account: Box<str>, name: Box<str> },
+    Session(Box<str>),
+    /// `Service`, `Federated`, `CanonicalUser`, or an AWS ARN of another
+    /// kind: matched by value.
+    Other(Box<str>),
+}
+
+/// `Principal` / `NotPrincipal`.
+#[derive(Debug, Clone)]
+pub struct Principals {
+    pub negated: bool,
+    pub entries: Vec<PrincipalEntry>,
+}
+
+/// `Action` / `NotAction`.
+#[derive(Debug, Clone)]
+pub struct Actions {
+    pub negated: bool,
+    pub patterns: Vec<Pattern>,
+}
+
+/// `Resource` / `NotResource`.
+#[derive(Debug, Clone)]
+pub struct Resources {
+    pub negated: bool,
+    pub patterns: Vec<ArnPattern>,
+}
+
+/// A compiled statement.
+#[derive(Debug, Clone)]
+pub struct Statement {
+    /// Position in the document's `Statement` list.
+    pub index: usize,
+    pub sid: Option<Arc<str>>,
+    pub effect: Effect,
+    pub principal: Option<Principals>,
+    pub actions: Actions,
+    pub resources: Resources,
+    pub conditions: Vec<Condition>,
+}
+
+impl Statement {
+    /// Does the statement's `Action`/`NotAction` cover `action`?
+    pub fn covers_action(&self, action: &str) -> bool {
+        self.actions.patterns.iter().any(|p| p.matches(action, &pattern::NoValues)) != self.actions.negated
+    }
+}
+
+/// Statements indexed by the actions they name.
+#[derive(Debug, Clone, Default)]
+struct ActionIndex {
+    /// Lowercased `service:action` without wildcards.
+    exact: HashMap<Box<str>, SmallVec<[u32; 2]>>,
+    /// Lowercased service prefix, for patterns with wildcards after the colon.
+    by_service: HashMap<Box<str>, SmallVec<[u32; 4]>>,
+    /// `*`, wildcards in the service part, and every `NotAction` statement.
+    always: Vec<u32>,
+}
+
+/// The version of the policy language, which decides whether `${...}` is a
+/// variable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V2012,
+    V2008,
+}
+
+/// A compiled policy document.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub kind: PolicyKind,
+    pub version: Version,
+    pub id: Option<String>,
+    pub statements: Vec<Statement>,
+    index: ActionIndex,
+    /// The document as it was given, for export.
+    pub source: Arc<Value>,
+}
+
+impl Policy {
+    /// Parses and compiles a JSON policy document given as text.
+    pub fn from_json(text: &str, kind: PolicyKind) -> Result<Policy, PolicyError> {
+        let value: Value = serde_json::from_str(text).map_err(|e| PolicyError::at("", format!("not valid JSON: {e}")))?;
+        Policy::compile(&value, kind)
+    }
+
+    /// Compiles a policy document.
+    pub fn compile(doc: &Value, kind: PolicyKind) -> Result<Policy, PolicyError> {
+        let obj = doc
+            .as_object()
+            .ok_or_else(|| PolicyError::at("", format!("a policy document is a JSON object, found {}", type_name(doc))))?;
+        for key in obj.keys() {
+            if !matches!(key.as_str(), "Version" | "Id" | "Statement") {
+                return Err(PolicyError::at(key, unknown_field(key, &["Version", "Id", "Statement"])));
+            }
+        }
+        let version = match obj.get("Version") {
+            None => Version::V2008,
+            Some(Value::String(v)) if v == "2012-10-17" => Version::V2012,
+            Some(Value::String(v)) if v == "2008-10-17" => Version::V2008,
+            Some(other) => {
+                return Err(PolicyError::at(
+                    "Version",
+                    format!("expected \"2012-10-17\" or \"2008-10-17\", found {}", show(other)),
+                ))
+            }
+        };
+        let id = match obj.get("Id") {
+            None => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(other) => return Err(PolicyError::at("Id", format!("expected a string, found {}", show(other)))),
+        };
+        let statements_json: Vec<(String, &Value)> = match obj.get("Statement") {
+            None => return Err(PolicyError::at("Statement", "missing: a policy needs at least one statement")),
+            Some(Value::Array(items)) if items.is_empty() => {
+                return Err(PolicyError::at("Statement", "empty: a policy needs at least one statement"))
+            }
+            Some(Value::Array(items)) => items.iter().enumerate().map(|(i, v)| (format!("Statement[{i}]"), v)).collect(),
+            Some(v @ Value::Object(_)) => vec![("Statement".to_string(), v)],
+            Some(other) => {
+                return Err(PolicyError::at(
+                    "Statement",
+                    format!("expected a statement object or an array of them, found {}", show(other)),
+                ))
+            }
+        };
+        let mut statements = Vec::with_capacity(statements_json.len());
+        let mut sids: HashMap<&str, String> = HashMap::new();
+        for (index, (path, value)) in statements_json.iter().enumerate() {
+            let statement = compile_statement(path, value, index, kind, version)?;
+            if let Some(sid) = value.get("Sid").and_then(Value::as_str) {
+                if let Some(first) = sids.insert(sid, path.clone()) {
+                    return Err(PolicyError::at(&format!("{path}.Sid"), format!("{sid:?} is already the Sid of {first}")));
+                }
+            }
+            statements.push(statement);
+        }
+        let index = build_index(&statements);
+        Ok(Policy { kind, version, id, statements, index, source: Arc::new(doc.clone()) })
+    }
+
+    /// The statements that may cover `action_lower` (a lowercased
+    /// `service:action`), in document order, each once. The caller still
+    /// checks the action against wildcard patterns and `NotAction`.
+    pub fn candidates(&self, action_lower: &str) -> SmallVec<[u32; 16]> {
+        let mut out: SmallVec<[u32; 16]> = SmallVec::new();
+        if let Some(list) = self.index.exact.get(action_lower) {
+            out.extend_from_slice(list);
+        }
+        if let Some((service, _)) = action_lower.split_once(':') {
+            if let Some(list) = self.index.by_service.get(service) {
+                out.extend_from_slice(list);
+            }
+        }
+        out.extend_from_slice(&self.index.always);
+        if out.len() > 1 {
+            out.sort_unstable();
+            out.dedup();
+        }
+        out
+    }
+}
+
+fn build_index(statements: &[Statement]) -> ActionIndex {
+    let mut index = ActionIndex::default();
+    for (i, st) in statements.iter().enumerate() {
+        let i = i as u32;
+        if st.actions.negated {
+            index.always.push(i);
+            continue;
+        }
+        for p in &st.actions.patterns {
+            if let Some(exact) = p.exact() {
+                index.exact.entry(exact.to_ascii_lowercase().into()).or_default().push(i);
+                continue;
+            }
+            match p.service_prefix() {
+                Some(svc) => index.by_service.entry(svc.to_ascii_lowercase().into()).or_default().push(i),
+                None => index.always.push(i),
+            }
+        }
+    }
+    index
+}
+
+fn compile_statement(
+    path: &str,
+    value: &Value,
+    index: usize,
+    kind: PolicyKind,
+    version: Version,
+) -> Result<Statement, PolicyError> {
+    const FIELDS: &[&str] = &[
+        "Sid",
+        "Effect",
+        "Principal",
+        "NotPrincipal",
+        "Action",
+        "NotAction",
+        "Resource",
+        "NotResource",
+        "Condition",
+    ];
+    let obj = value
+        .as_object()
+        .ok_or_else(|| PolicyError::at(path, format!("a statement is a JSON object, found {}", type_name(value))))?;
+    for key in obj.keys() {
+        if !FIELDS.contains(&key.as_str()) {
+            return Err(PolicyError::at(&format!("{path}.{key}"), unknown_field(key, FIELDS)));
+        }
+    }
+    let at = |field: &str| format!("{path}.{field}");
+    let sid = match obj.get("Sid") {
+        None => None,
+        // Key policies accept more characters in a Sid than IAM does; accept
+        // the wider set but no control characters.
+        Some(Value::String(s)) if s.chars().any(char::is_control) => {
+            return Err(PolicyError::at(&at("Sid"), format!("{s:?} holds control characters")));
+        }
+        Some(Value::String(s)) => Some(Arc::from(s.as_str())),
+        Some(other) => return Err(PolicyError::at(&at("Sid"), format!("expected a string, found {}", show(other)))),
+    };
+    let effect = match obj.get("Effect") {
+        Some(Value::String(s)) if s == "Allow" => Effect::Allow,
+        Some(Value::String(s)) if s == "Deny" => Effect::Deny,
+        Some(other) => {
+            return Err(PolicyError::at(&at("Effect"), format!("expected \"Allow\" or \"Deny\", found {}", show(other))))
+        }
+        None => return Err(PolicyError::at(&at("Effect"), "missing: expected \"Allow\" or \"Deny\"")),
+    };
+
+    let principal = match (obj.get("Principal"), obj.get("NotPrincipal")) {
+        (Some(_), Some(_)) => {
+            return Err(PolicyError::at(path, "has both Principal and NotPrincipal; use one"));
+        }
+        (Some(p), None) => Some(Principals { negated: false, entries: compile_principals(&at("Principal"), p)? }),
+        (None, Some(p)) => Some(Principals { negated: true, entries: compile_principals(&at("NotPrincipal"), p)? }),
+        (None, None) => None,
+    };
+    match (kind, &principal) {
+        (PolicyKind::Identity, Some(p)) => {
+            let field = if p.negated { "NotPrincipal" } else { "Principal" };
+            return Err(PolicyError::at(
+                &at(field),
+                "not allowed in an identity policy: the principal is whoever the policy is attached to",
+            ));
+        }
+        (PolicyKind::Key | PolicyKind::Resource, None) => {
+            return Err(PolicyError::at(
+                &at("Principal"),
+                "missing: a key or resource policy statement needs Principal or NotPrincipal",
+            ));
+        }
+        _ => {}
+    }
+
+    let actions = match (obj.get("Action"), obj.get("NotAction")) {
+        (Some(_), Some(_)) => return Err(PolicyError::at(path, "has both Action and NotAction; use one")),
+        (Some(a), None) => Actions { negated: false, patterns: compile_actions(&at("Action"), a)? },
+        (None, Some(a)) => Actions { negated: true, patterns: compile_actions(&at("NotAction"), a)? },
+        (None, None) => return Err(PolicyError::at(&at("Action"), "missing: a statement needs Action or NotAction")),
+    };
+    let variables = version == Version::V2012;
+    let resources = match (obj.get("Resource"), obj.get("NotResource")) {
+        (Some(_), Some(_)) => return Err(PolicyError::at(path, "has both Resource and NotResource; use one")),
+        (Some(r), None) => Resources { negated: false, patterns: compile_resources(&at("Resource"), r, variables)? },
+        (None, Some(r)) => Resources { negated: true, patterns: compile_resources(&at("NotResource"), r, variables)? },
+        (None, None) => {
+            return Err(PolicyError::at(&at("Resource"), "missing: a statement needs Resource or NotResource"))
+        }
+    };
+    let conditions = match obj.get("Condition") {
+        None => Vec::new(),
+        Some(c) => compile_conditions(&at("Condition"), c, variables)?,
+    };
+    Ok(Statement { index, sid, effect, principal, actions, resources, conditions })
+}
+
+/// A string or a non-empty array of strings.
+fn strings<'a>(path: &str, value: &'a Value) -> Result<Vec<(String, &'a str)>, PolicyError> {
+    match value {
+        Value::String(s) => Ok(vec![(path.to_string(), s.as_str())]),
+        Value::Array(items) if items.is_empty() => Err(PolicyError::at(path, "empty list")),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) => Ok((format!("{path}[{i}]"), s.as_str())),
+                other => Err(PolicyError::at(&format!("{path}[{i}]"), format!("expected a string, found {}", show(other)))),
+            })
+            .collect(),
+        other => Err(PolicyError::at(path, format!("expected a string or an array of strings, found {}", show(other)))),
+    }
+}
+
+fn compile_actions(path: &str, value: &Value) -> Result<Vec<Pattern>, PolicyError> {
+    let syntax = Syntax { wildcards: true, variables: false, fold_case: true };
+    strings(path, value)?
+        .into_iter()
+        .map(|(p, s)| {
+            let well_formed = s == "*"
+                || s.split_once(':').is_some_and(|(svc, name)| {
+                    !svc.is_empty() && !name.is_empty() && !s.chars().any(char::is_whitespace)
+                });
+            if !well_formed {
+                return Err(PolicyError::at(&p, format!("{s:?} is not an action: expected \"service:Action\" or \"*\"")));
+            }
+            Pattern::compile(s, syntax).map_err(|e| PolicyError::at(&p, e))
+        })
+        .collect()
+}
+
+fn compile_resources(path: &str, value: &Value, variables: bool) -> Result<Vec<ArnPattern>, PolicyError> {
+    strings(path, value)?
+        .into_iter()
+        .map(|(p, s)| {
+            if s != "*" && !(s.starts_with("arn:") && s.matches(':').count() >= 5) {
+                return Err(PolicyError::at(
+                    &p,
+                    format!("{s:?} is not a resource: expected \"*\" or an ARN (arn:PARTITION:SERVICE:REGION:ACCOUNT:RESOURCE)"),
+                ));
+            }
+            ArnPattern::compile(s, variables, false).map_err(|e| PolicyError::at(&p, e))
+        })
+        .collect()
+}
+
+fn compile_principals(path: &str, value: &Value) -> Result<Vec<PrincipalEntry>, PolicyError> {
+    match value {
+        Value::String(s) if s == "*" => Ok(vec![PrincipalEntry::Any]),
+        Value::Object(map) if map.is_empty() => Err(PolicyError::at(path, "empty: name at least one principal")),
+        Value::Object(map) => {
+            let mut entries = Vec::new();
+            for (kind, v) in map {
+                let field = format!("{path}.{kind}");
+                match kind.as_str() {
+                    "AWS" => {
+                        for (p, s) in strings(&field, v)? {
+                            entries.push(aws_principal(&p, s)?);
+                        }
+                    }
+                    "Service" | "Federated" | "CanonicalUser" => {
+                        for (p, s) in strings(&field, v)? {
+                            if s.is_empty() {
+                                return Err(PolicyError::at(&p, "empty principal"));
+                            }
+                            entries.push(if s == "*" { PrincipalEntry::Any } else { PrincipalEntry::Other(s.into()) });
+                        }
+                    }
+                    _ => {
+                        return Err(PolicyError::at(
+                            &field,
+                            unknown_field(kind, &["AWS", "Service", "Federated", "CanonicalUser"]),
+                        ))
+                    }
+                }
+            }
+            Ok(entries)
+        }
+        other => Err(PolicyError::at(
+            path,
+            format!("expected \"*\" or an object such as {{\"AWS\": \"arn:aws:iam::111122223333:root\"}}, found {}", show(other)),
+        )),
+    }
+}
+
+fn aws_principal(path: &str, s: &str) -> Result<PrincipalEntry, PolicyError> {
+    if s == "*" {
+        return Ok(PrincipalEntry::Any);
+    }
+    if is_account_id(s) {
+        return Ok(PrincipalEntry::Account(s.into()));
+    }
+    let arn = Arn::parse(s).ok_or_else(|| {
+        PolicyError::at(path, format!("{s:?} is not a principal: expected \"*\", a 12-digit account id or an ARN"))
+    })?;
+    if s.contains('*') || s.contains('?') {
+        return Err(PolicyError::at(path, format!("{s:?}: wildcards are not allowed in principal ARNs (use \"*\" alone)")));
+    }
+    Ok(match (arn.service, arn.resource_type()) {
+        ("iam", "") if arn.resource == "root" => PrincipalEntry::Account(arn.account.into()),
+        ("iam", "user") => PrincipalEntry::User(s.into()),
+        ("iam", "role") => PrincipalEntry::Role { account: arn.account.into(), name: arn.resource_name().into() },
+        ("sts", "assumed-role") => PrincipalEntry::Session(s.into()),
+        _ => PrincipalEntry::Other(s.into()),
+    })
+}
+
+fn compile_conditions(path: &str, value: &Value, variables: bool) -> Result<Vec<Condition>, PolicyError> {
+    let block = value
+        .as_object()
+        .ok_or_else(|| PolicyError::at(path, format!("expected an object of operators, found {}", show(value))))?;
+    let mut out = Vec::new();
+    for (operator, keys) in block {
+        let op_path = format!("{path}.{operator}");
+        let keys = keys.as_object().ok_or_else(|| {
+            PolicyError::at(&op_path, format!("expected an object of condition keys, found {}", show(keys)))
+        })?;
+        if keys.is_empty() {
+            return Err(PolicyError::at(&op_path, "empty: name at least one condition key"));
+        }
+        for (key, values) in keys {
+            let key_path = format!("{op_path}.{key}");
+            let values = condition_values(&key_path, values)?;
+            out.push(Condition::compile(operator, key, &values, variables).map_err(|e| PolicyError::at(&key_path, e))?);
+        }
+    }
+    Ok(out)
+}
+
+/// A condition value: a string, number or boolean, or an array of them.
+fn condition_values(path: &str, value: &Value) -> Result<Vec<String>, PolicyError> {
+    let scalar = |p: &str, v: &Value| match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Number(n) => Ok(n.to_string()),
+        Value::Bool(b) => Ok(b.to_string()),
+        other => Err(PolicyError::at(p, format!("expected a string, number or boolean, found {}", show(other)))),
+    };
+    match value {
+        Value::Array(items) if items.is_empty() => Err(PolicyError::at(path, "empty list of values")),
+        Value::Array(items) => items.iter().enumerate().map(|(i, v)| scalar(&format!("{path}[{i}]"), v)).collect(),
+        other => Ok(vec![scalar(path, other)?]),
+    }
+}
+
+fn unknown_field(found: &str, expected: &[&str]) -> String {
+    let hint = expected
+        .iter()
+        .find(|e| e.eq_ignore_ascii_case(found))
+        .map(|e| format!(" (did you mean {e:?}? element names are case-sensitive)"))
+        .unwrap_or_default();
+    format!("unknown element {found:?}{hint}; expected one of {}", expected.join(", "))
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn show(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("{s:?}"),
+        Value::Array(_) | Value::Object(_) => type_name(v).to_string(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn err(doc: Value, kind: PolicyKind) -> String {
+        Policy::compile(&doc, kind).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_path_and_the_reason() {
+        let doc = json!({"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "kms:*", "Resource": "*"},
+            {"Effect": "Allow", "Action": "kms:*", "Resource": "*"},
+            {"Effect": "Permit", "Action": "kms:*", "Resource": "*"}]});
+        assert_eq!(err(doc, PolicyKind::Identity), r#"Statement[2].Effect: expected "Allow" or "Deny", found "Permit""#);
+        assert_eq!(
+            err(json!({"Version": "2012-10-18", "Statement": []}), PolicyKind::Identity),
+            r#"Version: expected "2012-10-17" or "2008-10-17", found "2012-10-18""#
+        );
+        assert!(err(json!({"Statement": {"Effect": "Allow", "Action": "kms", "Resource": "*"}}), PolicyKind::Identity)
+            .starts_with("Statement.Action: \"kms\" is not an action"));
+        assert!(err(
+            json!({"Statement": {"Effect": "Allow", "Action": "kms:*", "Resource": "*", "Condition": {"StringEqual": {"a:b": "c"}}}}),
+            PolicyKind::Identity
+        )
+        .starts_with("Statement.Condition.StringEqual.a:b: unknown condition operator"));
+        assert!(err(
+            json!({"Statement": {"Effect": "Allow", "Principal": "*", "Action": "kms:*", "Resource": "*"}}),
+            PolicyKind::Identity
+        )
+        .starts_with("Statement.Principal: not allowed in an identity policy"));
+        assert!(err(json!({"Statement": {"Effect": "Allow", "Action": "kms:*", "Resource": "*"}}), PolicyKind::Key)
+            .starts_with("Statement.Principal: missing"));
+        assert!(err(json!({"Statement": {"effect": "Allow", "Action": "kms:*", "Resource": "*"}}), PolicyKind::Identity)
+            .contains("did you mean \"Effect\""));
+        assert!(err(json!({"Statement": {"Effect": "Allow", "Action": "kms:*", "Resource": "key/1"}}), PolicyKind::Identity)
+            .starts_with("Statement.Resource: \"key/1\" is not a resource"));
+        assert!(err(
+            json!({"Statement": [{"Sid": "A", "Effect": "Allow", "Action": "kms:*", "Resource": "*"},
+                                 {"Sid": "A", "Effect": "Deny", "Action": "kms:*", "Resource": "*"}]}),
+            PolicyKind::Identity
+        )
+        .starts_with("Statement[1].Sid: \"A\" is already the Sid of Statement[0]"));
+        assert!(err(json!([1]), PolicyKind::Identity).contains("a policy document is a JSON object"));
+        assert!(err(
+            json!({"Statement": {"Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::111122223333:user/*"}, "Action": "kms:*", "Resource": "*"}}),
+            PolicyKind::Key
+        )
+        .contains("wildcards are not allowed"));
+    }
+
+    #[test]
+    fn statements_are_indexed_by_action() {
+        let doc = json!({"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "kms:Decrypt", "Resource": "*"},
+            {"Effect": "Allow", "Action": ["kms:GenerateDataKey*", "kms:Decrypt"], "Resource": "*"},
+            {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"},
+            {"Effect": "Deny", "NotAction": "s3:*", "Resource": "*"},
+            {"Effect": "Allow", "Action": "*", "Resource": "*"}]});
+        let p = Policy::compile(&doc, PolicyKind::Identity).unwrap();
+        assert_eq!(p.candidates("kms:decrypt").as_slice(), &[0, 1, 3, 4]);
+        assert_eq!(p.candidates("s3:getobject").as_slice(), &[2, 3, 4]);
+        assert_eq!(p.candidates("sqs:deletequeue").as_slice(), &[3, 4]);
+    }
+
+    #[test]
+    fn principals() {
+        let doc = json!({"Statement": {"Effect": "Allow", "Action": "kms:*", "Resource": "*", "Principal": {
+            "AWS": ["arn:aws:iam::111122223333:root", "444455556666", "arn:aws:iam::111122223333:role/path/Dev",
+                    "arn:aws:iam::111122223333:user/Ann"],
+            "Service": "ec2.amazonaws.com"}}});
+        let p = Policy::compile(&doc, PolicyKind::Key).unwrap();
+        let entries = &p.statements[0].principal.as_ref().unwrap().entries;
+        assert_eq!(entries[0], PrincipalEntry::Account("111122223333".into()));
+        assert_eq!(entries[1], PrincipalEntry::Account("444455556666".into()));
+        assert_eq!(entries[2], PrincipalEntry::Role { account: "111122223333".into(), name: "Dev".into() });
+        assert_eq!(entries[3], PrincipalEntry::User("arn:aws:iam::111122223333:user/Ann".into()));
+        assert_eq!(entries[4], PrincipalEntry::Other("ec2.amazonaws.com".into()));
+    }
+}

@@ -1,0 +1,611 @@
+//! Condition operators: parsed and their values pre-compiled once (numbers,
+//! dates, CIDRs, base64, wildcard patterns), then evaluated against the
+//! values a request supplies.
+//!
+//! The rules (SEMANTICS.md, "Operators"):
+//! - several policy values for one key: any may match; for a negated
+//!   operator the request value must match none of them;
+//! - a missing key makes a condition false, except that a negated operator
+//!   holds, `...IfExists` holds, and `Null` tests for exactly that;
+//! - `ForAllValues:` holds when every request value matches (and when the key
+//!   is missing or empty); `ForAnyValue:` when some value matches (false when
+//!   missing); a plain operator on a multivalued key does not match;
+//! - a request value that cannot be read as the operator's type (a number, a
+//!   date, an address, base64, a boolean) matches nothing, negated or not.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use ipnet::IpNet;
+
+use super::keys::KeyRef;
+use super::pattern::{Pattern, Resolve, Syntax};
+use crate::arn::Arn;
+
+/// The values a request holds for a condition key.
+#[derive(Debug, Clone)]
+pub enum Values<'a> {
+    Missing,
+    One(Cow<'a, str>),
+    Many(&'a [String]),
+}
+
+/// What conditions read from a request.
+pub trait Context: Resolve {
+    fn values(&self, key: &KeyRef) -> Values<'_>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetMode {
+    Plain,
+    ForAllValues,
+    ForAnyValue,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cmp {
+    Eq,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl Cmp {
+    fn test<T: PartialOrd>(self, request: T, policy: T) -> bool {
+        match self {
+            Cmp::Eq => request == policy,
+            Cmp::Lt => request < policy,
+            Cmp::Le => request <= policy,
+            Cmp::Gt => request > policy,
+            Cmp::Ge => request >= policy,
+        }
+    }
+}
+
+/// An operator's pre-compiled policy values.
+#[derive(Debug, Clone)]
+enum Operand {
+    /// `String*`: patterns (wildcards for `Like`, variables in 2012-10-17,
+    /// case folded for `IgnoreCase`).
+    Str(Vec<Pattern>),
+    Num { values: Vec<f64>, cmp: Cmp },
+    Date { millis: Vec<i64>, cmp: Cmp },
+    Bool(Vec<bool>),
+    Binary(Vec<Vec<u8>>),
+    Ip(Vec<IpNet>),
+    Arn(Vec<ArnPattern>),
+    Null(bool),
+}
+
+/// One operator applied to one key, with its values.
+#[derive(Debug, Clone)]
+pub struct Condition {
+    /// The operator as written, e.g. `ForAllValues:StringEquals`.
+    pub operator: Arc<str>,
+    /// The key as written, e.g. `aws:ResourceTag/Project`.
+    pub key_name: Arc<str>,
+    pub key: KeyRef,
+    set: SetMode,
+    negated: bool,
+    if_exists: bool,
+    operand: Operand,
+}
+
+/// The result of one condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub holds: bool,
+    /// The key had no value in the request.
+    pub missing: bool,
+}
+
+const BASE_OPERATORS: &[&str] = &[
+    "StringEquals",
+    "StringNotEquals",
+    "StringEqualsIgnoreCase",
+    "StringNotEqualsIgnoreCase",
+    "StringLike",
+    "StringNotLike",
+    "NumericEquals",
+    "NumericNotEquals",
+    "NumericLessThan",
+    "NumericLessThanEquals",
+    "NumericGreaterThan",
+    "NumericGreaterThanEquals",
+    "DateEquals",
+    "DateNotEquals",
+    "DateLessThan",
+    "DateLessThanEquals",
+    "DateGreaterThan",
+    "DateGreaterThanEquals",
+    "Bool",
+    "BinaryEquals",
+    "IpAddress",
+    "NotIpAddress",
+    "ArnEquals",
+    "ArnLike",
+    "ArnNotEquals",
+    "ArnNotLike",
+    "Null",
+];
+
+impl Condition {
+    /// Compiles `operator` on `key_name` with the policy's `values`.
+    /// `variables` is true in `"Version": "2012-10-17"` policies. Errors are
+    /// messages without a path; the caller adds it.
+    pub fn compile(operator: &str, key_name: &str, values: &[String], variables: bool) -> Result<Condition, String> {
+        let (set, rest) = if let Some(r) = operator.strip_prefix("ForAllValues:") {
+            (SetMode::ForAllValues, r)
+        } else if let Some(r) = operator.strip_prefix("ForAnyValue:") {
+            (SetMode::ForAnyValue, r)
+        } else {
+            (SetMode::Plain, operator)
+        };
+        let (base, if_exists) = match rest.strip_suffix("IfExists") {
+            Some(b) => (b, true),
+            None => (rest, false),
+        };
+        if !BASE_OPERATORS.contains(&base) {
+            let hint = BASE_OPERATORS
+                .iter()
+                .find(|known| known.eq_ignore_ascii_case(base))
+                .map(|known| format!(" (did you mean {known:?}? operators are case-sensitive)"))
+                .unwrap_or_default();
+            return Err(format!("unknown condition operator {operator:?}{hint}"));
+        }
+        if base == "Null" && (if_exists || set != SetMode::Plain) {
+            return Err(format!("{operator:?}: Null takes neither IfExists nor a set prefix"));
+        }
+        if values.is_empty() {
+            return Err(format!("{operator:?} on {key_name:?} has no values"));
+        }
+        let key = KeyRef::parse(key_name).map_err(|e| e.to_string())?;
+        let negated = base.contains("Not");
+        let cmp = if base.ends_with("LessThan") {
+            Cmp::Lt
+        } else if base.ends_with("LessThanEquals") {
+            Cmp::Le
+        } else if base.ends_with("GreaterThan") {
+            Cmp::Gt
+        } else if base.ends_with("GreaterThanEquals") {
+            Cmp::Ge
+        } else {
+            Cmp::Eq
+        };
+        let each = |f: &dyn Fn(&str) -> Result<(), String>| values.iter().try_for_each(|v| f(v));
+        let operand = if base.starts_with("String") {
+            let like = base.ends_with("Like");
+            let ignore_case = base.ends_with("IgnoreCase");
+            let syntax = Syntax { wildcards: like, variables, fold_case: ignore_case };
+            let patterns = values
+                .iter()
+                .map(|v| Pattern::compile(v, syntax))
+                .collect::<Result<Vec<_>, _>>()?;
+            Operand::Str(patterns)
+        } else if base.starts_with("Numeric") {
+            let mut parsed = Vec::with_capacity(values.len());
+            each(&|v| parse_number(v).map(|_| ()).ok_or_else(|| format!("{v:?} is not a number")))?;
+            for v in values {
+                parsed.extend(parse_number(v));
+            }
+            Operand::Num { values: parsed, cmp }
+        } else if base.starts_with("Date") {
+            each(&|v| {
+                parse_date(v)
+                    .map(|_| ())
+                    .ok_or_else(|| format!("{v:?} is not a date: expected ISO 8601 (2020-01-31T12:00:00Z) or epoch seconds"))
+            })?;
+            Operand::Date { millis: values.iter().filter_map(|v| parse_date(v)).collect(), cmp }
+        } else if base == "Bool" {
+            each(&|v| parse_bool(v).map(|_| ()).ok_or_else(|| format!("{v:?} is not \"true\" or \"false\"")))?;
+            Operand::Bool(values.iter().filter_map(|v| parse_bool(v)).collect())
+        } else if base == "BinaryEquals" {
+            let mut decoded = Vec::with_capacity(values.len());
+            for v in values {
+                decoded.push(decode_base64(v).ok_or_else(|| format!("{v:?} is not base64"))?);
+            }
+            Operand::Binary(decoded)
+        } else if base.contains("IpAddress") {
+            let mut nets = Vec::with_capacity(values.len());
+            for v in values {
+                nets.push(parse_net(v).ok_or_else(|| format!("{v:?} is not an IP address or CIDR block"))?);
+            }
+            Operand::Ip(nets)
+        } else if base.starts_with("Arn") {
+            let patterns = values
+                .iter()
+                .map(|v| ArnPattern::compile(v, variables, variables))
+                .collect::<Result<Vec<_>, _>>()?;
+            Operand::Arn(patterns)
+        } else {
+            let mut want = None;
+            for v in values {
+                let b = parse_bool(v).ok_or_else(|| format!("Null takes \"true\" or \"false\", found {v:?}"))?;
+                if want.is_some_and(|w| w != b) {
+                    return Err("Null on one key cannot be both \"true\" and \"false\"".into());
+                }
+                want = Some(b);
+            }
+            Operand::Null(want.unwrap_or(true))
+        };
+        Ok(Condition {
+            operator: operator.into(),
+            key_name: key_name.into(),
+            key,
+            set,
+            negated,
+            if_exists,
+            operand,
+        })
+    }
+
+    /// Evaluates the condition against a request.
+    pub fn evaluate(&self, ctx: &dyn Context) -> Outcome {
+        let values = ctx.values(&self.key);
+        let absent = match &values {
+            Values::Missing => true,
+            Values::Many(list) => list.is_empty(),
+            Values::One(_) => false,
+        };
+        if let Operand::Null(want_missing) = self.operand {
+            return Outcome { holds: absent == want_missing, missing: absent };
+        }
+        let missing = matches!(values, Values::Missing);
+        let holds = match self.set {
+            SetMode::Plain => match &values {
+                Values::Missing => self.if_exists || self.negated,
+                Values::Many(_) => false,
+                Values::One(v) => self.test(v, ctx),
+            },
+            SetMode::ForAllValues => match &values {
+                Values::Missing => true,
+                Values::One(v) => self.test(v, ctx),
+                Values::Many(list) => list.iter().all(|v| self.test(v, ctx)),
+            },
+            SetMode::ForAnyValue => match &values {
+                Values::Missing => self.if_exists,
+                Values::One(v) => self.test(v, ctx),
+                Values::Many(list) => list.iter().any(|v| self.test(v, ctx)),
+            },
+        };
+        Outcome { holds, missing }
+    }
+
+    /// One request value against the policy values: some must match, or
+    /// for a negated operator none may.
+    fn test(&self, value: &str, ctx: &dyn Context) -> bool {
+        let any = match &self.operand {
+            Operand::Str(patterns) => patterns.iter().any(|p| p.matches(value, ctx)),
+            Operand::Num { values, cmp } => match parse_number(value) {
+                Some(n) => values.iter().any(|p| cmp.test(n, *p)),
+                None => return false,
+            },
+            Operand::Date { millis, cmp } => match parse_date(value) {
+                Some(d) => millis.iter().any(|p| cmp.test(d, *p)),
+                None => return false,
+            },
+            Operand::Bool(values) => match parse_bool(value) {
+                Some(b) => values.contains(&b),
+                None => return false,
+            },
+            Operand::Binary(values) => match decode_base64(value) {
+                Some(bytes) => values.iter().any(|p| *p == bytes),
+                None => return false,
+            },
+            Operand::Ip(nets) => match value.parse::<IpAddr>() {
+                Ok(addr) => nets.iter().any(|n| n.contains(&addr)),
+                Err(_) => return false,
+            },
+            Operand::Arn(patterns) => {
+                if Arn::parse(value).is_none() {
+                    return false;
+                }
+                patterns.iter().any(|p| p.matches(value, ctx))
+            }
+            Operand::Null(_) => return false,
+        };
+        any != self.negated
+    }
+}
+
+/// A pattern for a whole ARN: `*` alone, or six parts each matched on its
+/// own (`*` and `?` never cross a colon, except in the resource part, which
+/// may itself hold colons).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ArnPattern {
+    Any,
+    Parts(Box<[Pattern; 5]>, Pattern),
+}
+
+impl ArnPattern {
+    /// Compiles an ARN pattern; variables may be allowed in the resource part
+    /// only (the `Resource` element) or everywhere (`Arn*` conditions).
+    pub fn compile(source: &str, vars_in_resource: bool, vars_elsewhere: bool) -> Result<ArnPattern, String> {
+        if source == "*" {
+            return Ok(ArnPattern::Any);
+        }
+        let syntax = |variables| Syntax { wildcards: true, variables, fold_case: false };
+        let parts: Vec<&str> = split_arn_parts(source);
+        if parts.len() < 6 || parts[0] != "arn" {
+            return Err(format!(
+                "{source:?} is not an ARN pattern: expected \"*\" or arn:PARTITION:SERVICE:REGION:ACCOUNT:RESOURCE, each part matched on its own"
+            ));
+        }
+        let head = [
+            Pattern::compile(parts[0], syntax(vars_elsewhere))?,
+            Pattern::compile(parts[1], syntax(vars_elsewhere))?,
+            Pattern::compile(parts[2], syntax(vars_elsewhere))?,
+            Pattern::compile(parts[3], syntax(vars_elsewhere))?,
+            Pattern::compile(parts[4], syntax(vars_elsewhere))?,
+        ];
+        let resource = Pattern::compile(parts[5], syntax(vars_in_resource))?;
+        Ok(ArnPattern::Parts(Box::new(head), resource))
+    }
+
+    /// Matches a request's ARN (or `*`).
+    pub fn matches(&self, candidate: &str, values: &dyn Resolve) -> bool {
+        match self {
+            ArnPattern::Any => true,
+            ArnPattern::Parts(head, resource) => {
+                let mut parts = candidate.splitn(6, ':');
+                for pattern in head.iter() {
+                    match parts.next() {
+                        Some(part) if pattern.matches(part, values) => {}
+                        _ => return false,
+                    }
+                }
+                parts.next().is_some_and(|rest| resource.matches(rest, values))
+            }
+        }
+    }
+}
+
+/// Splits on the first five colons that are not inside a `${...}` variable.
+fn split_arn_parts(source: &str) -> Vec<&str> {
+    let mut parts = Vec::with_capacity(6);
+    let mut depth = 0usize;
+    let mut start = 0usize;
+    let bytes = source.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() && parts.len() < 5 {
+        match bytes[i] {
+            b'$' if bytes.get(i + 1) == Some(&b'{') => {
+                depth += 1;
+                i += 1;
+            }
+            b'}' if depth > 0 => depth -= 1,
+            b':' if depth == 0 => {
+                parts.push(&source[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    parts.push(&source[start..]);
+    parts
+}
+
+/// A number: an integer or a decimal, finite.
+pub fn parse_number(text: &str) -> Option<f64> {
+    let t = text.trim();
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E')) {
+        return None;
+    }
+    t.parse::<f64>().ok().filter(|n| n.is_finite())
+}
+
+/// A date in ISO 8601 (with or without time and zone) or epoch seconds, as
+/// epoch milliseconds.
+pub fn parse_date(text: &str) -> Option<i64> {
+    use chrono::{DateTime, NaiveDate, NaiveDateTime};
+    let t = text.trim();
+    if let Some(n) = parse_number(t) {
+        return Some((n * 1000.0).round() as i64);
+    }
+    if let Ok(d) = DateTime::parse_from_rfc3339(t) {
+        return Some(d.timestamp_millis());
+    }
+    for format in ["%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M%#z"] {
+        if let Ok(d) = DateTime::parse_from_str(t, format) {
+            return Some(d.timestamp_millis());
+        }
+    }
+    for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.fZ", "%Y-%m-%dT%H:%MZ", "%Y-%m-%dT%H:%M"] {
+        if let Ok(d) = NaiveDateTime::parse_from_str(t, format) {
+            return Some(d.and_utc().timestamp_millis());
+        }
+    }
+    NaiveDate::parse_from_str(t, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|d| d.and_utc().timestamp_millis())
+}
+
+pub fn parse_bool(text: &str) -> Option<bool> {
+    if text.eq_ignore_ascii_case("true") {
+        Some(true)
+    } else if text.eq_ignore_ascii_case("false") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD.decode(text.trim()).ok()
+}
+
+/// A CIDR block, or a bare address as /32 or /128.
+fn parse_net(text: &str) -> Option<IpNet> {
+    let t = text.trim();
+    if let Ok(net) = t.parse::<IpNet>() {
+        return Some(net);
+    }
+    t.parse::<IpAddr>().ok().map(IpNet::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Req(Vec<(KeyRef, Vec<String>, bool)>);
+    impl Resolve for Req {
+        fn single(&self, key: &KeyRef) -> Option<Cow<'_, str>> {
+            match self.values(key) {
+                Values::One(v) => Some(v),
+                _ => None,
+            }
+        }
+    }
+    impl Context for Req {
+        fn values(&self, key: &KeyRef) -> Values<'_> {
+            match self.0.iter().find(|(k, _, _)| k == key) {
+                None => Values::Missing,
+                Some((_, v, true)) => Values::Many(v),
+                Some((_, v, false)) => Values::One(Cow::Borrowed(&v[0])),
+            }
+        }
+    }
+
+    fn one(key: &str, value: &str) -> Req {
+        Req(vec![(KeyRef::parse(key).unwrap(), vec![value.into()], false)])
+    }
+    fn many(key: &str, values: &[&str]) -> Req {
+        Req(vec![(KeyRef::parse(key).unwrap(), values.iter().map(|s| s.to_string()).collect(), true)])
+    }
+    fn none() -> Req {
+        Req(vec![])
+    }
+    fn holds(op: &str, key: &str, values: &[&str], req: &Req) -> bool {
+        let values: Vec<String> = values.iter().map(|s| s.to_string()).collect();
+        Condition::compile(op, key, &values, true).unwrap().evaluate(req).holds
+    }
+
+    #[test]
+    fn strings() {
+        let r = one("aws:ResourceTag/Project", "Alpha");
+        assert!(holds("StringEquals", "aws:ResourceTag/Project", &["Beta", "Alpha"], &r));
+        assert!(!holds("StringEquals", "aws:ResourceTag/Project", &["alpha"], &r));
+        assert!(holds("StringEqualsIgnoreCase", "aws:ResourceTag/Project", &["ALPHA"], &r));
+        assert!(!holds("StringNotEquals", "aws:ResourceTag/Project", &["Beta", "Alpha"], &r));
+        assert!(holds("StringNotEquals", "aws:ResourceTag/Project", &["Beta"], &r));
+        assert!(holds("StringNotEqualsIgnoreCase", "aws:ResourceTag/Project", &["Beta"], &r));
+        assert!(!holds("StringNotEqualsIgnoreCase", "aws:ResourceTag/Project", &["ALPHA"], &r));
+        assert!(holds("StringLike", "aws:ResourceTag/Project", &["Al*"], &r));
+        assert!(holds("StringNotLike", "aws:ResourceTag/Project", &["B*"], &r));
+        assert!(!holds("StringEquals", "aws:ResourceTag/Project", &["Al*"], &r));
+    }
+
+    #[test]
+    fn missing_keys() {
+        let r = none();
+        assert!(!holds("StringEquals", "aws:ResourceTag/Project", &["Alpha"], &r));
+        assert!(holds("StringNotEquals", "aws:ResourceTag/Project", &["Alpha"], &r));
+        assert!(holds("StringEqualsIfExists", "aws:ResourceTag/Project", &["Alpha"], &r));
+        assert!(holds("NumericLessThanIfExists", "aws:MultiFactorAuthAge", &["3600"], &r));
+        assert!(holds("Null", "aws:ResourceTag/Project", &["true"], &r));
+        assert!(!holds("Null", "aws:ResourceTag/Project", &["false"], &r));
+        assert!(holds("ForAllValues:StringEquals", "aws:TagKeys", &["a"], &r));
+        assert!(!holds("ForAnyValue:StringEquals", "aws:TagKeys", &["a"], &r));
+        let present = one("aws:ResourceTag/Project", "");
+        assert!(!holds("Null", "aws:ResourceTag/Project", &["true"], &present), "an empty value is a value");
+        assert!(holds("StringEqualsIfExists", "aws:ResourceTag/Project", &[""], &present));
+        assert!(!holds("StringEqualsIfExists", "aws:ResourceTag/Project", &["x"], &present));
+    }
+
+    #[test]
+    fn sets() {
+        let r = many("aws:TagKeys", &["environment", "cost-center"]);
+        assert!(holds("ForAllValues:StringEquals", "aws:TagKeys", &["environment", "cost-center"], &r));
+        assert!(!holds("ForAllValues:StringEquals", "aws:TagKeys", &["environment"], &r));
+        assert!(holds("ForAnyValue:StringEquals", "aws:TagKeys", &["environment"], &r));
+        assert!(!holds("ForAnyValue:StringEquals", "aws:TagKeys", &["team"], &r));
+        assert!(!holds("StringEquals", "aws:TagKeys", &["environment"], &r), "plain operator on a multivalued key");
+        assert!(!holds("StringNotEquals", "aws:TagKeys", &["team"], &r), "plain negated operator on a multivalued key");
+        assert!(holds("ForAllValues:StringNotEquals", "aws:TagKeys", &["team"], &r));
+        assert!(!holds("ForAnyValue:StringNotEquals", "aws:TagKeys", &["environment", "cost-center"], &r));
+        let empty = many("aws:TagKeys", &[]);
+        assert!(holds("ForAllValues:StringEquals", "aws:TagKeys", &["x"], &empty));
+        assert!(!holds("ForAnyValue:StringEquals", "aws:TagKeys", &["x"], &empty));
+        assert!(holds("Null", "aws:TagKeys", &["true"], &empty));
+        let single = one("aws:RequestTag/env", "prod");
+        assert!(holds("ForAnyValue:StringEquals", "aws:RequestTag/env", &["prod"], &single));
+        assert!(holds("ForAllValues:StringLike", "aws:RequestTag/env", &["pr*"], &single));
+    }
+
+    #[test]
+    fn numbers_dates_bools() {
+        let r = one("aws:MultiFactorAuthAge", "300");
+        assert!(holds("NumericLessThan", "aws:MultiFactorAuthAge", &["3600"], &r));
+        assert!(holds("NumericLessThanEquals", "aws:MultiFactorAuthAge", &["300"], &r));
+        assert!(!holds("NumericGreaterThan", "aws:MultiFactorAuthAge", &["300"], &r));
+        assert!(holds("NumericGreaterThanEquals", "aws:MultiFactorAuthAge", &["300.0"], &r));
+        assert!(holds("NumericEquals", "aws:MultiFactorAuthAge", &["3e2"], &r));
+        assert!(holds("NumericNotEquals", "aws:MultiFactorAuthAge", &["301"], &r));
+        let junk = one("aws:MultiFactorAuthAge", "soon");
+        assert!(!holds("NumericNotEquals", "aws:MultiFactorAuthAge", &["301"], &junk));
+        let nan = one("aws:MultiFactorAuthAge", "NaN");
+        assert!(!holds("NumericNotEquals", "aws:MultiFactorAuthAge", &["301"], &nan));
+
+        let t = one("aws:CurrentTime", "2020-06-30T12:00:00Z");
+        assert!(holds("DateLessThan", "aws:CurrentTime", &["2020-07-01T00:00:00Z"], &t));
+        assert!(holds("DateGreaterThan", "aws:CurrentTime", &["2020-06-30"], &t));
+        assert!(holds("DateEquals", "aws:CurrentTime", &["1593518400"], &t));
+        assert!(holds("DateEquals", "aws:CurrentTime", &["2020-06-30T14:00:00+02:00"], &t));
+        assert!(holds("DateNotEquals", "aws:CurrentTime", &["2020-06-30T12:00:01Z"], &t));
+        let epoch = one("aws:EpochTime", "1593518400");
+        assert!(holds("DateLessThanEquals", "aws:EpochTime", &["2020-06-30T12:00:00Z"], &epoch));
+
+        let b = one("aws:SecureTransport", "true");
+        assert!(holds("Bool", "aws:SecureTransport", &["true"], &b));
+        assert!(!holds("Bool", "aws:SecureTransport", &["false"], &b));
+        assert!(holds("BoolIfExists", "aws:SecureTransport", &["false"], &none()));
+    }
+
+    #[test]
+    fn binary_ip_arn() {
+        let r = one("aws:SomeBinary", "QmluYXJ5VmFsdWU=");
+        assert!(holds("BinaryEquals", "aws:SomeBinary", &["QmluYXJ5VmFsdWU="], &r));
+        assert!(!holds("BinaryEquals", "aws:SomeBinary", &["T3RoZXI="], &r));
+
+        let ip = one("aws:SourceIp", "203.0.113.7");
+        assert!(holds("IpAddress", "aws:SourceIp", &["203.0.113.0/24"], &ip));
+        assert!(holds("IpAddress", "aws:SourceIp", &["203.0.113.7"], &ip));
+        assert!(!holds("IpAddress", "aws:SourceIp", &["203.0.113.8"], &ip));
+        assert!(holds("NotIpAddress", "aws:SourceIp", &["10.0.0.0/8"], &ip));
+        let v6 = one("aws:SourceIp", "2001:db8::1");
+        assert!(holds("IpAddress", "aws:SourceIp", &["2001:db8::/32"], &v6));
+        assert!(!holds("IpAddress", "aws:SourceIp", &["203.0.113.0/24"], &v6));
+
+        let arn = one("aws:SourceArn", "arn:aws:sns:us-east-1:111122223333:topic:sub");
+        assert!(holds("ArnLike", "aws:SourceArn", &["arn:aws:sns:*:111122223333:*"], &arn));
+        assert!(holds("ArnEquals", "aws:SourceArn", &["arn:aws:sns:us-east-1:111122223333:topic:sub"], &arn));
+        assert!(!holds("ArnLike", "aws:SourceArn", &["arn:aws:sns:*:444455556666:*"], &arn));
+        assert!(!holds("ArnLike", "aws:SourceArn", &["arn:*:*:*:*:topic"], &arn), "the resource part is matched whole");
+        assert!(!holds("ArnLike", "aws:SourceArn", &["arn:aws:*:111122223333:topic:sub"], &arn), "* does not cross a colon");
+        assert!(holds("ArnLike", "aws:SourceArn", &["arn:aws:sns:us-*-1:111122223333:topic*"], &arn));
+        assert!(Condition::compile("ArnLike", "aws:SourceArn", &["arn:aws:*".into()], true).is_err());
+        assert!(holds("ArnNotLike", "aws:SourceArn", &["arn:aws:sqs:*:*:*"], &arn));
+        let not_arn = one("aws:SourceArn", "not-an-arn");
+        assert!(!holds("ArnNotLike", "aws:SourceArn", &["arn:aws:sqs:*:*:*"], &not_arn));
+    }
+
+    #[test]
+    fn compile_errors_say_what_is_wrong() {
+        let err = |op: &str, v: &str| Condition::compile(op, "aws:SourceIp", &[v.to_string()], true).unwrap_err();
+        assert!(err("StringEqualz", "x").contains("unknown condition operator"));
+        assert!(err("stringequals", "x").contains("did you mean \"StringEquals\""));
+        assert!(err("NumericEquals", "ten").contains("not a number"));
+        assert!(err("DateEquals", "yesterday").contains("not a date"));
+        assert!(err("IpAddress", "300.1.1.1").contains("not an IP address"));
+        assert!(err("BinaryEquals", "***").contains("not base64"));
+        assert!(err("Bool", "yes").contains("not \"true\" or \"false\""));
+        assert!(err("NullIfExists", "true").contains("Null takes neither"));
+        assert!(err("ForAnyValue:Null", "true").contains("Null takes neither"));
+        assert!(Condition::compile("StringEquals", "aws:SourceIp", &[], true).unwrap_err().contains("no values"));
+    }
+}

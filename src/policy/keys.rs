@@ -1,0 +1,115 @@
+//! Condition context keys, resolved once when a policy is compiled so that
+//! evaluation dispatches on an enum instead of comparing key names.
+//!
+//! Key names are case-insensitive (`aws:ResourceTag/Owner` and
+//! `AWS:resourcetag/Owner` are the same key); the tag key after the `/` keeps
+//! the case it was written in, since the tag lookup itself prefers an exact
+//! match before falling back to a case-insensitive one.
+
+use std::fmt;
+
+/// A condition key as the engine knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum KeyRef {
+    ResourceTag(Box<str>),
+    RequestTag(Box<str>),
+    PrincipalTag(Box<str>),
+    TagKeys,
+    PrincipalArn,
+    PrincipalAccount,
+    Username,
+    Userid,
+    PrincipalType,
+    ResourceAccount,
+    CallerAccount,
+    KeySpec,
+    KeyUsage,
+    KeyOrigin,
+    CurrentTime,
+    EpochTime,
+    /// Any other key: supplied by the request's context. Stored lowercased.
+    Context(Box<str>),
+}
+
+/// Why a key name was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyError(pub String);
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl KeyRef {
+    /// Resolves a key name as written in a policy or a request context.
+    pub fn parse(name: &str) -> Result<KeyRef, KeyError> {
+        if name.is_empty() {
+            return Err(KeyError("empty condition key".into()));
+        }
+        if name.trim() != name {
+            return Err(KeyError(format!("condition key {name:?} has leading or trailing white space")));
+        }
+        for (prefix, make) in [
+            ("aws:resourcetag/", KeyRef::ResourceTag as fn(Box<str>) -> KeyRef),
+            ("aws:requesttag/", KeyRef::RequestTag),
+            ("aws:principaltag/", KeyRef::PrincipalTag),
+        ] {
+            if let Some(head) = name.get(..prefix.len()) {
+                if head.eq_ignore_ascii_case(prefix) {
+                    let tag = &name[prefix.len()..];
+                    if tag.is_empty() {
+                        return Err(KeyError(format!("condition key {name:?} names no tag key after the '/'")));
+                    }
+                    return Ok(make(tag.into()));
+                }
+            }
+        }
+        let lower = name.to_ascii_lowercase();
+        Ok(match lower.as_str() {
+            "aws:tagkeys" => KeyRef::TagKeys,
+            "aws:principalarn" => KeyRef::PrincipalArn,
+            "aws:principalaccount" => KeyRef::PrincipalAccount,
+            "aws:username" => KeyRef::Username,
+            "aws:userid" => KeyRef::Userid,
+            "aws:principaltype" => KeyRef::PrincipalType,
+            "aws:resourceaccount" => KeyRef::ResourceAccount,
+            "kms:calleraccount" => KeyRef::CallerAccount,
+            "kms:keyspec" => KeyRef::KeySpec,
+            "kms:keyusage" => KeyRef::KeyUsage,
+            "kms:keyorigin" => KeyRef::KeyOrigin,
+            "aws:currenttime" => KeyRef::CurrentTime,
+            "aws:epochtime" => KeyRef::EpochTime,
+            _ => KeyRef::Context(lower.into()),
+        })
+    }
+
+    /// True for the keys that the service fills in from its own state; a
+    /// request context may not supply them (the time keys excepted).
+    pub fn filled_by_service(&self) -> bool {
+        !matches!(self, KeyRef::Context(_) | KeyRef::CurrentTime | KeyRef::EpochTime)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_names_are_case_insensitive_but_tag_keys_keep_their_case() {
+        assert_eq!(KeyRef::parse("AWS:ResourceTag/Owner").unwrap(), KeyRef::ResourceTag("Owner".into()));
+        assert_eq!(KeyRef::parse("aws:resourcetag/Owner").unwrap(), KeyRef::ResourceTag("Owner".into()));
+        assert_eq!(KeyRef::parse("aws:TAGKEYS").unwrap(), KeyRef::TagKeys);
+        assert_eq!(KeyRef::parse("kms:ViaService").unwrap(), KeyRef::Context("kms:viaservice".into()));
+        assert!(KeyRef::parse("aws:RequestTag/").is_err());
+        assert!(KeyRef::parse("").is_err());
+        assert!(KeyRef::parse(" aws:SourceIp").is_err());
+    }
+
+    #[test]
+    fn only_context_and_time_keys_come_from_the_request() {
+        assert!(KeyRef::parse("aws:PrincipalTag/team").unwrap().filled_by_service());
+        assert!(!KeyRef::parse("aws:SourceIp").unwrap().filled_by_service());
+        assert!(!KeyRef::parse("aws:CurrentTime").unwrap().filled_by_service());
+    }
+}

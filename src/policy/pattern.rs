@@ -1,0 +1,371 @@
+//! Compiled string patterns: IAM's `*` and `?` wildcards and `${...}` policy
+//! variables, built once when a policy is compiled.
+//!
+//! One type serves actions (wildcards, case-insensitive), resource ARN parts
+//! and `StringLike`/`ArnLike` values (wildcards and variables), and
+//! `StringEquals` values (variables only: a `*` there is a plain character).
+//! A value that a variable puts in is always literal text, never a wildcard.
+//! Matching allocates nothing for patterns of up to eight pieces.
+
+use std::borrow::Cow;
+
+use smallvec::SmallVec;
+
+use super::keys::KeyRef;
+
+/// What a pattern treats specially.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Syntax {
+    /// `*` matches any run of characters and `?` any one character.
+    pub wildcards: bool,
+    /// `${...}` is a policy variable (only in `"Version": "2012-10-17"`).
+    pub variables: bool,
+    /// Characters compare case-insensitively.
+    pub fold_case: bool,
+}
+
+/// Looks up the single value of a condition key, for policy variables.
+pub trait Resolve {
+    fn single(&self, key: &KeyRef) -> Option<Cow<'_, str>>;
+}
+
+/// A resolver with no values at all, for patterns that hold no variables.
+pub struct NoValues;
+
+impl Resolve for NoValues {
+    fn single(&self, _key: &KeyRef) -> Option<Cow<'_, str>> {
+        None
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Tok {
+    /// A byte range of `Pattern::text`.
+    Lit(u32, u32),
+    Star,
+    One,
+    Var(Box<Variable>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Variable {
+    key: KeyRef,
+    default: Option<Box<str>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// `*` alone: matches everything.
+    Any,
+    /// No wildcards, no variables.
+    Exact,
+    /// Literal text then one trailing `*`.
+    Prefix,
+    /// Anything else without variables.
+    General,
+    /// Holds variables: resolved at match time.
+    Variables,
+}
+
+/// A compiled pattern.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pattern {
+    text: Box<str>,
+    toks: Box<[Tok]>,
+    shape: Shape,
+    fold: bool,
+}
+
+#[derive(Clone, Copy)]
+enum Piece<'a> {
+    Lit(&'a str),
+    Star,
+    One,
+}
+
+impl Pattern {
+    /// Compiles `source`. Fails only on a malformed `${...}` variable.
+    pub fn compile(source: &str, syntax: Syntax) -> Result<Pattern, String> {
+        let mut text = String::with_capacity(source.len());
+        let mut toks: Vec<Tok> = Vec::new();
+        let push_char = |text: &mut String, toks: &mut Vec<Tok>, c: char| {
+            let start = text.len() as u32;
+            text.push(c);
+            let end = text.len() as u32;
+            match toks.last_mut() {
+                Some(Tok::Lit(_, e)) if *e == start => *e = end,
+                _ => toks.push(Tok::Lit(start, end)),
+            }
+        };
+        let mut rest = source;
+        while let Some(c) = rest.chars().next() {
+            if syntax.variables && rest.starts_with("${") {
+                let close = rest.find('}').ok_or_else(|| format!("unterminated policy variable in {source:?}"))?;
+                let inner = &rest[2..close];
+                rest = &rest[close + 1..];
+                match inner {
+                    "*" | "?" | "$" => {
+                        let literal = inner.chars().next().unwrap_or('$');
+                        push_char(&mut text, &mut toks, literal);
+                    }
+                    _ => toks.push(Tok::Var(Box::new(parse_variable(inner, source)?))),
+                }
+                continue;
+            }
+            rest = &rest[c.len_utf8()..];
+            match c {
+                '*' if syntax.wildcards => toks.push(Tok::Star),
+                '?' if syntax.wildcards => toks.push(Tok::One),
+                _ => push_char(&mut text, &mut toks, c),
+            }
+        }
+        let shape = if toks.iter().any(|t| matches!(t, Tok::Var(_))) {
+            Shape::Variables
+        } else {
+            match toks.as_slice() {
+                [Tok::Star] => Shape::Any,
+                [] | [Tok::Lit(..)] => Shape::Exact,
+                [Tok::Lit(..), Tok::Star] => Shape::Prefix,
+                _ => Shape::General,
+            }
+        };
+        Ok(Pattern { text: text.into(), toks: toks.into(), shape, fold: syntax.fold_case })
+    }
+
+    /// True when the pattern is `*` alone.
+    pub fn is_any(&self) -> bool {
+        self.shape == Shape::Any
+    }
+
+    /// The literal text, for a pattern with neither wildcards nor variables.
+    pub fn exact(&self) -> Option<&str> {
+        (self.shape == Shape::Exact).then_some(&*self.text)
+    }
+
+    /// For an action pattern: the service part before the first `:` when it
+    /// holds no wildcard (`kms` for `kms:GenerateDataKey*`).
+    pub fn service_prefix(&self) -> Option<&str> {
+        match self.toks.first() {
+            Some(Tok::Lit(s, e)) => self.text[*s as usize..*e as usize].split_once(':').map(|(svc, _)| svc),
+            _ => None,
+        }
+    }
+
+    /// True when the pattern holds policy variables.
+    pub fn has_variables(&self) -> bool {
+        self.shape == Shape::Variables
+    }
+
+    /// Matches `candidate` against the pattern, resolving variables through
+    /// `values`. A variable with no value and no default matches nothing.
+    pub fn matches(&self, candidate: &str, values: &dyn Resolve) -> bool {
+        match self.shape {
+            Shape::Any => true,
+            Shape::Exact => eq(&self.text, candidate, self.fold),
+            Shape::Prefix => candidate
+                .get(..self.text.len())
+                .is_some_and(|head| eq(&self.text, head, self.fold)),
+            Shape::General => {
+                let pieces: SmallVec<[Piece<'_>; 8]> = self.toks.iter().map(|t| self.piece(t, None)).collect();
+                glob(&pieces, candidate, self.fold)
+            }
+            Shape::Variables => {
+                let mut resolved: SmallVec<[Cow<'_, str>; 4]> = SmallVec::new();
+                for tok in self.toks.iter() {
+                    if let Tok::Var(var) = tok {
+                        match values.single(&var.key) {
+                            Some(v) => resolved.push(v),
+                            None => match &var.default {
+                                Some(d) => resolved.push(Cow::Borrowed(&**d)),
+                                None => return false,
+                            },
+                        }
+                    }
+                }
+                let mut next_var = resolved.iter();
+                let pieces: SmallVec<[Piece<'_>; 8]> = self
+                    .toks
+                    .iter()
+                    .map(|t| self.piece(t, if matches!(t, Tok::Var(_)) { next_var.next() } else { None }))
+                    .collect();
+                glob(&pieces, candidate, self.fold)
+            }
+        }
+    }
+
+    fn piece<'a>(&'a self, tok: &Tok, value: Option<&'a Cow<'a, str>>) -> Piece<'a> {
+        match tok {
+            Tok::Lit(s, e) => Piece::Lit(&self.text[*s as usize..*e as usize]),
+            Tok::Star => Piece::Star,
+            Tok::One => Piece::One,
+            Tok::Var(_) => Piece::Lit(value.map(|v| &**v).unwrap_or("")),
+        }
+    }
+}
+
+fn parse_variable(inner: &str, source: &str) -> Result<Variable, String> {
+    let (name, default) = match inner.split_once(',') {
+        Some((name, default)) => {
+            let default = default.trim();
+            let quoted = default
+                .strip_prefix('\'')
+                .and_then(|d| d.strip_suffix('\''))
+                .ok_or_else(|| format!("the default of policy variable ${{{inner}}} in {source:?} must be in single quotes"))?;
+            (name.trim(), Some(quoted.into()))
+        }
+        None => (inner.trim(), None),
+    };
+    if name.is_empty() {
+        return Err(format!("empty policy variable in {source:?}"));
+    }
+    let key = KeyRef::parse(name).map_err(|e| format!("policy variable in {source:?}: {e}"))?;
+    Ok(Variable { key, default })
+}
+
+fn eq(a: &str, b: &str, fold: bool) -> bool {
+    if fold {
+        a.len() == b.len() && a.eq_ignore_ascii_case(b) || a.chars().map(fold_char).eq(b.chars().map(fold_char))
+    } else {
+        a == b
+    }
+}
+
+/// Simple case folding: the first character of the lowercase mapping.
+pub fn fold_char(c: char) -> char {
+    if c.is_ascii() {
+        c.to_ascii_lowercase()
+    } else {
+        c.to_lowercase().next().unwrap_or(c)
+    }
+}
+
+fn same_char(a: char, b: char, fold: bool) -> bool {
+    a == b || (fold && fold_char(a) == fold_char(b))
+}
+
+/// Glob matching with backtracking to the last `*`: linear in the common
+/// case, never exponential.
+fn glob(pieces: &[Piece<'_>], text: &str, fold: bool) -> bool {
+    #[derive(Clone, Copy)]
+    struct Pos {
+        piece: usize,
+        offset: usize,
+    }
+    let normalize = |mut p: Pos| {
+        while let Some(Piece::Lit(s)) = pieces.get(p.piece) {
+            if p.offset < s.len() {
+                break;
+            }
+            p = Pos { piece: p.piece + 1, offset: 0 };
+        }
+        p
+    };
+    let mut p = Pos { piece: 0, offset: 0 };
+    let mut t = 0usize;
+    let mut star: Option<(Pos, usize)> = None;
+    loop {
+        p = normalize(p);
+        let Some(c) = text[t..].chars().next() else {
+            while let Some(Piece::Star) = pieces.get(p.piece) {
+                p = normalize(Pos { piece: p.piece + 1, offset: 0 });
+            }
+            return p.piece >= pieces.len();
+        };
+        match pieces.get(p.piece) {
+            Some(Piece::Star) => {
+                p = Pos { piece: p.piece + 1, offset: 0 };
+                star = Some((p, t));
+                continue;
+            }
+            Some(Piece::One) => {
+                p = Pos { piece: p.piece + 1, offset: 0 };
+                t += c.len_utf8();
+                continue;
+            }
+            Some(Piece::Lit(s)) => {
+                if let Some(pc) = s[p.offset..].chars().next() {
+                    if same_char(pc, c, fold) {
+                        p.offset += pc.len_utf8();
+                        t += c.len_utf8();
+                        continue;
+                    }
+                }
+            }
+            None => {}
+        }
+        match star {
+            Some((after_star, from)) => {
+                let skipped = text[from..].chars().next().map_or(1, char::len_utf8);
+                star = Some((after_star, from + skipped));
+                p = after_star;
+                t = from + skipped;
+            }
+            None => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIKE: Syntax = Syntax { wildcards: true, variables: true, fold_case: false };
+    const ACTION: Syntax = Syntax { wildcards: true, variables: false, fold_case: true };
+    const EQUALS: Syntax = Syntax { wildcards: false, variables: true, fold_case: false };
+
+    struct Map(&'static [(&'static str, &'static str)]);
+    impl Resolve for Map {
+        fn single(&self, key: &KeyRef) -> Option<Cow<'_, str>> {
+            let name = match key {
+                KeyRef::PrincipalTag(k) => format!("tag/{k}"),
+                KeyRef::Username => "username".into(),
+                _ => return None,
+            };
+            self.0.iter().find(|(k, _)| *k == name).map(|(_, v)| Cow::Borrowed(*v))
+        }
+    }
+
+    fn m(pattern: &str, syntax: Syntax, text: &str) -> bool {
+        Pattern::compile(pattern, syntax).unwrap().matches(text, &Map(&[("tag/team", "qa"), ("username", "a*b")]))
+    }
+
+    #[test]
+    fn wildcards() {
+        assert!(m("*", LIKE, ""));
+        assert!(m("kms:GenerateDataKey*", ACTION, "kms:generatedatakeypair"));
+        assert!(m("kms:ReEncrypt*", ACTION, "KMS:ReEncryptFrom"));
+        assert!(!m("kms:ReEncrypt*", ACTION, "kms:Encrypt"));
+        assert!(m("a?c", LIKE, "abc"));
+        assert!(!m("a?c", LIKE, "ac"));
+        assert!(m("a?c", LIKE, "aéc"), "? is one character, not one byte");
+        assert!(m("*a*b*c*", LIKE, "xxaxxbxxcxx"));
+        assert!(!m("*a*b*c", LIKE, "xxaxxbxxcxx"));
+        assert!(m("a*a*a", LIKE, "aaaaaaaaaaaa"));
+        assert!(!m("a*a*ab", LIKE, "aaaaaaaaaaaa"));
+        assert!(m("**", LIKE, "anything"));
+        assert!(!m("Project", LIKE, "project"), "like is case-sensitive");
+    }
+
+    #[test]
+    fn variables_are_literal_and_missing_ones_match_nothing() {
+        assert!(m("arn:aws:sqs:us-east-2::${aws:PrincipalTag/team}-queue", LIKE, "arn:aws:sqs:us-east-2::qa-queue"));
+        assert!(!m("${aws:PrincipalTag/team}-queue", LIKE, "dev-queue"));
+        assert!(!m("${aws:PrincipalTag/missing}-queue", LIKE, "-queue"));
+        assert!(m("${aws:PrincipalTag/missing, 'none'}-queue", LIKE, "none-queue"));
+        assert!(m("${aws:username}", LIKE, "a*b"));
+        assert!(!m("${aws:username}", LIKE, "axxb"), "a substituted * is literal");
+        assert!(m("${*}${?}${$}", LIKE, "*?$"));
+        assert!(!m("${*}", LIKE, "x"));
+        assert!(m("a*", EQUALS, "a*"));
+        assert!(!m("a*", EQUALS, "ab"));
+        let literal = Syntax { wildcards: true, variables: false, fold_case: false };
+        assert!(m("${aws:username}", literal, "${aws:username}"));
+    }
+
+    #[test]
+    fn malformed_variables_are_errors() {
+        assert!(Pattern::compile("${aws:username", LIKE).is_err());
+        assert!(Pattern::compile("${}", LIKE).is_err());
+        assert!(Pattern::compile("${aws:username, default}", LIKE).is_err());
+    }
+}

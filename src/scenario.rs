@@ -1,0 +1,606 @@
+//! `tagward test`: scenario files (SCENARIOS.md) loaded, run step by step
+//! against a [`Backend`], and compared with what each step expects.
+//!
+//! The file format is the wire form here (serde, `deny_unknown_fields`);
+//! loading checks every step's shape up front, so a file either loads whole,
+//! or fails with the file, the JSON path and the reason, and runs nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+use thiserror::Error;
+
+use crate::engine::{authorize, ContextValue, Request};
+use crate::policy::PolicyKind;
+use crate::state::State;
+use crate::tagging::{perform, TagError, TagOp, TagRequest};
+use crate::world::{compile_policy, PrincipalSpec, ResourceSpec, WorldSpec};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScenarioFile {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub policies: BTreeMap<String, Value>,
+    #[serde(default)]
+    pub principals: Vec<PrincipalSpec>,
+    #[serde(default)]
+    pub resources: Vec<ResourceSpec>,
+    #[serde(default)]
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub authorize: Option<AuthorizeStep>,
+    #[serde(default)]
+    pub tag_resource: Option<TagStep>,
+    #[serde(default)]
+    pub untag_resource: Option<UntagStep>,
+    #[serde(default)]
+    pub list_resource_tags: Option<ListStep>,
+    #[serde(default)]
+    pub put_policy: Option<PutPolicyStep>,
+    #[serde(default)]
+    pub delete_policy: Option<DeletePolicyStep>,
+    pub expect: Expect,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizeStep {
+    pub principal: String,
+    pub action: String,
+    pub resource: String,
+    #[serde(default)]
+    pub request_tags: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub tag_keys: Option<Vec<String>>,
+    #[serde(default)]
+    pub principal_tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub context: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagStep {
+    pub principal: String,
+    pub resource: String,
+    pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub action: Option<String>,
+    #[serde(default)]
+    pub principal_tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub context: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UntagStep {
+    pub principal: String,
+    pub resource: String,
+    pub tag_keys: Vec<String>,
+    #[serde(default)]
+    pub action: Option<String>,
+    #[serde(default)]
+    pub principal_tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub context: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListStep {
+    pub principal: String,
+    pub resource: String,
+    #[serde(default)]
+    pub action: Option<String>,
+    #[serde(default)]
+    pub principal_tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub context: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutPolicyStep {
+    pub name: String,
+    pub document: Value,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeletePolicyStep {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ExpectDecision {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ExpectReason {
+    Allowed,
+    ExplicitDeny,
+    ImplicitDeny,
+}
+
+impl ExpectReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            ExpectReason::Allowed => "Allowed",
+            ExpectReason::ExplicitDeny => "ExplicitDeny",
+            ExpectReason::ImplicitDeny => "ImplicitDeny",
+        }
+    }
+}
+
+/// The error names a step may expect (SCENARIOS.md).
+pub const ERROR_NAMES: &[&str] = &[
+    "AccessDeniedException",
+    "NotFoundException",
+    "TagException",
+    "LimitExceededException",
+    "KMSInvalidStateException",
+    "UnsupportedOperationException",
+    "ValidationException",
+    "MalformedPolicyDocumentException",
+    "NoSuchEntityException",
+];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    #[serde(default)]
+    pub decision: Option<ExpectDecision>,
+    #[serde(default)]
+    pub reason: Option<ExpectReason>,
+    #[serde(default)]
+    pub matched: Option<Vec<String>>,
+    #[serde(default)]
+    pub ok: Option<bool>,
+    #[serde(default)]
+    pub tags: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// One operation, built from a step.
+#[derive(Debug, Clone)]
+pub enum Operation {
+    Authorize(Request),
+    Tag(TagRequest),
+    PutPolicy { name: String, document: Value },
+    DeletePolicy { name: String },
+}
+
+/// What a backend answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observed {
+    Decision {
+        allowed: bool,
+        reason: String,
+        /// The deciding statements: a display form and the Sid, if any.
+        matched: Vec<(String, Option<String>)>,
+    },
+    Ok {
+        tags: Option<BTreeMap<String, String>>,
+    },
+    Error {
+        name: String,
+        message: String,
+    },
+}
+
+/// Where steps run: in-process, or (later) against a sidecar over gRPC.
+pub trait Backend {
+    /// Starts over with `world` as the whole state.
+    fn load(&mut self, world: &WorldSpec) -> Result<(), String>;
+    fn run(&mut self, op: &Operation) -> Observed;
+}
+
+/// The engine itself, on an in-memory state.
+#[derive(Default)]
+pub struct InProcess {
+    state: State,
+}
+
+impl Backend for InProcess {
+    fn load(&mut self, world: &WorldSpec) -> Result<(), String> {
+        self.state = world.build().map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    fn run(&mut self, op: &Operation) -> Observed {
+        match op {
+            Operation::Authorize(req) => match authorize(&self.state, req, false) {
+                Ok(d) => Observed::Decision {
+                    allowed: d.allowed(),
+                    reason: d.reason.as_str().to_string(),
+                    matched: d.matched.iter().map(|s| (s.to_string(), s.sid.as_deref().map(str::to_string))).collect(),
+                },
+                Err(e) => Observed::Error { name: "ValidationException".into(), message: e.to_string() },
+            },
+            Operation::Tag(req) => match perform(&self.state, req) {
+                Ok(outcome) => {
+                    let tags = outcome.tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+                    if let Some((next, _change)) = outcome.change {
+                        self.state = next;
+                    }
+                    Observed::Ok { tags: Some(tags) }
+                }
+                Err(e) => tag_error(&e),
+            },
+            Operation::PutPolicy { name, document } => {
+                match compile_policy("document", document, PolicyKind::Identity) {
+                    Ok(policy) => {
+                        let mut next = self.state.clone();
+                        match next.put_policy(name, policy) {
+                            Ok(()) => {
+                                self.state = next;
+                                Observed::Ok { tags: None }
+                            }
+                            Err(e) => Observed::Error { name: "ValidationException".into(), message: e.to_string() },
+                        }
+                    }
+                    Err(e) => Observed::Error { name: "MalformedPolicyDocumentException".into(), message: e.to_string() },
+                }
+            }
+            Operation::DeletePolicy { name } => {
+                let mut next = self.state.clone();
+                match next.delete_policy(name) {
+                    Ok(()) => {
+                        self.state = next;
+                        Observed::Ok { tags: None }
+                    }
+                    Err(e) => Observed::Error { name: "NoSuchEntityException".into(), message: e.to_string() },
+                }
+            }
+        }
+    }
+}
+
+fn tag_error(e: &TagError) -> Observed {
+    let mut message = e.to_string();
+    if let TagError::AccessDenied { decision, .. } = e {
+        if !decision.matched.is_empty() {
+            let names: Vec<String> = decision.matched.iter().map(ToString::to_string).collect();
+            let _ = write!(message, "; denied by {}", names.join(", "));
+        }
+    }
+    Observed::Error { name: e.name().to_string(), message }
+}
+
+/// A file that could not be loaded.
+#[derive(Debug, Clone, Error)]
+#[error("{file}: {path}{sep}{message}", sep = if path.is_empty() { "" } else { ": " })]
+pub struct LoadError {
+    pub file: String,
+    pub path: String,
+    pub message: String,
+}
+
+/// A loaded scenario: the world and the steps as operations.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub file: String,
+    pub name: Option<String>,
+    pub world: WorldSpec,
+    pub steps: Vec<LoadedStep>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadedStep {
+    pub name: Option<String>,
+    pub op: Operation,
+    pub expect: Expect,
+}
+
+fn context_values(path: &str, context: &BTreeMap<String, Value>) -> Result<Vec<(String, ContextValue)>, (String, String)> {
+    context
+        .iter()
+        .map(|(k, v)| {
+            let at = format!("{path}.context.{k}");
+            let value = match v {
+                Value::String(s) => ContextValue::One(s.clone()),
+                Value::Number(n) => ContextValue::One(n.to_string()),
+                Value::Bool(b) => ContextValue::One(b.to_string()),
+                Value::Array(items) => ContextValue::Many(
+                    items
+                        .iter()
+                        .enumerate()
+                        .map(|(i, item)| match item {
+                            Value::String(s) => Ok(s.clone()),
+                            other => Err((format!("{at}[{i}]"), format!("expected a string, found {other}"))),
+                        })
+                        .collect::<Result<_, _>>()?,
+                ),
+                other => return Err((at, format!("expected a string, number, boolean or list of strings, found {other}"))),
+            };
+            Ok((k.clone(), value))
+        })
+        .collect()
+}
+
+fn pairs(map: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+impl Step {
+    fn lower(&self, path: &str) -> Result<LoadedStep, (String, String)> {
+        let given: Vec<&str> = [
+            ("authorize", self.authorize.is_some()),
+            ("tag_resource", self.tag_resource.is_some()),
+            ("untag_resource", self.untag_resource.is_some()),
+            ("list_resource_tags", self.list_resource_tags.is_some()),
+            ("put_policy", self.put_policy.is_some()),
+            ("delete_policy", self.delete_policy.is_some()),
+        ]
+        .iter()
+        .filter(|(_, g)| *g)
+        .map(|(n, _)| *n)
+        .collect();
+        if given.len() != 1 {
+            return Err((
+                path.to_string(),
+                format!(
+                    "a step needs exactly one of authorize, tag_resource, untag_resource, list_resource_tags, put_policy, delete_policy; found {}",
+                    if given.is_empty() { "none".to_string() } else { given.join(", ") }
+                ),
+            ));
+        }
+        let e = &self.expect;
+        let expect_path = format!("{path}.expect");
+        let decision_fields = e.decision.is_some() || e.reason.is_some() || e.matched.is_some();
+        let outcome_fields = [e.ok.is_some(), e.tags.is_some(), e.error.is_some()].iter().filter(|x| **x).count();
+        if let Some(name) = &e.error {
+            if !ERROR_NAMES.contains(&name.as_str()) {
+                return Err((format!("{expect_path}.error"), format!("unknown error name {name:?}; expected one of {}", ERROR_NAMES.join(", "))));
+            }
+        }
+        if e.ok == Some(false) {
+            return Err((format!("{expect_path}.ok"), "only `true` is meaningful; expect an error by name instead".into()));
+        }
+        let op = if let Some(a) = &self.authorize {
+            if e.decision.is_none() || outcome_fields > 0 {
+                return Err((expect_path, "an authorize step expects a decision (and optionally reason and matched)".into()));
+            }
+            let at = format!("{path}.authorize");
+            let mut req = Request {
+                principal: a.principal.clone(),
+                action: a.action.clone(),
+                resource: a.resource.clone(),
+                request_tags: a.request_tags.as_ref().map(pairs).unwrap_or_default(),
+                tag_keys: a.tag_keys.clone(),
+                session_tags: pairs(&a.principal_tags),
+                context: context_values(&at, &a.context)?,
+            };
+            if a.request_tags.is_some() {
+                req.derive_tag_keys();
+            }
+            Operation::Authorize(req)
+        } else {
+            if decision_fields {
+                return Err((expect_path, "decision, reason and matched belong to authorize steps".into()));
+            }
+            if outcome_fields != 1 {
+                return Err((expect_path, "expect one of ok, tags or error".into()));
+            }
+            let tag = |principal: &String, resource: &String, op: TagOp, action: &Option<String>, st: &BTreeMap<String, String>, ctx: &BTreeMap<String, Value>, at: String| {
+                Ok::<_, (String, String)>(Operation::Tag(TagRequest {
+                    principal: principal.clone(),
+                    resource: resource.clone(),
+                    op,
+                    action: action.clone(),
+                    session_tags: pairs(st),
+                    context: context_values(&at, ctx)?,
+                }))
+            };
+            if let Some(t) = &self.tag_resource {
+                tag(&t.principal, &t.resource, TagOp::Tag(pairs(&t.tags)), &t.action, &t.principal_tags, &t.context, format!("{path}.tag_resource"))?
+            } else if let Some(t) = &self.untag_resource {
+                tag(&t.principal, &t.resource, TagOp::Untag(t.tag_keys.clone()), &t.action, &t.principal_tags, &t.context, format!("{path}.untag_resource"))?
+            } else if let Some(t) = &self.list_resource_tags {
+                tag(&t.principal, &t.resource, TagOp::List, &t.action, &t.principal_tags, &t.context, format!("{path}.list_resource_tags"))?
+            } else if let Some(p) = &self.put_policy {
+                Operation::PutPolicy { name: p.name.clone(), document: p.document.clone() }
+            } else if let Some(d) = &self.delete_policy {
+                Operation::DeletePolicy { name: d.name.clone() }
+            } else {
+                return Err((path.to_string(), "no operation".into()));
+            }
+        };
+        Ok(LoadedStep { name: self.name.clone(), op, expect: self.expect.clone() })
+    }
+}
+
+/// Parses scenario text (JSON, or YAML when `yaml`) and checks its shape.
+pub fn parse(file: &str, text: &str, yaml: bool) -> Result<Scenario, LoadError> {
+    let fail = |path: &str, message: String| LoadError { file: file.to_string(), path: path.to_string(), message };
+    let value: Value = if yaml {
+        serde_norway::from_str(text).map_err(|e| fail("", format!("not valid YAML: {e}")))?
+    } else {
+        serde_json::from_str(text).map_err(|e| fail("", format!("not valid JSON: {e}")))?
+    };
+    let parsed: ScenarioFile = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        fail(&path, e.into_inner().to_string())
+    })?;
+    let world = WorldSpec { policies: parsed.policies, principals: parsed.principals, resources: parsed.resources };
+    // Check the world now, so a broken policy fails the load, not step 1.
+    world.build().map_err(|e| fail(&e.path, e.message))?;
+    let steps = parsed
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| s.lower(&format!("steps[{i}]")))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|(path, message)| fail(&path, message))?;
+    Ok(Scenario { file: file.to_string(), name: parsed.name, world, steps })
+}
+
+/// Reads and parses one scenario file.
+pub fn load(path: &Path) -> Result<Scenario, LoadError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| LoadError { file: file.clone(), path: String::new(), message: format!("cannot read: {e}") })?;
+    let yaml = matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
+    parse(&file, &text, yaml)
+}
+
+/// The scenario files named by `paths`: files as given, directories
+/// searched recursively for `*.json`, `*.yaml` and `*.yml`, sorted.
+pub fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, LoadError> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                walk(&p, out)?;
+            } else if matches!(p.extension().and_then(|e| e.to_str()), Some("json" | "yaml" | "yml")) {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        let fail = |message: String| LoadError { file: p.display().to_string(), path: String::new(), message };
+        if p.is_dir() {
+            let before = out.len();
+            walk(p, &mut out).map_err(|e| fail(format!("cannot read directory: {e}")))?;
+            if out.len() == before {
+                return Err(fail("no scenario files (*.json, *.yaml, *.yml) in this directory".into()));
+            }
+        } else if p.exists() {
+            out.push(p.clone());
+        } else {
+            return Err(fail("no such file or directory".into()));
+        }
+    }
+    Ok(out)
+}
+
+/// The result of running one scenario.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub passed: usize,
+    /// One line per failing step.
+    pub failures: Vec<String>,
+}
+
+/// Runs a scenario's steps in order on `backend`, starting from its world.
+pub fn run(scenario: &Scenario, backend: &mut dyn Backend) -> Report {
+    let mut report = Report::default();
+    if let Err(e) = backend.load(&scenario.world) {
+        report.failures.push(format!("{}: the world could not be loaded: {e}", scenario.file));
+        return report;
+    }
+    for (i, step) in scenario.steps.iter().enumerate() {
+        let observed = backend.run(&step.op);
+        match compare(&step.expect, &observed) {
+            None => report.passed += 1,
+            Some(diff) => {
+                let name = step.name.as_deref().map(|n| format!(" {n:?}")).unwrap_or_default();
+                report.failures.push(format!("{}: steps[{i}]{name}: {diff}", scenario.file));
+            }
+        }
+    }
+    report
+}
+
+fn describe(observed: &Observed) -> String {
+    match observed {
+        Observed::Decision { allowed, reason, matched } => {
+            let mut s = format!("{} ({reason})", if *allowed { "Allow" } else { "Deny" });
+            if !matched.is_empty() {
+                let names: Vec<&str> = matched.iter().map(|(d, _)| d.as_str()).collect();
+                let _ = write!(s, " decided by {}", names.join(", "));
+            }
+            s
+        }
+        Observed::Ok { tags: Some(tags) } => format!("ok with tags {tags:?}"),
+        Observed::Ok { tags: None } => "ok".to_string(),
+        Observed::Error { name, message } => format!("{name} ({message})"),
+    }
+}
+
+/// `None` when `observed` is what `expect` says; else what differs.
+pub fn compare(expect: &Expect, observed: &Observed) -> Option<String> {
+    let got = describe(observed);
+    if let Some(decision) = expect.decision {
+        let Observed::Decision { allowed, reason, matched } = observed else {
+            return Some(format!("expected a decision, got {got}"));
+        };
+        let want_allow = decision == ExpectDecision::Allow;
+        let mut wanted = format!("{decision:?}");
+        if let Some(r) = expect.reason {
+            let _ = write!(wanted, " ({})", r.as_str());
+        }
+        if *allowed != want_allow || expect.reason.is_some_and(|r| r.as_str() != reason) {
+            return Some(format!("expected {wanted}, got {got}"));
+        }
+        if let Some(want) = &expect.matched {
+            let want: BTreeSet<&str> = want.iter().map(String::as_str).collect();
+            let have: BTreeSet<&str> = matched.iter().filter_map(|(_, sid)| sid.as_deref()).collect();
+            if want != have {
+                return Some(format!("expected matched Sids {want:?}, got {have:?}: {got}"));
+            }
+        }
+        return None;
+    }
+    if let Some(name) = &expect.error {
+        return match observed {
+            Observed::Error { name: n, .. } if n == name => None,
+            _ => Some(format!("expected {name}, got {got}")),
+        };
+    }
+    if let Some(want) = &expect.tags {
+        return match observed {
+            Observed::Ok { tags: Some(tags) } if tags == want => None,
+            _ => Some(format!("expected tags {want:?}, got {got}")),
+        };
+    }
+    match observed {
+        Observed::Ok { .. } => None,
+        _ => Some(format!("expected ok, got {got}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_errors_name_the_path() {
+        let e = parse("f.json", r#"{"steps": [{"authorize": {}, "expect": {"decision": "Allow"}}]}"#, false).unwrap_err();
+        assert_eq!(e.path, "steps[0].authorize");
+        assert!(e.message.contains("missing field `principal`"), "{e}");
+        let e = parse("f.json", r#"{"steps": [{"expect": {"decision": "Permit"}}]}"#, false).unwrap_err();
+        assert_eq!(e.path, "steps[0].expect.decision");
+        let e = parse(
+            "f.json",
+            r#"{"policies": {"P": {"Statement": {"Effect": "Permit", "Action": "kms:*", "Resource": "*"}}}}"#,
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), r#"f.json: policies.P.Statement.Effect: expected "Allow" or "Deny", found "Permit""#);
+        let e = parse("f.json", r#"{"stepz": []}"#, false).unwrap_err();
+        assert!(e.message.contains("unknown field `stepz`"), "{e}");
+        let e = parse("f.yaml", "steps:\n  - expect: {ok: true}\n", true).unwrap_err();
+        assert_eq!(e.path, "steps[0]");
+    }
+}

@@ -1,0 +1,421 @@
+//! The world Tagward decides over: managed policies, principals and
+//! resources with their tags, as one immutable value with a revision.
+//!
+//! Every map is persistent (`imbl`): changing one resource among a million
+//! copies a few tree nodes, not the map, so a writer can build the next
+//! state while readers keep using the current one.
+//!
+//! INVARIANT: a `State` never changes after it is shared; every change goes
+//! through the methods here, which return `Err` and leave `self` untouched
+//! when they refuse, and bump `revision` exactly when something changed.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::arn::{Arn, Caller, CallerKind};
+use crate::policy::Policy;
+use crate::tags::{TagSet, TagSetError};
+
+/// An IAM user or role, with its tags and identity policies.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub arn: Arc<str>,
+    pub account: Arc<str>,
+    pub is_role: bool,
+    pub name: Arc<str>,
+    /// Case-insensitive, case-preserving keys.
+    pub tags: TagSet,
+    /// Managed policies by name; a name with no policy is skipped.
+    pub managed: Vec<Arc<str>>,
+    pub inline: Vec<(Arc<str>, Arc<Policy>)>,
+}
+
+impl Principal {
+    /// A principal with no tags and no policies, for a user or role ARN.
+    pub fn new(arn: &str) -> Result<Principal, StateError> {
+        let caller = Caller::parse(arn).map_err(|e| StateError::Invalid(e.to_string()))?;
+        let (is_role, name) = match caller.kind {
+            CallerKind::User { name } => (false, name),
+            CallerKind::Role { name } => (true, name),
+            _ => {
+                return Err(StateError::Invalid(format!(
+                    "{arn:?} is not an IAM user or role; only users and roles are principals with policies"
+                )))
+            }
+        };
+        Ok(Principal {
+            arn: arn.into(),
+            account: caller.account.into(),
+            is_role,
+            name: name.into(),
+            tags: TagSet::new(true),
+            managed: Vec::new(),
+            inline: Vec::new(),
+        })
+    }
+}
+
+macro_rules! string_enum {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [&'static str] = &[$($text),+];
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(format!("{s:?} is not one of {}", Self::ALL.join(", "))),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// The state of a KMS key.
+    KeyState {
+        Enabled = "Enabled",
+        Disabled = "Disabled",
+        PendingDeletion = "PendingDeletion",
+        PendingImport = "PendingImport",
+        PendingReplicaDeletion = "PendingReplicaDeletion",
+        Unavailable = "Unavailable",
+        Creating = "Creating",
+        Updating = "Updating",
+    }
+);
+
+string_enum!(
+    /// Who manages a KMS key; AWS managed keys cannot be tagged.
+    KeyManager {
+        Customer = "CUSTOMER",
+        Aws = "AWS",
+    }
+);
+
+/// What a KMS key carries besides its tags.
+#[derive(Debug, Clone)]
+pub struct KeyInfo {
+    pub state: KeyState,
+    pub spec: Arc<str>,
+    pub usage: Arc<str>,
+    pub origin: Arc<str>,
+    pub manager: KeyManager,
+    pub policy: Arc<Policy>,
+    /// The key policy was not given: the default one applies.
+    pub default_policy: bool,
+}
+
+/// What kind of resource, and the policy it carries.
+#[derive(Debug, Clone)]
+pub enum ResourceKind {
+    Key(KeyInfo),
+    Other { policy: Option<Arc<Policy>> },
+}
+
+/// A taggable resource other than a principal.
+#[derive(Debug, Clone)]
+pub struct Resource {
+    pub arn: Arc<str>,
+    /// The owning account: the ARN's, or given for ARNs without one.
+    pub account: Option<Arc<str>>,
+    pub tags: TagSet,
+    pub kind: ResourceKind,
+}
+
+impl Resource {
+    pub fn key(&self) -> Option<&KeyInfo> {
+        match &self.kind {
+            ResourceKind::Key(k) => Some(k),
+            ResourceKind::Other { .. } => None,
+        }
+    }
+}
+
+/// True when the ARN names a KMS key.
+pub fn is_kms_key(arn: &str) -> bool {
+    Arn::parse(arn).is_some_and(|a| a.service == "kms" && a.resource_type() == "key")
+}
+
+/// Why a change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum StateError {
+    #[error("no managed policy named {0:?}")]
+    NoSuchPolicy(String),
+    #[error("no principal {0:?}")]
+    NoSuchPrincipal(String),
+    #[error("no resource {0:?}")]
+    NoSuchResource(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Tags(#[from] TagSetError),
+}
+
+/// The whole world at one revision.
+#[derive(Clone, Default)]
+pub struct State {
+    revision: u64,
+    policies: imbl::HashMap<Arc<str>, Arc<Policy>>,
+    principals: imbl::HashMap<Arc<str>, Arc<Principal>>,
+    /// `ACCOUNT:ROLE-NAME` to the role's ARN, for assumed-role sessions,
+    /// whose ARNs drop the role's path.
+    roles: imbl::HashMap<Arc<str>, Arc<str>>,
+    resources: imbl::HashMap<Arc<str>, Arc<Resource>>,
+}
+
+impl fmt::Debug for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("State")
+            .field("revision", &self.revision)
+            .field("policies", &self.policies.len())
+            .field("principals", &self.principals.len())
+            .field("resources", &self.resources.len())
+            .finish()
+    }
+}
+
+/// A resource as the engine and the tag operations see it: a resource or a
+/// principal (users and roles are taggable resources too).
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    Resource(&'a Resource),
+    Principal(&'a Principal),
+}
+
+impl<'a> Target<'a> {
+    pub fn tags(&self) -> &'a TagSet {
+        match self {
+            Target::Resource(r) => &r.tags,
+            Target::Principal(p) => &p.tags,
+        }
+    }
+
+    pub fn account(&self) -> Option<&'a str> {
+        match self {
+            Target::Resource(r) => r.account.as_deref(),
+            Target::Principal(p) => Some(&p.account),
+        }
+    }
+
+    pub fn key(&self) -> Option<&'a KeyInfo> {
+        match self {
+            Target::Resource(r) => r.key(),
+            Target::Principal(_) => None,
+        }
+    }
+
+    /// The key policy or resource policy.
+    pub fn policy(&self) -> Option<&'a Arc<Policy>> {
+        match self {
+            Target::Resource(Resource { kind: ResourceKind::Key(k), .. }) => Some(&k.policy),
+            Target::Resource(Resource { kind: ResourceKind::Other { policy }, .. }) => policy.as_ref(),
+            Target::Principal(_) => None,
+        }
+    }
+}
+
+impl State {
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    pub fn policy(&self, name: &str) -> Option<&Arc<Policy>> {
+        self.policies.get(name)
+    }
+
+    pub fn principal(&self, arn: &str) -> Option<&Arc<Principal>> {
+        self.principals.get(arn)
+    }
+
+    /// The role that an assumed-role session belongs to.
+    pub fn role_by_name(&self, account: &str, name: &str) -> Option<&Arc<Principal>> {
+        let mut buf = String::with_capacity(account.len() + name.len() + 1);
+        buf.push_str(account);
+        buf.push(':');
+        buf.push_str(name);
+        self.roles.get(buf.as_str()).and_then(|arn| self.principals.get(arn))
+    }
+
+    pub fn resource(&self, arn: &str) -> Option<&Arc<Resource>> {
+        self.resources.get(arn)
+    }
+
+    /// A resource or principal by ARN.
+    pub fn target(&self, arn: &str) -> Option<Target<'_>> {
+        if let Some(r) = self.resources.get(arn) {
+            return Some(Target::Resource(r));
+        }
+        self.principals.get(arn).map(|p| Target::Principal(p))
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = (&Arc<str>, &Arc<Policy>)> {
+        self.policies.iter()
+    }
+
+    pub fn principals(&self) -> impl Iterator<Item = &Arc<Principal>> {
+        self.principals.values()
+    }
+
+    pub fn resources(&self) -> impl Iterator<Item = &Arc<Resource>> {
+        self.resources.values()
+    }
+
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (self.policies.len(), self.principals.len(), self.resources.len())
+    }
+
+    fn bump(&mut self) {
+        self.revision += 1;
+    }
+
+    /// Adds or replaces a managed policy.
+    pub fn put_policy(&mut self, name: &str, policy: Arc<Policy>) -> Result<(), StateError> {
+        if name.is_empty() {
+            return Err(StateError::Invalid("policy name is empty".into()));
+        }
+        self.policies.insert(name.into(), policy);
+        self.bump();
+        Ok(())
+    }
+
+    /// Removes a managed policy; principals that attach it lose it.
+    pub fn delete_policy(&mut self, name: &str) -> Result<(), StateError> {
+        if self.policies.remove(name).is_none() {
+            return Err(StateError::NoSuchPolicy(name.to_string()));
+        }
+        self.bump();
+        Ok(())
+    }
+
+    /// Adds or replaces a principal. An ARN that is already a resource is
+    /// refused, so that one ARN always names one thing.
+    pub fn put_principal(&mut self, principal: Principal) -> Result<(), StateError> {
+        if self.resources.contains_key(&*principal.arn) {
+            return Err(StateError::Invalid(format!("{:?} is already a resource", principal.arn)));
+        }
+        let role_key: Arc<str> = format!("{}:{}", principal.account, principal.name).into();
+        if principal.is_role {
+            if let Some(existing) = self.roles.get(&role_key) {
+                if **existing != *principal.arn {
+                    return Err(StateError::Invalid(format!(
+                        "role name {:?} of account {} is already taken by {existing:?}",
+                        principal.name, principal.account
+                    )));
+                }
+            }
+            self.roles.insert(role_key, principal.arn.clone());
+        }
+        self.principals.insert(principal.arn.clone(), Arc::new(principal));
+        self.bump();
+        Ok(())
+    }
+
+    pub fn delete_principal(&mut self, arn: &str) -> Result<(), StateError> {
+        let removed = self.principals.remove(arn).ok_or_else(|| StateError::NoSuchPrincipal(arn.to_string()))?;
+        if removed.is_role {
+            self.roles.remove(format!("{}:{}", removed.account, removed.name).as_str());
+        }
+        self.bump();
+        Ok(())
+    }
+
+    /// Adds or replaces a resource.
+    pub fn put_resource(&mut self, resource: Resource) -> Result<(), StateError> {
+        if self.principals.contains_key(&*resource.arn) {
+            return Err(StateError::Invalid(format!("{:?} is already a principal", resource.arn)));
+        }
+        self.resources.insert(resource.arn.clone(), Arc::new(resource));
+        self.bump();
+        Ok(())
+    }
+
+    pub fn delete_resource(&mut self, arn: &str) -> Result<(), StateError> {
+        self.resources.remove(arn).ok_or_else(|| StateError::NoSuchResource(arn.to_string()))?;
+        self.bump();
+        Ok(())
+    }
+
+    /// Replaces the tag set of a resource or principal; a set equal to the
+    /// current one changes nothing and keeps the revision.
+    pub fn replace_tags(&mut self, arn: &str, tags: TagSet) -> Result<bool, StateError> {
+        if let Some(r) = self.resources.get(arn) {
+            if r.tags == tags {
+                return Ok(false);
+            }
+            let mut next = Resource::clone(r);
+            next.tags = tags;
+            self.resources.insert(next.arn.clone(), Arc::new(next));
+        } else if let Some(p) = self.principals.get(arn) {
+            if p.tags == tags {
+                return Ok(false);
+            }
+            let mut next = Principal::clone(p);
+            next.tags = tags;
+            self.principals.insert(next.arn.clone(), Arc::new(next));
+        } else {
+            return Err(StateError::NoSuchResource(arn.to_string()));
+        }
+        self.bump();
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Arc<Policy> {
+        Arc::new(
+            Policy::from_json(
+                r#"{"Statement": {"Effect": "Allow", "Action": "kms:*", "Resource": "*"}}"#,
+                crate::policy::PolicyKind::Identity,
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn revisions_move_only_on_change() {
+        let mut s = State::default();
+        s.put_policy("P", policy()).unwrap();
+        assert_eq!(s.revision(), 1);
+        let before = s.clone();
+        assert_eq!(s.delete_policy("Q"), Err(StateError::NoSuchPolicy("Q".into())));
+        assert_eq!(s.revision(), 1);
+        s.put_principal(Principal::new("arn:aws:iam::111122223333:role/team/Dev").unwrap()).unwrap();
+        assert!(s.role_by_name("111122223333", "Dev").is_some());
+        let tags = TagSet::from_tags(true, [("team", "qa")]).unwrap();
+        assert!(s.replace_tags("arn:aws:iam::111122223333:role/team/Dev", tags.clone()).unwrap());
+        assert!(!s.replace_tags("arn:aws:iam::111122223333:role/team/Dev", tags).unwrap());
+        assert_eq!(s.revision(), 3);
+        assert_eq!(before.revision(), 1, "an earlier state is untouched");
+        assert!(before.principal("arn:aws:iam::111122223333:role/team/Dev").is_none());
+    }
+
+    #[test]
+    fn one_arn_names_one_thing() {
+        let mut s = State::default();
+        s.put_principal(Principal::new("arn:aws:iam::111122223333:role/Dev").unwrap()).unwrap();
+        assert!(s.put_principal(Principal::new("arn:aws:iam::111122223333:role/other/Dev").unwrap()).is_err());
+        assert!(Principal::new("arn:aws:sts::111122223333:assumed-role/Dev/s").is_err());
+    }
+}

@@ -1,0 +1,294 @@
+//! Tags: the rules every tag must obey, and the tag set of one resource.
+//!
+//! Rules (SEMANTICS.md, "Entities"): at most 50 tags per resource; keys of 1
+//! to 128 and values of 0 to 256 Unicode characters, drawn from Unicode
+//! letters and numbers, space separators and `_ . : / = + - @`; keys and
+//! values that begin with `aws:` in any case are reserved. Keys are unique;
+//! writing an existing key replaces its value. On IAM users and roles keys are
+//! case-insensitive and case-preserving: the latest write's spelling wins.
+
+use std::fmt;
+
+use thiserror::Error;
+use unicode_general_category::{get_general_category, GeneralCategory as G};
+
+use crate::policy::pattern::fold_char;
+
+pub const MAX_TAGS: usize = 50;
+pub const MAX_KEY_CHARS: usize = 128;
+pub const MAX_VALUE_CHARS: usize = 256;
+
+/// A tag that breaks a rule.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum TagRuleError {
+    #[error("tag key is empty")]
+    EmptyKey,
+    #[error("tag key {key:?} has {chars} characters; at most 128 are allowed")]
+    KeyTooLong { key: String, chars: usize },
+    #[error("value of tag {key:?} has {chars} characters; at most 256 are allowed")]
+    ValueTooLong { key: String, chars: usize },
+    #[error("tag key {key:?} holds {ch:?}; allowed are Unicode letters, numbers, spaces and _ . : / = + - @")]
+    KeyCharacter { key: String, ch: char },
+    #[error("value of tag {key:?} holds {ch:?}; allowed are Unicode letters, numbers, spaces and _ . : / = + - @")]
+    ValueCharacter { key: String, ch: char },
+    #[error("tag key {key:?} begins with \"aws:\", which is reserved for AWS")]
+    ReservedKey { key: String },
+    #[error("value of tag {key:?} begins with \"aws:\", which is reserved for AWS")]
+    ReservedValue { key: String },
+    #[error("tag keys {first:?} and {second:?} differ only by case, and keys on IAM users and roles are case-insensitive")]
+    DuplicateKey { first: String, second: String },
+}
+
+fn allowed(c: char) -> bool {
+    matches!(c, '_' | '.' | ':' | '/' | '=' | '+' | '-' | '@')
+        || matches!(
+            get_general_category(c),
+            G::UppercaseLetter
+                | G::LowercaseLetter
+                | G::TitlecaseLetter
+                | G::ModifierLetter
+                | G::OtherLetter
+                | G::DecimalNumber
+                | G::LetterNumber
+                | G::OtherNumber
+                | G::SpaceSeparator
+        )
+}
+
+fn reserved(text: &str) -> bool {
+    text.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("aws:"))
+}
+
+/// Checks a tag key on its own (untag requests name keys only).
+pub fn check_key(key: &str) -> Result<(), TagRuleError> {
+    if key.is_empty() {
+        return Err(TagRuleError::EmptyKey);
+    }
+    let chars = key.chars().count();
+    if chars > MAX_KEY_CHARS {
+        return Err(TagRuleError::KeyTooLong { key: key.to_string(), chars });
+    }
+    if let Some(ch) = key.chars().find(|c| !allowed(*c)) {
+        return Err(TagRuleError::KeyCharacter { key: key.to_string(), ch });
+    }
+    if reserved(key) {
+        return Err(TagRuleError::ReservedKey { key: key.to_string() });
+    }
+    Ok(())
+}
+
+/// Checks one tag against the rules.
+pub fn check_tag(key: &str, value: &str) -> Result<(), TagRuleError> {
+    check_key(key)?;
+    let chars = value.chars().count();
+    if chars > MAX_VALUE_CHARS {
+        return Err(TagRuleError::ValueTooLong { key: key.to_string(), chars });
+    }
+    if let Some(ch) = value.chars().find(|c| !allowed(*c)) {
+        return Err(TagRuleError::ValueCharacter { key: key.to_string(), ch });
+    }
+    if reserved(value) {
+        return Err(TagRuleError::ReservedValue { key: key.to_string() });
+    }
+    Ok(())
+}
+
+/// Case-insensitive equality of tag keys.
+pub fn keys_equal_ignoring_case(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b) || a.chars().map(fold_char).eq(b.chars().map(fold_char))
+}
+
+/// The tags of one resource, sorted by key in byte order.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct TagSet {
+    tags: Vec<(Box<str>, Box<str>)>,
+    /// Keys are case-insensitive (IAM users and roles).
+    case_insensitive: bool,
+}
+
+impl fmt::Debug for TagSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl TagSet {
+    pub fn new(case_insensitive: bool) -> TagSet {
+        TagSet { tags: Vec::new(), case_insensitive }
+    }
+
+    /// Builds a set from initial tags, checking every rule and the limit.
+    pub fn from_tags<'a>(
+        case_insensitive: bool,
+        tags: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<TagSet, TagSetError> {
+        let tags: Vec<(&str, &str)> = tags.into_iter().collect();
+        for (k, v) in &tags {
+            check_tag(k, v)?;
+        }
+        let set = TagSet::new(case_insensitive).with(tags.iter().copied())?;
+        Ok(set)
+    }
+
+    pub fn case_insensitive(&self) -> bool {
+        self.case_insensitive
+    }
+
+    pub fn len(&self) -> usize {
+        self.tags.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tags.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.tags.iter().map(|(k, v)| (&**k, &**v))
+    }
+
+    /// The value of the tag a condition key names: the key whose case matches
+    /// exactly, else the first (in byte order) that matches ignoring case.
+    pub fn lookup(&self, key: &str) -> Option<&str> {
+        lookup_pairs(self.iter(), key, self.find_exact(key))
+    }
+
+    fn find_exact(&self, key: &str) -> Option<&str> {
+        self.tags
+            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|i| &*self.tags[i].1)
+    }
+
+    /// The stored key that `key` addresses: exact, or for a case-insensitive
+    /// set the one equal ignoring case.
+    fn position(&self, key: &str) -> Option<usize> {
+        if let Ok(i) = self.tags.binary_search_by(|(k, _)| (**k).cmp(key)) {
+            return Some(i);
+        }
+        if self.case_insensitive {
+            return self.tags.iter().position(|(k, _)| keys_equal_ignoring_case(k, key));
+        }
+        None
+    }
+
+    /// The set with `tags` written (existing keys replaced). Fails when the
+    /// result would exceed [`MAX_TAGS`] or the request itself holds keys that
+    /// are the same in this set's eyes. Rules on each tag are the caller's
+    /// to check first.
+    pub fn with<'a>(&self, tags: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<TagSet, TagSetError> {
+        let mut next = self.clone();
+        let mut written: Vec<&str> = Vec::new();
+        for (k, v) in tags {
+            if let Some(prev) = written.iter().find(|w| {
+                if self.case_insensitive {
+                    keys_equal_ignoring_case(w, k)
+                } else {
+                    **w == k
+                }
+            }) {
+                return Err(TagRuleError::DuplicateKey { first: prev.to_string(), second: k.to_string() }.into());
+            }
+            written.push(k);
+            match next.position(k) {
+                Some(i) => {
+                    next.tags.remove(i);
+                }
+                None => {}
+            }
+            let at = next.tags.binary_search_by(|(key, _)| (**key).cmp(k)).unwrap_or_else(|i| i);
+            next.tags.insert(at, (k.into(), v.into()));
+        }
+        if next.tags.len() > MAX_TAGS {
+            return Err(TagSetError::Limit { count: next.tags.len() });
+        }
+        Ok(next)
+    }
+
+    /// The set without `keys`; absent keys are ignored.
+    pub fn without<'a>(&self, keys: impl IntoIterator<Item = &'a str>) -> TagSet {
+        let mut next = self.clone();
+        for k in keys {
+            if let Some(i) = next.position(k) {
+                next.tags.remove(i);
+            }
+        }
+        next
+    }
+}
+
+/// Why a tag set could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum TagSetError {
+    #[error(transparent)]
+    Rule(#[from] TagRuleError),
+    #[error("the resource would have {count} tags; at most 50 are allowed")]
+    Limit { count: usize },
+}
+
+/// Condition-key lookup over any list of tags sorted by key: the exact key
+/// if present, else the first key equal ignoring case.
+pub fn lookup_pairs<'a>(
+    mut pairs: impl Iterator<Item = (&'a str, &'a str)>,
+    key: &str,
+    exact: Option<&'a str>,
+) -> Option<&'a str> {
+    if exact.is_some() {
+        return exact;
+    }
+    pairs.find(|(k, _)| keys_equal_ignoring_case(k, key)).map(|(_, v)| v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules() {
+        assert!(check_tag("Project", "Alpha").is_ok());
+        assert!(check_tag("Größe", "部署 A").is_ok());
+        assert!(check_tag("a_.:/=+-@", "").is_ok());
+        assert!(check_tag(&"k".repeat(128), &"v".repeat(256)).is_ok());
+        assert_eq!(check_tag("", "x"), Err(TagRuleError::EmptyKey));
+        assert!(matches!(check_tag(&"k".repeat(129), ""), Err(TagRuleError::KeyTooLong { chars: 129, .. })));
+        assert!(matches!(check_tag("k", &"é".repeat(257)), Err(TagRuleError::ValueTooLong { chars: 257, .. })));
+        assert!(check_tag(&"é".repeat(128), "").is_ok(), "length counts characters, not bytes");
+        assert!(matches!(check_tag("team#1", "x"), Err(TagRuleError::KeyCharacter { ch: '#', .. })));
+        assert!(matches!(check_tag("team", "a\tb"), Err(TagRuleError::ValueCharacter { ch: '\t', .. })));
+        assert!(matches!(check_tag("team", "a\nb"), Err(TagRuleError::ValueCharacter { .. })));
+        assert!(matches!(check_tag("AWS:team", "x"), Err(TagRuleError::ReservedKey { .. })));
+        assert!(matches!(check_tag("team", "Aws:x"), Err(TagRuleError::ReservedValue { .. })));
+        assert!(check_tag("awsteam", "aws").is_ok());
+    }
+
+    #[test]
+    fn case_insensitive_sets_replace_and_keep_the_latest_spelling() {
+        let set = TagSet::from_tags(true, [("Department", "foo")]).unwrap();
+        let set = set.with([("department", "bar")]).unwrap();
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![("department", "bar")]);
+        let plain = TagSet::from_tags(false, [("Costcenter", "1234")]).unwrap().with([("costcenter", "5678")]).unwrap();
+        assert_eq!(plain.len(), 2);
+        assert!(matches!(
+            TagSet::new(true).with([("Team", "a"), ("team", "b")]),
+            Err(TagSetError::Rule(TagRuleError::DuplicateKey { .. }))
+        ));
+        assert_eq!(set.without(["DEPARTMENT"]).len(), 0);
+        assert_eq!(plain.without(["COSTCENTER"]).len(), 2);
+    }
+
+    #[test]
+    fn lookup_prefers_exact_case_then_byte_order() {
+        let set = TagSet::from_tags(false, [("stack", "production"), ("Stack", "test")]).unwrap();
+        assert_eq!(set.lookup("Stack"), Some("test"));
+        assert_eq!(set.lookup("stack"), Some("production"));
+        assert_eq!(set.lookup("STACK"), Some("test"), "'Stack' sorts before 'stack'");
+        assert_eq!(set.lookup("other"), None);
+    }
+
+    #[test]
+    fn limit() {
+        let tags: Vec<(String, String)> = (0..50).map(|i| (format!("k{i}"), "v".to_string())).collect();
+        let set = TagSet::from_tags(false, tags.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
+        assert!(set.with([("k7", "changed")]).is_ok());
+        assert_eq!(set.with([("k50", "x")]), Err(TagSetError::Limit { count: 51 }));
+    }
+}

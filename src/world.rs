@@ -1,0 +1,246 @@
+//! The world file: managed policies, principals and resources, as scenario
+//! files and `tagward serve` describe them (SCENARIOS.md, "Top level",
+//! "Principal", "Resource"). This is the wire form (serde,
+//! `deny_unknown_fields`); [`WorldSpec::apply`] lowers it into a [`State`],
+//! refusing the whole of it on the first error, which names the JSON path.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use thiserror::Error;
+
+use crate::arn::Arn;
+use crate::policy::{Policy, PolicyKind};
+use crate::state::{is_kms_key, KeyInfo, KeyManager, KeyState, Principal, Resource, ResourceKind, State};
+use crate::tags::TagSet;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorldSpec {
+    /// Managed identity policies by name.
+    #[serde(default)]
+    pub policies: BTreeMap<String, Value>,
+    #[serde(default)]
+    pub principals: Vec<PrincipalSpec>,
+    #[serde(default)]
+    pub resources: Vec<ResourceSpec>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalSpec {
+    pub arn: String,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub policies: Vec<String>,
+    #[serde(default)]
+    pub inline_policies: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceSpec {
+    pub arn: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_policy: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_spec: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_usage: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_manager: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_policy: Option<Value>,
+}
+
+/// A refused world: the JSON path and the reason.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{path}: {message}")]
+pub struct WorldError {
+    pub path: String,
+    pub message: String,
+}
+
+fn err(path: impl Into<String>, message: impl Into<String>) -> WorldError {
+    WorldError { path: path.into(), message: message.into() }
+}
+
+/// Compiles a policy document found at `path` (errors carry the full path).
+pub fn compile_policy(path: &str, doc: &Value, kind: PolicyKind) -> Result<Arc<Policy>, WorldError> {
+    Policy::compile(doc, kind).map(Arc::new).map_err(|e| {
+        let path = if e.path.is_empty() { path.to_string() } else { format!("{path}.{}", e.path) };
+        err(path, e.message)
+    })
+}
+
+/// The key policy a KMS key gets when none is given: the account's root may
+/// do everything, which lets IAM policies grant access.
+pub fn default_key_policy_document(account: &str) -> Value {
+    json!({
+        "Version": "2012-10-17",
+        "Id": "key-default-1",
+        "Statement": [{
+            "Sid": "Enable IAM User Permissions",
+            "Effect": "Allow",
+            "Principal": {"AWS": format!("arn:aws:iam::{account}:root")},
+            "Action": "kms:*",
+            "Resource": "*"
+        }]
+    })
+}
+
+/// Builds resources, sharing one compiled default key policy per account.
+#[derive(Default)]
+pub struct ResourceBuilder {
+    default_policies: HashMap<String, Arc<Policy>>,
+}
+
+impl ResourceBuilder {
+    /// Lowers one resource spec; `path` prefixes every error.
+    pub fn build(&mut self, path: &str, spec: &ResourceSpec) -> Result<Resource, WorldError> {
+        let arn = Arn::parse(&spec.arn).ok_or_else(|| {
+            err(format!("{path}.arn"), format!("{:?} is not an ARN (arn:PARTITION:SERVICE:REGION:ACCOUNT:RESOURCE)", spec.arn))
+        })?;
+        let account: Option<Arc<str>> = match (&spec.account, arn.account) {
+            (Some(a), _) => Some(Arc::from(a.as_str())),
+            (None, "") => None,
+            (None, a) => Some(Arc::from(a)),
+        };
+        let is_key = is_kms_key(&spec.arn);
+        let tags = TagSet::from_tags(false, spec.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(|e| err(format!("{path}.tags"), e.to_string()))?;
+        let kind = if is_key {
+            if spec.resource_policy.is_some() {
+                return Err(err(format!("{path}.resource_policy"), "a KMS key has a key_policy, not a resource_policy"));
+            }
+            let parse = |field: &str, v: &Option<String>, default: &str| -> Result<Arc<str>, WorldError> {
+                match v.as_deref() {
+                    Some("") => Err(err(format!("{path}.{field}"), "empty")),
+                    Some(v) => Ok(v.into()),
+                    None => Ok(default.into()),
+                }
+            };
+            let state = match &spec.key_state {
+                Some(s) => s.parse::<KeyState>().map_err(|e| err(format!("{path}.key_state"), e))?,
+                None => KeyState::Enabled,
+            };
+            let manager = match &spec.key_manager {
+                Some(s) => s.parse::<KeyManager>().map_err(|e| err(format!("{path}.key_manager"), e))?,
+                None => KeyManager::Customer,
+            };
+            let (policy, default_policy) = match &spec.key_policy {
+                Some(doc) => (compile_policy(&format!("{path}.key_policy"), doc, PolicyKind::Key)?, false),
+                None => {
+                    let acct = account.as_deref().unwrap_or_default().to_string();
+                    let policy = match self.default_policies.get(&acct) {
+                        Some(p) => p.clone(),
+                        None => {
+                            let p = compile_policy(
+                                &format!("{path}.key_policy"),
+                                &default_key_policy_document(&acct),
+                                PolicyKind::Key,
+                            )?;
+                            self.default_policies.insert(acct, p.clone());
+                            p
+                        }
+                    };
+                    (policy, true)
+                }
+            };
+            ResourceKind::Key(KeyInfo {
+                state,
+                spec: parse("key_spec", &spec.key_spec, "SYMMETRIC_DEFAULT")?,
+                usage: parse("key_usage", &spec.key_usage, "ENCRYPT_DECRYPT")?,
+                origin: parse("origin", &spec.origin, "AWS_KMS")?,
+                manager,
+                policy,
+                default_policy,
+            })
+        } else {
+            for (field, given) in [
+                ("key_policy", spec.key_policy.is_some()),
+                ("key_state", spec.key_state.is_some()),
+                ("key_spec", spec.key_spec.is_some()),
+                ("key_usage", spec.key_usage.is_some()),
+                ("origin", spec.origin.is_some()),
+                ("key_manager", spec.key_manager.is_some()),
+            ] {
+                if given {
+                    return Err(err(format!("{path}.{field}"), "only KMS keys (arn:aws:kms:...:key/ID) have this field"));
+                }
+            }
+            let policy = match &spec.resource_policy {
+                Some(doc) => Some(compile_policy(&format!("{path}.resource_policy"), doc, PolicyKind::Resource)?),
+                None => None,
+            };
+            ResourceKind::Other { policy }
+        };
+        Ok(Resource { arn: spec.arn.as_str().into(), account, tags, kind })
+    }
+}
+
+/// Lowers a principal spec; managed policy names must exist in `state`.
+pub fn build_principal(path: &str, spec: &PrincipalSpec, state: &State) -> Result<Principal, WorldError> {
+    let mut principal = Principal::new(&spec.arn).map_err(|e| err(format!("{path}.arn"), e.to_string()))?;
+    principal.tags = TagSet::from_tags(true, spec.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .map_err(|e| err(format!("{path}.tags"), e.to_string()))?;
+    for (i, name) in spec.policies.iter().enumerate() {
+        if state.policy(name).is_none() {
+            return Err(err(format!("{path}.policies[{i}]"), format!("no managed policy named {name:?}")));
+        }
+        principal.managed.push(name.as_str().into());
+    }
+    for (name, doc) in &spec.inline_policies {
+        let policy = compile_policy(&format!("{path}.inline_policies.{name}"), doc, PolicyKind::Identity)?;
+        principal.inline.push((name.as_str().into(), policy));
+    }
+    Ok(principal)
+}
+
+impl WorldSpec {
+    /// Adds everything to `state`; on error `state` may hold part of it, so
+    /// callers apply to a copy and keep the original on failure.
+    pub fn apply(&self, state: &mut State) -> Result<(), WorldError> {
+        for (name, doc) in &self.policies {
+            let policy = compile_policy(&format!("policies.{name}"), doc, PolicyKind::Identity)?;
+            state.put_policy(name, policy).map_err(|e| err(format!("policies.{name}"), e.to_string()))?;
+        }
+        let mut seen: HashMap<&str, String> = HashMap::new();
+        for (i, spec) in self.principals.iter().enumerate() {
+            let path = format!("principals[{i}]");
+            if let Some(first) = seen.insert(&spec.arn, path.clone()) {
+                return Err(err(format!("{path}.arn"), format!("{:?} is already defined at {first}", spec.arn)));
+            }
+            let principal = build_principal(&path, spec, state)?;
+            state.put_principal(principal).map_err(|e| err(format!("{path}.arn"), e.to_string()))?;
+        }
+        let mut builder = ResourceBuilder::default();
+        for (i, spec) in self.resources.iter().enumerate() {
+            let path = format!("resources[{i}]");
+            if let Some(first) = seen.insert(&spec.arn, path.clone()) {
+                return Err(err(format!("{path}.arn"), format!("{:?} is already defined at {first}", spec.arn)));
+            }
+            let resource = builder.build(&path, spec)?;
+            state.put_resource(resource).map_err(|e| err(format!("{path}.arn"), e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// A new state holding this world.
+    pub fn build(&self) -> Result<State, WorldError> {
+        let mut state = State::default();
+        self.apply(&mut state)?;
+        Ok(state)
+    }
+}
