@@ -1,0 +1,33 @@
+//! Runs the scenario corpora in-process on every `cargo test`: the seed
+//! documents' own examples (`../shared/scenarios/examples`, 82 steps) and
+//! the project's corpus (`tests/scenarios`). A missing corpus fails the
+//! test: it is never skipped.
+
+use std::path::PathBuf;
+
+use tagward::scenario::{self, InProcess};
+
+fn run_corpus(dir: PathBuf, at_least: usize) {
+    assert!(dir.is_dir(), "scenario corpus {} is missing", dir.display());
+    let files = scenario::collect(&[dir.clone()]).unwrap_or_else(|e| panic!("{e}"));
+    let (mut passed, mut failures) = (0, Vec::new());
+    for file in files {
+        let loaded = scenario::load(&file).unwrap_or_else(|e| panic!("{e}"));
+        let report = scenario::run(&loaded, &mut InProcess::default());
+        passed += report.passed;
+        failures.extend(report.failures);
+    }
+    assert!(failures.is_empty(), "{} failing steps:\n{}", failures.len(), failures.join("\n"));
+    assert!(passed >= at_least, "{}: only {passed} steps ran, expected at least {at_least}", dir.display());
+    println!("{}: {passed} passed", dir.display());
+}
+
+#[test]
+fn shared_examples_pass() {
+    run_corpus(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/scenarios/examples"), 82);
+}
+
+#[test]
+fn project_corpus_passes() {
+    run_corpus(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios"), 200);
+}
