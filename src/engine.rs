@@ -20,10 +20,10 @@ use smallvec::SmallVec;
 use thiserror::Error;
 
 use crate::arn::{check_resource, Arn, Caller, CallerKind};
-use crate::policy::condition::{parse_date, Context, Values};
+use crate::policy::condition::{parse_date, ArnParts, Context, Values};
 use crate::policy::keys::KeyRef;
 use crate::policy::pattern::Resolve;
-use crate::policy::{Effect, Policy, PolicyKind, PrincipalEntry, Statement};
+use crate::policy::{ActionKey, Effect, Policy, PolicyKind, PrincipalEntry, Statement};
 use crate::state::{is_kms_key, Principal, State, Target};
 use crate::tags::keys_equal_ignoring_case;
 
@@ -62,8 +62,8 @@ impl Request {
     }
 
     /// Checks the request's shape; every error names the field.
-    pub fn validate(&self) -> Result<(), RequestError> {
-        Caller::parse(&self.principal).map_err(|e| RequestError::new("principal", e.to_string()))?;
+    pub fn validate(&self) -> Result<Caller<'_>, RequestError> {
+        let caller = Caller::parse(&self.principal).map_err(|e| RequestError::new("principal", e.to_string()))?;
         let well_formed_action = self
             .action
             .split_once(':')
@@ -81,7 +81,7 @@ impl Request {
                 ));
             }
         }
-        Ok(())
+        Ok(caller)
     }
 }
 
@@ -229,6 +229,8 @@ struct Eval<'a> {
     caller: Caller<'a>,
     principal: Option<&'a Principal>,
     target: Option<Target<'a>>,
+    /// The request's resource ARN, split once for every statement.
+    resource_parts: Option<ArnParts<'a>>,
     resource_account: Option<&'a str>,
     resource_tags_available: bool,
     in_key_policy: Cell<bool>,
@@ -237,8 +239,7 @@ struct Eval<'a> {
 
 /// Decides `req` against `state`. `explain` adds every statement looked at.
 pub fn authorize(state: &State, req: &Request, explain: bool) -> Result<Decision, RequestError> {
-    req.validate()?;
-    let caller = Caller::parse(&req.principal).map_err(|e| RequestError::new("principal", e.to_string()))?;
+    let caller = req.validate()?;
     let principal = match caller.kind {
         CallerKind::User { .. } | CallerKind::Role { .. } => state.principal(caller.arn).map(|p| &**p),
         CallerKind::Session { role, .. } => state.role_by_name(caller.account, role).map(|p| &**p),
@@ -258,12 +259,13 @@ pub fn authorize(state: &State, req: &Request, explain: bool) -> Result<Decision
         caller,
         principal,
         target,
+        resource_parts: ArnParts::split(&req.resource),
         resource_account,
         resource_tags_available: req.resource != "*" && !NO_EXISTING_RESOURCE.contains(&action_lower),
         in_key_policy: Cell::new(false),
         time: OnceCell::new(),
     };
-    Ok(ev.decide(action_lower, explain))
+    Ok(ev.decide(&ActionKey::new(action_lower), explain))
 }
 
 struct Collector {
@@ -275,7 +277,7 @@ struct Collector {
 }
 
 impl<'a> Eval<'a> {
-    fn decide(&self, action: &str, explain: bool) -> Decision {
+    fn decide(&self, action: &ActionKey<'_>, explain: bool) -> Decision {
         let mut c = Collector {
             denies: SmallVec::new(),
             identity_allows: SmallVec::new(),
@@ -335,8 +337,8 @@ impl<'a> Eval<'a> {
         Decision { reason: Reason::Allowed, matched, missing_keys, considered: c.considered }
     }
 
-    fn run_policy(&self, policy: &Policy, name: impl Fn() -> PolicyRef, action: &str, c: &mut Collector) {
-        for i in policy.candidates(action) {
+    fn run_policy(&self, policy: &Policy, name: impl Fn() -> PolicyRef, action: &ActionKey<'_>, c: &mut Collector) {
+        for &i in policy.candidates(action) {
             let st = &policy.statements[i as usize];
             let grant = self.check(st, policy.kind, action, c);
             let applies = grant.is_ok();
@@ -361,8 +363,8 @@ impl<'a> Eval<'a> {
     }
 
     /// Does the statement apply? `Ok` with how the principal matched.
-    fn check(&self, st: &Statement, kind: PolicyKind, action: &str, c: &mut Collector) -> Result<Grant, Outcome> {
-        if !st.covers_action(action) {
+    fn check(&self, st: &Statement, kind: PolicyKind, action: &ActionKey<'_>, c: &mut Collector) -> Result<Grant, Outcome> {
+        if !st.covers_action(action.lower) {
             return Err(Outcome::ActionDoesNotMatch);
         }
         let grant = match (&st.principal, kind) {
@@ -383,7 +385,8 @@ impl<'a> Eval<'a> {
             }
             _ => Grant::Direct,
         };
-        let resource_hit = st.resources.patterns.iter().any(|p| p.matches(&self.req.resource, self)) != st.resources.negated;
+        let resource_hit =
+            st.resources.patterns.iter().any(|p| p.matches_split(self.resource_parts.as_ref(), self)) != st.resources.negated;
         if !resource_hit {
             return Err(Outcome::ResourceDoesNotMatch);
         }

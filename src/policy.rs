@@ -12,9 +12,11 @@ pub mod keys;
 pub mod pattern;
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::fmt;
 use std::sync::Arc;
 
+use hashbrown::HashTable;
 use serde_json::Value;
 use smallvec::SmallVec;
 use thiserror::Error;
@@ -115,21 +117,70 @@ pub struct Statement {
 }
 
 impl Statement {
-    /// Does the statement's `Action`/`NotAction` cover `action`?
+    /// Does the statement's `Action`/`NotAction` cover `action` (given
+    /// lowercased)?
     pub fn covers_action(&self, action: &str) -> bool {
         self.actions.patterns.iter().any(|p| p.matches(action, &pattern::NoValues)) != self.actions.negated
     }
 }
 
-/// Statements indexed by the actions they name.
+/// One list of statement indices in the action index.
+type Slot = (Box<str>, SmallVec<[u32; 4]>);
+
+/// Statements indexed by the actions they name. The tables are keyed by a
+/// hash computed once per request ([`ActionKey`]), not once per policy.
+///
+/// INVARIANT: every list is sorted, without repeats, and complete: an
+/// `exact` list also holds the statements of its service's `by_service`
+/// list and of `always`, and a `by_service` list those of `always`, so one
+/// lookup gives every candidate and nothing is merged per request.
 #[derive(Debug, Clone, Default)]
 struct ActionIndex {
     /// Lowercased `service:action` without wildcards.
-    exact: HashMap<Box<str>, SmallVec<[u32; 2]>>,
+    exact: HashTable<Slot>,
     /// Lowercased service prefix, for patterns with wildcards after the colon.
-    by_service: HashMap<Box<str>, SmallVec<[u32; 4]>>,
+    by_service: HashTable<Slot>,
     /// `*`, wildcards in the service part, and every `NotAction` statement.
     always: Vec<u32>,
+}
+
+/// A fixed seed: the hash of a request's action is computed once and used
+/// against every policy's tables, so all must agree on the hasher.
+const ACTION_HASH: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x7a67_7761_7264);
+
+fn action_hash(text: &str) -> u64 {
+    ACTION_HASH.hash_one(text)
+}
+
+/// A request's action, lowercased and hashed once for all policies.
+#[derive(Debug, Clone, Copy)]
+pub struct ActionKey<'a> {
+    pub lower: &'a str,
+    service: &'a str,
+    exact_hash: u64,
+    service_hash: u64,
+}
+
+impl<'a> ActionKey<'a> {
+    /// `lower` must already be lowercased.
+    pub fn new(lower: &'a str) -> ActionKey<'a> {
+        let service = lower.split_once(':').map_or(lower, |(s, _)| s);
+        ActionKey { lower, service, exact_hash: action_hash(lower), service_hash: action_hash(service) }
+    }
+}
+
+fn insert(table: &mut HashTable<Slot>, key: &str, statement: u32) {
+    let hash = action_hash(key);
+    match table.find_mut(hash, |(k, _)| &**k == key) {
+        Some((_, list)) => {
+            if list.last() != Some(&statement) {
+                list.push(statement);
+            }
+        }
+        None => {
+            table.insert_unique(hash, (key.into(), SmallVec::from_slice(&[statement])), |(k, _)| action_hash(k));
+        }
+    }
 }
 
 /// The version of the policy language, which decides whether `${...}` is a
@@ -217,22 +268,14 @@ impl Policy {
     /// The statements that may cover `action_lower` (a lowercased
     /// `service:action`), in document order, each once. The caller still
     /// checks the action against wildcard patterns and `NotAction`.
-    pub fn candidates(&self, action_lower: &str) -> SmallVec<[u32; 16]> {
-        let mut out: SmallVec<[u32; 16]> = SmallVec::new();
-        if let Some(list) = self.index.exact.get(action_lower) {
-            out.extend_from_slice(list);
+    pub fn candidates(&self, action: &ActionKey<'_>) -> &[u32] {
+        if let Some((_, list)) = self.index.exact.find(action.exact_hash, |(k, _)| &**k == action.lower) {
+            return list;
         }
-        if let Some((service, _)) = action_lower.split_once(':') {
-            if let Some(list) = self.index.by_service.get(service) {
-                out.extend_from_slice(list);
-            }
+        if let Some((_, list)) = self.index.by_service.find(action.service_hash, |(k, _)| &**k == action.service) {
+            return list;
         }
-        out.extend_from_slice(&self.index.always);
-        if out.len() > 1 {
-            out.sort_unstable();
-            out.dedup();
-        }
-        out
+        &self.index.always
     }
 }
 
@@ -246,14 +289,33 @@ fn build_index(statements: &[Statement]) -> ActionIndex {
         }
         for p in &st.actions.patterns {
             if let Some(exact) = p.exact() {
-                index.exact.entry(exact.to_ascii_lowercase().into()).or_default().push(i);
+                insert(&mut index.exact, exact, i);
                 continue;
             }
             match p.service_prefix() {
-                Some(svc) => index.by_service.entry(svc.to_ascii_lowercase().into()).or_default().push(i),
-                None => index.always.push(i),
+                Some(svc) => insert(&mut index.by_service, svc, i),
+                None => {
+                    if index.always.last() != Some(&i) {
+                        index.always.push(i);
+                    }
+                }
             }
         }
+    }
+    let merge = |list: &mut SmallVec<[u32; 4]>, more: &[u32]| {
+        list.extend_from_slice(more);
+        list.sort_unstable();
+        list.dedup();
+    };
+    for (service, list) in index.exact.iter_mut() {
+        let svc = service.split_once(':').map_or(&**service, |(s, _)| s);
+        if let Some((_, more)) = index.by_service.find(action_hash(svc), |(k, _)| &**k == svc) {
+            merge(list, more);
+        }
+        merge(list, &index.always);
+    }
+    for (_, list) in index.by_service.iter_mut() {
+        merge(list, &index.always);
     }
     index
 }
@@ -369,7 +431,9 @@ fn strings<'a>(path: &str, value: &'a Value) -> Result<Vec<(String, &'a str)>, P
 }
 
 fn compile_actions(path: &str, value: &Value) -> Result<Vec<Pattern>, PolicyError> {
-    let syntax = Syntax { wildcards: true, variables: false, fold_case: true };
+    // Actions compare case-insensitively: patterns are lowercased here and
+    // requests once per request, so matching is a plain comparison.
+    let syntax = Syntax { wildcards: true, variables: false, fold_case: false };
     strings(path, value)?
         .into_iter()
         .map(|(p, s)| {
@@ -380,7 +444,7 @@ fn compile_actions(path: &str, value: &Value) -> Result<Vec<Pattern>, PolicyErro
             if !well_formed {
                 return Err(PolicyError::at(&p, format!("{s:?} is not an action: expected \"service:Action\" or \"*\"")));
             }
-            Pattern::compile(s, syntax).map_err(|e| PolicyError::at(&p, e))
+            Pattern::compile(&s.to_ascii_lowercase(), syntax).map_err(|e| PolicyError::at(&p, e))
         })
         .collect()
 }
@@ -587,9 +651,9 @@ mod tests {
             {"Effect": "Deny", "NotAction": "s3:*", "Resource": "*"},
             {"Effect": "Allow", "Action": "*", "Resource": "*"}]});
         let p = Policy::compile(&doc, PolicyKind::Identity).unwrap();
-        assert_eq!(p.candidates("kms:decrypt").as_slice(), &[0, 1, 3, 4]);
-        assert_eq!(p.candidates("s3:getobject").as_slice(), &[2, 3, 4]);
-        assert_eq!(p.candidates("sqs:deletequeue").as_slice(), &[3, 4]);
+        assert_eq!(p.candidates(&ActionKey::new("kms:decrypt")), &[0, 1, 3, 4]);
+        assert_eq!(p.candidates(&ActionKey::new("s3:getobject")), &[2, 3, 4]);
+        assert_eq!(p.candidates(&ActionKey::new("sqs:deletequeue")), &[3, 4]);
     }
 
     #[test]

@@ -170,16 +170,20 @@ pub enum StateError {
     Tags(#[from] TagSetError),
 }
 
+/// A persistent map keyed by name or ARN. foldhash: the keys are short
+/// strings, and SipHash costs more than the rest of a lookup.
+type Map<V> = imbl::GenericHashMap<Arc<str>, V, foldhash::fast::RandomState, imbl::shared_ptr::DefaultSharedPtr>;
+
 /// The whole world at one revision.
 #[derive(Clone, Default)]
 pub struct State {
     revision: u64,
-    policies: imbl::HashMap<Arc<str>, Arc<Policy>>,
-    principals: imbl::HashMap<Arc<str>, Arc<Principal>>,
+    policies: Map<Arc<Policy>>,
+    principals: Map<Arc<Principal>>,
     /// `ACCOUNT:ROLE-NAME` to the role's ARN, for assumed-role sessions,
     /// whose ARNs drop the role's path.
-    roles: imbl::HashMap<Arc<str>, Arc<str>>,
-    resources: imbl::HashMap<Arc<str>, Arc<Resource>>,
+    roles: Map<Arc<str>>,
+    resources: Map<Arc<Resource>>,
 }
 
 impl fmt::Debug for State {

@@ -303,7 +303,8 @@ impl Condition {
                 if Arn::parse(value).is_none() {
                     return false;
                 }
-                patterns.iter().any(|p| p.matches(value, ctx))
+                let split = ArnParts::split(value);
+                patterns.iter().any(|p| p.matches_split(split.as_ref(), ctx))
             }
             Operand::Null(_) => return false,
         };
@@ -347,19 +348,34 @@ impl ArnPattern {
 
     /// Matches a request's ARN (or `*`).
     pub fn matches(&self, candidate: &str, values: &dyn Resolve) -> bool {
-        match self {
-            ArnPattern::Any => true,
-            ArnPattern::Parts(head, resource) => {
-                let mut parts = candidate.splitn(6, ':');
-                for pattern in head.iter() {
-                    match parts.next() {
-                        Some(part) if pattern.matches(part, values) => {}
-                        _ => return false,
-                    }
-                }
-                parts.next().is_some_and(|rest| resource.matches(rest, values))
+        self.matches_split(ArnParts::split(candidate).as_ref(), values)
+    }
+
+    /// Matches an ARN split once for many patterns; `None` for text that
+    /// is not an ARN (such as `*`), which only the pattern `*` matches.
+    pub fn matches_split(&self, arn: Option<&ArnParts<'_>>, values: &dyn Resolve) -> bool {
+        match (self, arn) {
+            (ArnPattern::Any, _) => true,
+            (ArnPattern::Parts(..), None) => false,
+            (ArnPattern::Parts(head, resource), Some(arn)) => {
+                head.iter().zip(arn.head.iter()).all(|(p, part)| p.matches(part, values))
+                    && resource.matches(arn.resource, values)
             }
         }
+    }
+}
+
+/// An ARN split into its first five parts and the rest.
+#[derive(Debug, Clone, Copy)]
+pub struct ArnParts<'a> {
+    head: [&'a str; 5],
+    resource: &'a str,
+}
+
+impl<'a> ArnParts<'a> {
+    pub fn split(text: &'a str) -> Option<ArnParts<'a>> {
+        let (head, resource) = crate::arn::split_arn(text)?;
+        Some(ArnParts { head, resource })
     }
 }
 

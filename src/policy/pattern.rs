@@ -158,6 +158,7 @@ impl Pattern {
 
     /// Matches `candidate` against the pattern, resolving variables through
     /// `values`. A variable with no value and no default matches nothing.
+    #[inline]
     pub fn matches(&self, candidate: &str, values: &dyn Resolve) -> bool {
         match self.shape {
             Shape::Any => true,
@@ -165,32 +166,38 @@ impl Pattern {
             Shape::Prefix => candidate
                 .get(..self.text.len())
                 .is_some_and(|head| eq(&self.text, head, self.fold)),
-            Shape::General => {
-                let pieces: SmallVec<[Piece<'_>; 8]> = self.toks.iter().map(|t| self.piece(t, None)).collect();
-                glob(&pieces, candidate, self.fold)
-            }
-            Shape::Variables => {
-                let mut resolved: SmallVec<[Cow<'_, str>; 4]> = SmallVec::new();
-                for tok in self.toks.iter() {
-                    if let Tok::Var(var) = tok {
-                        match values.single(&var.key) {
-                            Some(v) => resolved.push(v),
-                            None => match &var.default {
-                                Some(d) => resolved.push(Cow::Borrowed(&**d)),
-                                None => return false,
-                            },
-                        }
-                    }
+            Shape::General => self.matches_general(candidate),
+            Shape::Variables => self.matches_with_variables(candidate, values),
+        }
+    }
+
+    #[inline(never)]
+    fn matches_general(&self, candidate: &str) -> bool {
+        let pieces: SmallVec<[Piece<'_>; 8]> = self.toks.iter().map(|t| self.piece(t, None)).collect();
+        glob(&pieces, candidate, self.fold)
+    }
+
+    #[inline(never)]
+    fn matches_with_variables(&self, candidate: &str, values: &dyn Resolve) -> bool {
+        let mut resolved: SmallVec<[Cow<'_, str>; 4]> = SmallVec::new();
+        for tok in self.toks.iter() {
+            if let Tok::Var(var) = tok {
+                match values.single(&var.key) {
+                    Some(v) => resolved.push(v),
+                    None => match &var.default {
+                        Some(d) => resolved.push(Cow::Borrowed(&**d)),
+                        None => return false,
+                    },
                 }
-                let mut next_var = resolved.iter();
-                let pieces: SmallVec<[Piece<'_>; 8]> = self
-                    .toks
-                    .iter()
-                    .map(|t| self.piece(t, if matches!(t, Tok::Var(_)) { next_var.next() } else { None }))
-                    .collect();
-                glob(&pieces, candidate, self.fold)
             }
         }
+        let mut next_var = resolved.iter();
+        let pieces: SmallVec<[Piece<'_>; 8]> = self
+            .toks
+            .iter()
+            .map(|t| self.piece(t, if matches!(t, Tok::Var(_)) { next_var.next() } else { None }))
+            .collect();
+        glob(&pieces, candidate, self.fold)
     }
 
     fn piece<'a>(&'a self, tok: &Tok, value: Option<&'a Cow<'a, str>>) -> Piece<'a> {
@@ -222,11 +229,23 @@ fn parse_variable(inner: &str, source: &str) -> Result<Variable, String> {
     Ok(Variable { key, default })
 }
 
+#[inline]
 fn eq(a: &str, b: &str, fold: bool) -> bool {
-    if fold {
-        a.len() == b.len() && a.eq_ignore_ascii_case(b) || a.chars().map(fold_char).eq(b.chars().map(fold_char))
+    if a.len() == b.len() && a.as_bytes() == b.as_bytes() {
+        true
+    } else if !fold {
+        false
     } else {
-        a == b
+        eq_folded(a, b)
+    }
+}
+
+#[inline(never)]
+fn eq_folded(a: &str, b: &str) -> bool {
+    if a.is_ascii() && b.is_ascii() {
+        a.eq_ignore_ascii_case(b)
+    } else {
+        a.chars().map(fold_char).eq(b.chars().map(fold_char))
     }
 }
 
@@ -311,6 +330,7 @@ mod tests {
 
     const LIKE: Syntax = Syntax { wildcards: true, variables: true, fold_case: false };
     const ACTION: Syntax = Syntax { wildcards: true, variables: false, fold_case: true };
+    const IGNORE_CASE: Syntax = Syntax { wildcards: false, variables: true, fold_case: true };
     const EQUALS: Syntax = Syntax { wildcards: false, variables: true, fold_case: false };
 
     struct Map(&'static [(&'static str, &'static str)]);
@@ -344,6 +364,9 @@ mod tests {
         assert!(!m("a*a*ab", LIKE, "aaaaaaaaaaaa"));
         assert!(m("**", LIKE, "anything"));
         assert!(!m("Project", LIKE, "project"), "like is case-sensitive");
+        assert!(m("Größe", IGNORE_CASE, "GRÖSSE") == false, "simple folding: ß is not ss");
+        assert!(m("Größe", IGNORE_CASE, "gröSSe") == false);
+        assert!(m("ÄRGER", IGNORE_CASE, "ärger"));
     }
 
     #[test]
