@@ -46,7 +46,10 @@ impl<'a> Arn<'a> {
             Some(i) => &self.resource[i + 1..],
             None => self.resource,
         };
-        after_type.rsplit('/').next().unwrap_or(after_type)
+        match after_type.bytes().rposition(|b| b == b'/') {
+            Some(i) => &after_type[i + 1..],
+            None => after_type,
+        }
     }
 }
 

@@ -224,7 +224,6 @@ enum Grant {
 }
 
 struct Eval<'a> {
-    state: &'a State,
     req: &'a Request,
     caller: Caller<'a>,
     principal: Option<&'a Principal>,
@@ -254,7 +253,6 @@ pub fn authorize(state: &State, req: &Request, explain: bool) -> Result<Decision
         None => Arn::parse(&req.resource).map(|a| a.account).filter(|a| !a.is_empty()),
     };
     let ev = Eval {
-        state,
         req,
         caller,
         principal,
@@ -286,10 +284,8 @@ impl<'a> Eval<'a> {
             considered: explain.then(Vec::new),
         };
         if let Some(p) = self.principal {
-            for name in &p.managed {
-                if let Some(policy) = self.state.policy(name) {
-                    self.run_policy(policy, || PolicyRef::Managed(name.clone()), action, &mut c);
-                }
+            for (name, policy) in &p.resolved {
+                self.run_policy(policy, || PolicyRef::Managed(name.clone()), action, &mut c);
             }
             for (name, policy) in &p.inline {
                 self.run_policy(policy, || PolicyRef::Inline(name.clone()), action, &mut c);

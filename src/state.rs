@@ -31,6 +31,11 @@ pub struct Principal {
     /// Managed policies by name; a name with no policy is skipped.
     pub managed: Vec<Arc<str>>,
     pub inline: Vec<(Arc<str>, Arc<Policy>)>,
+    /// The managed policies that exist, in `managed` order, resolved when
+    /// the principal or a policy changes so that a decision looks up none.
+    /// INVARIANT: maintained by [`State`]; what a caller puts here is
+    /// replaced on `put_principal`.
+    pub resolved: Vec<(Arc<str>, Arc<Policy>)>,
 }
 
 impl Principal {
@@ -54,6 +59,7 @@ impl Principal {
             tags: TagSet::new(true),
             managed: Vec::new(),
             inline: Vec::new(),
+            resolved: Vec::new(),
         })
     }
 }
@@ -184,6 +190,8 @@ pub struct State {
     /// whose ARNs drop the role's path.
     roles: Map<Arc<str>>,
     resources: Map<Arc<Resource>>,
+    /// Managed policy name to the principals that attach it.
+    attached_by: Map<imbl::HashSet<Arc<str>>>,
 }
 
 impl fmt::Debug for State {
@@ -291,12 +299,41 @@ impl State {
         self.revision += 1;
     }
 
+    fn resolve(&self, principal: &mut Principal) {
+        principal.resolved =
+            principal.managed.iter().filter_map(|n| self.policies.get(n).map(|p| (n.clone(), p.clone()))).collect();
+    }
+
+    /// Re-resolves every principal that attaches `name`.
+    fn reresolve_attachments(&mut self, name: &str) {
+        let Some(arns) = self.attached_by.get(name).cloned() else { return };
+        for arn in arns.iter() {
+            if let Some(p) = self.principals.get(arn) {
+                let mut next = Principal::clone(p);
+                self.resolve(&mut next);
+                self.principals.insert(arn.clone(), Arc::new(next));
+            }
+        }
+    }
+
+    fn detach_all(&mut self, principal: &Principal) {
+        for name in &principal.managed {
+            if let Some(set) = self.attached_by.get_mut(name) {
+                set.remove(&principal.arn);
+                if set.is_empty() {
+                    self.attached_by.remove(name);
+                }
+            }
+        }
+    }
+
     /// Adds or replaces a managed policy.
     pub fn put_policy(&mut self, name: &str, policy: Arc<Policy>) -> Result<(), StateError> {
         if name.is_empty() {
             return Err(StateError::Invalid("policy name is empty".into()));
         }
         self.policies.insert(name.into(), policy);
+        self.reresolve_attachments(name);
         self.bump();
         Ok(())
     }
@@ -306,13 +343,14 @@ impl State {
         if self.policies.remove(name).is_none() {
             return Err(StateError::NoSuchPolicy(name.to_string()));
         }
+        self.reresolve_attachments(name);
         self.bump();
         Ok(())
     }
 
     /// Adds or replaces a principal. An ARN that is already a resource is
     /// refused, so that one ARN always names one thing.
-    pub fn put_principal(&mut self, principal: Principal) -> Result<(), StateError> {
+    pub fn put_principal(&mut self, mut principal: Principal) -> Result<(), StateError> {
         if self.resources.contains_key(&*principal.arn) {
             return Err(StateError::Invalid(format!("{:?} is already a resource", principal.arn)));
         }
@@ -328,6 +366,15 @@ impl State {
             }
             self.roles.insert(role_key, principal.arn.clone());
         }
+        if let Some(old) = self.principals.get(&principal.arn).cloned() {
+            self.detach_all(&old);
+        }
+        for name in &principal.managed {
+            let mut set = self.attached_by.get(name).cloned().unwrap_or_default();
+            set.insert(principal.arn.clone());
+            self.attached_by.insert(name.clone(), set);
+        }
+        self.resolve(&mut principal);
         self.principals.insert(principal.arn.clone(), Arc::new(principal));
         self.bump();
         Ok(())
@@ -335,6 +382,7 @@ impl State {
 
     pub fn delete_principal(&mut self, arn: &str) -> Result<(), StateError> {
         let removed = self.principals.remove(arn).ok_or_else(|| StateError::NoSuchPrincipal(arn.to_string()))?;
+        self.detach_all(&removed);
         if removed.is_role {
             self.roles.remove(format!("{}:{}", removed.account, removed.name).as_str());
         }
@@ -413,6 +461,34 @@ mod tests {
         assert_eq!(s.revision(), 3);
         assert_eq!(before.revision(), 1, "an earlier state is untouched");
         assert!(before.principal("arn:aws:iam::111122223333:role/team/Dev").is_none());
+    }
+
+    #[test]
+    fn managed_policies_resolve_on_every_change() {
+        let mut s = State::default();
+        let mut p = Principal::new("arn:aws:iam::111122223333:user/ann").unwrap();
+        p.managed = vec!["A".into(), "B".into()];
+        s.put_principal(p).unwrap();
+        let names = |s: &State| -> Vec<String> {
+            s.principal("arn:aws:iam::111122223333:user/ann").unwrap().resolved.iter().map(|(n, _)| n.to_string()).collect()
+        };
+        assert!(names(&s).is_empty());
+        s.put_policy("B", policy()).unwrap();
+        assert_eq!(names(&s), ["B"]);
+        s.put_policy("A", policy()).unwrap();
+        assert_eq!(names(&s), ["A", "B"]);
+        s.delete_policy("B").unwrap();
+        assert_eq!(names(&s), ["A"]);
+        let mut p = Principal::new("arn:aws:iam::111122223333:user/ann").unwrap();
+        p.managed = vec!["B".into()];
+        s.put_principal(p).unwrap();
+        s.put_policy("A", policy()).unwrap();
+        assert!(names(&s).is_empty(), "ann no longer attaches A");
+        s.put_policy("B", policy()).unwrap();
+        assert_eq!(names(&s), ["B"]);
+        s.delete_principal("arn:aws:iam::111122223333:user/ann").unwrap();
+        s.put_policy("B", policy()).unwrap();
+        assert!(s.principal("arn:aws:iam::111122223333:user/ann").is_none());
     }
 
     #[test]

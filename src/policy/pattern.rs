@@ -63,6 +63,8 @@ enum Shape {
     Prefix,
     /// Anything else without variables.
     General,
+    /// One variable and nothing else (`${aws:username}`): compared whole.
+    OneVariable,
     /// Holds variables: resolved at match time.
     Variables,
 }
@@ -119,7 +121,9 @@ impl Pattern {
                 _ => push_char(&mut text, &mut toks, c),
             }
         }
-        let shape = if toks.iter().any(|t| matches!(t, Tok::Var(_))) {
+        let shape = if let [Tok::Var(_)] = toks.as_slice() {
+            Shape::OneVariable
+        } else if toks.iter().any(|t| matches!(t, Tok::Var(_))) {
             Shape::Variables
         } else {
             match toks.as_slice() {
@@ -151,10 +155,6 @@ impl Pattern {
         }
     }
 
-    /// True when the pattern holds policy variables.
-    pub fn has_variables(&self) -> bool {
-        self.shape == Shape::Variables
-    }
 
     /// Matches `candidate` against the pattern, resolving variables through
     /// `values`. A variable with no value and no default matches nothing.
@@ -167,6 +167,13 @@ impl Pattern {
                 .get(..self.text.len())
                 .is_some_and(|head| eq(&self.text, head, self.fold)),
             Shape::General => self.matches_general(candidate),
+            Shape::OneVariable => match &self.toks[0] {
+                Tok::Var(var) => match values.single(&var.key) {
+                    Some(v) => eq(&v, candidate, self.fold),
+                    None => var.default.as_deref().is_some_and(|d| eq(d, candidate, self.fold)),
+                },
+                _ => false,
+            },
             Shape::Variables => self.matches_with_variables(candidate, values),
         }
     }
