@@ -194,6 +194,8 @@ pub enum Observed {
         reason: String,
         /// The deciding statements: a display form and the Sid, if any.
         matched: Vec<(String, Option<String>)>,
+        /// Condition keys the request lacked.
+        missing: Vec<String>,
     },
     Ok {
         tags: Option<BTreeMap<String, String>>,
@@ -230,6 +232,7 @@ impl Backend for InProcess {
                     allowed: d.allowed(),
                     reason: d.reason.as_str().to_string(),
                     matched: d.matched.iter().map(|s| (s.to_string(), s.sid.as_deref().map(str::to_string))).collect(),
+                    missing: d.missing_keys.iter().map(|k| k.to_string()).collect(),
                 },
                 Err(e) => Observed::Error { name: "ValidationException".into(), message: e.to_string() },
             },
@@ -524,11 +527,14 @@ pub fn run(scenario: &Scenario, backend: &mut dyn Backend) -> Report {
 
 fn describe(observed: &Observed) -> String {
     match observed {
-        Observed::Decision { allowed, reason, matched } => {
+        Observed::Decision { allowed, reason, matched, missing } => {
             let mut s = format!("{} ({reason})", if *allowed { "Allow" } else { "Deny" });
             if !matched.is_empty() {
                 let names: Vec<&str> = matched.iter().map(|(d, _)| d.as_str()).collect();
                 let _ = write!(s, " decided by {}", names.join(", "));
+            }
+            if !missing.is_empty() {
+                let _ = write!(s, "; the request lacked {}", missing.join(", "));
             }
             s
         }
@@ -542,7 +548,7 @@ fn describe(observed: &Observed) -> String {
 pub fn compare(expect: &Expect, observed: &Observed) -> Option<String> {
     let got = describe(observed);
     if let Some(decision) = expect.decision {
-        let Observed::Decision { allowed, reason, matched } = observed else {
+        let Observed::Decision { allowed, reason, matched, .. } = observed else {
             return Some(format!("expected a decision, got {got}"));
         };
         let want_allow = decision == ExpectDecision::Allow;
