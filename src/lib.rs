@@ -10,9 +10,11 @@
 
 pub mod arn;
 pub mod engine;
+pub mod grpc;
 pub mod policy;
 pub mod scenario;
 pub mod state;
+pub mod store;
 pub mod tagging;
 pub mod tags;
 pub mod world;

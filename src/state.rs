@@ -192,6 +192,10 @@ pub struct State {
     resources: Map<Arc<Resource>>,
     /// Managed policy name to the principals that attach it.
     attached_by: Map<imbl::HashSet<Arc<str>>>,
+    /// Tag key (exact case) to tag value to the ARNs carrying that tag, for
+    /// `GetResources`. INVARIANT: holds exactly the tags of every resource
+    /// and principal.
+    tag_index: Map<Map<imbl::OrdSet<Arc<str>>>>,
 }
 
 impl fmt::Debug for State {
@@ -299,6 +303,93 @@ impl State {
         self.revision += 1;
     }
 
+    /// Makes this state the successor of one at revision `previous`, so that
+    /// a state built from scratch (a replaced world) keeps revisions growing.
+    pub fn follow(&mut self, previous: u64) {
+        self.revision = previous + 1;
+    }
+
+    fn index_tags(&mut self, arn: &Arc<str>, old: Option<&TagSet>, new: Option<&TagSet>) {
+        if let Some(old) = old {
+            for (k, v) in old.iter() {
+                if new.is_some_and(|n| n.iter().any(|(nk, nv)| nk == k && nv == v)) {
+                    continue;
+                }
+                if let Some(values) = self.tag_index.get_mut(k) {
+                    if let Some(set) = values.get_mut(v) {
+                        set.remove(arn);
+                        if set.is_empty() {
+                            values.remove(v);
+                        }
+                    }
+                    if values.is_empty() {
+                        self.tag_index.remove(k);
+                    }
+                }
+            }
+        }
+        if let Some(new) = new {
+            for (k, v) in new.iter() {
+                if old.is_some_and(|o| o.iter().any(|(ok, ov)| ok == k && ov == v)) {
+                    continue;
+                }
+                self.tag_index
+                    .entry(Arc::from(k))
+                    .or_default()
+                    .entry(Arc::from(v))
+                    .or_default()
+                    .insert(arn.clone());
+            }
+        }
+    }
+
+    /// Resources and principals whose tags match every filter (a key, and
+    /// any of the values or any value when none are given), in ARN order,
+    /// after `after`, at most `limit`. The second value tells whether more
+    /// follow.
+    pub fn find_by_tags(&self, filters: &[(String, Vec<String>)], after: Option<&str>, limit: usize) -> (Vec<Arc<str>>, bool) {
+        use std::ops::Bound;
+        let Some(((first_key, first_values), rest)) = filters.split_first() else {
+            return (Vec::new(), false);
+        };
+        let Some(values) = self.tag_index.get(first_key.as_str()) else {
+            return (Vec::new(), false);
+        };
+        let sets: Vec<&imbl::OrdSet<Arc<str>>> = if first_values.is_empty() {
+            values.values().collect()
+        } else {
+            first_values.iter().filter_map(|v| values.get(v.as_str())).collect()
+        };
+        let lower = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        // Sets under one key are disjoint (a resource has one value per key),
+        // so a k-way merge gives each ARN once.
+        let mut iters: Vec<_> = sets.iter().map(|s| s.range::<_, str>((lower, Bound::Unbounded)).peekable()).collect();
+        let mut out = Vec::new();
+        loop {
+            let next = iters
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(i, it)| it.peek().map(|a| (i, Arc::clone(a))))
+                .min_by(|a, b| a.1.cmp(&b.1));
+            let Some((i, arn)) = next else { return (out, false) };
+            iters[i].next();
+            let matches_rest = rest.iter().all(|(k, vals)| {
+                self.target(&arn)
+                    .and_then(|t| t.tags().iter().find(|(tk, _)| *tk == k.as_str()).map(|(_, v)| v.to_string()))
+                    .is_some_and(|v| vals.is_empty() || vals.iter().any(|want| *want == v))
+            });
+            if matches_rest {
+                if out.len() == limit {
+                    return (out, true);
+                }
+                out.push(arn);
+            }
+        }
+    }
+
     fn resolve(&self, principal: &mut Principal) {
         principal.resolved =
             principal.managed.iter().filter_map(|n| self.policies.get(n).map(|p| (n.clone(), p.clone()))).collect();
@@ -366,9 +457,11 @@ impl State {
             }
             self.roles.insert(role_key, principal.arn.clone());
         }
-        if let Some(old) = self.principals.get(&principal.arn).cloned() {
-            self.detach_all(&old);
+        let old = self.principals.get(&principal.arn).cloned();
+        if let Some(old) = &old {
+            self.detach_all(old);
         }
+        self.index_tags(&principal.arn, old.as_ref().map(|o| &o.tags), Some(&principal.tags));
         for name in &principal.managed {
             let mut set = self.attached_by.get(name).cloned().unwrap_or_default();
             set.insert(principal.arn.clone());
@@ -383,6 +476,7 @@ impl State {
     pub fn delete_principal(&mut self, arn: &str) -> Result<(), StateError> {
         let removed = self.principals.remove(arn).ok_or_else(|| StateError::NoSuchPrincipal(arn.to_string()))?;
         self.detach_all(&removed);
+        self.index_tags(&removed.arn, Some(&removed.tags), None);
         if removed.is_role {
             self.roles.remove(format!("{}:{}", removed.account, removed.name).as_str());
         }
@@ -395,13 +489,16 @@ impl State {
         if self.principals.contains_key(&*resource.arn) {
             return Err(StateError::Invalid(format!("{:?} is already a principal", resource.arn)));
         }
+        let old = self.resources.get(&resource.arn).cloned();
+        self.index_tags(&resource.arn, old.as_ref().map(|o| &o.tags), Some(&resource.tags));
         self.resources.insert(resource.arn.clone(), Arc::new(resource));
         self.bump();
         Ok(())
     }
 
     pub fn delete_resource(&mut self, arn: &str) -> Result<(), StateError> {
-        self.resources.remove(arn).ok_or_else(|| StateError::NoSuchResource(arn.to_string()))?;
+        let removed = self.resources.remove(arn).ok_or_else(|| StateError::NoSuchResource(arn.to_string()))?;
+        self.index_tags(&removed.arn, Some(&removed.tags), None);
         self.bump();
         Ok(())
     }
@@ -414,14 +511,16 @@ impl State {
                 return Ok(false);
             }
             let mut next = Resource::clone(r);
-            next.tags = tags;
+            let old = std::mem::replace(&mut next.tags, tags);
+            self.index_tags(&next.arn, Some(&old), Some(&next.tags));
             self.resources.insert(next.arn.clone(), Arc::new(next));
         } else if let Some(p) = self.principals.get(arn) {
             if p.tags == tags {
                 return Ok(false);
             }
             let mut next = Principal::clone(p);
-            next.tags = tags;
+            let old = std::mem::replace(&mut next.tags, tags);
+            self.index_tags(&next.arn, Some(&old), Some(&next.tags));
             self.principals.insert(next.arn.clone(), Arc::new(next));
         } else {
             return Err(StateError::NoSuchResource(arn.to_string()));
@@ -489,6 +588,35 @@ mod tests {
         s.delete_principal("arn:aws:iam::111122223333:user/ann").unwrap();
         s.put_policy("B", policy()).unwrap();
         assert!(s.principal("arn:aws:iam::111122223333:user/ann").is_none());
+    }
+
+    #[test]
+    fn the_tag_index_follows_every_change() {
+        let mut s = State::default();
+        let mut builder = crate::world::ResourceBuilder::default();
+        for (i, project) in ["Alpha", "Beta", "Alpha", "Gamma"].iter().enumerate() {
+            let spec: crate::world::ResourceSpec = serde_json::from_value(serde_json::json!({
+                "arn": format!("arn:aws:kms:us-east-1:111122223333:key/k{i}"), "tags": {"Project": project, "Team": "t"}}))
+            .unwrap();
+            s.put_resource(builder.build("r", &spec).unwrap()).unwrap();
+        }
+        let find = |s: &State, f: &[(&str, &[&str])], after: Option<&str>, limit| {
+            let filters: Vec<(String, Vec<String>)> =
+                f.iter().map(|(k, v)| (k.to_string(), v.iter().map(|x| x.to_string()).collect())).collect();
+            let (arns, more) = s.find_by_tags(&filters, after, limit);
+            (arns.iter().map(|a| a.rsplit('/').next().unwrap().to_string()).collect::<Vec<_>>(), more)
+        };
+        assert_eq!(find(&s, &[("Project", &["Alpha"])], None, 10), (vec!["k0".into(), "k2".into()], false));
+        assert_eq!(find(&s, &[("Project", &[])], None, 3), (vec!["k0".into(), "k1".into(), "k2".into()], true));
+        assert_eq!(find(&s, &[("Project", &[])], Some("arn:aws:kms:us-east-1:111122223333:key/k2"), 3), (vec!["k3".into()], false));
+        assert_eq!(find(&s, &[("Team", &[]), ("Project", &["Beta", "Gamma"])], None, 10), (vec!["k1".into(), "k3".into()], false));
+        let k0 = "arn:aws:kms:us-east-1:111122223333:key/k0";
+        s.replace_tags(k0, TagSet::from_tags(false, [("Project", "Beta")]).unwrap()).unwrap();
+        assert_eq!(find(&s, &[("Project", &["Beta"])], None, 10).0, vec!["k0", "k1"]);
+        assert_eq!(find(&s, &[("Team", &[])], None, 10).0, vec!["k1", "k2", "k3"]);
+        s.delete_resource(k0).unwrap();
+        assert_eq!(find(&s, &[("Project", &["Beta"])], None, 10).0, vec!["k1"]);
+        assert_eq!(find(&s, &[("project", &[])], None, 10).0, Vec::<String>::new(), "keys are exact");
     }
 
     #[test]

@@ -190,13 +190,15 @@ impl ResourceBuilder {
     }
 }
 
-/// Lowers a principal spec; managed policy names must exist in `state`.
-pub fn build_principal(path: &str, spec: &PrincipalSpec, state: &State) -> Result<Principal, WorldError> {
+/// Lowers a principal spec. With `require_policies` (a world file) every
+/// managed policy name must exist in `state`; without (the admin stream) a
+/// name may name a policy that comes later.
+pub fn build_principal(path: &str, spec: &PrincipalSpec, state: &State, require_policies: bool) -> Result<Principal, WorldError> {
     let mut principal = Principal::new(&spec.arn).map_err(|e| err(format!("{path}.arn"), e.to_string()))?;
     principal.tags = TagSet::from_tags(true, spec.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .map_err(|e| err(format!("{path}.tags"), e.to_string()))?;
     for (i, name) in spec.policies.iter().enumerate() {
-        if state.policy(name).is_none() {
+        if require_policies && state.policy(name).is_none() {
             return Err(err(format!("{path}.policies[{i}]"), format!("no managed policy named {name:?}")));
         }
         principal.managed.push(name.as_str().into());
@@ -222,7 +224,7 @@ impl WorldSpec {
             if let Some(first) = seen.insert(&spec.arn, path.clone()) {
                 return Err(err(format!("{path}.arn"), format!("{:?} is already defined at {first}", spec.arn)));
             }
-            let principal = build_principal(&path, spec, state)?;
+            let principal = build_principal(&path, spec, state, true)?;
             state.put_principal(principal).map_err(|e| err(format!("{path}.arn"), e.to_string()))?;
         }
         let mut builder = ResourceBuilder::default();
@@ -242,5 +244,78 @@ impl WorldSpec {
         let mut state = State::default();
         self.apply(&mut state)?;
         Ok(state)
+    }
+}
+
+impl WorldSpec {
+    /// The whole of `state` in the world-file shape: applying it to an empty
+    /// state rebuilds the same policies, principals, resources and tags.
+    pub fn from_state(state: &State) -> WorldSpec {
+        let tags = |t: &TagSet| t.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
+        let policies = state.policies().map(|(name, p)| (name.to_string(), Value::clone(&p.source))).collect();
+        let mut principals: Vec<PrincipalSpec> = state
+            .principals()
+            .map(|p| PrincipalSpec {
+                arn: p.arn.to_string(),
+                tags: tags(&p.tags),
+                policies: p.managed.iter().map(|n| n.to_string()).collect(),
+                inline_policies: p.inline.iter().map(|(n, pol)| (n.to_string(), Value::clone(&pol.source))).collect(),
+            })
+            .collect();
+        principals.sort_by(|a, b| a.arn.cmp(&b.arn));
+        let mut resources: Vec<ResourceSpec> = state
+            .resources()
+            .map(|r| {
+                let mut spec = ResourceSpec { arn: r.arn.to_string(), tags: tags(&r.tags), ..ResourceSpec::default() };
+                let arn_account = Arn::parse(&r.arn).map(|a| a.account).unwrap_or_default();
+                if r.account.as_deref().is_some_and(|a| a != arn_account) {
+                    spec.account = r.account.as_deref().map(str::to_string);
+                }
+                match &r.kind {
+                    ResourceKind::Key(k) => {
+                        if !k.default_policy {
+                            spec.key_policy = Some(Value::clone(&k.policy.source));
+                        }
+                        spec.key_state = Some(k.state.to_string());
+                        spec.key_spec = Some(k.spec.to_string());
+                        spec.key_usage = Some(k.usage.to_string());
+                        spec.origin = Some(k.origin.to_string());
+                        spec.key_manager = Some(k.manager.to_string());
+                    }
+                    ResourceKind::Other { policy } => {
+                        spec.resource_policy = policy.as_ref().map(|p| Value::clone(&p.source));
+                    }
+                }
+                spec
+            })
+            .collect();
+        resources.sort_by(|a, b| a.arn.cmp(&b.arn));
+        WorldSpec { policies, principals, resources }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_rebuilds_the_same_world() {
+        let world: WorldSpec = serde_json::from_value(json!({
+            "policies": {"P": {"Version": "2012-10-17", "Statement": {"Effect": "Allow", "Action": "kms:*", "Resource": "*"}}},
+            "principals": [{"arn": "arn:aws:iam::111122223333:role/Dev", "tags": {"team": "a"}, "policies": ["P"],
+                            "inline_policies": {"I": {"Statement": {"Effect": "Deny", "Action": "s3:*", "Resource": "*"}}}}],
+            "resources": [
+                {"arn": "arn:aws:kms:us-east-1:111122223333:key/k1", "tags": {"Project": "Alpha"}, "key_state": "Disabled"},
+                {"arn": "arn:aws:s3:::bucket", "account": "111122223333",
+                 "resource_policy": {"Statement": {"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject", "Resource": "*"}}}]
+        }))
+        .unwrap();
+        let exported = WorldSpec::from_state(&world.build().unwrap());
+        let again = WorldSpec::from_state(&exported.build().unwrap());
+        assert_eq!(serde_json::to_value(&exported).unwrap(), serde_json::to_value(&again).unwrap());
+        assert_eq!(exported.resources[1].account.as_deref(), Some("111122223333"));
+        assert!(exported.resources[0].key_policy.is_none(), "the default key policy stays implicit");
+        assert_eq!(exported.resources[0].key_state.as_deref(), Some("Disabled"));
+        assert_eq!(exported.principals[0].inline_policies.len(), 1);
     }
 }

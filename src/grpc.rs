@@ -1,0 +1,92 @@
+//! The gRPC layer: the only module that knows tonic and prost. Handlers are
+//! thin (validate, convert, call the domain, convert back), and this file
+//! holds the one mapping from domain errors to `Status`.
+
+pub mod client;
+pub mod convert;
+pub mod server;
+pub mod service;
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::engine::{Decision, RequestError};
+use crate::store::{RevisionTimeout, UpdateError};
+use crate::tagging::TagError;
+
+/// The generated code for `proto/tagward/v1/tagward.proto`.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("tagward.v1");
+
+    /// The encoded file descriptor set, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tagward_descriptor.bin"));
+}
+
+/// The `ErrorInfo.domain` of every Tagward error.
+pub const ERROR_DOMAIN: &str = "tagward";
+
+/// A status carrying the AWS-style error name as `google.rpc.ErrorInfo`.
+pub fn status(code: Code, name: &str, message: impl Into<String>, metadata: HashMap<String, String>) -> Status {
+    Status::with_error_details(code, message, ErrorDetails::with_error_info(name, ERROR_DOMAIN, metadata))
+}
+
+/// A bad request: INVALID_ARGUMENT naming the field.
+pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
+    let mut meta = HashMap::new();
+    meta.insert("field".to_string(), field.to_string());
+    status(Code::InvalidArgument, "ValidationException", format!("{field}: {reason}"), meta)
+}
+
+impl From<RequestError> for Status {
+    fn from(e: RequestError) -> Status {
+        invalid(&e.field, &e.reason)
+    }
+}
+
+fn decision_metadata(d: &Decision) -> HashMap<String, String> {
+    let mut meta = HashMap::new();
+    meta.insert("reason".to_string(), d.reason.as_str().to_string());
+    if !d.matched.is_empty() {
+        let names: Vec<String> = d.matched.iter().map(ToString::to_string).collect();
+        meta.insert("matched".to_string(), names.join(", "));
+    }
+    meta
+}
+
+impl From<TagError> for Status {
+    fn from(e: TagError) -> Status {
+        let name = e.name();
+        match e {
+            TagError::BadRequest(r) => r.into(),
+            TagError::AccessDenied { ref decision, .. } => {
+                let meta = decision_metadata(decision);
+                status(Code::PermissionDenied, name, e.to_string(), meta)
+            }
+            TagError::NotFound(_) => status(Code::NotFound, name, e.to_string(), HashMap::new()),
+            TagError::Validation(_) | TagError::Tag(_) => status(Code::InvalidArgument, name, e.to_string(), HashMap::new()),
+            TagError::UnsupportedOperation(_) | TagError::InvalidState(_) | TagError::LimitExceeded(_) => {
+                status(Code::FailedPrecondition, name, e.to_string(), HashMap::new())
+            }
+        }
+    }
+}
+
+impl From<RevisionTimeout> for Status {
+    fn from(e: RevisionTimeout) -> Status {
+        status(Code::DeadlineExceeded, "RevisionNotReached", e.to_string(), HashMap::new())
+    }
+}
+
+/// The AWS-style error name a status carries, if any.
+pub fn error_name(status: &Status) -> Option<String> {
+    status.get_details_error_info().map(|info| info.reason)
+}
+
+impl From<UpdateError> for proto::UpdateError {
+    fn from(e: UpdateError) -> proto::UpdateError {
+        proto::UpdateError { code: e.code.to_string(), message: e.message }
+    }
+}

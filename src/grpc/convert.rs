@@ -1,0 +1,381 @@
+//! Conversions between the protobuf messages and the domain types, with the
+//! field checks the wire form needs (the domain checks the rest).
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::Value;
+use tonic::Status;
+
+use super::{invalid, proto};
+use crate::engine::{ContextValue, Decision, Reason, Request};
+use crate::policy::Effect;
+use crate::store::{Event, EventKind, Update, UpdateError};
+use crate::tagging::{TagOp, TagRequest};
+use crate::world::{PrincipalSpec, ResourceSpec, WorldSpec};
+
+pub fn pairs(tags: &[proto::Tag]) -> Vec<(String, String)> {
+    tags.iter().map(|t| (t.key.clone(), t.value.clone())).collect()
+}
+
+pub fn to_tags<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Vec<proto::Tag> {
+    pairs.into_iter().map(|(k, v)| proto::Tag { key: k.to_string(), value: v.to_string() }).collect()
+}
+
+/// Request or session tags: keys must be unique (exactly; case is the
+/// engine's business).
+fn unique_tags(field: &str, tags: &[proto::Tag]) -> Result<Vec<(String, String)>, Status> {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, t) in tags.iter().enumerate() {
+        if let Some(first) = seen.insert(&t.key, i) {
+            return Err(invalid(&format!("{field}[{i}].key"), format!("{:?} repeats {field}[{first}]", t.key)));
+        }
+    }
+    Ok(pairs(tags))
+}
+
+fn number_text(n: f64) -> String {
+    if n.fract() == 0.0 && n.abs() < 1e15 {
+        format!("{}", n as i64)
+    } else {
+        n.to_string()
+    }
+}
+
+fn context(field: &str, map: &HashMap<String, proto::ContextValue>) -> Result<Vec<(String, ContextValue)>, Status> {
+    let mut out: Vec<(String, ContextValue)> = Vec::with_capacity(map.len());
+    for (k, v) in map {
+        let value = match &v.kind {
+            Some(proto::context_value::Kind::StringValue(s)) => ContextValue::One(s.clone()),
+            Some(proto::context_value::Kind::NumberValue(n)) if n.is_finite() => ContextValue::One(number_text(*n)),
+            Some(proto::context_value::Kind::NumberValue(_)) => {
+                return Err(invalid(&format!("{field}[{k:?}]"), "the number is not finite"))
+            }
+            Some(proto::context_value::Kind::BoolValue(b)) => ContextValue::One(b.to_string()),
+            Some(proto::context_value::Kind::ListValue(l)) => ContextValue::Many(l.values.clone()),
+            None => return Err(invalid(&format!("{field}[{k:?}]"), "no value")),
+        };
+        out.push((k.clone(), value));
+    }
+    // Deterministic order: a map's order is not.
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn required(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        Err(invalid(field, "required"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Builds an engine request; field names in errors start with `prefix`.
+#[allow(clippy::too_many_arguments)]
+fn request(
+    prefix: &str,
+    principal: &str,
+    action: &str,
+    resource: &str,
+    request_tags: &[proto::Tag],
+    tag_keys: Option<&proto::StringList>,
+    session_tags: &[proto::Tag],
+    ctx: &HashMap<String, proto::ContextValue>,
+) -> Result<Request, Status> {
+    required("principal", principal)?;
+    required(&format!("{prefix}action"), action)?;
+    required(&format!("{prefix}resource"), resource)?;
+    let mut req = Request {
+        principal: principal.to_string(),
+        action: action.to_string(),
+        resource: resource.to_string(),
+        request_tags: unique_tags(&format!("{prefix}request_tags"), request_tags)?,
+        tag_keys: tag_keys.map(|l| l.values.clone()),
+        session_tags: unique_tags("session_tags", session_tags)?,
+        context: context("context", ctx)?,
+    };
+    if !req.request_tags.is_empty() {
+        req.derive_tag_keys();
+    }
+    req.validate().map_err(|e| invalid(&format!("{}{}", if e.field == "action" || e.field == "resource" { prefix } else { "" }, e.field), e.reason))?;
+    Ok(req)
+}
+
+pub fn authorize_request(r: &proto::AuthorizeRequest) -> Result<Request, Status> {
+    request("", &r.principal, &r.action, &r.resource, &r.request_tags, r.tag_keys.as_ref(), &r.session_tags, &r.context)
+}
+
+pub fn batch_requests(r: &proto::BatchAuthorizeRequest, max_items: usize) -> Result<Vec<Request>, Status> {
+    if r.items.is_empty() {
+        return Err(invalid("items", "at least one item is needed"));
+    }
+    if r.items.len() > max_items {
+        return Err(invalid("items", format!("{} items; at most {max_items} are allowed in one batch", r.items.len())));
+    }
+    r.items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            request(
+                &format!("items[{i}]."),
+                &r.principal,
+                &item.action,
+                &item.resource,
+                &item.request_tags,
+                item.tag_keys.as_ref(),
+                &r.session_tags,
+                &r.context,
+            )
+        })
+        .collect()
+}
+
+fn effect(e: Effect) -> String {
+    e.to_string()
+}
+
+pub fn decision(d: Decision, revision: u64) -> proto::AuthorizeResponse {
+    let sref = |s: &crate::engine::StatementRef| proto::StatementRef {
+        policy: s.policy.to_string(),
+        index: s.index as u32,
+        sid: s.sid.as_deref().unwrap_or_default().to_string(),
+        effect: effect(s.effect),
+    };
+    proto::AuthorizeResponse {
+        decision: if d.allowed() { proto::Decision::Allow } else { proto::Decision::Deny } as i32,
+        reason: match d.reason {
+            Reason::Allowed => proto::Reason::Allowed,
+            Reason::ExplicitDeny => proto::Reason::ExplicitDeny,
+            Reason::ImplicitDeny => proto::Reason::ImplicitDeny,
+        } as i32,
+        matched: d.matched.iter().map(sref).collect(),
+        missing_keys: d.missing_keys.iter().map(|k| k.to_string()).collect(),
+        revision,
+        considered: d
+            .considered
+            .unwrap_or_default()
+            .iter()
+            .map(|c| proto::Considered { statement: Some(sref(&c.statement)), outcome: c.outcome.to_string() })
+            .collect(),
+    }
+}
+
+fn tag_request(
+    principal: &str,
+    resource: &str,
+    op: TagOp,
+    action: &str,
+    session_tags: &[proto::Tag],
+    ctx: &HashMap<String, proto::ContextValue>,
+) -> Result<TagRequest, Status> {
+    required("principal", principal)?;
+    required("resource", resource)?;
+    Ok(TagRequest {
+        principal: principal.to_string(),
+        resource: resource.to_string(),
+        op,
+        action: (!action.is_empty()).then(|| action.to_string()),
+        session_tags: unique_tags("session_tags", session_tags)?,
+        context: context("context", ctx)?,
+    })
+}
+
+pub fn tag_resource(r: &proto::TagResourceRequest) -> Result<TagRequest, Status> {
+    tag_request(&r.principal, &r.resource, TagOp::Tag(pairs(&r.tags)), &r.action, &r.session_tags, &r.context)
+}
+
+pub fn untag_resource(r: &proto::UntagResourceRequest) -> Result<TagRequest, Status> {
+    tag_request(&r.principal, &r.resource, TagOp::Untag(r.tag_keys.clone()), &r.action, &r.session_tags, &r.context)
+}
+
+pub fn list_resource_tags(r: &proto::ListResourceTagsRequest) -> Result<TagRequest, Status> {
+    tag_request(&r.principal, &r.resource, TagOp::List, &r.action, &r.session_tags, &r.context)
+}
+
+/// The authorization request behind `GetResources`.
+pub fn get_resources(r: &proto::GetResourcesRequest) -> Result<Request, Status> {
+    request("", &r.principal, "tag:GetResources", "*", &[], None, &r.session_tags, &r.context)
+}
+
+fn json(field: &str, text: &str) -> Result<Value, UpdateError> {
+    serde_json::from_str(text).map_err(|e| UpdateError {
+        code: if field.contains("polic") { "MalformedPolicyDocumentException" } else { "ValidationException" },
+        message: format!("{field}: not valid JSON: {e}"),
+    })
+}
+
+fn bad(message: impl Into<String>) -> UpdateError {
+    UpdateError { code: "ValidationException", message: message.into() }
+}
+
+fn tag_map(field: &str, tags: &[proto::Tag]) -> Result<BTreeMap<String, String>, UpdateError> {
+    let mut map = BTreeMap::new();
+    for (i, t) in tags.iter().enumerate() {
+        if map.insert(t.key.clone(), t.value.clone()).is_some() {
+            return Err(UpdateError { code: "TagException", message: format!("{field}[{i}].key: {:?} repeats", t.key) });
+        }
+    }
+    Ok(map)
+}
+
+fn opt(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+/// An admin update from the wire; `path` prefixes error messages.
+pub fn update(u: &proto::Update, path: &str) -> Result<Update, UpdateError> {
+    use proto::update::Op;
+    let op = u.op.as_ref().ok_or_else(|| bad(format!("{path}: no operation set")))?;
+    Ok(match op {
+        Op::PutPolicy(p) => {
+            if p.name.is_empty() {
+                return Err(bad(format!("{path}put_policy.name: required")));
+            }
+            Update::PutPolicy { name: p.name.clone(), document: json(&format!("{path}put_policy.document"), &p.document)? }
+        }
+        Op::DeletePolicy(p) => Update::DeletePolicy { name: p.name.clone() },
+        Op::PutPrincipal(p) => {
+            let mut inline = BTreeMap::new();
+            for (name, doc) in &p.inline_policies {
+                inline.insert(name.clone(), json(&format!("{path}put_principal.inline_policies.{name}"), doc)?);
+            }
+            Update::PutPrincipal(PrincipalSpec {
+                arn: p.arn.clone(),
+                tags: tag_map(&format!("{path}put_principal.tags"), &p.tags)?,
+                policies: p.policies.clone(),
+                inline_policies: inline,
+            })
+        }
+        Op::DeletePrincipal(d) => Update::DeletePrincipal { arn: d.arn.clone() },
+        Op::PutResource(r) => Update::PutResource(ResourceSpec {
+            arn: r.arn.clone(),
+            account: opt(&r.account),
+            tags: tag_map(&format!("{path}put_resource.tags"), &r.tags)?,
+            key_policy: match r.key_policy.as_str() {
+                "" => None,
+                text => Some(json(&format!("{path}put_resource.key_policy"), text)?),
+            },
+            key_state: opt(&r.key_state),
+            key_spec: opt(&r.key_spec),
+            key_usage: opt(&r.key_usage),
+            origin: opt(&r.origin),
+            key_manager: opt(&r.key_manager),
+            resource_policy: match r.resource_policy.as_str() {
+                "" => None,
+                text => Some(json(&format!("{path}put_resource.resource_policy"), text)?),
+            },
+        }),
+        Op::DeleteResource(d) => Update::DeleteResource { arn: d.arn.clone() },
+        Op::SetTags(s) => Update::SetTags { resource: s.resource.clone(), tags: pairs(&s.tags) },
+        Op::RemoveTags(r) => Update::RemoveTags { resource: r.resource.clone(), keys: r.tag_keys.clone() },
+        Op::Batch(b) => Update::Batch(
+            b.updates
+                .iter()
+                .enumerate()
+                .map(|(i, u)| update(u, &format!("{path}batch.updates[{i}].")))
+                .collect::<Result<_, _>>()?,
+        ),
+        Op::ReplaceWorld(w) => {
+            let value = json(&format!("{path}replace_world.world_json"), &w.world_json)?;
+            let world: WorldSpec = serde_path_to_error::deserialize(value).map_err(|e| {
+                bad(format!("{path}replace_world.world_json.{}: {}", e.path(), e.inner()))
+            })?;
+            Update::ReplaceWorld(world)
+        }
+    })
+}
+
+fn doc_text(v: &Value) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+/// The world as the updates that rebuild it.
+pub fn export(world: &WorldSpec, revision: u64) -> Vec<proto::ExportItem> {
+    use proto::update::Op;
+    let item = |op: Op| proto::ExportItem { revision, update: Some(proto::Update { op: Some(op) }) };
+    let mut out = Vec::with_capacity(world.policies.len() + world.principals.len() + world.resources.len());
+    for (name, doc) in &world.policies {
+        out.push(item(Op::PutPolicy(proto::PutPolicy { name: name.clone(), document: doc_text(doc) })));
+    }
+    for p in &world.principals {
+        out.push(item(Op::PutPrincipal(principal_to_proto(p))));
+    }
+    for r in &world.resources {
+        out.push(item(Op::PutResource(resource_to_proto(r))));
+    }
+    out
+}
+
+pub fn principal_to_proto(p: &PrincipalSpec) -> proto::Principal {
+    proto::Principal {
+        arn: p.arn.clone(),
+        tags: to_tags(p.tags.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+        policies: p.policies.clone(),
+        inline_policies: p.inline_policies.iter().map(|(k, v)| (k.clone(), doc_text(v))).collect(),
+    }
+}
+
+pub fn resource_to_proto(r: &ResourceSpec) -> proto::Resource {
+    let s = |o: &Option<String>| o.clone().unwrap_or_default();
+    proto::Resource {
+        arn: r.arn.clone(),
+        account: s(&r.account),
+        tags: to_tags(r.tags.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+        key_policy: r.key_policy.as_ref().map(doc_text).unwrap_or_default(),
+        key_state: s(&r.key_state),
+        key_spec: s(&r.key_spec),
+        key_usage: s(&r.key_usage),
+        origin: s(&r.origin),
+        key_manager: s(&r.key_manager),
+        resource_policy: r.resource_policy.as_ref().map(doc_text).unwrap_or_default(),
+    }
+}
+
+pub fn event(e: &Event) -> proto::WatchEvent {
+    use proto::watch_event::Event as E;
+    proto::WatchEvent {
+        revision: e.revision,
+        time_unix_ms: e.time_unix_ms,
+        actor: e.actor.clone(),
+        event: Some(match &e.kind {
+            EventKind::Tags { resource, action, before, after } => E::TagChange(proto::TagChange {
+                resource: resource.clone(),
+                action: action.clone(),
+                before: to_tags(before.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+                after: to_tags(after.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+            }),
+            EventKind::Entity { kind, name, change } => E::EntityChange(proto::EntityChange {
+                kind: kind.to_string(),
+                name: name.clone(),
+                change: change.to_string(),
+            }),
+        }),
+    }
+}
+
+/// A domain request on the wire (for the scenario runner's gRPC backend).
+pub fn request_to_proto(req: &Request) -> proto::AuthorizeRequest {
+    proto::AuthorizeRequest {
+        principal: req.principal.clone(),
+        action: req.action.clone(),
+        resource: req.resource.clone(),
+        request_tags: to_tags(req.request_tags.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+        tag_keys: req.tag_keys.as_ref().map(|k| proto::StringList { values: k.clone() }),
+        session_tags: to_tags(req.session_tags.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+        context: context_to_proto(&req.context),
+        min_revision: 0,
+        explain: false,
+    }
+}
+
+pub fn context_to_proto(ctx: &[(String, ContextValue)]) -> HashMap<String, proto::ContextValue> {
+    use proto::context_value::Kind;
+    ctx.iter()
+        .map(|(k, v)| {
+            let kind = match v {
+                ContextValue::One(s) => Kind::StringValue(s.clone()),
+                ContextValue::Many(l) => Kind::ListValue(proto::StringList { values: l.clone() }),
+            };
+            (k.clone(), proto::ContextValue { kind: Some(kind) })
+        })
+        .collect()
+}

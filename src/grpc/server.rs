@@ -1,0 +1,187 @@
+//! The two listeners: the data plane (Authorizer, Tagging, health,
+//! reflection) and the admin plane (Admin), and their graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::metadata::MetadataValue;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Status};
+use tonic_health::server::HealthReporter;
+use tracing::{info, warn};
+
+use super::proto::admin_server::AdminServer;
+use super::proto::authorizer_server::AuthorizerServer;
+use super::proto::tagging_server::TaggingServer;
+use super::proto::FILE_DESCRIPTOR_SET;
+use super::service::{AdminService, AuthorizerService, Shared, TaggingService};
+use crate::store::Store;
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// Required on every admin call when set; must be set when the admin
+    /// listener is not on loopback.
+    pub admin_token: Option<String>,
+    pub min_revision_wait: Duration,
+    pub max_message_bytes: usize,
+    pub max_batch: usize,
+    /// How long shutdown waits for in-flight calls.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
+            admin_token: None,
+            min_revision_wait: Duration::from_secs(2),
+            max_message_bytes: 4 * 1024 * 1024,
+            max_batch: 1000,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("the admin listener {0} is not on loopback; set an admin token (--admin-token or TAGWARD_ADMIN_TOKEN) to listen there")]
+    AdminWithoutToken(SocketAddr),
+    #[error("the admin token is empty")]
+    EmptyToken,
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A running server.
+pub struct Running {
+    pub data_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    health: HealthReporter,
+    grace: Duration,
+    data: JoinHandle<Result<(), tonic::transport::Error>>,
+    admin: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+fn check_token(expected: Option<Arc<str>>) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| {
+        let Some(expected) = &expected else { return Ok(req) };
+        let given = req.metadata().get("authorization").and_then(|v: &MetadataValue<_>| v.to_str().ok());
+        let ok = given
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| t.len() == expected.len() && t.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0);
+        if ok {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("the admin API needs `authorization: Bearer <token>` with the configured admin token"))
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Binds both listeners and starts serving `store`.
+pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeError> {
+    if let Some(token) = &config.admin_token {
+        if token.trim().is_empty() {
+            return Err(ServeError::EmptyToken);
+        }
+    } else if !config.admin_listen.ip().is_loopback() {
+        return Err(ServeError::AdminWithoutToken(config.admin_listen));
+    }
+    let data_listener = bind(config.listen).await?;
+    let admin_listener = bind(config.admin_listen).await?;
+    let data_addr = data_listener.local_addr().map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+    let admin_addr = admin_listener.local_addr().map_err(|source| ServeError::Bind { addr: config.admin_listen, source })?;
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let shared = Shared {
+        store,
+        min_revision_wait: config.min_revision_wait,
+        max_batch: config.max_batch,
+        shutdown: shutdown_rx.clone(),
+    };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AuthorizerServer<AuthorizerService>>().await;
+    health.set_serving::<TaggingServer<TaggingService>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Bind { addr: config.listen, source: std::io::Error::other(e.to_string()) })?;
+
+    let max = config.max_message_bytes;
+    let authorizer = AuthorizerServer::new(AuthorizerService(shared.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let tagging =
+        TaggingServer::new(TaggingService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max);
+    let admin = tonic::service::interceptor::InterceptedService::new(
+        AdminServer::new(AdminService(shared)).max_decoding_message_size(max).max_encoding_message_size(max),
+        check_token(config.admin_token.as_deref().map(Arc::from)),
+    );
+
+    let signal = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|down| *down).await;
+    };
+    let data = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(authorizer)
+            .add_service(tagging)
+            .serve_with_incoming_shutdown(TcpIncoming::from(data_listener).with_nodelay(Some(true)), signal(shutdown_rx.clone())),
+    );
+    let admin = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(admin)
+            .serve_with_incoming_shutdown(TcpIncoming::from(admin_listener).with_nodelay(Some(true)), signal(shutdown_rx)),
+    );
+    info!(%data_addr, %admin_addr, token = config.admin_token.is_some(), "serving");
+    Ok(Running { data_addr, admin_addr, shutdown, health, grace: config.shutdown_grace, data, admin })
+}
+
+impl Running {
+    /// Health goes NOT_SERVING, streams end, listeners stop accepting, and
+    /// in-flight calls get up to the grace period to finish.
+    pub async fn shutdown(self) {
+        self.health.set_not_serving::<AuthorizerServer<AuthorizerService>>().await;
+        self.health.set_not_serving::<TaggingServer<TaggingService>>().await;
+        self.health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        let _ = self.shutdown.send(true);
+        let both = async {
+            let (d, a) = tokio::join!(self.data, self.admin);
+            for (name, r) in [("data", d), ("admin", a)] {
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => warn!(listener = name, error = %e, "listener ended with an error"),
+                    Err(e) => warn!(listener = name, error = %e, "listener task failed"),
+                }
+            }
+        };
+        if tokio::time::timeout(self.grace, both).await.is_err() {
+            warn!(grace = ?self.grace, "in-flight calls did not finish within the grace period");
+        }
+        info!("stopped");
+    }
+
+    /// Serves until `signal` completes, then shuts down.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) {
+        signal.await;
+        info!("shutting down");
+        self.shutdown().await;
+    }
+}

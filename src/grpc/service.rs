@@ -1,0 +1,277 @@
+//! The three gRPC services: thin handlers over the [`Store`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::{debug, warn};
+
+use super::proto::admin_server::Admin;
+use super::proto::authorizer_server::Authorizer;
+use super::proto::tagging_server::Tagging;
+use super::{convert, invalid, proto, status};
+use crate::engine::authorize;
+use crate::state::State;
+use crate::store::Store;
+use crate::tagging::{perform, TagError};
+use crate::world::WorldSpec;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct Shared {
+    pub store: Arc<Store>,
+    /// How long a request with `min_revision` may wait.
+    pub min_revision_wait: Duration,
+    /// Items per `BatchAuthorize`.
+    pub max_batch: usize,
+    /// Turns true when the server shuts down: streams end.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    async fn snapshot(&self, min_revision: u64) -> Result<Arc<State>, Status> {
+        if min_revision == 0 {
+            return Ok(self.store.snapshot());
+        }
+        Ok(self.store.snapshot_at_least(min_revision, self.min_revision_wait).await?)
+    }
+}
+
+pub struct AuthorizerService(pub Shared);
+pub struct TaggingService(pub Shared);
+pub struct AdminService(pub Shared);
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Authorizer for AuthorizerService {
+    async fn authorize(&self, request: Request<proto::AuthorizeRequest>) -> Result<Response<proto::AuthorizeResponse>, Status> {
+        let r = request.get_ref();
+        let req = convert::authorize_request(r)?;
+        let state = self.0.snapshot(r.min_revision).await?;
+        let decision = authorize(&state, &req, r.explain)?;
+        debug!(action = %req.action, reason = decision.reason.as_str(), "authorize");
+        Ok(Response::new(convert::decision(decision, state.revision())))
+    }
+
+    async fn batch_authorize(
+        &self,
+        request: Request<proto::BatchAuthorizeRequest>,
+    ) -> Result<Response<proto::BatchAuthorizeResponse>, Status> {
+        let r = request.get_ref();
+        let reqs = convert::batch_requests(r, self.0.max_batch)?;
+        let state = self.0.snapshot(r.min_revision).await?;
+        let revision = state.revision();
+        let results = reqs
+            .iter()
+            .enumerate()
+            .map(|(i, req)| {
+                authorize(&state, req, r.explain)
+                    .map(|d| convert::decision(d, revision))
+                    .map_err(|e| invalid(&format!("items[{i}].{}", e.field), e.reason))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Response::new(proto::BatchAuthorizeResponse { results, revision }))
+    }
+}
+
+fn tags_of(tags: &crate::tags::TagSet) -> Vec<proto::Tag> {
+    convert::to_tags(tags.iter())
+}
+
+#[tonic::async_trait]
+impl Tagging for TaggingService {
+    async fn tag_resource(&self, request: Request<proto::TagResourceRequest>) -> Result<Response<proto::TagResourceResponse>, Status> {
+        let req = convert::tag_resource(request.get_ref())?;
+        let before = self.0.store.revision();
+        let (outcome, revision) = self.0.store.tag(&req)?;
+        Ok(Response::new(proto::TagResourceResponse { revision, tags: tags_of(&outcome.tags), changed: revision != before }))
+    }
+
+    async fn untag_resource(
+        &self,
+        request: Request<proto::UntagResourceRequest>,
+    ) -> Result<Response<proto::UntagResourceResponse>, Status> {
+        let req = convert::untag_resource(request.get_ref())?;
+        let before = self.0.store.revision();
+        let (outcome, revision) = self.0.store.tag(&req)?;
+        Ok(Response::new(proto::UntagResourceResponse { revision, tags: tags_of(&outcome.tags), changed: revision != before }))
+    }
+
+    async fn list_resource_tags(
+        &self,
+        request: Request<proto::ListResourceTagsRequest>,
+    ) -> Result<Response<proto::ListResourceTagsResponse>, Status> {
+        let r = request.get_ref();
+        let req = convert::list_resource_tags(r)?;
+        let state = self.0.snapshot(r.min_revision).await?;
+        let outcome = perform(&state, &req)?;
+        Ok(Response::new(proto::ListResourceTagsResponse { tags: tags_of(&outcome.tags), revision: state.revision() }))
+    }
+
+    async fn get_resources(&self, request: Request<proto::GetResourcesRequest>) -> Result<Response<proto::GetResourcesResponse>, Status> {
+        const DEFAULT_PAGE: usize = 100;
+        const MAX_PAGE: usize = 1000;
+        let r = request.get_ref();
+        let auth = convert::get_resources(r)?;
+        if r.tag_filters.is_empty() {
+            return Err(invalid("tag_filters", "at least one filter is needed"));
+        }
+        for (i, f) in r.tag_filters.iter().enumerate() {
+            if f.key.is_empty() {
+                return Err(invalid(&format!("tag_filters[{i}].key"), "required"));
+            }
+        }
+        let page = match r.page_size as usize {
+            0 => DEFAULT_PAGE,
+            n if n > MAX_PAGE => return Err(invalid("page_size", format!("{n}; at most {MAX_PAGE}"))),
+            n => n,
+        };
+        let after = match r.page_token.as_str() {
+            "" => None,
+            token => Some(
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(token)
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(|| invalid("page_token", "not a token from a previous response"))?,
+            ),
+        };
+        let state = self.0.snapshot(r.min_revision).await?;
+        let decision = authorize(&state, &auth, false)?;
+        if !decision.allowed() {
+            return Err(TagError::AccessDenied {
+                principal: auth.principal,
+                action: auth.action,
+                resource: auth.resource,
+                decision: Box::new(decision),
+            }
+            .into());
+        }
+        let filters: Vec<(String, Vec<String>)> = r.tag_filters.iter().map(|f| (f.key.clone(), f.values.clone())).collect();
+        let (arns, more) = state.find_by_tags(&filters, after.as_deref(), page);
+        let next_page_token = match (more, arns.last()) {
+            (true, Some(last)) => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(last.as_bytes()),
+            _ => String::new(),
+        };
+        let resources = arns
+            .iter()
+            .map(|arn| proto::ResourceTags {
+                resource: arn.to_string(),
+                tags: state.target(arn).map(|t| tags_of(t.tags())).unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(proto::GetResourcesResponse { resources, next_page_token, revision: state.revision() }))
+    }
+}
+
+fn apply_one(store: &Store, req: proto::ApplyRequest) -> proto::ApplyResponse {
+    let result = match &req.update {
+        None => Err(crate::store::UpdateError { code: "ValidationException", message: "update: required".into() }),
+        Some(u) => convert::update(u, "update.").and_then(|u| store.apply(&u, "admin")),
+    };
+    match result {
+        Ok(revision) => proto::ApplyResponse { id: req.id, revision, error: None },
+        Err(e) => {
+            debug!(id = %req.id, code = e.code, "admin update refused");
+            proto::ApplyResponse { id: req.id, revision: store.revision(), error: Some(e.into()) }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    type ApplyStream = ReceiverStream<Result<proto::ApplyResponse, Status>>;
+    type ExportStream = BoxStream<proto::ExportItem>;
+    type WatchStream = ReceiverStream<Result<proto::WatchEvent, Status>>;
+
+    async fn apply(&self, request: Request<Streaming<proto::ApplyRequest>>) -> Result<Response<Self::ApplyStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let store = self.0.store.clone();
+        let mut shutdown = self.0.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = inbound.message() => next,
+                    _ = shutdown.wait_for(|down| *down) => break,
+                };
+                match next {
+                    Ok(Some(req)) => {
+                        let store = store.clone();
+                        // Compiling a large world is CPU work: keep it off the
+                        // async workers.
+                        let response = match tokio::task::spawn_blocking(move || apply_one(&store, req)).await {
+                            Ok(r) => Ok(r),
+                            Err(e) => Err(Status::internal(format!("the update task failed: {e}"))),
+                        };
+                        if tx.send(response).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn export(&self, _request: Request<proto::ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
+        let state = self.0.store.snapshot();
+        let items = tokio::task::spawn_blocking(move || convert::export(&WorldSpec::from_state(&state), state.revision()))
+            .await
+            .map_err(|e| Status::internal(format!("export failed: {e}")))?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(items.into_iter().map(Ok)))))
+    }
+
+    async fn watch(&self, request: Request<proto::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let from = request.get_ref().from_revision;
+        let (backlog, mut live) = self
+            .0
+            .store
+            .watch(from)
+            .map_err(|e| status(Code::OutOfRange, "RevisionGone", e.to_string(), Default::default()))?;
+        let (tx, rx) = mpsc::channel(256);
+        let mut shutdown = self.0.shutdown.clone();
+        tokio::spawn(async move {
+            for e in backlog {
+                if tx.send(Ok(convert::event(&e))).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let next = tokio::select! {
+                    next = live.recv() => next,
+                    _ = shutdown.wait_for(|down| *down) => return,
+                };
+                match next {
+                    Ok(e) => {
+                        if tx.send(Ok(convert::event(&e))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        warn!(missed = n, "a watcher fell behind");
+                        let _ = tx
+                            .send(Err(Status::aborted(format!(
+                                "this watcher fell behind and missed {n} events; watch again from the last revision it received"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
