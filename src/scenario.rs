@@ -14,10 +14,10 @@ use serde_json::Value;
 use thiserror::Error;
 
 use crate::engine::{authorize, ContextValue, Request};
-use crate::policy::PolicyKind;
 use crate::state::State;
-use crate::tagging::{perform, TagError, TagOp, TagRequest};
-use crate::world::{compile_policy, PrincipalSpec, ResourceSpec, WorldSpec};
+use crate::store::{Store, Update};
+use crate::tagging::{TagError, TagOp, TagRequest};
+use crate::world::{PrincipalSpec, ResourceSpec, WorldSpec};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -213,21 +213,31 @@ pub trait Backend {
     fn run(&mut self, op: &Operation) -> Observed;
 }
 
-/// The engine itself, on an in-memory state.
-#[derive(Default)]
+/// The engine itself, on an in-memory [`Store`]: the same doors the gRPC
+/// handlers use.
 pub struct InProcess {
-    state: State,
+    store: Store,
+}
+
+impl Default for InProcess {
+    fn default() -> InProcess {
+        InProcess { store: Store::new(State::default(), 1024) }
+    }
 }
 
 impl Backend for InProcess {
     fn load(&mut self, world: &WorldSpec) -> Result<(), String> {
-        self.state = world.build().map_err(|e| e.to_string())?;
+        self.store = Store::new(world.build().map_err(|e| e.to_string())?, 1024);
         Ok(())
     }
 
     fn run(&mut self, op: &Operation) -> Observed {
+        let admin = |update: Update| match self.store.apply(&update, "scenario") {
+            Ok(_) => Observed::Ok { tags: None },
+            Err(e) => Observed::Error { name: e.code.to_string(), message: e.message },
+        };
         match op {
-            Operation::Authorize(req) => match authorize(&self.state, req, false) {
+            Operation::Authorize(req) => match authorize(&self.store.snapshot(), req, false) {
                 Ok(d) => Observed::Decision {
                     allowed: d.allowed(),
                     reason: d.reason.as_str().to_string(),
@@ -236,41 +246,16 @@ impl Backend for InProcess {
                 },
                 Err(e) => Observed::Error { name: "ValidationException".into(), message: e.to_string() },
             },
-            Operation::Tag(req) => match perform(&self.state, req) {
-                Ok(outcome) => {
-                    let tags = outcome.tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-                    if let Some((next, _change)) = outcome.change {
-                        self.state = next;
-                    }
-                    Observed::Ok { tags: Some(tags) }
-                }
+            Operation::Tag(req) => match self.store.tag(req) {
+                Ok((outcome, _)) => Observed::Ok {
+                    tags: Some(outcome.tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                },
                 Err(e) => tag_error(&e),
             },
             Operation::PutPolicy { name, document } => {
-                match compile_policy("document", document, PolicyKind::Identity) {
-                    Ok(policy) => {
-                        let mut next = self.state.clone();
-                        match next.put_policy(name, policy) {
-                            Ok(()) => {
-                                self.state = next;
-                                Observed::Ok { tags: None }
-                            }
-                            Err(e) => Observed::Error { name: "ValidationException".into(), message: e.to_string() },
-                        }
-                    }
-                    Err(e) => Observed::Error { name: "MalformedPolicyDocumentException".into(), message: e.to_string() },
-                }
+                admin(Update::PutPolicy { name: name.clone(), document: document.clone() })
             }
-            Operation::DeletePolicy { name } => {
-                let mut next = self.state.clone();
-                match next.delete_policy(name) {
-                    Ok(()) => {
-                        self.state = next;
-                        Observed::Ok { tags: None }
-                    }
-                    Err(e) => Observed::Error { name: "NoSuchEntityException".into(), message: e.to_string() },
-                }
-            }
+            Operation::DeletePolicy { name } => admin(Update::DeletePolicy { name: name.clone() }),
         }
     }
 }
