@@ -167,8 +167,8 @@ impl Pattern {
                 .get(..self.text.len())
                 .is_some_and(|head| eq(&self.text, head, self.fold)),
             Shape::General => self.matches_general(candidate),
-            Shape::OneVariable => match &self.toks[0] {
-                Tok::Var(var) => match values.single(&var.key) {
+            Shape::OneVariable => match self.toks.first() {
+                Some(Tok::Var(var)) => match values.single(&var.key) {
                     Some(v) => eq(&v, candidate, self.fold),
                     None => var.default.as_deref().is_some_and(|d| eq(d, candidate, self.fold)),
                 },
