@@ -58,6 +58,8 @@ pub enum ServeError {
     AdminWithoutToken(SocketAddr),
     #[error("the admin token is empty")]
     EmptyToken,
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
 }
@@ -117,11 +119,15 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
     health.set_serving::<AuthorizerServer<AuthorizerService>>().await;
     health.set_serving::<TaggingServer<TaggingService>>().await;
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServeError::Bind { addr: config.listen, source: std::io::Error::other(e.to_string()) })?;
+    // Both reflection versions: grpcurl speaks v1, older ghz and tools v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_error = |e: tonic_reflection::server::Error| ServeError::Reflection(e.to_string());
+    let reflection = reflection_builder().build_v1().map_err(reflection_error)?;
+    let reflection_alpha = reflection_builder().build_v1alpha().map_err(reflection_error)?;
 
     let max = config.max_message_bytes;
     let authorizer = AuthorizerServer::new(AuthorizerService(shared.clone()))
@@ -141,6 +147,7 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_alpha)
             .add_service(authorizer)
             .add_service(tagging)
             .serve_with_incoming_shutdown(TcpIncoming::from(data_listener).with_nodelay(Some(true)), signal(shutdown_rx.clone())),
