@@ -12,7 +12,7 @@
 //! for the lists in the answer.
 
 use std::borrow::Cow;
-use std::cell::{Cell, OnceCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::fmt;
 use std::sync::Arc;
 
@@ -234,6 +234,8 @@ struct Eval<'a> {
     resource_tags_available: bool,
     in_key_policy: Cell<bool>,
     time: OnceCell<(String, String)>,
+    /// Policy variables that had no value (and no default).
+    missing_variables: RefCell<SmallVec<[Arc<str>; 2]>>,
 }
 
 /// Decides `req` against `state`. `explain` adds every statement looked at.
@@ -262,6 +264,7 @@ pub fn authorize(state: &State, req: &Request, explain: bool) -> Result<Decision
         resource_tags_available: req.resource != "*" && !NO_EXISTING_RESOURCE.contains(&action_lower),
         in_key_policy: Cell::new(false),
         time: OnceCell::new(),
+        missing_variables: RefCell::new(SmallVec::new()),
     };
     Ok(ev.decide(&ActionKey::new(action_lower), explain))
 }
@@ -302,7 +305,12 @@ impl<'a> Eval<'a> {
             self.in_key_policy.set(false);
         }
 
-        let missing_keys = c.missing.into_vec();
+        let mut missing_keys = c.missing.into_vec();
+        for name in self.missing_variables.take() {
+            if !missing_keys.contains(&name) {
+                missing_keys.push(name);
+            }
+        }
         if !c.denies.is_empty() {
             return Decision {
                 reason: Reason::ExplicitDeny,
@@ -526,5 +534,82 @@ impl Resolve for Eval<'_> {
             Values::One(v) => Some(v),
             _ => None,
         }
+    }
+
+    fn missing_variable(&self, name: &str) {
+        let mut list = self.missing_variables.borrow_mut();
+        if !list.iter().any(|n| &**n == name) {
+            list.push(name.into());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::world::WorldSpec;
+    use serde_json::json;
+
+    fn state() -> State {
+        let world: WorldSpec = serde_json::from_value(json!({
+            "policies": {"P": {"Version": "2012-10-17", "Statement": [
+                {"Sid": "Mine", "Effect": "Allow", "Action": "kms:Decrypt", "Resource": "*",
+                 "Condition": {"StringEquals": {"aws:ResourceTag/Project": "${aws:PrincipalTag/project}"}}},
+                {"Sid": "Mfa", "Effect": "Allow", "Action": "kms:Encrypt", "Resource": "*",
+                 "Condition": {"Bool": {"aws:MultiFactorAuthPresent": "true"}}}]}},
+            "principals": [{"arn": "arn:aws:iam::111122223333:role/NoTags", "policies": ["P"]}],
+            "resources": [{"arn": "arn:aws:kms:us-east-1:111122223333:key/k1", "tags": {"Project": "Alpha"}}]
+        }))
+        .unwrap();
+        world.build().unwrap()
+    }
+
+    fn ask(action: &str, explain: bool) -> Decision {
+        let req = Request {
+            principal: "arn:aws:iam::111122223333:role/NoTags".into(),
+            action: action.into(),
+            resource: "arn:aws:kms:us-east-1:111122223333:key/k1".into(),
+            ..Request::default()
+        };
+        authorize(&state(), &req, explain).unwrap()
+    }
+
+    #[test]
+    fn missing_keys_include_variables_without_a_value() {
+        let d = ask("kms:Decrypt", false);
+        assert_eq!(d.reason, Reason::ImplicitDeny);
+        assert_eq!(d.missing_keys, vec![Arc::<str>::from("aws:PrincipalTag/project")]);
+        let d = ask("kms:Encrypt", false);
+        assert_eq!(d.missing_keys, vec![Arc::<str>::from("aws:MultiFactorAuthPresent")]);
+    }
+
+    #[test]
+    fn explain_lists_what_became_of_each_statement() {
+        let d = ask("kms:Encrypt", true);
+        let considered = d.considered.unwrap();
+        let outcomes: Vec<String> = considered.iter().map(|c| format!("{} {}", c.statement, c.outcome)).collect();
+        assert_eq!(
+            outcomes,
+            vec![
+                "P[1] \"Mfa\" condition Bool on aws:MultiFactorAuthPresent does not hold".to_string(),
+                "key-policy[0] \"Enable IAM User Permissions\" applies".to_string(),
+            ]
+        );
+        assert!(ask("kms:Encrypt", false).considered.is_none());
+    }
+
+    #[test]
+    fn bad_requests_name_the_field() {
+        let mut req = Request { principal: "arn:aws:iam::111122223333:role/NoTags".into(), action: "kms:Decrypt".into(), resource: "key/1".into(), ..Request::default() };
+        assert_eq!(authorize(&state(), &req, false).unwrap_err().field, "resource");
+        req.resource = "*".into();
+        req.action = "Decrypt".into();
+        assert_eq!(authorize(&state(), &req, false).unwrap_err().field, "action");
+        req.action = "kms:Decrypt".into();
+        req.context = vec![("aws:ResourceTag/Project".into(), ContextValue::One("Alpha".into()))];
+        assert_eq!(authorize(&state(), &req, false).unwrap_err().field, "context[\"aws:ResourceTag/Project\"]");
+        req.context.clear();
+        req.principal = "bob".into();
+        assert_eq!(authorize(&state(), &req, false).unwrap_err().field, "principal");
     }
 }

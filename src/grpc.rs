@@ -66,7 +66,10 @@ impl From<TagError> for Status {
                 status(Code::PermissionDenied, name, e.to_string(), meta)
             }
             TagError::NotFound(_) => status(Code::NotFound, name, e.to_string(), HashMap::new()),
-            TagError::Validation(_) | TagError::Tag(_) => status(Code::InvalidArgument, name, e.to_string(), HashMap::new()),
+            TagError::Validation { ref field, .. } | TagError::Tag { ref field, .. } => {
+                let meta = HashMap::from([("field".to_string(), field.clone())]);
+                status(Code::InvalidArgument, name, e.to_string(), meta)
+            }
             TagError::UnsupportedOperation(_) | TagError::InvalidState(_) | TagError::LimitExceeded(_) => {
                 status(Code::FailedPrecondition, name, e.to_string(), HashMap::new())
             }

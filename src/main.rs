@@ -42,7 +42,7 @@ enum Command {
         #[arg(long, env = "TAGWARD_ADMIN_LISTEN", default_value = "127.0.0.1:50052")]
         admin_listen: SocketAddr,
         /// Bearer token every admin call must carry.
-        #[arg(long, env = "TAGWARD_ADMIN_TOKEN", hide_env_values = true)]
+        #[arg(long, env = "TAGWARD_ADMIN_TOKEN", hide_env_values = true, allow_hyphen_values = true)]
         admin_token: Option<String>,
         /// A file holding the admin token (a mounted Secret).
         #[arg(long, env = "TAGWARD_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
@@ -87,7 +87,7 @@ enum Command {
         #[arg(long, requires = "server")]
         admin: Option<String>,
         /// The admin token, with --server.
-        #[arg(long, env = "TAGWARD_ADMIN_TOKEN", hide_env_values = true)]
+        #[arg(long, env = "TAGWARD_ADMIN_TOKEN", hide_env_values = true, allow_hyphen_values = true)]
         token: Option<String>,
     },
     /// Ask a running sidecar one question and print the answer.

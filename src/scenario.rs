@@ -247,8 +247,8 @@ impl Backend for InProcess {
                 Err(e) => Observed::Error { name: "ValidationException".into(), message: e.to_string() },
             },
             Operation::Tag(req) => match self.store.tag(req) {
-                Ok((outcome, _)) => Observed::Ok {
-                    tags: Some(outcome.tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                Ok(done) => Observed::Ok {
+                    tags: Some(done.outcome.tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
                 },
                 Err(e) => tag_error(&e),
             },

@@ -358,7 +358,9 @@ impl State {
         let sets: Vec<&imbl::OrdSet<Arc<str>>> = if first_values.is_empty() {
             values.values().collect()
         } else {
-            first_values.iter().filter_map(|v| values.get(v.as_str())).collect()
+            // A value named twice must not list its resources twice.
+            let wanted: std::collections::BTreeSet<&str> = first_values.iter().map(String::as_str).collect();
+            wanted.into_iter().filter_map(|v| values.get(v)).collect()
         };
         let lower = match after {
             Some(a) => Bound::Excluded(a),
@@ -607,6 +609,7 @@ mod tests {
             (arns.iter().map(|a| a.rsplit('/').next().unwrap().to_string()).collect::<Vec<_>>(), more)
         };
         assert_eq!(find(&s, &[("Project", &["Alpha"])], None, 10), (vec!["k0".into(), "k2".into()], false));
+        assert_eq!(find(&s, &[("Project", &["Alpha", "Alpha"])], None, 10).0, vec!["k0", "k2"], "a repeated value lists once");
         assert_eq!(find(&s, &[("Project", &[])], None, 3), (vec!["k0".into(), "k1".into(), "k2".into()], true));
         assert_eq!(find(&s, &[("Project", &[])], Some("arn:aws:kms:us-east-1:111122223333:key/k2"), 3), (vec!["k3".into()], false));
         assert_eq!(find(&s, &[("Team", &[]), ("Project", &["Beta", "Gamma"])], None, 10), (vec!["k1".into(), "k3".into()], false));

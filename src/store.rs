@@ -77,6 +77,16 @@ pub struct Event {
     pub kind: EventKind,
 }
 
+/// A tag operation's result, as the store applied it.
+#[derive(Debug)]
+pub struct Tagged {
+    pub outcome: TagOutcome,
+    /// The revision after the operation.
+    pub revision: u64,
+    /// This operation changed the tags (and so made `revision`).
+    pub changed: bool,
+}
+
 /// Why a watch cannot start.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("events after revision {asked} are no longer kept (the oldest kept follows revision {dropped}); export the state and watch from its revision")]
@@ -203,20 +213,20 @@ impl Store {
     }
 
     /// Performs a tag operation as a principal; a change is published
-    /// before this returns.
-    pub fn tag(&self, req: &TagRequest) -> Result<(TagOutcome, u64), TagError> {
+    /// before this returns. Gives the outcome, the revision after it and
+    /// whether this operation changed anything.
+    pub fn tag(&self, req: &TagRequest) -> Result<Tagged, TagError> {
         let _writer = lock(&self.writer);
         let current = self.snapshot();
         let mut outcome = perform(&current, req)?;
-        let revision = match outcome.change.take() {
+        Ok(match outcome.change.take() {
             Some((next, change)) => {
                 let revision = next.revision();
                 self.publish(next, vec![tag_event(&change)]);
-                revision
+                Tagged { outcome, revision, changed: true }
             }
-            None => current.revision(),
-        };
-        Ok((outcome, revision))
+            None => Tagged { outcome, revision: current.revision(), changed: false },
+        })
     }
 
     /// The kept events after `from` (none for 0) and a receiver for the live
@@ -249,16 +259,20 @@ fn tag_event(change: &TagChange) -> Event {
     }
 }
 
-fn state_error(e: StateError) -> UpdateError {
-    match e {
-        StateError::NoSuchPolicy(_) | StateError::NoSuchPrincipal(_) => UpdateError::new("NoSuchEntityException", e.to_string()),
-        StateError::NoSuchResource(_) => UpdateError::new("NotFoundException", e.to_string()),
-        StateError::Invalid(_) => UpdateError::new("ValidationException", e.to_string()),
-        StateError::Tags(TagSetError::Limit { .. }) => UpdateError::new("LimitExceededException", e.to_string()),
-        StateError::Tags(TagSetError::Rule(_)) => UpdateError::new("TagException", e.to_string()),
-    }
+/// A refused state change, at the field `path` of the update.
+fn state_error(path: &str, e: StateError) -> UpdateError {
+    let code = match e {
+        StateError::NoSuchPolicy(_) | StateError::NoSuchPrincipal(_) => "NoSuchEntityException",
+        StateError::NoSuchResource(_) => "NotFoundException",
+        StateError::Invalid(_) => "ValidationException",
+        StateError::Tags(TagSetError::Limit { .. }) => "LimitExceededException",
+        StateError::Tags(TagSetError::Rule(_)) => "TagException",
+    };
+    UpdateError::new(code, format!("{path}: {e}"))
 }
 
+/// Every message of an [`UpdateError`] starts with the field path inside the
+/// update (`put_policy.document.Statement[0].Effect`, `set_tags.tags[2]`).
 fn world_error(e: crate::world::WorldError) -> UpdateError {
     let code = if e.path.contains("polic") && !e.path.ends_with(".arn") {
         "MalformedPolicyDocumentException"
@@ -293,29 +307,29 @@ fn apply_one(
             }
             let policy = compile_policy("put_policy.document", document, PolicyKind::Identity)
                 .map_err(|e| UpdateError::new("MalformedPolicyDocumentException", e.to_string()))?;
-            state.put_policy(name, policy).map_err(state_error)?;
+            state.put_policy(name, policy).map_err(|e| state_error("put_policy.name", e))?;
             events.push(entity("policy", name, "put", state, actor));
         }
         Update::DeletePolicy { name } => {
-            state.delete_policy(name).map_err(state_error)?;
+            state.delete_policy(name).map_err(|e| state_error("delete_policy.name", e))?;
             events.push(entity("policy", name, "delete", state, actor));
         }
         Update::PutPrincipal(spec) => {
             let principal = build_principal("put_principal", spec, state, false).map_err(world_error)?;
-            state.put_principal(principal).map_err(state_error)?;
+            state.put_principal(principal).map_err(|e| state_error("put_principal.arn", e))?;
             events.push(entity("principal", &spec.arn, "put", state, actor));
         }
         Update::DeletePrincipal { arn } => {
-            state.delete_principal(arn).map_err(state_error)?;
+            state.delete_principal(arn).map_err(|e| state_error("delete_principal.arn", e))?;
             events.push(entity("principal", arn, "delete", state, actor));
         }
         Update::PutResource(spec) => {
             let resource = writer.resources.build("put_resource", spec).map_err(world_error)?;
-            state.put_resource(resource).map_err(state_error)?;
+            state.put_resource(resource).map_err(|e| state_error("put_resource.arn", e))?;
             events.push(entity("resource", &spec.arn, "put", state, actor));
         }
         Update::DeleteResource { arn } => {
-            state.delete_resource(arn).map_err(state_error)?;
+            state.delete_resource(arn).map_err(|e| state_error("delete_resource.arn", e))?;
             events.push(entity("resource", arn, "delete", state, actor));
         }
         Update::SetTags { resource, tags } => {
@@ -352,12 +366,16 @@ fn apply_one(
         Update::Batch(updates) => {
             for (i, u) in updates.iter().enumerate() {
                 apply_one(state, writer, u, actor, events)
-                    .map_err(|e| UpdateError::new(e.code, format!("batch.updates[{i}]: {}", e.message)))?;
+                    .map_err(|e| UpdateError::new(e.code, format!("batch.updates[{i}].{}", e.message)))?;
             }
         }
         Update::ReplaceWorld(world) => {
             let mut next = State::default();
-            world.apply(&mut next).map_err(world_error)?;
+            world.apply(&mut next).map_err(|e| {
+                let mut e = world_error(e);
+                e.message = format!("replace_world.world_json.{}", e.message);
+                e
+            })?;
             next.follow(state.revision());
             *state = next;
             events.push(entity("world", "", "replace", state, actor));
@@ -374,7 +392,7 @@ fn tag_write(
     actor: &str,
     events: &mut Vec<Event>,
 ) -> Result<(), UpdateError> {
-    if state.replace_tags(resource, after.clone()).map_err(state_error)? {
+    if state.replace_tags(resource, after.clone()).map_err(|e| state_error("resource", e))? {
         events.push(Event {
             revision: state.revision(),
             time_unix_ms: now_ms(),
@@ -413,7 +431,7 @@ mod tests {
         ]);
         let err = s.apply(&batch, "admin").unwrap_err();
         assert_eq!(err.code, "MalformedPolicyDocumentException");
-        assert!(err.message.starts_with("batch.updates[1]: put_policy.document.Statement.Effect"), "{err}");
+        assert!(err.message.starts_with("batch.updates[1].put_policy.document.Statement.Effect: "), "{err}");
         assert_eq!(s.revision(), before);
         let tags = s.snapshot().target("arn:aws:kms:us-east-1:111122223333:key/k1").unwrap().tags().len();
         assert_eq!(tags, 1);

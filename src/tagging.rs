@@ -56,14 +56,16 @@ pub enum TagError {
     NotFound(String),
     #[error("{principal} is not authorized to perform {action} on {resource} ({})", .decision.reason)]
     AccessDenied { principal: String, action: String, resource: String, decision: Box<Decision> },
-    #[error("{0}")]
-    Validation(String),
+    /// A malformed request: the field, and why.
+    #[error("{field}: {reason}")]
+    Validation { field: String, reason: String },
     #[error("{0}")]
     UnsupportedOperation(String),
     #[error("{0}")]
     InvalidState(String),
-    #[error("{0}")]
-    Tag(String),
+    /// A tag that breaks a rule: the field (`tags[2]`), and which rule.
+    #[error("{field}: {reason}")]
+    Tag { field: String, reason: String },
     #[error("{0}")]
     LimitExceeded(String),
 }
@@ -75,10 +77,10 @@ impl TagError {
             TagError::BadRequest(_) => "ValidationException",
             TagError::NotFound(_) => "NotFoundException",
             TagError::AccessDenied { .. } => "AccessDeniedException",
-            TagError::Validation(_) => "ValidationException",
+            TagError::Validation { .. } => "ValidationException",
             TagError::UnsupportedOperation(_) => "UnsupportedOperationException",
             TagError::InvalidState(_) => "KMSInvalidStateException",
-            TagError::Tag(_) => "TagException",
+            TagError::Tag { .. } => "TagException",
             TagError::LimitExceeded(_) => "LimitExceededException",
         }
     }
@@ -176,9 +178,14 @@ pub fn perform(state: &State, req: &TagRequest) -> Result<TagOutcome, TagError> 
     let current = target.tags();
     let mutating = !matches!(req.op, TagOp::List);
     match &req.op {
-        TagOp::Tag(tags) if tags.is_empty() => return Err(TagError::Validation("a tag request needs at least one tag".into())),
+        TagOp::Tag(tags) if tags.is_empty() => {
+            return Err(TagError::Validation { field: "tags".into(), reason: "a tag request needs at least one tag".into() })
+        }
         TagOp::Untag(keys) if keys.is_empty() => {
-            return Err(TagError::Validation("an untag request needs at least one tag key".into()))
+            return Err(TagError::Validation {
+                field: "tag_keys".into(),
+                reason: "an untag request needs at least one tag key".into(),
+            })
         }
         _ => {}
     }
@@ -201,17 +208,17 @@ pub fn perform(state: &State, req: &TagRequest) -> Result<TagOutcome, TagError> 
     let next_tags = match &req.op {
         TagOp::List => return Ok(TagOutcome { decision, tags: current.clone(), change: None }),
         TagOp::Tag(tags) => {
-            for (k, v) in tags {
-                check_tag(k, v).map_err(|e| TagError::Tag(e.to_string()))?;
+            for (i, (k, v)) in tags.iter().enumerate() {
+                check_tag(k, v).map_err(|e| TagError::Tag { field: format!("tags[{i}]"), reason: e.to_string() })?;
             }
             current.with(tags.iter().map(|(k, v)| (k.as_str(), v.as_str()))).map_err(|e| match e {
-                TagSetError::Rule(rule) => TagError::Tag(rule.to_string()),
+                TagSetError::Rule(rule) => TagError::Tag { field: "tags".into(), reason: rule.to_string() },
                 limit @ TagSetError::Limit { .. } => TagError::LimitExceeded(limit.to_string()),
             })?
         }
         TagOp::Untag(keys) => {
-            for k in keys {
-                check_key(k).map_err(|e| TagError::Tag(e.to_string()))?;
+            for (i, k) in keys.iter().enumerate() {
+                check_key(k).map_err(|e| TagError::Tag { field: format!("tag_keys[{i}]"), reason: e.to_string() })?;
             }
             current.without(keys.iter().map(String::as_str))
         }

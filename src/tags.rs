@@ -37,6 +37,8 @@ pub enum TagRuleError {
     ReservedValue { key: String },
     #[error("tag keys {first:?} and {second:?} differ only by case, and keys on IAM users and roles are case-insensitive")]
     DuplicateKey { first: String, second: String },
+    #[error("tag key {key:?} appears more than once in the request")]
+    RepeatedKey { key: String },
 }
 
 fn allowed(c: char) -> bool {
@@ -179,14 +181,13 @@ impl TagSet {
         let mut next = self.clone();
         let mut written: Vec<&str> = Vec::new();
         for (k, v) in tags {
-            if let Some(prev) = written.iter().find(|w| {
-                if self.case_insensitive {
-                    keys_equal_ignoring_case(w, k)
-                } else {
-                    **w == k
+            if written.contains(&k) {
+                return Err(TagRuleError::RepeatedKey { key: k.to_string() }.into());
+            }
+            if self.case_insensitive {
+                if let Some(prev) = written.iter().find(|w| keys_equal_ignoring_case(w, k)) {
+                    return Err(TagRuleError::DuplicateKey { first: prev.to_string(), second: k.to_string() }.into());
                 }
-            }) {
-                return Err(TagRuleError::DuplicateKey { first: prev.to_string(), second: k.to_string() }.into());
             }
             written.push(k);
             match next.position(k) {
@@ -271,6 +272,11 @@ mod tests {
             TagSet::new(true).with([("Team", "a"), ("team", "b")]),
             Err(TagSetError::Rule(TagRuleError::DuplicateKey { .. }))
         ));
+        assert!(matches!(
+            TagSet::new(false).with([("a", "1"), ("a", "2")]),
+            Err(TagSetError::Rule(TagRuleError::RepeatedKey { .. }))
+        ));
+        assert!(TagSet::new(false).with([("Team", "a"), ("team", "b")]).is_ok());
         assert_eq!(set.without(["DEPARTMENT"]).len(), 0);
         assert_eq!(plain.without(["COSTCENTER"]).len(), 2);
     }

@@ -224,7 +224,7 @@ fn opt(s: &str) -> Option<String> {
 /// An admin update from the wire; `path` prefixes error messages.
 pub fn update(u: &proto::Update, path: &str) -> Result<Update, UpdateError> {
     use proto::update::Op;
-    let op = u.op.as_ref().ok_or_else(|| bad(format!("{path}: no operation set")))?;
+    let op = u.op.as_ref().ok_or_else(|| bad(format!("{path}op: no operation set")))?;
     Ok(match op {
         Op::PutPolicy(p) => {
             if p.name.is_empty() {

@@ -88,9 +88,12 @@ fn tags_of(tags: &crate::tags::TagSet) -> Vec<proto::Tag> {
 impl Tagging for TaggingService {
     async fn tag_resource(&self, request: Request<proto::TagResourceRequest>) -> Result<Response<proto::TagResourceResponse>, Status> {
         let req = convert::tag_resource(request.get_ref())?;
-        let before = self.0.store.revision();
-        let (outcome, revision) = self.0.store.tag(&req)?;
-        Ok(Response::new(proto::TagResourceResponse { revision, tags: tags_of(&outcome.tags), changed: revision != before }))
+        let done = self.0.store.tag(&req)?;
+        Ok(Response::new(proto::TagResourceResponse {
+            revision: done.revision,
+            tags: tags_of(&done.outcome.tags),
+            changed: done.changed,
+        }))
     }
 
     async fn untag_resource(
@@ -98,9 +101,12 @@ impl Tagging for TaggingService {
         request: Request<proto::UntagResourceRequest>,
     ) -> Result<Response<proto::UntagResourceResponse>, Status> {
         let req = convert::untag_resource(request.get_ref())?;
-        let before = self.0.store.revision();
-        let (outcome, revision) = self.0.store.tag(&req)?;
-        Ok(Response::new(proto::UntagResourceResponse { revision, tags: tags_of(&outcome.tags), changed: revision != before }))
+        let done = self.0.store.tag(&req)?;
+        Ok(Response::new(proto::UntagResourceResponse {
+            revision: done.revision,
+            tags: tags_of(&done.outcome.tags),
+            changed: done.changed,
+        }))
     }
 
     async fn list_resource_tags(
@@ -172,9 +178,14 @@ impl Tagging for TaggingService {
 
 fn apply_one(store: &Store, req: proto::ApplyRequest) -> proto::ApplyResponse {
     let result = match &req.update {
-        None => Err(crate::store::UpdateError { code: "ValidationException", message: "update: required".into() }),
-        Some(u) => convert::update(u, "update.").and_then(|u| store.apply(&u, "admin")),
+        None => Err(crate::store::UpdateError { code: "ValidationException", message: "required".into() }),
+        Some(u) => convert::update(u, "").and_then(|u| store.apply(&u, "admin")),
     };
+    // Every message is a path inside the update, then the reason.
+    let result = result.map_err(|mut e| {
+        e.message = if e.message.starts_with("required") { format!("update: {}", e.message) } else { format!("update.{}", e.message) };
+        e
+    });
     match result {
         Ok(revision) => proto::ApplyResponse { id: req.id, revision, error: None },
         Err(e) => {
@@ -254,6 +265,9 @@ impl Admin for AdminService {
                     _ = shutdown.wait_for(|down| *down) => return,
                 };
                 match next {
+                    // Asked for events after a revision not reached yet: the
+                    // ones up to it are not after it.
+                    Ok(e) if e.revision <= from => {}
                     Ok(e) => {
                         if tx.send(Ok(convert::event(&e))).await.is_err() {
                             return;

@@ -27,6 +27,10 @@ pub struct Syntax {
 /// Looks up the single value of a condition key, for policy variables.
 pub trait Resolve {
     fn single(&self, key: &KeyRef) -> Option<Cow<'_, str>>;
+
+    /// Told when a variable had no value and no default (the key `name`,
+    /// as the policy wrote it), so an answer can list it as missing.
+    fn missing_variable(&self, _name: &str) {}
 }
 
 /// A resolver with no values at all, for patterns that hold no variables.
@@ -50,6 +54,8 @@ enum Tok {
 #[derive(Debug, Clone, PartialEq)]
 struct Variable {
     key: KeyRef,
+    /// The key as written, for reporting it missing.
+    name: Box<str>,
     default: Option<Box<str>>,
 }
 
@@ -168,9 +174,13 @@ impl Pattern {
                 .is_some_and(|head| eq(&self.text, head, self.fold)),
             Shape::General => self.matches_general(candidate),
             Shape::OneVariable => match self.toks.first() {
-                Some(Tok::Var(var)) => match values.single(&var.key) {
-                    Some(v) => eq(&v, candidate, self.fold),
-                    None => var.default.as_deref().is_some_and(|d| eq(d, candidate, self.fold)),
+                Some(Tok::Var(var)) => match (values.single(&var.key), &var.default) {
+                    (Some(v), _) => eq(&v, candidate, self.fold),
+                    (None, Some(d)) => eq(d, candidate, self.fold),
+                    (None, None) => {
+                        values.missing_variable(&var.name);
+                        false
+                    }
                 },
                 _ => false,
             },
@@ -193,7 +203,10 @@ impl Pattern {
                     Some(v) => resolved.push(v),
                     None => match &var.default {
                         Some(d) => resolved.push(Cow::Borrowed(&**d)),
-                        None => return false,
+                        None => {
+                            values.missing_variable(&var.name);
+                            return false;
+                        }
                     },
                 }
             }
@@ -233,7 +246,7 @@ fn parse_variable(inner: &str, source: &str) -> Result<Variable, String> {
         return Err(format!("empty policy variable in {source:?}"));
     }
     let key = KeyRef::parse(name).map_err(|e| format!("policy variable in {source:?}: {e}"))?;
-    Ok(Variable { key, default })
+    Ok(Variable { key, name: name.into(), default })
 }
 
 #[inline]
