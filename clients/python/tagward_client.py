@@ -1,0 +1,715 @@
+"""A small Python client for the Tagward wire API (proto/tagward/v1/tagward.proto).
+
+Tagward serves ``Authorizer`` and ``Tagging`` (plus ``grpc.health.v1`` and
+server reflection) on its data listener and ``Admin`` on its admin listener.
+This module wraps the generated stubs with plain-Python arguments::
+
+    from tagward_client import TagwardClient, error_reason
+
+    with TagwardClient("127.0.0.1:50051", "127.0.0.1:50052", token="s3cret") as tw:
+        r = tw.authorize("arn:aws:iam::111122223333:role/AlphaApp", "kms:Decrypt",
+                         "arn:aws:kms:us-east-1:111122223333:key/1234abcd-...")
+        print(tw.decision_name(r.decision), tw.reason_name(r.reason), r.revision)
+
+        [ack] = tw.apply([set_tags(key_arn, {"Project": "Beta"})])
+        r = tw.authorize(..., min_revision=ack.revision)
+
+Errors are ``grpc.RpcError``; :func:`error_reason` returns the AWS-style
+error name (``AccessDeniedException``, ``TagException``, ...) that Tagward
+puts in the status details as a ``google.rpc.ErrorInfo``.
+
+The generated modules live in ``tagward_pb/`` next to this file; run
+``generate.sh`` first. Also a tiny CLI: ``python3 tagward_client.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
+
+import grpc
+from google.protobuf import text_format
+from google.rpc.error_details_pb2 import ErrorInfo
+from grpc_status import rpc_status
+
+_GENERATED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tagward_pb")
+if _GENERATED not in sys.path:
+    sys.path.insert(0, _GENERATED)
+try:
+    from tagward.v1 import tagward_pb2 as pb  # noqa: E402
+    from tagward.v1 import tagward_pb2_grpc as pb_grpc  # noqa: E402
+except ImportError as e:  # pragma: no cover - a setup error, explained
+    raise ImportError(
+        f"the generated Tagward modules are missing from {_GENERATED} ({e}); run clients/python/generate.sh"
+    ) from e
+
+__all__ = [
+    "pb",
+    "pb_grpc",
+    "TagwardClient",
+    "ApplySession",
+    "WatchStream",
+    "ErrorInfo",
+    "error_info",
+    "error_reason",
+    "tags",
+    "tag_dict",
+    "context_value",
+    "put_policy",
+    "delete_policy",
+    "put_principal",
+    "put_resource",
+    "set_tags",
+    "remove_tags",
+    "batch",
+    "replace_world",
+]
+
+#: Tags as a mapping, (key, value) pairs, or ``pb.Tag`` messages.
+TagsLike = Union[Mapping[str, str], Iterable[Tuple[str, str]], Iterable["pb.Tag"]]
+#: A request-context value: text, number, boolean, a list of strings, or the message.
+ContextLike = Union[str, bool, int, float, Sequence[str], "pb.ContextValue"]
+
+#: The default deadline of unary calls, in seconds.
+DEFAULT_TIMEOUT = 10.0
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def tags(value: Optional[TagsLike]) -> list:
+    """Converts tags (a dict, (key, value) pairs or ``pb.Tag``s) to ``pb.Tag`` messages, in order."""
+    if value is None:
+        return []
+    items = value.items() if isinstance(value, Mapping) else value
+    out = []
+    for t in items:
+        if isinstance(t, pb.Tag):
+            out.append(t)
+        else:
+            k, v = t
+            out.append(pb.Tag(key=k, value=v))
+    return out
+
+
+def tag_dict(value: Iterable["pb.Tag"]) -> dict:
+    """``pb.Tag`` messages as a dict (key -> value)."""
+    return {t.key: t.value for t in value}
+
+
+def context_value(value: ContextLike) -> "pb.ContextValue":
+    """One request-context value as a ``pb.ContextValue``."""
+    if isinstance(value, pb.ContextValue):
+        return value
+    if isinstance(value, bool):  # before int: bool is an int
+        return pb.ContextValue(bool_value=value)
+    if isinstance(value, (int, float)):
+        return pb.ContextValue(number_value=float(value))
+    if isinstance(value, str):
+        return pb.ContextValue(string_value=value)
+    return pb.ContextValue(list_value=pb.StringList(values=list(value)))
+
+
+def _context(ctx: Optional[Mapping[str, ContextLike]]) -> dict:
+    return {k: context_value(v) for k, v in (ctx or {}).items()}
+
+
+def _string_list(values: Optional[Sequence[str]]) -> Optional["pb.StringList"]:
+    return None if values is None else pb.StringList(values=list(values))
+
+
+def error_info(err: grpc.RpcError) -> Optional[ErrorInfo]:
+    """The ``google.rpc.ErrorInfo`` in a failed call's status details, or None.
+
+    Reads ``grpc-status-details-bin`` with ``grpc_status.rpc_status.from_call``
+    (which raises ValueError when the details contradict the call's code or
+    message).
+    """
+    if not isinstance(err, grpc.Call):
+        return None
+    status = rpc_status.from_call(err)
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(ErrorInfo.DESCRIPTOR):
+            info = ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+def error_reason(err: grpc.RpcError) -> Optional[str]:
+    """The AWS-style error name (``ErrorInfo.reason``) of a failed call, or None."""
+    info = error_info(err)
+    return info.reason if info is not None else None
+
+
+# --------------------------------------------------------- update builders
+
+
+def _update(**op: Any) -> "pb.Update":
+    return pb.Update(**op)
+
+
+def put_policy(name: str, document: Union[str, Mapping[str, Any]]) -> "pb.Update":
+    """Creates or replaces a managed policy (the document as JSON text or a dict)."""
+    if not isinstance(document, str):
+        import json
+
+        document = json.dumps(document)
+    return _update(put_policy=pb.PutPolicy(name=name, document=document))
+
+
+def delete_policy(name: str) -> "pb.Update":
+    return _update(delete_policy=pb.DeletePolicy(name=name))
+
+
+def put_principal(
+    arn: str,
+    tags_: Optional[TagsLike] = None,
+    policies: Sequence[str] = (),
+    inline_policies: Optional[Mapping[str, str]] = None,
+) -> "pb.Update":
+    """Creates or replaces an IAM user or role."""
+    return _update(
+        put_principal=pb.Principal(
+            arn=arn, tags=tags(tags_), policies=list(policies), inline_policies=dict(inline_policies or {})
+        )
+    )
+
+
+def delete_principal(arn: str) -> "pb.Update":
+    return _update(delete_principal=pb.DeleteEntity(arn=arn))
+
+
+def put_resource(arn: str, tags_: Optional[TagsLike] = None, **fields: str) -> "pb.Update":
+    """Creates or replaces a resource; ``fields`` are the other ``pb.Resource`` fields."""
+    return _update(put_resource=pb.Resource(arn=arn, tags=tags(tags_), **fields))
+
+
+def delete_resource(arn: str) -> "pb.Update":
+    return _update(delete_resource=pb.DeleteEntity(arn=arn))
+
+
+def set_tags(resource: str, tags_: TagsLike) -> "pb.Update":
+    """Writes tags as the administrator (tag rules apply, authorization does not)."""
+    return _update(set_tags=pb.SetTags(resource=resource, tags=tags(tags_)))
+
+
+def remove_tags(resource: str, tag_keys: Sequence[str]) -> "pb.Update":
+    return _update(remove_tags=pb.RemoveTags(resource=resource, tag_keys=list(tag_keys)))
+
+
+def batch(updates: Sequence["pb.Update"]) -> "pb.Update":
+    """Several updates applied all or nothing."""
+    return _update(batch=pb.Batch(updates=list(updates)))
+
+
+def replace_world(world_json: str) -> "pb.Update":
+    return _update(replace_world=pb.ReplaceWorld(world_json=world_json))
+
+
+def _apply_request(update: Union["pb.Update", "pb.ApplyRequest"], id_: str) -> "pb.ApplyRequest":
+    if isinstance(update, pb.ApplyRequest):
+        return update if update.id else pb.ApplyRequest(id=id_, update=update.update)
+    return pb.ApplyRequest(id=id_, update=update)
+
+
+# ------------------------------------------------------------------ streams
+
+
+class ApplySession:
+    """One open ``Admin.Apply`` stream, used in lockstep: :meth:`send` writes
+    one update and waits for its acknowledgement. An update refused by the
+    server comes back with ``error`` set and leaves the stream open.
+
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    _END = object()
+
+    def __init__(self, stub: "pb_grpc.AdminStub", metadata: Sequence[Tuple[str, str]], timeout: Optional[float]):
+        self._requests: "queue.Queue[Any]" = queue.Queue()
+        self._call = stub.Apply(self._request_iter(), metadata=list(metadata), timeout=timeout)
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _request_iter(self) -> Iterator["pb.ApplyRequest"]:
+        while True:
+            item = self._requests.get()
+            if item is self._END:
+                return
+            yield item
+
+    def send(self, update: Union["pb.Update", "pb.ApplyRequest"], id: Optional[str] = None) -> "pb.ApplyResponse":
+        """Sends one update on this stream and returns its acknowledgement."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the apply stream is closed")
+            req = _apply_request(update, id if id is not None else f"u{next(self._ids)}")
+            self._requests.put(req)
+            ack = next(self._call)
+            if ack.id != req.id:
+                raise RuntimeError(f"acknowledgement for {ack.id!r} came for update {req.id!r}")
+            return ack
+
+    def close(self) -> None:
+        """Half-closes the stream and waits for the server to end it."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._requests.put(self._END)
+            try:
+                for _ in self._call:  # nothing is pending; drains to the end
+                    pass
+            except grpc.RpcError:
+                pass
+
+    def __enter__(self) -> "ApplySession":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is not None:
+            self._call.cancel()
+        self.close()
+
+
+class WatchStream:
+    """The events of ``Admin.Watch``: iterate for :class:`pb.WatchEvent`s;
+    :meth:`cancel` (or leaving the ``with`` block) ends the stream."""
+
+    def __init__(self, call: Any):
+        self._call = call
+
+    def __iter__(self) -> "WatchStream":
+        return self
+
+    def __next__(self) -> "pb.WatchEvent":
+        return next(self._call)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def __enter__(self) -> "WatchStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cancel()
+
+
+# ------------------------------------------------------------------ client
+
+
+class TagwardClient:
+    """A client of one Tagward sidecar.
+
+    ``data_addr`` serves Authorizer, Tagging, health and reflection;
+    ``admin_addr`` serves Admin (optional when no admin call is made). With
+    ``token`` every Admin call carries ``authorization: Bearer <token>``.
+    Addresses are ``host:port`` (insecure channels: Tagward is a sidecar on
+    loopback or a pod network). ``timeout`` is the default deadline of every
+    unary call and of :meth:`apply`, in seconds.
+    """
+
+    def __init__(
+        self,
+        data_addr: str,
+        admin_addr: Optional[str] = None,
+        token: Optional[str] = None,
+        *,
+        timeout: Optional[float] = DEFAULT_TIMEOUT,
+    ):
+        self.data_addr = data_addr
+        self.admin_addr = admin_addr
+        self.timeout = timeout
+        self._data = grpc.insecure_channel(data_addr)
+        self._admin = grpc.insecure_channel(admin_addr) if admin_addr else None
+        self._admin_metadata: list = [("authorization", f"Bearer {token}")] if token is not None else []
+        self.authorizer = pb_grpc.AuthorizerStub(self._data)
+        self.tagging = pb_grpc.TaggingStub(self._data)
+        self.admin = pb_grpc.AdminStub(self._admin) if self._admin is not None else None
+
+    # -- lifecycle
+
+    def close(self) -> None:
+        self._data.close()
+        if self._admin is not None:
+            self._admin.close()
+
+    def __enter__(self) -> "TagwardClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _admin_stub(self) -> "pb_grpc.AdminStub":
+        if self.admin is None:
+            raise ValueError("this client has no admin address")
+        return self.admin
+
+    # -- names
+
+    @staticmethod
+    def decision_name(value: int) -> str:
+        """``pb.ALLOW`` -> "ALLOW"."""
+        return pb.Decision.Name(value)
+
+    @staticmethod
+    def reason_name(value: int) -> str:
+        """``pb.EXPLICIT_DENY`` -> "EXPLICIT_DENY"."""
+        return pb.Reason.Name(value)
+
+    # -- Authorizer
+
+    def authorize(
+        self,
+        principal: str,
+        action: str,
+        resource: str,
+        *,
+        request_tags: Optional[TagsLike] = None,
+        tag_keys: Optional[Sequence[str]] = None,
+        session_tags: Optional[TagsLike] = None,
+        context: Optional[Mapping[str, ContextLike]] = None,
+        min_revision: int = 0,
+        explain: bool = False,
+        timeout: Optional[float] = None,
+    ) -> "pb.AuthorizeResponse":
+        """May ``principal`` perform ``action`` on ``resource``?
+
+        ``tag_keys`` None leaves aws:TagKeys to the server (the keys of
+        ``request_tags``, if any). ``min_revision``: answer at this revision
+        or later (the server waits, bounded, else DEADLINE_EXCEEDED).
+        """
+        req = pb.AuthorizeRequest(
+            principal=principal,
+            action=action,
+            resource=resource,
+            request_tags=tags(request_tags),
+            tag_keys=_string_list(tag_keys),
+            session_tags=tags(session_tags),
+            context=_context(context),
+            min_revision=min_revision,
+            explain=explain,
+        )
+        return self.authorizer.Authorize(req, timeout=timeout or self.timeout)
+
+    def batch_authorize(
+        self,
+        principal: str,
+        items: Iterable[Union["pb.BatchItem", Tuple[str, str], Mapping[str, Any]]],
+        *,
+        session_tags: Optional[TagsLike] = None,
+        context: Optional[Mapping[str, ContextLike]] = None,
+        min_revision: int = 0,
+        explain: bool = False,
+        timeout: Optional[float] = None,
+    ) -> "pb.BatchAuthorizeResponse":
+        """One principal, many (action, resource) items; the results come in item order.
+
+        An item is a ``pb.BatchItem``, an ``(action, resource)`` pair, or a dict
+        with ``action``, ``resource`` and optionally ``request_tags``, ``tag_keys``.
+        """
+        batch_items = []
+        for it in items:
+            if isinstance(it, pb.BatchItem):
+                batch_items.append(it)
+            elif isinstance(it, Mapping):
+                batch_items.append(
+                    pb.BatchItem(
+                        action=it["action"],
+                        resource=it["resource"],
+                        request_tags=tags(it.get("request_tags")),
+                        tag_keys=_string_list(it.get("tag_keys")),
+                    )
+                )
+            else:
+                action, resource = it
+                batch_items.append(pb.BatchItem(action=action, resource=resource))
+        req = pb.BatchAuthorizeRequest(
+            principal=principal,
+            session_tags=tags(session_tags),
+            context=_context(context),
+            min_revision=min_revision,
+            explain=explain,
+            items=batch_items,
+        )
+        return self.authorizer.BatchAuthorize(req, timeout=timeout or self.timeout)
+
+    # -- Tagging
+
+    def tag_resource(
+        self,
+        principal: str,
+        resource: str,
+        tags_: TagsLike,
+        *,
+        action: str = "",
+        session_tags: Optional[TagsLike] = None,
+        context: Optional[Mapping[str, ContextLike]] = None,
+        timeout: Optional[float] = None,
+    ) -> "pb.TagResourceResponse":
+        """Tags ``resource`` as ``principal`` (authorized, checked, audited)."""
+        req = pb.TagResourceRequest(
+            principal=principal,
+            resource=resource,
+            tags=tags(tags_),
+            action=action,
+            session_tags=tags(session_tags),
+            context=_context(context),
+        )
+        return self.tagging.TagResource(req, timeout=timeout or self.timeout)
+
+    def untag_resource(
+        self,
+        principal: str,
+        resource: str,
+        tag_keys: Sequence[str],
+        *,
+        action: str = "",
+        session_tags: Optional[TagsLike] = None,
+        context: Optional[Mapping[str, ContextLike]] = None,
+        timeout: Optional[float] = None,
+    ) -> "pb.UntagResourceResponse":
+        """Removes tag keys from ``resource`` as ``principal``."""
+        req = pb.UntagResourceRequest(
+            principal=principal,
+            resource=resource,
+            tag_keys=list(tag_keys),
+            action=action,
+            session_tags=tags(session_tags),
+            context=_context(context),
+        )
+        return self.tagging.UntagResource(req, timeout=timeout or self.timeout)
+
+    def list_resource_tags(
+        self,
+        principal: str,
+        resource: str,
+        *,
+        action: str = "",
+        session_tags: Optional[TagsLike] = None,
+        context: Optional[Mapping[str, ContextLike]] = None,
+        min_revision: int = 0,
+        timeout: Optional[float] = None,
+    ) -> "pb.ListResourceTagsResponse":
+        """The tags of ``resource``, read as ``principal``."""
+        req = pb.ListResourceTagsRequest(
+            principal=principal,
+            resource=resource,
+            action=action,
+            session_tags=tags(session_tags),
+            context=_context(context),
+            min_revision=min_revision,
+        )
+        return self.tagging.ListResourceTags(req, timeout=timeout or self.timeout)
+
+    def get_resources(
+        self,
+        principal: str,
+        tag_filters: Union[Mapping[str, Sequence[str]], Iterable["pb.TagFilter"]],
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        min_revision: int = 0,
+        session_tags: Optional[TagsLike] = None,
+        context: Optional[Mapping[str, ContextLike]] = None,
+        timeout: Optional[float] = None,
+    ) -> "pb.GetResourcesResponse":
+        """One page of the resources whose tags match every filter, sorted by ARN.
+
+        ``tag_filters`` maps a key to its accepted values (empty: any value).
+        """
+        if isinstance(tag_filters, Mapping):
+            filters = [pb.TagFilter(key=k, values=list(v)) for k, v in tag_filters.items()]
+        else:
+            filters = list(tag_filters)
+        req = pb.GetResourcesRequest(
+            principal=principal,
+            tag_filters=filters,
+            page_size=page_size,
+            page_token=page_token,
+            min_revision=min_revision,
+            session_tags=tags(session_tags),
+            context=_context(context),
+        )
+        return self.tagging.GetResources(req, timeout=timeout or self.timeout)
+
+    def iter_resources(
+        self, principal: str, tag_filters: Union[Mapping[str, Sequence[str]], Iterable["pb.TagFilter"]], **kw: Any
+    ) -> Iterator["pb.ResourceTags"]:
+        """Every matching resource, following ``next_page_token`` across pages."""
+        token = ""
+        filters = tag_filters if isinstance(tag_filters, Mapping) else list(tag_filters)
+        while True:
+            page = self.get_resources(principal, filters, page_token=token, **kw)
+            yield from page.resources
+            token = page.next_page_token
+            if not token:
+                return
+
+    # -- Admin
+
+    def apply(
+        self, updates: Iterable[Union["pb.Update", "pb.ApplyRequest"]], *, timeout: Optional[float] = None
+    ) -> list:
+        """Sends the updates on one ``Admin.Apply`` stream; returns the
+        acknowledgements (``pb.ApplyResponse``) in order. A refused update has
+        ``error`` set and does not stop the ones after it.
+
+        Updates without an id get "0", "1", ...; the acknowledgements' ids
+        are checked against them.
+        """
+        reqs = [_apply_request(u, str(i)) for i, u in enumerate(updates)]
+        call = self._admin_stub().Apply(iter(reqs), metadata=self._admin_metadata, timeout=timeout or self.timeout)
+        acks = list(call)
+        if [a.id for a in acks] != [r.id for r in reqs]:
+            raise RuntimeError(
+                f"Apply acknowledged {[a.id for a in acks]} for the updates {[r.id for r in reqs]}"
+            )
+        return acks
+
+    def apply_session(self, *, timeout: Optional[float] = None) -> ApplySession:
+        """Opens an ``Admin.Apply`` stream to use in lockstep (see :class:`ApplySession`)."""
+        return ApplySession(self._admin_stub(), self._admin_metadata, timeout)
+
+    def export(self, *, timeout: Optional[float] = None) -> list:
+        """The whole state as the updates (``pb.ExportItem``) that rebuild it."""
+        return list(self._admin_stub().Export(pb.ExportRequest(), metadata=self._admin_metadata, timeout=timeout or self.timeout))
+
+    def watch(self, from_revision: int = 0, *, timeout: Optional[float] = None) -> WatchStream:
+        """Change events after ``from_revision`` (0: only new ones), then live
+        events; iterate the result, and cancel it when done. ``timeout`` is a
+        deadline for the whole stream (none by default)."""
+        call = self._admin_stub().Watch(
+            pb.WatchRequest(from_revision=from_revision), metadata=self._admin_metadata, timeout=timeout
+        )
+        return WatchStream(call)
+
+    # -- health and reflection (data listener)
+
+    def health(self, service: str = "", *, timeout: Optional[float] = None) -> int:
+        """The ``grpc.health.v1`` serving status (``HealthCheckResponse.SERVING`` == 1)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._data)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout).status
+
+    def wait_until_serving(self, deadline_s: float = 15.0, service: str = "") -> None:
+        """Polls health until SERVING; raises TimeoutError after ``deadline_s`` seconds."""
+        from grpc_health.v1 import health_pb2
+
+        end = time.monotonic() + deadline_s
+        last: Any = None
+        while time.monotonic() < end:
+            try:
+                if self.health(service, timeout=1.0) == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = "not SERVING"
+            except grpc.RpcError as e:
+                last = e.code()
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.data_addr} not SERVING after {deadline_s}s (last: {last})")
+
+    def list_services(self, *, timeout: Optional[float] = None) -> list:
+        """The services the data listener lists over server reflection
+        (``grpc.reflection.v1``; its messages are those of v1alpha)."""
+        from grpc_reflection.v1alpha import reflection_pb2 as rpb
+
+        call = self._data.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=rpb.ServerReflectionRequest.SerializeToString,
+            response_deserializer=rpb.ServerReflectionResponse.FromString,
+        )
+        responses = list(call(iter([rpb.ServerReflectionRequest(list_services="")]), timeout=timeout or self.timeout))
+        if not responses:
+            raise RuntimeError("reflection returned no response")
+        r = responses[0]
+        if r.HasField("error_response"):
+            raise RuntimeError(f"reflection error: {r.error_response.error_message}")
+        return [s.name for s in r.list_services_response.service]
+
+
+# --------------------------------------------------------------------- CLI
+
+
+def _describe(r: "pb.AuthorizeResponse") -> str:
+    lines = [f"{pb.Decision.Name(r.decision)} ({pb.Reason.Name(r.reason)}) at revision {r.revision}"]
+    for s in r.matched:
+        sid = f' "{s.sid}"' if s.sid else ""
+        lines.append(f"  decided by {s.policy}[{s.index}]{sid} ({s.effect})")
+    if r.missing_keys:
+        lines.append(f"  missing condition keys: {', '.join(r.missing_keys)}")
+    for c in r.considered:
+        s = c.statement
+        sid = f' "{s.sid}"' if s.sid else ""
+        lines.append(f"  considered {s.policy}[{s.index}]{sid} {s.effect}: {c.outcome}")
+    return "\n".join(lines)
+
+
+def _kv(text: str) -> Tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    k, v = text.split("=", 1)
+    return k, v
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python3 tagward_client.py authorize|tags|watch ...``; exit 0 allow/ok,
+    1 deny, 2 error."""
+    p = argparse.ArgumentParser(prog="tagward_client.py", description="Talk to a Tagward sidecar over gRPC.")
+    p.add_argument("--server", default=os.environ.get("TAGWARD_ADDR", "127.0.0.1:50051"), help="data address (env TAGWARD_ADDR)")
+    p.add_argument("--admin", default=os.environ.get("TAGWARD_ADMIN_ADDR", "127.0.0.1:50052"), help="admin address (env TAGWARD_ADMIN_ADDR)")
+    p.add_argument("--token", default=os.environ.get("TAGWARD_ADMIN_TOKEN"), help="admin bearer token (env TAGWARD_ADMIN_TOKEN)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("authorize", help="may PRINCIPAL do ACTION on RESOURCE?")
+    a.add_argument("--principal", required=True)
+    a.add_argument("--action", required=True)
+    a.add_argument("--resource", required=True)
+    a.add_argument("--tag", type=_kv, action="append", default=[], metavar="KEY=VALUE", help="a request tag (repeatable)")
+    a.add_argument("--explain", action="store_true", help="list every statement considered")
+
+    t = sub.add_parser("tags", help="list a resource's tags as PRINCIPAL")
+    t.add_argument("--principal", required=True)
+    t.add_argument("--resource", required=True)
+
+    w = sub.add_parser("watch", help="print change events (admin listener)")
+    w.add_argument("--from-revision", type=int, default=0)
+
+    args = p.parse_args(argv)
+    with TagwardClient(args.server, args.admin, args.token) as tw:
+        try:
+            if args.command == "authorize":
+                r = tw.authorize(args.principal, args.action, args.resource, request_tags=args.tag, explain=args.explain)
+                print(_describe(r))
+                return 0 if r.decision == pb.ALLOW else 1
+            if args.command == "tags":
+                r = tw.list_resource_tags(args.principal, args.resource)
+                for tag in r.tags:
+                    print(f"{tag.key}={tag.value}")
+                return 0
+            if args.command == "watch":
+                with tw.watch(args.from_revision) as events:
+                    for e in events:
+                        print(text_format.MessageToString(e, as_one_line=True), flush=True)
+                return 0
+        except grpc.RpcError as e:
+            reason = error_reason(e)
+            print(f"error: {e.code().name}{f' {reason}' if reason else ''}: {e.details()}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

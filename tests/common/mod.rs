@@ -1,0 +1,226 @@
+//! Helpers shared by the gRPC integration tests: a test world, a server on
+//! loopback, clients, and small builders for admin updates.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tagward::grpc::proto::{self, update::Op};
+use tagward::grpc::server::{self, Config, Running};
+use tagward::store::Store;
+use tagward::world::WorldSpec;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+use tonic_types::StatusExt;
+
+pub use tagward::grpc::proto::admin_client::AdminClient;
+pub use tagward::grpc::proto::authorizer_client::AuthorizerClient;
+pub use tagward::grpc::proto::tagging_client::TaggingClient;
+pub use tonic_health::pb::health_client::HealthClient;
+
+pub const ALPHA_APP: &str = "arn:aws:iam::111122223333:role/AlphaApp";
+pub const BETA_APP: &str = "arn:aws:iam::111122223333:role/BetaApp";
+pub const KEY_ADMIN: &str = "arn:aws:iam::111122223333:role/KeyAdmin";
+pub const OPS_USER: &str = "arn:aws:iam::111122223333:user/ops";
+pub const KEY_ALPHA: &str = "arn:aws:kms:us-east-1:111122223333:key/alpha-0001";
+pub const KEY_BETA: &str = "arn:aws:kms:us-east-1:111122223333:key/beta-0002";
+pub const KEY_RESERVED: &str = "arn:aws:kms:us-east-1:111122223333:key/reserved-0003";
+pub const KEY_DISABLED: &str = "arn:aws:kms:us-east-1:111122223333:key/disabled-0004";
+pub const BUCKET: &str = "arn:aws:s3:::tagward-test-bucket";
+
+/// The deploy example's policies and principals, plus keys, a user with an
+/// inline policy, a key with its own key policy and a bucket with a
+/// resource policy and an explicit account (so that Export has every kind
+/// of field to carry).
+pub const WORLD: &str = r#"{
+  "policies": {
+    "AlphaKeys": {"Version": "2012-10-17", "Statement": [
+      {"Sid": "UseKeysOfMyProject", "Effect": "Allow", "Action": ["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey*"],
+       "Resource": "arn:aws:kms:*:111122223333:key/*",
+       "Condition": {"StringEquals": {"aws:ResourceTag/Project": "${aws:PrincipalTag/project}"}}},
+      {"Sid": "DenyReserved", "Effect": "Deny", "Action": "kms:*", "Resource": "arn:aws:kms:*:111122223333:key/*",
+       "Condition": {"StringEquals": {"aws:ResourceTag/Type": "Reserved"}}}]},
+    "KeyTagAdmin": {"Version": "2012-10-17", "Statement": [
+      {"Sid": "ManageProjectTags", "Effect": "Allow", "Action": ["kms:TagResource", "kms:UntagResource", "kms:ListResourceTags"],
+       "Resource": "arn:aws:kms:*:111122223333:key/*",
+       "Condition": {"ForAllValues:StringEquals": {"aws:TagKeys": ["Project", "Type"]}}},
+      {"Sid": "FindResourcesByTag", "Effect": "Allow", "Action": "tag:GetResources", "Resource": "*"}]}
+  },
+  "principals": [
+    {"arn": "arn:aws:iam::111122223333:role/AlphaApp", "tags": {"project": "Alpha"}, "policies": ["AlphaKeys"]},
+    {"arn": "arn:aws:iam::111122223333:role/BetaApp", "tags": {"project": "Beta"}, "policies": ["AlphaKeys"]},
+    {"arn": "arn:aws:iam::111122223333:role/KeyAdmin", "policies": ["KeyTagAdmin"]},
+    {"arn": "arn:aws:iam::111122223333:user/ops", "tags": {"team": "ops"},
+     "inline_policies": {"NoS3": {"Version": "2012-10-17", "Statement": {"Effect": "Deny", "Action": "s3:*", "Resource": "*"}}}}
+  ],
+  "resources": [
+    {"arn": "arn:aws:kms:us-east-1:111122223333:key/alpha-0001", "tags": {"Project": "Alpha", "Type": "General"}},
+    {"arn": "arn:aws:kms:us-east-1:111122223333:key/beta-0002", "tags": {"Project": "Beta", "Type": "General"}},
+    {"arn": "arn:aws:kms:us-east-1:111122223333:key/reserved-0003", "tags": {"Project": "Alpha", "Type": "Reserved"}},
+    {"arn": "arn:aws:kms:us-east-1:111122223333:key/disabled-0004", "tags": {"Owner": "ops"}, "key_state": "Disabled",
+     "key_policy": {"Version": "2012-10-17", "Statement": [{"Sid": "Root", "Effect": "Allow",
+       "Principal": {"AWS": "arn:aws:iam::111122223333:root"}, "Action": "kms:*", "Resource": "*"}]}},
+    {"arn": "arn:aws:s3:::tagward-test-bucket", "account": "111122223333", "tags": {"Owner": "ops"},
+     "resource_policy": {"Version": "2012-10-17", "Statement": {"Effect": "Allow",
+       "Principal": {"AWS": "arn:aws:iam::111122223333:role/AlphaApp"}, "Action": "s3:GetObject", "Resource": "*"}}}
+  ]
+}"#;
+
+pub fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// A config on two free loopback ports with short timeouts.
+pub fn config() -> Config {
+    Config {
+        listen: loopback(),
+        admin_listen: loopback(),
+        min_revision_wait: Duration::from_secs(2),
+        shutdown_grace: Duration::from_secs(5),
+        ..Config::default()
+    }
+}
+
+pub fn world(json: &str) -> WorldSpec {
+    serde_json::from_str(json).expect("the test world parses")
+}
+
+/// Starts the real server on loopback with `world_json` loaded.
+pub async fn start_with(world_json: &str, config: Config) -> Running {
+    let state = world(world_json).build().expect("the test world builds");
+    server::start(config, Arc::new(Store::new(state, 10_000))).await.expect("the server starts")
+}
+
+pub async fn start(config: Config) -> Running {
+    start_with(WORLD, config).await
+}
+
+pub async fn channel(addr: SocketAddr) -> Channel {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"))
+}
+
+/// Clients of one running server.
+pub struct Clients {
+    pub authz: AuthorizerClient<Channel>,
+    pub tagging: TaggingClient<Channel>,
+    pub admin: AdminClient<Channel>,
+    pub health: HealthClient<Channel>,
+}
+
+pub async fn clients(running: &Running) -> Clients {
+    let data = channel(running.data_addr).await;
+    let admin = channel(running.admin_addr).await;
+    Clients {
+        authz: AuthorizerClient::new(data.clone()),
+        tagging: TaggingClient::new(data.clone()),
+        admin: AdminClient::new(admin),
+        health: HealthClient::new(data),
+    }
+}
+
+/// The `field` the server named in a validation error.
+pub fn field(status: &Status) -> Option<String> {
+    status.get_details_error_info().and_then(|info| info.metadata.get("field").cloned())
+}
+
+pub fn error_name(status: &Status) -> Option<String> {
+    tagward::grpc::error_name(status)
+}
+
+pub fn tag(k: &str, v: &str) -> proto::Tag {
+    proto::Tag { key: k.to_string(), value: v.to_string() }
+}
+
+pub fn tags_of(tags: &[proto::Tag]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = tags.iter().map(|t| (t.key.clone(), t.value.clone())).collect();
+    out.sort();
+    out
+}
+
+pub fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    out.sort();
+    out
+}
+
+pub fn update(op: Op) -> proto::Update {
+    proto::Update { op: Some(op) }
+}
+
+pub fn set_tags(resource: &str, t: &[(&str, &str)]) -> proto::Update {
+    update(Op::SetTags(proto::SetTags { resource: resource.to_string(), tags: t.iter().map(|(k, v)| tag(k, v)).collect() }))
+}
+
+pub fn put_policy(name: &str, document: &str) -> proto::Update {
+    update(Op::PutPolicy(proto::PutPolicy { name: name.to_string(), document: document.to_string() }))
+}
+
+pub fn batch(updates: Vec<proto::Update>) -> proto::Update {
+    update(Op::Batch(proto::Batch { updates }))
+}
+
+pub fn apply_request(id: &str, u: proto::Update) -> proto::ApplyRequest {
+    proto::ApplyRequest { id: id.to_string(), update: Some(u) }
+}
+
+/// A request carrying the admin bearer token.
+pub fn with_token<T>(msg: T, token: &str) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+/// Sends `updates` on one Apply stream and collects every answer.
+pub async fn apply_all(admin: &mut AdminClient<Channel>, updates: Vec<proto::Update>) -> Vec<proto::ApplyResponse> {
+    let reqs: Vec<proto::ApplyRequest> = updates.into_iter().enumerate().map(|(i, u)| apply_request(&format!("u{i}"), u)).collect();
+    let n = reqs.len();
+    let mut stream = admin.apply(tokio_stream::iter(reqs)).await.expect("Admin.Apply opens").into_inner();
+    let mut out = Vec::with_capacity(n);
+    while let Some(r) = stream.message().await.expect("Admin.Apply answers") {
+        out.push(r);
+    }
+    assert_eq!(out.len(), n, "one answer per update");
+    out
+}
+
+/// Applies one update and insists that it was accepted; returns the revision.
+pub async fn apply_ok(admin: &mut AdminClient<Channel>, u: proto::Update) -> u64 {
+    let r = apply_all(admin, vec![u]).await.pop().unwrap();
+    assert!(r.error.is_none(), "update refused: {:?}", r.error);
+    r.revision
+}
+
+pub fn authorize_req(principal: &str, action: &str, resource: &str) -> proto::AuthorizeRequest {
+    proto::AuthorizeRequest {
+        principal: principal.to_string(),
+        action: action.to_string(),
+        resource: resource.to_string(),
+        ..Default::default()
+    }
+}
+
+pub fn allowed(r: &proto::AuthorizeResponse) -> bool {
+    r.decision == proto::Decision::Allow as i32
+}
+
+pub fn item(action: &str, resource: &str) -> proto::BatchItem {
+    proto::BatchItem { action: action.to_string(), resource: resource.to_string(), ..Default::default() }
+}
+
+/// Reserves a free loopback port (bind to port 0, read it, release it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// grpc.health.v1 Check on `service`: Ok(status as i32) or the error.
+pub async fn health_check(health: &mut HealthClient<Channel>, service: &str) -> Result<i32, Status> {
+    health.check(tonic_health::pb::HealthCheckRequest { service: service.to_string() }).await.map(|r| r.into_inner().status)
+}
+
+pub const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
