@@ -73,6 +73,7 @@ impl From<TagError> for Status {
             TagError::UnsupportedOperation(_) | TagError::InvalidState(_) | TagError::LimitExceeded(_) => {
                 status(Code::FailedPrecondition, name, e.to_string(), HashMap::new())
             }
+            TagError::Unavailable(_) => status(Code::Unavailable, name, e.to_string(), HashMap::new()),
         }
     }
 }

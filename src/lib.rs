@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod policy;
 pub mod scenario;
 pub mod state;
+pub mod storage;
 pub mod store;
 pub mod tagging;
 pub mod tags;

@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use tagward::grpc::client::GrpcBackend;
 use tagward::grpc::proto::authorizer_client::AuthorizerClient;
 use tagward::grpc::proto::{self, Decision, Reason};
 use tagward::grpc::server::{self, Config};
 use tagward::scenario::{self, Backend, InProcess};
-use tagward::store::Store;
+use tagward::store::{Durability, Opened, Store};
 use tagward::world::WorldSpec;
 
 #[derive(Parser)]
@@ -48,9 +48,24 @@ enum Command {
         #[arg(long, env = "TAGWARD_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
         admin_token_file: Option<PathBuf>,
         /// The world to start from (JSON or YAML: policies, principals,
-        /// resources); empty when not given.
+        /// resources). It seeds an empty data directory only; state the
+        /// directory already holds is kept (see --force-world).
         #[arg(long, env = "TAGWARD_WORLD")]
         world: Option<PathBuf>,
+        /// Where state is kept: every acknowledged change is synced here
+        /// first, and a restart restores it.
+        #[arg(long, env = "TAGWARD_DATA_DIR", default_value = "tagward-data", conflicts_with = "ephemeral")]
+        data_dir: PathBuf,
+        /// Replace the state the data directory holds with --world (as one
+        /// logged change, so the revision still grows).
+        #[arg(long, env = "TAGWARD_FORCE_WORLD", requires = "world")]
+        force_world: bool,
+        /// Keep state in memory only: a restart starts again from --world.
+        #[arg(long, env = "TAGWARD_EPHEMERAL")]
+        ephemeral: bool,
+        /// Log bytes after which a snapshot is written and older files removed.
+        #[arg(long, env = "TAGWARD_COMPACT_AFTER_BYTES", default_value_t = 64 * 1024 * 1024)]
+        compact_after_bytes: u64,
         /// How long a request with min_revision may wait, in milliseconds.
         #[arg(long, env = "TAGWARD_MIN_REVISION_WAIT_MS", default_value_t = 2000)]
         min_revision_wait_ms: u64,
@@ -90,6 +105,24 @@ enum Command {
         #[arg(long, env = "TAGWARD_ADMIN_TOKEN", hide_env_values = true, allow_hyphen_values = true)]
         token: Option<String>,
     },
+    /// Write the whole state of a data directory (of a stopped sidecar, or
+    /// a copy) as a world file, for backup and inspection.
+    Export {
+        /// The data directory.
+        #[arg(long, env = "TAGWARD_DATA_DIR", default_value = "tagward-data")]
+        data_dir: PathBuf,
+        /// Where to write (JSON); standard output when not given.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Replace the state of a data directory with a world file (the sidecar
+    /// must be stopped); the revision keeps growing.
+    Import {
+        #[arg(long, env = "TAGWARD_DATA_DIR", default_value = "tagward-data")]
+        data_dir: PathBuf,
+        /// The world file (JSON or YAML), e.g. from `tagward export`.
+        world: PathBuf,
+    },
     /// Ask a running sidecar one question and print the answer.
     Authorize {
         #[arg(long, default_value = "127.0.0.1:50051")]
@@ -118,6 +151,10 @@ fn main() -> ExitCode {
             admin_token,
             admin_token_file,
             world,
+            data_dir,
+            force_world,
+            ephemeral,
+            compact_after_bytes,
             min_revision_wait_ms,
             max_message_bytes,
             max_batch,
@@ -146,8 +183,11 @@ fn main() -> ExitCode {
                 max_batch,
                 shutdown_grace: Duration::from_secs(shutdown_grace_secs),
             };
-            serve(config, world.as_deref(), watch_events)
+            let storage = (!ephemeral).then(|| Durability { compact_after_bytes, event_capacity: watch_events });
+            serve(config, world.as_deref(), &data_dir, storage, force_world, watch_events)
         }
+        Command::Export { data_dir, output } => export(&data_dir, output.as_deref()),
+        Command::Import { data_dir, world } => import(&data_dir, &world),
         Command::Test { paths, server, admin, token } => match (server, admin) {
             (Some(server), Some(admin)) => match GrpcBackend::connect(&server, &admin, token) {
                 Ok(mut backend) => run_tests(&paths, &mut backend),
@@ -186,20 +226,45 @@ fn load_world(path: &Path) -> Result<WorldSpec, String> {
     serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {}: {}", path.display(), e.path(), e.inner()))
 }
 
-fn serve(config: Config, world: Option<&Path>, watch_events: usize) -> ExitCode {
-    let state = match world {
-        None => Default::default(),
-        Some(path) => match load_world(path).and_then(|w| w.build().map_err(|e| format!("{}: {e}", path.display()))) {
-            Ok(state) => state,
+fn serve(
+    config: Config,
+    world: Option<&Path>,
+    data_dir: &Path,
+    durability: Option<Durability>,
+    force_world: bool,
+    watch_events: usize,
+) -> ExitCode {
+    let seed = match world.map(load_world).transpose() {
+        Ok(seed) => seed,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let store = match durability {
+        None => match seed.as_ref().map(WorldSpec::build).transpose() {
+            Ok(state) => {
+                info!("ephemeral: state is kept in memory only");
+                Arc::new(Store::new(state.unwrap_or_default(), watch_events))
+            }
             Err(e) => {
-                error!("{e}");
+                error!("the world file: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        Some(options) => match Store::open(data_dir, seed.as_ref(), force_world, &options) {
+            Ok((store, opened)) => {
+                report_opened(data_dir, &opened, seed.is_some());
+                store
+            }
+            Err(e) => {
+                error!("cannot open the data directory: {e}");
                 return ExitCode::from(2);
             }
         },
     };
-    let (policies, principals, resources) = state.counts();
-    info!(policies, principals, resources, revision = state.revision(), "world loaded");
-    let store = Arc::new(Store::new(state, watch_events));
+    let (policies, principals, resources) = store.snapshot().counts();
+    info!(policies, principals, resources, revision = store.revision(), "state ready");
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -218,6 +283,88 @@ fn serve(config: Config, world: Option<&Path>, watch_events: usize) -> ExitCode 
         running.run_until(stop_signal()).await;
         ExitCode::SUCCESS
     })
+}
+
+fn report_opened(dir: &Path, opened: &Opened, had_world: bool) {
+    if let Some(cut) = &opened.cut {
+        warn!(file = %cut.path.display(), offset = cut.offset, bytes = cut.bytes, reason = %cut.reason,
+            "cut a torn tail off the log (a write interrupted by a crash; it was never acknowledged)");
+    }
+    match (opened.restored, opened.seeded, opened.replaced) {
+        (Some(rev), _, true) => info!(dir = %dir.display(), restored = rev, "replaced the restored state with the world file (--force-world)"),
+        (Some(rev), _, false) => {
+            info!(dir = %dir.display(), revision = rev, replayed = opened.replayed, "restored the acknowledged state");
+            if had_world {
+                info!("the data directory already holds state, so the world file is not applied (--force-world replaces it)");
+            }
+        }
+        (None, true, _) => info!(dir = %dir.display(), "seeded the empty data directory from the world file"),
+        (None, false, _) => info!(dir = %dir.display(), "starting with an empty data directory"),
+    }
+}
+
+fn offline_options() -> Durability {
+    Durability { compact_after_bytes: u64::MAX, event_capacity: 1 }
+}
+
+fn export(dir: &Path, output: Option<&Path>) -> ExitCode {
+    if !dir.is_dir() {
+        eprintln!("{}: no such data directory", dir.display());
+        return ExitCode::from(2);
+    }
+    let (store, _) = match Store::open(dir, None, false, &offline_options()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cannot open the data directory: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let state = store.snapshot();
+    let text = match serde_json::to_string_pretty(&WorldSpec::from_state(&state)) {
+        Ok(t) => t + "\n",
+        Err(e) => {
+            eprintln!("cannot encode the state: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let written = match output {
+        Some(path) => std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display())),
+        None => std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes()).map_err(|e| e.to_string()),
+    };
+    match written {
+        Ok(()) => {
+            eprintln!("exported revision {} of {}", state.revision(), dir.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn import(dir: &Path, world: &Path) -> ExitCode {
+    let seed = match load_world(world) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = seed.build() {
+        eprintln!("{}: {e}", world.display());
+        return ExitCode::from(2);
+    }
+    match Store::open(dir, Some(&seed), true, &offline_options()) {
+        Ok((store, _)) => {
+            eprintln!("imported {} into {} at revision {}", world.display(), dir.display(), store.revision());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cannot import: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// SIGTERM or SIGINT.

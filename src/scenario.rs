@@ -15,7 +15,7 @@ use thiserror::Error;
 
 use crate::engine::{authorize, ContextValue, Request};
 use crate::state::State;
-use crate::store::{Store, Update};
+use crate::store::{Store, Ticket, Update};
 use crate::tagging::{TagError, TagOp, TagRequest};
 use crate::world::{PrincipalSpec, ResourceSpec, WorldSpec};
 
@@ -232,8 +232,9 @@ impl Backend for InProcess {
     }
 
     fn run(&mut self, op: &Operation) -> Observed {
-        let admin = |update: Update| match self.store.apply(&update, "scenario") {
-            Ok(_) => Observed::Ok { tags: None },
+        let admin = |update: Update| match self.store.apply(&update, "scenario").map(Ticket::wait) {
+            Ok(Ok(_)) => Observed::Ok { tags: None },
+            Ok(Err(e)) => Observed::Error { name: "StorageFailed".into(), message: e.to_string() },
             Err(e) => Observed::Error { name: e.code.to_string(), message: e.message },
         };
         match op {
@@ -246,7 +247,10 @@ impl Backend for InProcess {
                 },
                 Err(e) => Observed::Error { name: "ValidationException".into(), message: e.to_string() },
             },
-            Operation::Tag(req) => match self.store.tag(req) {
+            Operation::Tag(req) => match self.store.tag(req).and_then(|(done, ticket)| {
+                ticket.wait().map_err(|e| TagError::Unavailable(e.to_string()))?;
+                Ok(done)
+            }) {
                 Ok(done) => Observed::Ok {
                     tags: Some(done.outcome.tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
                 },

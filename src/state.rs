@@ -303,6 +303,11 @@ impl State {
         self.revision += 1;
     }
 
+    /// Sets the revision of a state rebuilt from a snapshot.
+    pub(crate) fn set_revision(&mut self, revision: u64) {
+        self.revision = revision;
+    }
+
     /// Makes this state the successor of one at revision `previous`, so that
     /// a state built from scratch (a replaced world) keeps revisions growing.
     pub fn follow(&mut self, previous: u64) {

@@ -3,16 +3,24 @@
 //! `Admin.Watch` streams.
 //!
 //! Readers do one `ArcSwap` load and then evaluate on an immutable snapshot.
-//! Writers take the write lock, clone the current state (cheap: persistent
-//! maps), change the clone and swap it in, so a reader sees a whole update
-//! or none of it.
+//! Writers take the write lock, clone the head state (cheap: persistent
+//! maps), change the clone and make it the new head, so a reader sees a
+//! whole update or none of it.
 //!
-//! INVARIANT: the stored state's revision only grows; every revision a
-//! writer publishes has its events in the event log before the revision is
-//! announced, so a watcher that asks "after N" misses nothing.
+//! With storage (a data directory), a change is appended to the log and
+//! becomes visible only once it is durable: the committer thread syncs
+//! every change that arrived meanwhile with one sync (group commit), then
+//! publishes them in order and wakes their [`Ticket`]s. Writers build on the
+//! head, which may be ahead of what readers see by the changes in flight.
+//!
+//! INVARIANT: the published state's revision only grows, and only durable
+//! states are published; every revision published has its events in the
+//! event log before the revision is announced, so a watcher that asks
+//! "after N" misses nothing.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -22,12 +30,15 @@ use tokio::sync::{broadcast, watch};
 
 use crate::policy::PolicyKind;
 use crate::state::{State, StateError};
+use crate::storage::{Cut, Entry, FileStorage, LoadItem, Storage, StorageError};
 use crate::tagging::{perform, TagChange, TagError, TagOutcome, TagRequest};
 use crate::tags::{check_key, check_tag, TagSet, TagSetError};
 use crate::world::{build_principal, compile_policy, PrincipalSpec, ResourceBuilder, ResourceSpec, WorldSpec};
 
-/// One change to the world, as the admin stream sends it.
-#[derive(Debug, Clone)]
+/// One change to the world, as the admin stream sends it (and as the log
+/// records it).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Update {
     PutPolicy { name: String, document: Value },
     DeletePolicy { name: String },
@@ -42,6 +53,9 @@ pub enum Update {
     Batch(Vec<Update>),
     /// The whole state, all or nothing.
     ReplaceWorld(WorldSpec),
+    /// The exact tag set of a resource: how the log records the effect of an
+    /// authorized tag operation.
+    ReplaceTags { resource: String, tags: Vec<(String, String)> },
 }
 
 /// A refused update: the AWS-style error name and the message (with the
@@ -113,7 +127,31 @@ struct EventLog {
 }
 
 struct Writer {
+    /// The newest accepted state: published, or durable soon.
+    head: Arc<State>,
     resources: ResourceBuilder,
+    storage: Option<Box<dyn Storage>>,
+    /// Accepted and logged, waiting for the sync that publishes them.
+    pending: Vec<(Arc<State>, Vec<Event>)>,
+    /// Set when storage failed: every later change is refused.
+    failed: Option<String>,
+}
+
+/// Durability progress, shared with tickets and the committer thread.
+#[derive(Debug)]
+struct Commit {
+    progress: Mutex<Progress>,
+    changed: Condvar,
+    watch: watch::Sender<Progress>,
+    /// Set when pending changes wait for a sync.
+    wake: Mutex<bool>,
+    wake_cv: Condvar,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    durable: u64,
+    failed: Option<String>,
 }
 
 /// The live world.
@@ -122,6 +160,87 @@ pub struct Store {
     writer: Mutex<Writer>,
     events: Mutex<EventLog>,
     revision: watch::Sender<u64>,
+    commit: Option<Arc<Commit>>,
+}
+
+/// A change that was accepted; `wait` or `durable` return once it is
+/// durable and visible (at once without storage).
+#[must_use = "a change is acknowledged only once its ticket says it is durable"]
+#[derive(Debug)]
+pub struct Ticket {
+    revision: u64,
+    commit: Option<Arc<Commit>>,
+}
+
+/// Storage failed: the change may not be durable, and the store refuses
+/// further changes.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("the data directory failed, so changes are refused: {0}")]
+pub struct StorageFailed(pub String);
+
+impl Ticket {
+    fn done(revision: u64) -> Ticket {
+        Ticket { revision, commit: None }
+    }
+
+    /// The revision the change produced (durable or not yet).
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    fn check(&self, p: &Progress) -> Option<Result<u64, StorageFailed>> {
+        if p.durable >= self.revision {
+            Some(Ok(self.revision))
+        } else {
+            p.failed.as_ref().map(|f| Err(StorageFailed(f.clone())))
+        }
+    }
+
+    /// Blocks until the change is durable.
+    pub fn wait(self) -> Result<u64, StorageFailed> {
+        let Some(commit) = &self.commit else { return Ok(self.revision) };
+        let mut p = lock(&commit.progress);
+        loop {
+            if let Some(r) = self.check(&p) {
+                return r;
+            }
+            p = commit.changed.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Waits, without blocking a thread, until the change is durable.
+    pub async fn durable(self) -> Result<u64, StorageFailed> {
+        let Some(commit) = &self.commit else { return Ok(self.revision) };
+        let mut rx = commit.watch.subscribe();
+        let outcome = rx.wait_for(|p| self.check(p).is_some()).await.map(|p| self.check(&p));
+        match outcome {
+            Ok(Some(r)) => r,
+            _ => Err(StorageFailed("the committer stopped".into())),
+        }
+    }
+}
+
+/// How a store with a data directory runs.
+#[derive(Debug, Clone)]
+pub struct Durability {
+    /// Log bytes after which a snapshot is written and older files dropped.
+    pub compact_after_bytes: u64,
+    pub event_capacity: usize,
+}
+
+/// What opening a data directory found.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    /// The revision restored from the directory (0 when it was empty).
+    pub restored: Option<u64>,
+    /// The world file seeded an empty directory.
+    pub seeded: bool,
+    /// The world file replaced the restored state (forced).
+    pub replaced: bool,
+    /// A torn tail that recovery cut off.
+    pub cut: Option<Cut>,
+    /// Logged changes replayed over the snapshot.
+    pub replayed: u64,
 }
 
 fn pairs(tags: &TagSet) -> Vec<(String, String)> {
@@ -144,12 +263,108 @@ impl Store {
     pub fn new(state: State, event_capacity: usize) -> Store {
         let (live, _) = broadcast::channel(4096);
         let (revision, _) = watch::channel(state.revision());
+        let head = Arc::new(state);
         Store {
-            current: ArcSwap::from_pointee(state),
-            writer: Mutex::new(Writer { resources: ResourceBuilder::default() }),
+            current: ArcSwap::new(head.clone()),
+            writer: Mutex::new(Writer {
+                head,
+                resources: ResourceBuilder::default(),
+                storage: None,
+                pending: Vec::new(),
+                failed: None,
+            }),
             events: Mutex::new(EventLog { kept: VecDeque::new(), capacity: event_capacity.max(1), dropped: 0, live }),
             revision,
+            commit: None,
         }
+    }
+
+    /// Opens a data directory: restores exactly the state and revision it
+    /// acknowledged (newest snapshot, then the log after it, a torn tail
+    /// cut off), seeds an empty directory from `seed`, or with `force`
+    /// replaces the restored state with `seed` as one logged change. Then
+    /// serves with every change durable before it is acknowledged.
+    pub fn open(
+        dir: &Path,
+        seed: Option<&WorldSpec>,
+        force: bool,
+        options: &Durability,
+    ) -> Result<(Arc<Store>, Opened), OpenError> {
+        let mut state = State::default();
+        let mut resources = ResourceBuilder::default();
+        let mut replayed = 0u64;
+        let recovered = FileStorage::recover(dir, options.compact_after_bytes, |item| {
+            let mut ignored = Vec::new();
+            match item {
+                LoadItem::SnapshotBegin { .. } => state = State::default(),
+                LoadItem::Put(update) => apply_one(&mut state, &mut resources, &update, "", &mut ignored)
+                    .map_err(|e| format!("the snapshot does not load: {e}"))?,
+                LoadItem::SnapshotEnd { revision } => state.set_revision(revision),
+                LoadItem::Entry(entry) => {
+                    if entry.prev != state.revision() {
+                        return Err(format!(
+                            "the entry follows revision {} but the state is at revision {}",
+                            entry.prev,
+                            state.revision()
+                        ));
+                    }
+                    apply_one(&mut state, &mut resources, &entry.change, &entry.actor, &mut ignored)
+                        .map_err(|e| format!("the logged change does not apply: {e}"))?;
+                    if state.revision() != entry.rev {
+                        return Err(format!("replaying gives revision {}, the entry says {}", state.revision(), entry.rev));
+                    }
+                    replayed += 1;
+                }
+            }
+            Ok(())
+        })?;
+        let mut opened = Opened {
+            restored: recovered.found.then(|| state.revision()),
+            seeded: false,
+            replaced: false,
+            cut: recovered.cut.clone(),
+            replayed,
+        };
+        if !recovered.found {
+            if let Some(world) = seed {
+                state = world.build().map_err(|e| OpenError::World(e.to_string()))?;
+                recovered.seed(&state)?;
+                opened.seeded = true;
+            }
+        }
+        let storage = recovered.start(state.revision())?;
+        let durable = Progress { durable: state.revision(), failed: None };
+        let commit = Arc::new(Commit {
+            progress: Mutex::new(durable.clone()),
+            changed: Condvar::new(),
+            watch: watch::channel(durable).0,
+            wake: Mutex::new(false),
+            wake_cv: Condvar::new(),
+        });
+        let mut store = Store::new(state, options.event_capacity);
+        store.commit = Some(commit.clone());
+        {
+            let writer = store.writer.get_mut().unwrap_or_else(|e| e.into_inner());
+            writer.storage = Some(Box::new(storage));
+            writer.resources = resources;
+        }
+        let store = Arc::new(store);
+        let weak = Arc::downgrade(&store);
+        std::thread::Builder::new()
+            .name("tagward-commit".into())
+            .spawn(move || committer(weak, commit))
+            .map_err(|e| OpenError::World(format!("cannot start the commit thread: {e}")))?;
+        if force && opened.restored.is_some() {
+            if let Some(world) = seed {
+                store
+                    .apply(&Update::ReplaceWorld(world.clone()), "world-file")
+                    .map_err(|e| OpenError::World(e.to_string()))?
+                    .wait()
+                    .map_err(|e| OpenError::World(e.to_string()))?;
+                opened.replaced = true;
+            }
+        }
+        Ok((store, opened))
     }
 
     /// The current snapshot: one atomic load.
@@ -176,8 +391,8 @@ impl Store {
         }
     }
 
-    /// Publishes `next` and its events. Called with the writer lock held.
-    fn publish(&self, next: State, events: Vec<Event>) {
+    /// Publishes `next` and its events, in revision order.
+    fn publish(&self, next: Arc<State>, events: Vec<Event>) {
         let revision = next.revision();
         {
             let mut log = lock(&self.events);
@@ -193,40 +408,82 @@ impl Store {
                 let _ = log.live.send(e);
             }
         }
-        self.current.store(Arc::new(next));
+        self.current.store(next);
         self.revision.send_replace(revision);
     }
 
-    /// Applies one admin update, all or nothing; returns the new revision.
-    pub fn apply(&self, update: &Update, actor: &str) -> Result<u64, UpdateError> {
+    /// Applies one admin update, all or nothing. The ticket says when it is
+    /// durable and visible.
+    pub fn apply(&self, update: &Update, actor: &str) -> Result<Ticket, UpdateError> {
         let mut writer = lock(&self.writer);
-        let current = self.snapshot();
-        let mut next = State::clone(&current);
-        let mut events = Vec::new();
-        apply_one(&mut next, &mut writer, update, actor, &mut events)?;
-        if next.revision() == current.revision() {
-            return Ok(current.revision());
+        if let Some(failed) = &writer.failed {
+            return Err(UpdateError::new("StorageFailed", StorageFailed(failed.clone()).to_string()));
         }
-        let revision = next.revision();
-        self.publish(next, events);
-        Ok(revision)
+        let head = writer.head.clone();
+        let mut next = State::clone(&head);
+        let mut events = Vec::new();
+        let Writer { resources, .. } = &mut *writer;
+        apply_one(&mut next, resources, update, actor, &mut events)?;
+        if next.revision() == head.revision() {
+            return Ok(Ticket::done(head.revision()));
+        }
+        self.accept(&mut writer, head.revision(), next, events, update.clone(), actor)
+            .map_err(|e| UpdateError::new("StorageFailed", e.to_string()))
     }
 
-    /// Performs a tag operation as a principal; a change is published
-    /// before this returns. Gives the outcome, the revision after it and
-    /// whether this operation changed anything.
-    pub fn tag(&self, req: &TagRequest) -> Result<Tagged, TagError> {
-        let _writer = lock(&self.writer);
-        let current = self.snapshot();
-        let mut outcome = perform(&current, req)?;
-        Ok(match outcome.change.take() {
-            Some((next, change)) => {
-                let revision = next.revision();
-                self.publish(next, vec![tag_event(&change)]);
-                Tagged { outcome, revision, changed: true }
-            }
-            None => Tagged { outcome, revision: current.revision(), changed: false },
-        })
+    /// Performs a tag operation as a principal, on the newest accepted
+    /// state. The ticket says when the change is durable and visible.
+    pub fn tag(&self, req: &TagRequest) -> Result<(Tagged, Ticket), TagError> {
+        let mut writer = lock(&self.writer);
+        let head = writer.head.clone();
+        let mut outcome = perform(&head, req)?;
+        let Some((next, change)) = outcome.change.take() else {
+            return Ok((Tagged { outcome, revision: head.revision(), changed: false }, Ticket::done(head.revision())));
+        };
+        if let Some(failed) = &writer.failed {
+            return Err(TagError::Unavailable(StorageFailed(failed.clone()).to_string()));
+        }
+        let revision = next.revision();
+        let update = Update::ReplaceTags { resource: change.resource.clone(), tags: pairs(&change.after) };
+        let ticket = self
+            .accept(&mut writer, head.revision(), next, vec![tag_event(&change)], update, &change.principal)
+            .map_err(|e| TagError::Unavailable(e.to_string()))?;
+        Ok((Tagged { outcome, revision, changed: true }, ticket))
+    }
+
+    /// Makes `next` the head: logged (and published later by the committer)
+    /// with storage, published at once without.
+    fn accept(
+        &self,
+        writer: &mut Writer,
+        prev: u64,
+        next: State,
+        events: Vec<Event>,
+        update: Update,
+        actor: &str,
+    ) -> Result<Ticket, StorageFailed> {
+        let revision = next.revision();
+        let next = Arc::new(next);
+        let Some(storage) = writer.storage.as_mut() else {
+            writer.head = next.clone();
+            self.publish(next, events);
+            return Ok(Ticket::done(revision));
+        };
+        let entry = Entry { prev, rev: revision, time_unix_ms: now_ms(), actor: actor.to_string(), change: update };
+        if let Err(e) = storage.append(&entry) {
+            let message = e.to_string();
+            tracing::error!(error = %message, "cannot append to the log; refusing further changes");
+            writer.failed = Some(message.clone());
+            return Err(StorageFailed(message));
+        }
+        writer.head = next.clone();
+        writer.pending.push((next, events));
+        let commit = self.commit.clone();
+        if let Some(c) = &commit {
+            *lock(&c.wake) = true;
+            c.wake_cv.notify_one();
+        }
+        Ok(Ticket { revision, commit })
     }
 
     /// The kept events after `from` (none for 0) and a receiver for the live
@@ -242,6 +499,86 @@ impl Store {
         }
         let backlog = log.kept.iter().filter(|e| e.revision > from).cloned().collect();
         Ok((backlog, rx))
+    }
+}
+
+/// Why a data directory could not be opened.
+#[derive(Debug, Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("the world file: {0}")]
+    World(String),
+}
+
+/// The committer: syncs what is pending (one sync for all of it), publishes
+/// it in order and wakes the tickets; starts compactions off the writer lock.
+fn committer(store: Weak<Store>, commit: Arc<Commit>) {
+    loop {
+        {
+            let mut wake = lock(&commit.wake);
+            while !*wake {
+                let (guard, timeout) =
+                    commit.wake_cv.wait_timeout(wake, Duration::from_millis(500)).unwrap_or_else(|e| e.into_inner());
+                wake = guard;
+                if timeout.timed_out() && store.strong_count() == 0 {
+                    return;
+                }
+            }
+            *wake = false;
+        }
+        let Some(store) = store.upgrade() else { return };
+        let (batch, sync, compaction) = {
+            let mut writer = lock(&store.writer);
+            if writer.pending.is_empty() {
+                continue;
+            }
+            let batch = std::mem::take(&mut writer.pending);
+            let head = writer.head.clone();
+            let Some(storage) = writer.storage.as_mut() else { continue };
+            let sync = storage.prepare_sync();
+            let compaction = match &sync {
+                Ok(_) if storage.wants_compaction() => Some(storage.begin_compaction(head)),
+                _ => None,
+            };
+            (batch, sync, compaction)
+        };
+        let synced = sync.and_then(|s| s.sync());
+        let last = batch.last().map(|(s, _)| s.revision()).unwrap_or(0);
+        match synced {
+            Ok(()) => {
+                for (state, events) in batch {
+                    store.publish(state, events);
+                }
+                let mut p = lock(&commit.progress);
+                p.durable = last;
+                commit.watch.send_replace(p.clone());
+                commit.changed.notify_all();
+            }
+            Err(e) => {
+                let message = e.to_string();
+                tracing::error!(error = %message, "cannot sync the log; refusing further changes");
+                lock(&store.writer).failed = Some(message.clone());
+                let mut p = lock(&commit.progress);
+                p.failed = Some(message);
+                commit.watch.send_replace(p.clone());
+                commit.changed.notify_all();
+                return;
+            }
+        }
+        match compaction {
+            Some(Ok(job)) => {
+                let spawned = std::thread::Builder::new().name("tagward-snapshot".into()).spawn(move || match job() {
+                    Ok(()) => tracing::info!("snapshot written; older log files removed"),
+                    Err(e) => tracing::warn!(error = %e, "the snapshot failed; the log keeps everything"),
+                });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start the snapshot thread");
+                }
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "cannot start a new log for compaction"),
+            None => {}
+        }
     }
 }
 
@@ -295,7 +632,7 @@ fn entity(kind: &'static str, name: &str, change: &'static str, state: &State, a
 
 fn apply_one(
     state: &mut State,
-    writer: &mut Writer,
+    resources: &mut ResourceBuilder,
     update: &Update,
     actor: &str,
     events: &mut Vec<Event>,
@@ -324,7 +661,7 @@ fn apply_one(
             events.push(entity("principal", arn, "delete", state, actor));
         }
         Update::PutResource(spec) => {
-            let resource = writer.resources.build("put_resource", spec).map_err(world_error)?;
+            let resource = resources.build("put_resource", spec).map_err(world_error)?;
             state.put_resource(resource).map_err(|e| state_error("put_resource.arn", e))?;
             events.push(entity("resource", &spec.arn, "put", state, actor));
         }
@@ -365,9 +702,18 @@ fn apply_one(
         }
         Update::Batch(updates) => {
             for (i, u) in updates.iter().enumerate() {
-                apply_one(state, writer, u, actor, events)
+                apply_one(state, resources, u, actor, events)
                     .map_err(|e| UpdateError::new(e.code, format!("batch.updates[{i}].{}", e.message)))?;
             }
+        }
+        Update::ReplaceTags { resource, tags } => {
+            let target = state
+                .target(resource)
+                .ok_or_else(|| UpdateError::new("NotFoundException", format!("replace_tags.resource: no resource {resource:?}")))?;
+            let before = target.tags().clone();
+            let after = TagSet::from_tags(before.case_insensitive(), tags.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .map_err(|e| UpdateError::new("TagException", format!("replace_tags.tags: {e}")))?;
+            tag_write(state, resource, before, after, actor, events)?;
         }
         Update::ReplaceWorld(world) => {
             let mut next = State::default();
@@ -443,19 +789,20 @@ mod tests {
         let key = "arn:aws:kms:us-east-1:111122223333:key/k1";
         let start = s.revision();
         for i in 0..5 {
-            s.apply(&Update::SetTags { resource: key.into(), tags: vec![("n".into(), i.to_string())] }, "admin").unwrap();
+            s.apply(&Update::SetTags { resource: key.into(), tags: vec![("n".into(), i.to_string())] }, "admin").unwrap().wait().unwrap();
         }
         let (backlog, _) = s.watch(start + 2).unwrap();
         assert_eq!(backlog.iter().map(|e| e.revision).collect::<Vec<_>>(), vec![start + 3, start + 4, start + 5]);
         assert!(s.watch(start).is_err(), "only three events are kept");
-        assert_eq!(s.apply(&Update::SetTags { resource: key.into(), tags: vec![("n".into(), "4".into())] }, "admin").unwrap(), start + 5, "no-op keeps the revision");
+        let noop = s.apply(&Update::SetTags { resource: key.into(), tags: vec![("n".into(), "4".into())] }, "admin").unwrap();
+        assert_eq!(noop.wait().unwrap(), start + 5, "no-op keeps the revision");
     }
 
     #[test]
     fn replace_world_moves_the_revision_forward() {
         let s = store();
         let before = s.revision();
-        let rev = s.apply(&Update::ReplaceWorld(WorldSpec::default()), "admin").unwrap();
+        let rev = s.apply(&Update::ReplaceWorld(WorldSpec::default()), "admin").unwrap().wait().unwrap();
         assert!(rev > before);
         assert_eq!(s.snapshot().counts(), (0, 0, 0));
     }
@@ -470,6 +817,8 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         writer
             .apply(&Update::SetTags { resource: "arn:aws:kms:us-east-1:111122223333:key/k1".into(), tags: vec![("x".into(), "y".into())] }, "admin")
+            .unwrap()
+            .wait()
             .unwrap();
         assert_eq!(waiter.await.unwrap(), Ok(wanted));
     }

@@ -68,6 +68,9 @@ pub enum TagError {
     Tag { field: String, reason: String },
     #[error("{0}")]
     LimitExceeded(String),
+    /// The change could not be made durable.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl TagError {
@@ -82,6 +85,7 @@ impl TagError {
             TagError::InvalidState(_) => "KMSInvalidStateException",
             TagError::Tag { .. } => "TagException",
             TagError::LimitExceeded(_) => "LimitExceededException",
+            TagError::Unavailable(_) => "ServiceUnavailableException",
         }
     }
 }

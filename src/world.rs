@@ -247,48 +247,54 @@ impl WorldSpec {
     }
 }
 
+/// A principal in the world-file shape.
+pub fn principal_spec(p: &Principal) -> PrincipalSpec {
+    PrincipalSpec {
+        arn: p.arn.to_string(),
+        tags: tag_map(&p.tags),
+        policies: p.managed.iter().map(|n| n.to_string()).collect(),
+        inline_policies: p.inline.iter().map(|(n, pol)| (n.to_string(), Value::clone(&pol.source))).collect(),
+    }
+}
+
+/// A resource in the world-file shape (the default key policy stays
+/// implicit).
+pub fn resource_spec(r: &Resource) -> ResourceSpec {
+    let mut spec = ResourceSpec { arn: r.arn.to_string(), tags: tag_map(&r.tags), ..ResourceSpec::default() };
+    let arn_account = Arn::parse(&r.arn).map(|a| a.account).unwrap_or_default();
+    if r.account.as_deref().is_some_and(|a| a != arn_account) {
+        spec.account = r.account.as_deref().map(str::to_string);
+    }
+    match &r.kind {
+        ResourceKind::Key(k) => {
+            if !k.default_policy {
+                spec.key_policy = Some(Value::clone(&k.policy.source));
+            }
+            spec.key_state = Some(k.state.to_string());
+            spec.key_spec = Some(k.spec.to_string());
+            spec.key_usage = Some(k.usage.to_string());
+            spec.origin = Some(k.origin.to_string());
+            spec.key_manager = Some(k.manager.to_string());
+        }
+        ResourceKind::Other { policy } => {
+            spec.resource_policy = policy.as_ref().map(|p| Value::clone(&p.source));
+        }
+    }
+    spec
+}
+
+fn tag_map(t: &TagSet) -> BTreeMap<String, String> {
+    t.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
 impl WorldSpec {
     /// The whole of `state` in the world-file shape: applying it to an empty
     /// state rebuilds the same policies, principals, resources and tags.
     pub fn from_state(state: &State) -> WorldSpec {
-        let tags = |t: &TagSet| t.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
         let policies = state.policies().map(|(name, p)| (name.to_string(), Value::clone(&p.source))).collect();
-        let mut principals: Vec<PrincipalSpec> = state
-            .principals()
-            .map(|p| PrincipalSpec {
-                arn: p.arn.to_string(),
-                tags: tags(&p.tags),
-                policies: p.managed.iter().map(|n| n.to_string()).collect(),
-                inline_policies: p.inline.iter().map(|(n, pol)| (n.to_string(), Value::clone(&pol.source))).collect(),
-            })
-            .collect();
+        let mut principals: Vec<PrincipalSpec> = state.principals().map(|p| principal_spec(p)).collect();
         principals.sort_by(|a, b| a.arn.cmp(&b.arn));
-        let mut resources: Vec<ResourceSpec> = state
-            .resources()
-            .map(|r| {
-                let mut spec = ResourceSpec { arn: r.arn.to_string(), tags: tags(&r.tags), ..ResourceSpec::default() };
-                let arn_account = Arn::parse(&r.arn).map(|a| a.account).unwrap_or_default();
-                if r.account.as_deref().is_some_and(|a| a != arn_account) {
-                    spec.account = r.account.as_deref().map(str::to_string);
-                }
-                match &r.kind {
-                    ResourceKind::Key(k) => {
-                        if !k.default_policy {
-                            spec.key_policy = Some(Value::clone(&k.policy.source));
-                        }
-                        spec.key_state = Some(k.state.to_string());
-                        spec.key_spec = Some(k.spec.to_string());
-                        spec.key_usage = Some(k.usage.to_string());
-                        spec.origin = Some(k.origin.to_string());
-                        spec.key_manager = Some(k.manager.to_string());
-                    }
-                    ResourceKind::Other { policy } => {
-                        spec.resource_policy = policy.as_ref().map(|p| Value::clone(&p.source));
-                    }
-                }
-                spec
-            })
-            .collect();
+        let mut resources: Vec<ResourceSpec> = state.resources().map(|r| resource_spec(r)).collect();
         resources.sort_by(|a, b| a.arn.cmp(&b.arn));
         WorldSpec { policies, principals, resources }
     }

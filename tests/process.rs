@@ -109,8 +109,12 @@ async fn wait_serving(addr: &str, server: &mut Tagward) {
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_runs_the_scenarios_and_stops_cleanly_on_sigterm() {
     let (data, admin_addr) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let data_dir = std::env::temp_dir().join(format!("tagward-process-{}-{}", std::process::id(), free_port()));
+    let data_dir = data_dir.to_string_lossy().into_owned();
     let mut server = Tagward::spawn(&[
         "serve",
+        "--data-dir",
+        &data_dir,
         "--listen",
         &data,
         "--admin-listen",
@@ -205,7 +209,8 @@ async fn serve_runs_the_scenarios_and_stops_cleanly_on_sigterm() {
 async fn admin_beyond_loopback_without_a_token_exits_2() {
     let data = format!("127.0.0.1:{}", free_port());
     let admin = format!("0.0.0.0:{}", free_port());
-    let mut server = Tagward::spawn(&["serve", "--listen", &data, "--admin-listen", &admin, "--world", "deploy/world/example.json"]);
+    let mut server =
+        Tagward::spawn(&["serve", "--ephemeral", "--listen", &data, "--admin-listen", &admin, "--world", "deploy/world/example.json"]);
     let status = tokio::task::block_in_place(|| server.wait_for_exit(Duration::from_secs(10)))
         .unwrap_or_else(|| panic!("tagward serve started with an admin listener on {admin} and no token"));
     let stderr = server.stderr();

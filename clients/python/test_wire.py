@@ -101,6 +101,7 @@ class Server:
                 "--listen", self.data_addr,
                 "--admin-listen", self.admin_addr,
                 "--world", WORLD,
+                "--data-dir", tempfile.mkdtemp(prefix="tagward-wire-data-"),
                 f"--admin-token={self.token}",  # one argument: a token may start with '-'
                 "--min-revision-wait-ms", str(MIN_REVISION_WAIT_MS),
             ]

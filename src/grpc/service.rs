@@ -17,7 +17,7 @@ use super::proto::tagging_server::Tagging;
 use super::{convert, invalid, proto, status};
 use crate::engine::authorize;
 use crate::state::State;
-use crate::store::Store;
+use crate::store::{Store, Ticket, UpdateError};
 use crate::tagging::{perform, TagError};
 use crate::world::WorldSpec;
 
@@ -88,7 +88,8 @@ fn tags_of(tags: &crate::tags::TagSet) -> Vec<proto::Tag> {
 impl Tagging for TaggingService {
     async fn tag_resource(&self, request: Request<proto::TagResourceRequest>) -> Result<Response<proto::TagResourceResponse>, Status> {
         let req = convert::tag_resource(request.get_ref())?;
-        let done = self.0.store.tag(&req)?;
+        let (done, ticket) = self.0.store.tag(&req)?;
+        ticket.durable().await.map_err(|e| TagError::Unavailable(e.to_string()))?;
         Ok(Response::new(proto::TagResourceResponse {
             revision: done.revision,
             tags: tags_of(&done.outcome.tags),
@@ -101,7 +102,8 @@ impl Tagging for TaggingService {
         request: Request<proto::UntagResourceRequest>,
     ) -> Result<Response<proto::UntagResourceResponse>, Status> {
         let req = convert::untag_resource(request.get_ref())?;
-        let done = self.0.store.tag(&req)?;
+        let (done, ticket) = self.0.store.tag(&req)?;
+        ticket.durable().await.map_err(|e| TagError::Unavailable(e.to_string()))?;
         Ok(Response::new(proto::UntagResourceResponse {
             revision: done.revision,
             tags: tags_of(&done.outcome.tags),
@@ -176,23 +178,18 @@ impl Tagging for TaggingService {
     }
 }
 
-fn apply_one(store: &Store, req: proto::ApplyRequest) -> proto::ApplyResponse {
+/// Applies one update from the stream; the ticket (or the refusal) goes to
+/// the task that acknowledges in order.
+fn accept_one(store: &Store, req: &proto::ApplyRequest) -> Result<Ticket, UpdateError> {
     let result = match &req.update {
-        None => Err(crate::store::UpdateError { code: "ValidationException", message: "required".into() }),
+        None => Err(UpdateError { code: "ValidationException", message: "required".into() }),
         Some(u) => convert::update(u, "").and_then(|u| store.apply(&u, "admin")),
     };
     // Every message is a path inside the update, then the reason.
-    let result = result.map_err(|mut e| {
+    result.map_err(|mut e| {
         e.message = if e.message.starts_with("required") { format!("update: {}", e.message) } else { format!("update.{}", e.message) };
         e
-    });
-    match result {
-        Ok(revision) => proto::ApplyResponse { id: req.id, revision, error: None },
-        Err(e) => {
-            debug!(id = %req.id, code = e.code, "admin update refused");
-            proto::ApplyResponse { id: req.id, revision: store.revision(), error: Some(e.into()) }
-        }
-    }
+    })
 }
 
 #[tonic::async_trait]
@@ -204,6 +201,9 @@ impl Admin for AdminService {
     async fn apply(&self, request: Request<Streaming<proto::ApplyRequest>>) -> Result<Response<Self::ApplyStream>, Status> {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
+        // Accepted updates wait here for their durability, in order: the
+        // reader keeps accepting meanwhile, so one sync covers many updates.
+        let (accepted_tx, mut accepted) = mpsc::channel::<Result<(String, Result<Ticket, UpdateError>), Status>>(1024);
         let store = self.0.store.clone();
         let mut shutdown = self.0.shutdown.clone();
         tokio::spawn(async move {
@@ -217,19 +217,50 @@ impl Admin for AdminService {
                         let store = store.clone();
                         // Compiling a large world is CPU work: keep it off the
                         // async workers.
-                        let response = match tokio::task::spawn_blocking(move || apply_one(&store, req)).await {
-                            Ok(r) => Ok(r),
-                            Err(e) => Err(Status::internal(format!("the update task failed: {e}"))),
-                        };
-                        if tx.send(response).await.is_err() {
+                        let id = req.id.clone();
+                        let result = tokio::task::spawn_blocking(move || accept_one(&store, &req))
+                            .await
+                            .unwrap_or_else(|e| Err(UpdateError { code: "InternalError", message: format!("the update task failed: {e}") }));
+                        if accepted_tx.send(Ok((id, result))).await.is_err() {
                             break;
                         }
                     }
                     Ok(None) => break,
                     Err(status) => {
+                        // After the acks of what came before it.
+                        warn!(code = ?status.code(), "admin stream ended with an error");
+                        let _ = accepted_tx.send(Err(status)).await;
+                        break;
+                    }
+                }
+            }
+        });
+        let store = self.0.store.clone();
+        tokio::spawn(async move {
+            while let Some(item) = accepted.recv().await {
+                let (id, result) = match item {
+                    Ok(accepted) => accepted,
+                    Err(status) => {
                         let _ = tx.send(Err(status)).await;
                         break;
                     }
+                };
+                let response = match result {
+                    Ok(ticket) => match ticket.durable().await {
+                        Ok(revision) => proto::ApplyResponse { id, revision, error: None },
+                        Err(e) => proto::ApplyResponse {
+                            id,
+                            revision: store.revision(),
+                            error: Some(proto::UpdateError { code: "StorageFailed".into(), message: e.to_string() }),
+                        },
+                    },
+                    Err(e) => {
+                        debug!(id = %id, code = e.code, "admin update refused");
+                        proto::ApplyResponse { id, revision: store.revision(), error: Some(e.into()) }
+                    }
+                };
+                if tx.send(Ok(response)).await.is_err() {
+                    break;
                 }
             }
         });
