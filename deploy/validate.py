@@ -10,7 +10,9 @@ files a kustomization names), which validate.sh counts:
                                     schemas (kubernetes-validate, strict: unknown
                                     fields fail), VERSIONS comma-separated
   policy FILE                       the rules deploy/README.md promises of a
-                                    rendered manifest (sidecar, probes, security)
+                                    rendered manifest (sidecar, probes, security);
+                                    with $TAGWARD_ENV_NAMES (comma-separated) set,
+                                    tagward's env names must be among them
 
 It renders nothing: kustomize output comes from kustomize (or kubectl kustomize).
 """
@@ -207,8 +209,13 @@ def policy(file):
         if tw.get("restartPolicy") != "Always":
             problems.append("restartPolicy is not Always (not a native sidecar)")
         env = {e["name"]: e.get("value") for e in tw.get("env") or []}
-        listen = env.get("TAGWARD_LISTEN", LOOPBACK_DEFAULT["TAGWARD_LISTEN"])
-        admin = env.get("TAGWARD_ADMIN_LISTEN", LOOPBACK_DEFAULT["TAGWARD_ADMIN_LISTEN"])
+        listen = env.get("TAGWARD_LISTEN") or LOOPBACK_DEFAULT["TAGWARD_LISTEN"]
+        admin = env.get("TAGWARD_ADMIN_LISTEN") or LOOPBACK_DEFAULT["TAGWARD_ADMIN_LISTEN"]
+        try:
+            host_port(listen), host_port(admin)
+        except ValueError:
+            out(False, f"{where}: tagward's addresses", f"TAGWARD_LISTEN {listen!r} or TAGWARD_ADMIN_LISTEN {admin!r} is no HOST:PORT")
+            continue
         if is_loopback(listen):
             problems.append(f"TAGWARD_LISTEN {listen} is loopback: the kubelet's probes cannot reach it")
         data_port = host_port(listen)[1]
@@ -228,6 +235,10 @@ def policy(file):
                 problems.append(f"{var} {value} is on no mounted volume")
             elif var == "TAGWARD_DATA_DIR" and mount.get("readOnly"):
                 problems.append(f"{var} {value} is mounted read-only")
+        known = [n for n in os.environ.get("TAGWARD_ENV_NAMES", "").split(",") if n]
+        unknown = sorted(n for n in env if known and n not in known)
+        if unknown:
+            problems.append(f"tagward reads no {', '.join(unknown)} (a typo? it knows {', '.join(known)})")
         literal = {e["name"] for e in tw.get("env") or [] if "value" in e}
         if "TAGWARD_ADMIN_TOKEN" in literal:
             problems.append("the admin token is a literal env value; take it from a Secret")
@@ -276,7 +287,8 @@ def policy(file):
                 continue
             for p in (s.get("spec") or {}).get("ports") or []:
                 target = p.get("targetPort", p.get("port"))
-                what = f"{rel} Service/{s['metadata']['name']} port {p.get('name', p.get('port'))} targets a port of {where}"
+                what = (f"{rel} Service/{s['metadata']['name']} port {p.get('name', p.get('port'))}"
+                        f" targets a port of {d['kind']}/{d['metadata']['name']}")
                 problems = []
                 if target not in declared:
                     problems.append(f"the pod declares no port {target!r}")

@@ -13,7 +13,9 @@
 #    $K8S_VERSIONS in strict mode (kubernetes-validate: unknown fields fail);
 #    the rendered workloads keep the promises of deploy/README.md (native
 #    sidecar, gRPC probes on the data port, volumes, non-root read-only
-#    containers, admin not exposed while on loopback).
+#    containers, admin not exposed while on loopback, Services target ports
+#    the pod declares, every TAGWARD_* variable is one `tagward serve --help`
+#    lists).
 # 3. Every world file (deploy/world/ and the worlds the kustomizations put in
 #    ConfigMaps) loads: `tagward serve --world FILE` on loopback ports must
 #    come up and stay up (a bad world exits 2 at once). Needs the binary:
@@ -38,7 +40,7 @@ case "$bin" in
   *) bin="$PWD/$bin" ;;
 esac
 versions="${K8S_VERSIONS:-1.29.0,1.37.0}"
-cd "$root"
+cd "$root" || exit 2
 
 passed=0 failed=0 skipped=0
 pass() { passed=$((passed + 1)); echo "ok    $*"; }
@@ -46,18 +48,21 @@ fail() { failed=$((failed + 1)); echo "FAIL  $*"; }
 skip() { skipped=$((skipped + 1)); echo "skip  $*"; }
 finish() {
   echo
+  if [ "$failed" -gt 0 ]; then
+    echo "validate.sh: $failed check(s) failed: the lines marked FAIL above say which and why"
+  fi
   if [ "$skipped" -gt 0 ]; then
     echo "$passed passed, $failed failed, $skipped skipped"
   else
     echo "$passed passed, $failed failed"
   fi
-  [ "$failed" -eq 0 ] && exit 0
-  echo "validate.sh: $failed check(s) failed (lines marked FAIL above)" >&2
-  exit 1
+  [ "$failed" -eq 0 ]
+  exit
 }
 
 tmp="$(mktemp -d)"
 server_pid=""
+# shellcheck disable=SC2317  # called by the EXIT trap
 cleanup() {
   if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null; fi
   rm -rf "$tmp"
@@ -127,6 +132,14 @@ elif command -v kubectl > /dev/null 2>&1 && kubectl kustomize --help > /dev/null
 else
   render=()
   echo "neither kustomize nor kubectl is on PATH: resource files are validated as they stand"
+fi
+# The environment variables tagward reads, from its own help (plus the log
+# filter, which the logger reads): a misspelt name in a manifest fails.
+if [ -x "$bin" ] && names="$("$bin" serve --help 2>/dev/null | grep -o 'env: TAGWARD_[A-Z0-9_]*')"; then
+  TAGWARD_ENV_NAMES="$(printf '%s\n' "$names" | sed 's/^env: //' | sort -u | paste -sd, -),TAGWARD_LOG"
+  export TAGWARD_ENV_NAMES
+else
+  skip "checking the TAGWARD_* names in the manifests (no tagward binary at $bin)"
 fi
 mapfile -t dirs < <(find deploy/kubernetes -name kustomization.yaml -printf '%h\n' | sort)
 if [ "${#dirs[@]}" -eq 0 ]; then

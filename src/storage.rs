@@ -463,3 +463,117 @@ impl Storage for FileStorage {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tagward-storage-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    fn entry(prev: u64) -> Entry {
+        Entry {
+            prev,
+            rev: prev + 1,
+            time_unix_ms: 0,
+            actor: "test".into(),
+            change: Update::DeletePolicy { name: format!("p{prev}") },
+        }
+    }
+
+    /// Appends `n` entries after revision 0 and syncs; returns the log path.
+    fn write_log(d: &Path, n: u64) -> PathBuf {
+        let recovered = FileStorage::recover(d, u64::MAX, |_| Ok(())).unwrap();
+        let mut storage = recovered.start(0).unwrap();
+        for i in 0..n {
+            storage.append(&entry(i)).unwrap();
+        }
+        storage.prepare_sync().unwrap().sync().unwrap();
+        storage.wal_path.clone()
+    }
+
+    fn recover(d: &Path) -> Result<(Vec<u64>, Option<Cut>), StorageError> {
+        let mut revs = Vec::new();
+        let r = FileStorage::recover(d, u64::MAX, |item| {
+            if let LoadItem::Entry(e) = item {
+                revs.push(e.rev);
+            }
+            Ok(())
+        })?;
+        Ok((revs, r.cut))
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_at_the_last_complete_record() {
+        let d = dir("torn");
+        let log = write_log(&d, 5);
+        let whole = fs::metadata(&log).unwrap().len();
+        // A crash in the middle of writing a sixth record.
+        let mut f = OpenOptions::new().append(true).open(&log).unwrap();
+        let payload = serde_json::to_vec(&entry(5)).unwrap();
+        f.write_all(&frame(&payload)[..20]).unwrap();
+        drop(f);
+        let (revs, cut) = recover(&d).unwrap();
+        assert_eq!(revs, vec![1, 2, 3, 4, 5]);
+        let cut = cut.expect("the tail was cut");
+        assert_eq!((cut.offset, cut.bytes), (whole, 20));
+        assert_eq!(fs::metadata(&log).unwrap().len(), whole, "the file ends at the last complete record");
+        let (again, cut) = recover(&d).unwrap();
+        assert_eq!((again.len(), cut.is_none()), (5, true), "a second start finds nothing to cut");
+    }
+
+    #[test]
+    fn a_bad_checksum_at_the_end_is_torn_but_in_the_middle_is_damage() {
+        let d = dir("crc-end");
+        let log = write_log(&d, 3);
+        let len = fs::metadata(&log).unwrap().len();
+        let mut bytes = fs::read(&log).unwrap();
+        bytes[len as usize - 2] ^= 0xff;
+        fs::write(&log, &bytes).unwrap();
+        let (revs, cut) = recover(&d).unwrap();
+        assert_eq!(revs, vec![1, 2]);
+        assert!(cut.unwrap().reason.contains("checksum"));
+
+        let d = dir("crc-middle");
+        let log = write_log(&d, 3);
+        let mut bytes = fs::read(&log).unwrap();
+        bytes[8 + 8 + 3] ^= 0xff; // inside the first record's payload
+        fs::write(&log, &bytes).unwrap();
+        match recover(&d) {
+            Err(StorageError::Damaged { path, offset, reason }) => {
+                assert_eq!((path, offset), (log.clone(), 8));
+                assert!(reason.contains("complete records follow"), "{reason}");
+            }
+            other => panic!("expected damage, got {:?}", other.map(|(r, _)| r)),
+        }
+        assert_eq!(fs::read(&log).unwrap(), bytes, "a damaged log is left as it was");
+    }
+
+    #[test]
+    fn a_second_process_cannot_use_the_directory() {
+        let d = dir("lock");
+        let first = FileStorage::recover(&d, u64::MAX, |_| Ok(())).unwrap();
+        assert!(matches!(FileStorage::recover(&d, u64::MAX, |_| Ok(())), Err(StorageError::Locked(_))));
+        drop(first);
+        assert!(FileStorage::recover(&d, u64::MAX, |_| Ok(())).is_ok());
+    }
+
+    #[test]
+    fn a_snapshot_without_its_end_record_is_damage() {
+        let d = dir("snap");
+        fs::create_dir_all(&d).unwrap();
+        let path = write_snapshot(&d, &State::default()).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        // Cut the end record off.
+        let end = serde_json::to_vec(&SnapRecord::End { revision: 0, records: 0 }).unwrap();
+        fs::write(&path, &bytes[..bytes.len() - end.len() - 8]).unwrap();
+        match FileStorage::recover(&d, u64::MAX, |_| Ok(())) {
+            Err(StorageError::Damaged { reason, .. }) => assert!(reason.contains("no end record"), "{reason}"),
+            Err(e) => panic!("expected damage, got {e}"),
+            Ok(_) => panic!("expected damage, got a recovery"),
+        }
+    }
+}

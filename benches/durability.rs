@@ -1,0 +1,127 @@
+//! What durability costs, measured: admin updates per second with every
+//! change synced before its acknowledgement (group commit), next to the same
+//! workload in memory in the same run; and the time to restore a data
+//! directory of N resources with 10 tags each.
+//!
+//! `cargo bench --bench durability` runs the full sizes (1,000,000 resources;
+//! set TAGWARD_BENCH_RESOURCES to change it); without `--bench` (as
+//! `cargo test --bench durability` runs it) it is a small smoke run.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tagward::state::State;
+use tagward::storage::write_snapshot;
+use tagward::store::{Durability, Store, Ticket, Update};
+use tagward::world::WorldSpec;
+
+const KEYS: usize = 1_000;
+
+fn world(resources: usize, tags: usize) -> WorldSpec {
+    let resources: Vec<_> = (0..resources)
+        .map(|k| {
+            let tags: serde_json::Map<String, serde_json::Value> =
+                (0..tags).map(|t| (format!("tag{t}"), json!(format!("value-{}", (k + t) % 97)))).collect();
+            json!({"arn": format!("arn:aws:kms:us-east-1:111122223333:key/{k:08}"), "tags": tags})
+        })
+        .collect();
+    serde_json::from_value(json!({"resources": resources})).expect("world")
+}
+
+fn update(i: usize) -> Update {
+    Update::SetTags {
+        resource: format!("arn:aws:kms:us-east-1:111122223333:key/{:08}", i % KEYS),
+        tags: vec![("Seq".into(), i.to_string())],
+    }
+}
+
+/// Updates per second from `writers` threads that each wait for their
+/// acknowledgement before sending the next (like separate clients).
+fn acked_one_by_one(store: &Arc<Store>, writers: usize, per_writer: usize) -> f64 {
+    let start = Instant::now();
+    let handles: Vec<_> = (0..writers)
+        .map(|w| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for i in 0..per_writer {
+                    store.apply(&update(w * 1_000_003 + i), "bench").expect("apply").wait().expect("durable");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("writer");
+    }
+    (writers * per_writer) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Updates per second from one pipelined stream: send all, then collect the
+/// acknowledgements in order (what one Admin.Apply stream does).
+fn pipelined(store: &Arc<Store>, count: usize) -> f64 {
+    let start = Instant::now();
+    let tickets: Vec<Ticket> = (0..count).map(|i| store.apply(&update(7_000_000 + i), "bench").expect("apply")).collect();
+    for t in tickets {
+        t.wait().expect("durable");
+    }
+    count as f64 / start.elapsed().as_secs_f64()
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tagward-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let resources: usize = if full {
+        std::env::var("TAGWARD_BENCH_RESOURCES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000)
+    } else {
+        2_000
+    };
+    let scale = if full { 1 } else { 20 };
+    let options = Durability { compact_after_bytes: u64::MAX, event_capacity: 1024 };
+
+    println!("== update throughput ({} keys, SetTags of one tag)", KEYS);
+    let seed = world(KEYS, 2);
+    let memory = Arc::new(Store::new(seed.build().expect("state"), 1024));
+    let dir = temp_dir("throughput");
+    let (durable, _) = Store::open(&dir, Some(&seed), false, &options).expect("open");
+    let mem_pipe = pipelined(&memory, 20_000 / scale);
+    let disk_pipe = pipelined(&durable, 20_000 / scale);
+    println!("one pipelined stream:   in memory {mem_pipe:>10.0}/s   durable {disk_pipe:>8.0}/s   ratio {:.3}", disk_pipe / mem_pipe);
+    for writers in [1, 16, 64] {
+        let per = (2_000 / scale / writers).max(5);
+        let mem = acked_one_by_one(&memory, writers, per * 10);
+        let disk = acked_one_by_one(&durable, writers, per);
+        println!(
+            "{writers:>3} writers, each waits: in memory {mem:>10.0}/s   durable {disk:>8.0}/s   ratio {:.3}",
+            disk / mem
+        );
+    }
+    drop(durable);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!("== restore: {resources} resources x 10 tags");
+    let build = Instant::now();
+    let state: State = world(resources, 10).build().expect("state");
+    println!("build the state in memory: {:.2?}", build.elapsed());
+    let dir = temp_dir("restore");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let write = Instant::now();
+    let snap = write_snapshot(&dir, &state).expect("snapshot");
+    let size = std::fs::metadata(&snap).map(|m| m.len()).unwrap_or(0);
+    println!("write the snapshot: {:.2?} ({:.1} MiB)", write.elapsed(), size as f64 / (1 << 20) as f64);
+    drop(state);
+    let open = Instant::now();
+    let (store, opened) = Store::open(&dir, None, false, &options).expect("restore");
+    let took: Duration = open.elapsed();
+    println!(
+        "restore (Store::open): {took:.2?} for revision {:?}, {} resources",
+        opened.restored,
+        store.snapshot().counts().2
+    );
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
