@@ -9,8 +9,10 @@
 //! about any transport.
 
 pub mod arn;
+pub mod audit;
 pub mod engine;
 pub mod grpc;
+pub mod observe;
 pub mod policy;
 pub mod scenario;
 pub mod state;

@@ -14,6 +14,8 @@ use tagward::grpc::proto::authorizer_client::AuthorizerClient;
 use tagward::grpc::proto::{self, Decision, Reason};
 use tagward::grpc::server::{self, Config};
 use tagward::scenario::{self, Backend, InProcess};
+use tagward::audit::AuditLog;
+use tagward::observe::{DecisionLog, LogMode};
 use tagward::store::{Durability, Opened, Store};
 use tagward::world::WorldSpec;
 
@@ -22,6 +24,13 @@ use tagward::world::WorldSpec;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DecisionLogMode {
+    All,
+    Deny,
+    Sample,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -82,9 +91,32 @@ enum Command {
         #[arg(long, env = "TAGWARD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
         shutdown_grace_secs: u64,
         /// Log format; the level comes from TAGWARD_LOG (default info), an
-        /// env filter such as `tagward=debug`.
+        /// env filter such as `tagward=debug` (which also shows one span per
+        /// RPC with its action and decision).
         #[arg(long, env = "TAGWARD_LOG_FORMAT", value_enum, default_value = "plain")]
         log_format: LogFormat,
+        /// The audit trail (CloudTrail-shaped JSON lines, synced before each
+        /// change is acknowledged). Default: audit.jsonl in the data
+        /// directory; none with --ephemeral unless given.
+        #[arg(long, env = "TAGWARD_AUDIT_LOG")]
+        audit_log: Option<PathBuf>,
+        /// Log decisions (JSON lines) to this file; off when not given.
+        #[arg(long, env = "TAGWARD_DECISION_LOG")]
+        decision_log: Option<PathBuf>,
+        /// Which decisions to log.
+        #[arg(long, env = "TAGWARD_DECISION_LOG_MODE", value_enum, default_value = "all")]
+        decision_log_mode: DecisionLogMode,
+        /// With --decision-log-mode sample: log one decision in N.
+        #[arg(long, env = "TAGWARD_DECISION_LOG_SAMPLE", default_value_t = 100)]
+        decision_log_sample: u64,
+        /// Decision-log records that may wait to be written; more are
+        /// dropped (and counted), never slowing Authorize.
+        #[arg(long, env = "TAGWARD_DECISION_LOG_QUEUE", default_value_t = 65536)]
+        decision_log_queue: usize,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g.
+        /// 127.0.0.1:9464); off when not given.
+        #[arg(long, env = "TAGWARD_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Run scenario files (JSON or YAML; directories are searched
     /// recursively) and report every failing step. Exit code 0 when all
@@ -161,6 +193,12 @@ fn main() -> ExitCode {
             watch_events,
             shutdown_grace_secs,
             log_format,
+            audit_log,
+            decision_log,
+            decision_log_mode,
+            decision_log_sample,
+            decision_log_queue,
+            metrics_listen,
         } => {
             init_logs(log_format);
             let admin_token = match (admin_token, admin_token_file) {
@@ -182,9 +220,22 @@ fn main() -> ExitCode {
                 max_message_bytes,
                 max_batch,
                 shutdown_grace: Duration::from_secs(shutdown_grace_secs),
+                decision_log: None,
             };
             let storage = (!ephemeral).then(|| Durability { compact_after_bytes, event_capacity: watch_events });
-            serve(config, world.as_deref(), &data_dir, storage, force_world, watch_events)
+            let observe = Observe {
+                audit_log: audit_log.or_else(|| (!ephemeral).then(|| data_dir.join("audit.jsonl"))),
+                decision_log: decision_log.map(|path| {
+                    let mode = match decision_log_mode {
+                        DecisionLogMode::All => LogMode::All,
+                        DecisionLogMode::Deny => LogMode::DeniesOnly,
+                        DecisionLogMode::Sample => LogMode::Sample(decision_log_sample.max(1)),
+                    };
+                    (path, mode, decision_log_queue)
+                }),
+                metrics: metrics_listen,
+            };
+            serve(config, world.as_deref(), &data_dir, storage, force_world, watch_events, observe)
         }
         Command::Export { data_dir, output } => export(&data_dir, output.as_deref()),
         Command::Import { data_dir, world } => import(&data_dir, &world),
@@ -226,13 +277,21 @@ fn load_world(path: &Path) -> Result<WorldSpec, String> {
     serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {}: {}", path.display(), e.path(), e.inner()))
 }
 
+/// Audit, decision log and metrics settings of `serve`.
+struct Observe {
+    audit_log: Option<PathBuf>,
+    decision_log: Option<(PathBuf, LogMode, usize)>,
+    metrics: Option<SocketAddr>,
+}
+
 fn serve(
-    config: Config,
+    mut config: Config,
     world: Option<&Path>,
     data_dir: &Path,
     durability: Option<Durability>,
     force_world: bool,
     watch_events: usize,
+    observe: Observe,
 ) -> ExitCode {
     let seed = match world.map(load_world).transpose() {
         Ok(seed) => seed,
@@ -263,6 +322,18 @@ fn serve(
             }
         },
     };
+    if let Some(path) = &observe.audit_log {
+        match AuditLog::open(path) {
+            Ok(log) => {
+                info!(file = %path.display(), "audit trail");
+                store.attach_audit(log);
+            }
+            Err(e) => {
+                error!(file = %path.display(), error = %e, "cannot open the audit log");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let (policies, principals, resources) = store.snapshot().counts();
     info!(policies, principals, resources, revision = store.revision(), "state ready");
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -273,6 +344,34 @@ fn serve(
         }
     };
     runtime.block_on(async {
+        if let Some(addr) = observe.metrics {
+            if let Err(e) = tagward::observe::install_exporter(addr) {
+                error!("{e}");
+                return ExitCode::from(2);
+            }
+            info!(%addr, "metrics at /metrics");
+            tagward::observe::published(&store.snapshot());
+            let ages = store.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    metrics::gauge!(tagward::observe::SNAPSHOT_AGE).set(ages.snapshot_age().as_secs_f64());
+                }
+            });
+        }
+        if let Some((path, mode, queue)) = &observe.decision_log {
+            match DecisionLog::start(path, *mode, *queue) {
+                Ok(log) => {
+                    info!(file = %path.display(), "decision log");
+                    config.decision_log = Some(log);
+                }
+                Err(e) => {
+                    error!(file = %path.display(), error = %e, "cannot open the decision log");
+                    return ExitCode::from(2);
+                }
+            }
+        }
         let running = match server::start(config, store).await {
             Ok(r) => r,
             Err(e) => {

@@ -196,6 +196,8 @@ pub struct State {
     /// `GetResources`. INVARIANT: holds exactly the tags of every resource
     /// and principal.
     tag_index: Map<Map<imbl::OrdSet<Arc<str>>>>,
+    /// Tags on all resources and principals.
+    tag_count: usize,
 }
 
 impl fmt::Debug for State {
@@ -295,6 +297,11 @@ impl State {
         self.resources.values()
     }
 
+    /// Tags on all resources and principals.
+    pub fn tag_count(&self) -> usize {
+        self.tag_count
+    }
+
     pub fn counts(&self) -> (usize, usize, usize) {
         (self.policies.len(), self.principals.len(), self.resources.len())
     }
@@ -320,6 +327,7 @@ impl State {
                 if new.is_some_and(|n| n.iter().any(|(nk, nv)| nk == k && nv == v)) {
                     continue;
                 }
+                self.tag_count -= 1;
                 if let Some(values) = self.tag_index.get_mut(k) {
                     if let Some(set) = values.get_mut(v) {
                         set.remove(arn);
@@ -338,6 +346,7 @@ impl State {
                 if old.is_some_and(|o| o.iter().any(|(ok, ov)| ok == k && ov == v)) {
                     continue;
                 }
+                self.tag_count += 1;
                 self.tag_index
                     .entry(Arc::from(k))
                     .or_default()

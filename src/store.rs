@@ -30,6 +30,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::policy::PolicyKind;
 use crate::state::{State, StateError};
+use crate::audit::AuditLog;
 use crate::storage::{Cut, Entry, FileStorage, LoadItem, Storage, StorageError};
 use crate::tagging::{perform, TagChange, TagError, TagOutcome, TagRequest};
 use crate::tags::{check_key, check_tag, TagSet, TagSetError};
@@ -76,7 +77,14 @@ impl UpdateError {
 /// What a change event says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventKind {
-    Tags { resource: String, action: String, before: Vec<(String, String)>, after: Vec<(String, String)> },
+    Tags {
+        resource: String,
+        action: String,
+        before: Vec<(String, String)>,
+        after: Vec<(String, String)>,
+        /// The statements that allowed the change (empty for the admin).
+        allowed_by: Vec<String>,
+    },
     /// `kind`: policy, principal, resource or world; `change`: put, delete
     /// or replace.
     Entity { kind: &'static str, name: String, change: &'static str },
@@ -161,6 +169,10 @@ pub struct Store {
     events: Mutex<EventLog>,
     revision: watch::Sender<u64>,
     commit: Option<Arc<Commit>>,
+    /// Written before a change is acknowledged.
+    audit: Mutex<Option<AuditLog>>,
+    /// When the current snapshot was published.
+    published_at: Mutex<std::time::Instant>,
 }
 
 /// A change that was accepted; `wait` or `durable` return once it is
@@ -276,7 +288,26 @@ impl Store {
             events: Mutex::new(EventLog { kept: VecDeque::new(), capacity: event_capacity.max(1), dropped: 0, live }),
             revision,
             commit: None,
+            audit: Mutex::new(None),
+            published_at: Mutex::new(std::time::Instant::now()),
         }
+    }
+
+    /// Writes the audit record of every later change before it is
+    /// acknowledged.
+    pub fn attach_audit(&self, log: AuditLog) {
+        *lock(&self.audit) = Some(log);
+    }
+
+    /// Writes the audit records of `events`; a failure refuses the change.
+    fn audit(&self, events: &[&Event]) -> Result<(), String> {
+        let mut audit = lock(&self.audit);
+        let Some(log) = audit.as_mut() else { return Ok(()) };
+        let owned: Vec<Event> = events.iter().map(|e| (*e).clone()).collect();
+        log.write(&owned).map_err(|e| {
+            metrics::counter!(crate::observe::AUDIT_FAILURES).increment(1);
+            format!("{}: cannot write the audit log: {e}", log.path().display())
+        })
     }
 
     /// Opens a data directory: restores exactly the state and revision it
@@ -376,6 +407,11 @@ impl Store {
         self.current.load().revision()
     }
 
+    /// How long ago the current snapshot was published.
+    pub fn snapshot_age(&self) -> Duration {
+        lock(&self.published_at).elapsed()
+    }
+
     /// The current snapshot once its revision is at least `wanted`, waiting
     /// at most `limit`.
     pub async fn snapshot_at_least(&self, wanted: u64, limit: Duration) -> Result<Arc<State>, RevisionTimeout> {
@@ -408,6 +444,8 @@ impl Store {
                 let _ = log.live.send(e);
             }
         }
+        crate::observe::published(&next);
+        *lock(&self.published_at) = std::time::Instant::now();
         self.current.store(next);
         self.revision.send_replace(revision);
     }
@@ -415,6 +453,12 @@ impl Store {
     /// Applies one admin update, all or nothing. The ticket says when it is
     /// durable and visible.
     pub fn apply(&self, update: &Update, actor: &str) -> Result<Ticket, UpdateError> {
+        let result = self.apply_unmetered(update, actor);
+        crate::observe::admin_update(result.as_ref().err().map(|e| e.code));
+        result
+    }
+
+    fn apply_unmetered(&self, update: &Update, actor: &str) -> Result<Ticket, UpdateError> {
         let mut writer = lock(&self.writer);
         if let Some(failed) = &writer.failed {
             return Err(UpdateError::new("StorageFailed", StorageFailed(failed.clone()).to_string()));
@@ -446,7 +490,14 @@ impl Store {
         let revision = next.revision();
         let update = Update::ReplaceTags { resource: change.resource.clone(), tags: pairs(&change.after) };
         let ticket = self
-            .accept(&mut writer, head.revision(), next, vec![tag_event(&change)], update, &change.principal)
+            .accept(
+                &mut writer,
+                head.revision(),
+                next,
+                vec![tag_event(&change, outcome.decision.matched.iter().map(ToString::to_string).collect())],
+                update,
+                &change.principal,
+            )
             .map_err(|e| TagError::Unavailable(e.to_string()))?;
         Ok((Tagged { outcome, revision, changed: true }, ticket))
     }
@@ -465,6 +516,7 @@ impl Store {
         let revision = next.revision();
         let next = Arc::new(next);
         let Some(storage) = writer.storage.as_mut() else {
+            self.audit(&events.iter().collect::<Vec<_>>()).map_err(StorageFailed)?;
             writer.head = next.clone();
             self.publish(next, events);
             return Ok(Ticket::done(revision));
@@ -543,7 +595,10 @@ fn committer(store: Weak<Store>, commit: Arc<Commit>) {
             };
             (batch, sync, compaction)
         };
-        let synced = sync.and_then(|s| s.sync());
+        let synced = sync.and_then(|s| s.sync()).map_err(|e| e.to_string()).and_then(|()| {
+            let events: Vec<&Event> = batch.iter().flat_map(|(_, events)| events.iter()).collect();
+            store.audit(&events)
+        });
         let last = batch.last().map(|(s, _)| s.revision()).unwrap_or(0);
         match synced {
             Ok(()) => {
@@ -555,9 +610,8 @@ fn committer(store: Weak<Store>, commit: Arc<Commit>) {
                 commit.watch.send_replace(p.clone());
                 commit.changed.notify_all();
             }
-            Err(e) => {
-                let message = e.to_string();
-                tracing::error!(error = %message, "cannot sync the log; refusing further changes");
+            Err(message) => {
+                tracing::error!(error = %message, "cannot make changes durable; refusing further changes");
                 lock(&store.writer).failed = Some(message.clone());
                 let mut p = lock(&commit.progress);
                 p.failed = Some(message);
@@ -582,7 +636,7 @@ fn committer(store: Weak<Store>, commit: Arc<Commit>) {
     }
 }
 
-fn tag_event(change: &TagChange) -> Event {
+fn tag_event(change: &TagChange, allowed_by: Vec<String>) -> Event {
     Event {
         revision: change.revision,
         time_unix_ms: now_ms(),
@@ -592,6 +646,7 @@ fn tag_event(change: &TagChange) -> Event {
             action: change.action.clone(),
             before: pairs(&change.before),
             after: pairs(&change.after),
+            allowed_by,
         },
     }
 }
@@ -748,6 +803,7 @@ fn tag_write(
                 action: "admin".to_string(),
                 before: pairs(&before),
                 after: pairs(&after),
+                allowed_by: Vec::new(),
             },
         });
     }

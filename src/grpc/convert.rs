@@ -337,11 +337,12 @@ pub fn event(e: &Event) -> proto::WatchEvent {
         time_unix_ms: e.time_unix_ms,
         actor: e.actor.clone(),
         event: Some(match &e.kind {
-            EventKind::Tags { resource, action, before, after } => E::TagChange(proto::TagChange {
+            EventKind::Tags { resource, action, before, after, allowed_by } => E::TagChange(proto::TagChange {
                 resource: resource.clone(),
                 action: action.clone(),
                 before: to_tags(before.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
                 after: to_tags(after.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+                allowed_by: allowed_by.clone(),
             }),
             EventKind::Entity { kind, name, change } => E::EntityChange(proto::EntityChange {
                 kind: kind.to_string(),

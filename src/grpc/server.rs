@@ -24,7 +24,7 @@ use super::service::{AdminService, AuthorizerService, Shared, TaggingService};
 use crate::store::Store;
 
 /// How the server runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
@@ -36,6 +36,8 @@ pub struct Config {
     pub max_batch: usize,
     /// How long shutdown waits for in-flight calls.
     pub shutdown_grace: Duration,
+    /// Where decisions are logged, when enabled.
+    pub decision_log: Option<crate::observe::DecisionLog>,
 }
 
 impl Default for Config {
@@ -48,6 +50,7 @@ impl Default for Config {
             max_message_bytes: 4 * 1024 * 1024,
             max_batch: 1000,
             shutdown_grace: Duration::from_secs(10),
+            decision_log: None,
         }
     }
 }
@@ -114,6 +117,7 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
         min_revision_wait: config.min_revision_wait,
         max_batch: config.max_batch,
         shutdown: shutdown_rx.clone(),
+        decision_log: config.decision_log.clone(),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AuthorizerServer<AuthorizerService>>().await;

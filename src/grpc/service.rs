@@ -1,21 +1,23 @@
 //! The three gRPC services: thin handlers over the [`Store`].
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status, Streaming};
-use tracing::{debug, warn};
+use tracing::{debug, field, warn, Instrument, Span};
 
 use super::proto::admin_server::Admin;
 use super::proto::authorizer_server::Authorizer;
 use super::proto::tagging_server::Tagging;
 use super::{convert, invalid, proto, status};
-use crate::engine::authorize;
+use crate::engine::{authorize, Decision};
+use crate::observe::{self, DecisionLog};
 use crate::state::State;
 use crate::store::{Store, Ticket, UpdateError};
 use crate::tagging::{perform, TagError};
@@ -31,6 +33,44 @@ pub struct Shared {
     pub max_batch: usize,
     /// Turns true when the server shuts down: streams end.
     pub shutdown: watch::Receiver<bool>,
+    /// Where decisions are logged, when enabled.
+    pub decision_log: Option<DecisionLog>,
+}
+
+/// The gRPC code as a bounded metric label.
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::NotFound => "NOT_FOUND",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        _ => "OTHER",
+    }
+}
+
+/// Runs a handler in its span (the RPC, the action, and later the decision)
+/// and records its latency and status code.
+async fn observed<T>(rpc: &'static str, action: &str, handler: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
+    let started = Instant::now();
+    let span = tracing::debug_span!("rpc", rpc, action = %action, decision = field::Empty);
+    let result = handler.instrument(span).await;
+    observe::rpc(rpc, started, code_name(result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok)));
+    result
+}
+
+/// Counts a decision, notes it on the RPC's span, and logs it if enabled.
+fn decided(shared: &Shared, req: &crate::engine::Request, d: &Decision, revision: u64, started: Instant) {
+    observe::decision(d);
+    Span::current().record("decision", d.reason.as_str());
+    if let Some(log) = &shared.decision_log {
+        log.offer(req, d, revision, started.elapsed());
+    }
 }
 
 impl Shared {
@@ -52,11 +92,15 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 impl Authorizer for AuthorizerService {
     async fn authorize(&self, request: Request<proto::AuthorizeRequest>) -> Result<Response<proto::AuthorizeResponse>, Status> {
         let r = request.get_ref();
-        let req = convert::authorize_request(r)?;
-        let state = self.0.snapshot(r.min_revision).await?;
-        let decision = authorize(&state, &req, r.explain)?;
-        debug!(action = %req.action, reason = decision.reason.as_str(), "authorize");
-        Ok(Response::new(convert::decision(decision, state.revision())))
+        observed("Authorize", &r.action, async {
+            let started = Instant::now();
+            let req = convert::authorize_request(r)?;
+            let state = self.0.snapshot(r.min_revision).await?;
+            let decision = authorize(&state, &req, r.explain)?;
+            decided(&self.0, &req, &decision, state.revision(), started);
+            Ok(Response::new(convert::decision(decision, state.revision())))
+        })
+        .await
     }
 
     async fn batch_authorize(
@@ -64,19 +108,23 @@ impl Authorizer for AuthorizerService {
         request: Request<proto::BatchAuthorizeRequest>,
     ) -> Result<Response<proto::BatchAuthorizeResponse>, Status> {
         let r = request.get_ref();
-        let reqs = convert::batch_requests(r, self.0.max_batch)?;
-        let state = self.0.snapshot(r.min_revision).await?;
-        let revision = state.revision();
-        let results = reqs
-            .iter()
-            .enumerate()
-            .map(|(i, req)| {
-                authorize(&state, req, r.explain)
-                    .map(|d| convert::decision(d, revision))
-                    .map_err(|e| invalid(&format!("items[{i}].{}", e.field), e.reason))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Response::new(proto::BatchAuthorizeResponse { results, revision }))
+        observed("BatchAuthorize", "batch", async {
+            let started = Instant::now();
+            let reqs = convert::batch_requests(r, self.0.max_batch)?;
+            let state = self.0.snapshot(r.min_revision).await?;
+            let revision = state.revision();
+            let results = reqs
+                .iter()
+                .enumerate()
+                .map(|(i, req)| {
+                    let d = authorize(&state, req, r.explain).map_err(|e| invalid(&format!("items[{i}].{}", e.field), e.reason))?;
+                    decided(&self.0, req, &d, revision, started);
+                    Ok(convert::decision(d, revision))
+                })
+                .collect::<Result<Vec<_>, Status>>()?;
+            Ok(Response::new(proto::BatchAuthorizeResponse { results, revision }))
+        })
+        .await
     }
 }
 
@@ -87,28 +135,36 @@ fn tags_of(tags: &crate::tags::TagSet) -> Vec<proto::Tag> {
 #[tonic::async_trait]
 impl Tagging for TaggingService {
     async fn tag_resource(&self, request: Request<proto::TagResourceRequest>) -> Result<Response<proto::TagResourceResponse>, Status> {
-        let req = convert::tag_resource(request.get_ref())?;
-        let (done, ticket) = self.0.store.tag(&req)?;
-        ticket.durable().await.map_err(|e| TagError::Unavailable(e.to_string()))?;
-        Ok(Response::new(proto::TagResourceResponse {
-            revision: done.revision,
-            tags: tags_of(&done.outcome.tags),
-            changed: done.changed,
-        }))
+        observed("TagResource", "TagResource", async {
+            let req = convert::tag_resource(request.get_ref())?;
+            let (done, ticket) = self.0.store.tag(&req)?;
+            ticket.durable().await.map_err(|e| TagError::Unavailable(e.to_string()))?;
+            Span::current().record("decision", done.outcome.decision.reason.as_str());
+            Ok(Response::new(proto::TagResourceResponse {
+                revision: done.revision,
+                tags: tags_of(&done.outcome.tags),
+                changed: done.changed,
+            }))
+        })
+        .await
     }
 
     async fn untag_resource(
         &self,
         request: Request<proto::UntagResourceRequest>,
     ) -> Result<Response<proto::UntagResourceResponse>, Status> {
-        let req = convert::untag_resource(request.get_ref())?;
-        let (done, ticket) = self.0.store.tag(&req)?;
-        ticket.durable().await.map_err(|e| TagError::Unavailable(e.to_string()))?;
-        Ok(Response::new(proto::UntagResourceResponse {
-            revision: done.revision,
-            tags: tags_of(&done.outcome.tags),
-            changed: done.changed,
-        }))
+        observed("UntagResource", "UntagResource", async {
+            let req = convert::untag_resource(request.get_ref())?;
+            let (done, ticket) = self.0.store.tag(&req)?;
+            ticket.durable().await.map_err(|e| TagError::Unavailable(e.to_string()))?;
+            Span::current().record("decision", done.outcome.decision.reason.as_str());
+            Ok(Response::new(proto::UntagResourceResponse {
+                revision: done.revision,
+                tags: tags_of(&done.outcome.tags),
+                changed: done.changed,
+            }))
+        })
+        .await
     }
 
     async fn list_resource_tags(
@@ -116,16 +172,24 @@ impl Tagging for TaggingService {
         request: Request<proto::ListResourceTagsRequest>,
     ) -> Result<Response<proto::ListResourceTagsResponse>, Status> {
         let r = request.get_ref();
-        let req = convert::list_resource_tags(r)?;
-        let state = self.0.snapshot(r.min_revision).await?;
-        let outcome = perform(&state, &req)?;
-        Ok(Response::new(proto::ListResourceTagsResponse { tags: tags_of(&outcome.tags), revision: state.revision() }))
+        observed("ListResourceTags", "ListResourceTags", async {
+            let req = convert::list_resource_tags(r)?;
+            let state = self.0.snapshot(r.min_revision).await?;
+            let outcome = perform(&state, &req)?;
+            Ok(Response::new(proto::ListResourceTagsResponse { tags: tags_of(&outcome.tags), revision: state.revision() }))
+        })
+        .await
     }
 
     async fn get_resources(&self, request: Request<proto::GetResourcesRequest>) -> Result<Response<proto::GetResourcesResponse>, Status> {
+        observed("GetResources", "tag:GetResources", self.get_resources_inner(request.get_ref())).await
+    }
+}
+
+impl TaggingService {
+    async fn get_resources_inner(&self, r: &proto::GetResourcesRequest) -> Result<Response<proto::GetResourcesResponse>, Status> {
         const DEFAULT_PAGE: usize = 100;
         const MAX_PAGE: usize = 1000;
-        let r = request.get_ref();
         let auth = convert::get_resources(r)?;
         if r.tag_filters.is_empty() {
             return Err(invalid("tag_filters", "at least one filter is needed"));
@@ -181,9 +245,17 @@ impl Tagging for TaggingService {
 /// Applies one update from the stream; the ticket (or the refusal) goes to
 /// the task that acknowledges in order.
 fn accept_one(store: &Store, req: &proto::ApplyRequest) -> Result<Ticket, UpdateError> {
-    let result = match &req.update {
+    let converted = match &req.update {
         None => Err(UpdateError { code: "ValidationException", message: "required".into() }),
-        Some(u) => convert::update(u, "").and_then(|u| store.apply(&u, "admin")),
+        Some(u) => convert::update(u, ""),
+    };
+    let result = match converted {
+        // Store::apply counts what reaches it; refusals before it count here.
+        Ok(update) => store.apply(&update, "admin"),
+        Err(e) => {
+            observe::admin_update(Some(e.code));
+            Err(e)
+        }
     };
     // Every message is a path inside the update, then the reason.
     result.map_err(|mut e| {

@@ -1,0 +1,162 @@
+//! Metrics names and helpers, and the optional decision log.
+//!
+//! Metrics go through the `metrics` facade: without an installed recorder
+//! (tests, `tagward test`) every call is a no-op; `tagward serve` installs
+//! the Prometheus exporter on its own port. Labels stay bounded: results,
+//! reasons, RPC names, error codes; never a principal or a resource.
+//!
+//! The decision log is a bounded queue in front of a writer task: offering a
+//! record never waits, and what does not fit is dropped and counted.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::engine::{Decision, Request};
+use crate::state::State;
+
+pub const DECISIONS: &str = "tagward_decisions_total";
+pub const RPC_DURATION: &str = "tagward_rpc_duration_seconds";
+pub const RPCS: &str = "tagward_rpc_total";
+pub const ADMIN_UPDATES: &str = "tagward_admin_updates_total";
+pub const TAG_CHANGES: &str = "tagward_tag_changes_total";
+pub const DECISION_LOG_DROPPED: &str = "tagward_decision_log_dropped_total";
+pub const AUDIT_FAILURES: &str = "tagward_audit_write_failures_total";
+pub const REVISION: &str = "tagward_snapshot_revision";
+pub const PUBLISHED_AT: &str = "tagward_snapshot_published_timestamp_seconds";
+pub const SNAPSHOT_AGE: &str = "tagward_snapshot_age_seconds";
+pub const POLICIES: &str = "tagward_policies";
+pub const PRINCIPALS: &str = "tagward_principals";
+pub const RESOURCES: &str = "tagward_resources";
+pub const TAGS: &str = "tagward_tags";
+
+/// Buckets for RPC latency, from 25 µs to 2.5 s.
+pub const RPC_BUCKETS: &[f64] = &[
+    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5,
+];
+
+/// Counts a decision by result and reason.
+pub fn decision(d: &Decision) {
+    let result = if d.allowed() { "allow" } else { "deny" };
+    metrics::counter!(DECISIONS, "result" => result, "reason" => d.reason.as_str()).increment(1);
+}
+
+/// Records an RPC's latency and outcome (`code`: a gRPC code name).
+pub fn rpc(name: &'static str, started: Instant, code: &'static str) {
+    metrics::histogram!(RPC_DURATION, "rpc" => name).record(started.elapsed().as_secs_f64());
+    metrics::counter!(RPCS, "rpc" => name, "code" => code).increment(1);
+}
+
+/// Counts an admin update, applied or rejected (with its error code).
+pub fn admin_update(code: Option<&'static str>) {
+    match code {
+        None => metrics::counter!(ADMIN_UPDATES, "result" => "applied").increment(1),
+        Some(code) => metrics::counter!(ADMIN_UPDATES, "result" => "rejected", "code" => code).increment(1),
+    }
+}
+
+/// Gauges of a newly published state.
+pub fn published(state: &State) {
+    let (policies, principals, resources) = state.counts();
+    metrics::gauge!(REVISION).set(state.revision() as f64);
+    metrics::gauge!(PUBLISHED_AT).set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+    metrics::gauge!(POLICIES).set(policies as f64);
+    metrics::gauge!(PRINCIPALS).set(principals as f64);
+    metrics::gauge!(RESOURCES).set(resources as f64);
+    metrics::gauge!(TAGS).set(state.tag_count() as f64);
+}
+
+/// Which decisions the decision log keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogMode {
+    All,
+    DeniesOnly,
+    /// One decision in N.
+    Sample(u64),
+}
+
+/// The optional decision log.
+#[derive(Clone)]
+pub struct DecisionLog {
+    tx: mpsc::Sender<serde_json::Value>,
+    mode: LogMode,
+    seen: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl DecisionLog {
+    /// Starts the writer task (in the current tokio runtime) appending JSON
+    /// lines to `path`; at most `capacity` records wait in the queue.
+    pub fn start(path: &Path, mode: LogMode, capacity: usize) -> std::io::Result<DecisionLog> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let (tx, mut rx) = mpsc::channel::<serde_json::Value>(capacity.max(1));
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let mut out = std::io::BufWriter::new(file);
+            while let Some(record) = rx.blocking_recv() {
+                let mut line = record.to_string();
+                line.push('\n');
+                let written = out.write_all(line.as_bytes()).and_then(|_| if rx.is_empty() { out.flush() } else { Ok(()) });
+                if let Err(e) = written {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot write the decision log");
+                }
+            }
+            let _ = out.flush();
+        });
+        Ok(DecisionLog { tx, mode, seen: Default::default() })
+    }
+
+    /// Offers a decision; never waits. Dropped records are counted.
+    pub fn offer(&self, req: &Request, d: &Decision, revision: u64, took: Duration) {
+        let keep = match self.mode {
+            LogMode::All => true,
+            LogMode::DeniesOnly => !d.allowed(),
+            LogMode::Sample(n) => self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n.max(1) == 0,
+        };
+        if !keep {
+            return;
+        }
+        let record = json!({
+            "time": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "principal": req.principal,
+            "action": req.action,
+            "resource": req.resource,
+            "decision": if d.allowed() { "Allow" } else { "Deny" },
+            "reason": d.reason.as_str(),
+            "matched": d.matched.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "missing_keys": d.missing_keys.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+            "revision": revision,
+            "micros": took.as_micros() as u64,
+        });
+        if self.tx.try_send(record).is_err() {
+            metrics::counter!(DECISION_LOG_DROPPED).increment(1);
+        }
+    }
+}
+
+/// Installs the Prometheus exporter with its own HTTP listener (`/metrics`).
+pub fn install_exporter(addr: std::net::SocketAddr) -> Result<(), String> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(RPC_DURATION.to_string()), RPC_BUCKETS)
+        .map_err(|e| e.to_string())?
+        .install()
+        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+    metrics::describe_counter!(DECISIONS, "Authorization decisions by result and reason");
+    metrics::describe_histogram!(RPC_DURATION, metrics::Unit::Seconds, "Latency of each gRPC call");
+    metrics::describe_counter!(RPCS, "gRPC calls by method and status code");
+    metrics::describe_counter!(ADMIN_UPDATES, "Admin updates applied and rejected");
+    metrics::describe_counter!(TAG_CHANGES, "Tag changes published, by origin");
+    metrics::describe_counter!(DECISION_LOG_DROPPED, "Decision-log records dropped because the queue was full");
+    metrics::describe_counter!(AUDIT_FAILURES, "Audit writes that failed (the change was refused)");
+    metrics::describe_gauge!(REVISION, "Revision of the published snapshot");
+    metrics::describe_gauge!(PUBLISHED_AT, metrics::Unit::Seconds, "When the current snapshot was published (Unix time)");
+    metrics::describe_gauge!(SNAPSHOT_AGE, metrics::Unit::Seconds, "Seconds since the current snapshot was published");
+    metrics::describe_gauge!(POLICIES, "Managed policies");
+    metrics::describe_gauge!(PRINCIPALS, "Principals");
+    metrics::describe_gauge!(RESOURCES, "Resources");
+    metrics::describe_gauge!(TAGS, "Tags on resources and principals");
+    Ok(())
+}
