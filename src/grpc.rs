@@ -2,8 +2,10 @@
 //! thin (validate, convert, call the domain, convert back), and this file
 //! holds the one mapping from domain errors to `Status`.
 
+pub mod baseline;
 pub mod client;
 pub mod convert;
+pub mod load;
 pub mod server;
 pub mod service;
 

@@ -11,6 +11,7 @@
 pub mod arn;
 pub mod audit;
 pub mod engine;
+pub mod gen;
 pub mod grpc;
 pub mod observe;
 pub mod policy;
