@@ -141,13 +141,24 @@ pub enum ResourceKind {
 #[derive(Debug, Clone)]
 pub struct Resource {
     pub arn: Arc<str>,
-    /// The owning account: the ARN's, or given for ARNs without one.
-    pub account: Option<Arc<str>>,
+    /// The owning account when the ARN does not say it (S3 buckets) or a
+    /// world file gave another; otherwise the ARN's (see [`Resource::account`]).
+    /// Not stored per resource when the ARN has it: a million keys would
+    /// each carry a copy.
+    pub account_override: Option<Arc<str>>,
     pub tags: TagSet,
     pub kind: ResourceKind,
 }
 
 impl Resource {
+    /// The owning account: given, or the ARN's.
+    pub fn account(&self) -> Option<&str> {
+        match &self.account_override {
+            Some(a) => Some(a),
+            None => crate::arn::split_arn(&self.arn).map(|(head, _)| head[4]).filter(|a| !a.is_empty()),
+        }
+    }
+
     pub fn key(&self) -> Option<&KeyInfo> {
         match &self.kind {
             ResourceKind::Key(k) => Some(k),
@@ -229,7 +240,7 @@ impl<'a> Target<'a> {
 
     pub fn account(&self) -> Option<&'a str> {
         match self {
-            Target::Resource(r) => r.account.as_deref(),
+            Target::Resource(r) => r.account(),
             Target::Principal(p) => Some(&p.account),
         }
     }

@@ -101,9 +101,18 @@ pub fn keys_equal_ignoring_case(a: &str, b: &str) -> bool {
 }
 
 /// The tags of one resource, sorted by key in byte order.
+///
+/// Stored compactly: a million resources with ten tags each would otherwise
+/// spend most of their memory on twenty small string allocations apiece.
+/// All keys and values sit back to back in one buffer; `spans` says where.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct TagSet {
-    tags: Vec<(Box<str>, Box<str>)>,
+    /// Each tag's key then its value, tags in key order.
+    text: Box<str>,
+    /// For each tag: where its key starts, the key's length and the value's
+    /// length in bytes (the value follows the key). The rules bound a key to
+    /// 128 and a value to 256 characters, so both lengths fit in a u16.
+    spans: Box<[(u32, u16, u16)]>,
     /// Keys are case-insensitive (IAM users and roles).
     case_insensitive: bool,
 }
@@ -116,7 +125,19 @@ impl fmt::Debug for TagSet {
 
 impl TagSet {
     pub fn new(case_insensitive: bool) -> TagSet {
-        TagSet { tags: Vec::new(), case_insensitive }
+        TagSet { text: Box::default(), spans: Box::default(), case_insensitive }
+    }
+
+    /// Builds a set from pairs already sorted by key and unique.
+    fn from_sorted(case_insensitive: bool, pairs: &[(&str, &str)]) -> TagSet {
+        let mut text = String::with_capacity(pairs.iter().map(|(k, v)| k.len() + v.len()).sum());
+        let mut spans = Vec::with_capacity(pairs.len());
+        for (k, v) in pairs {
+            spans.push((text.len() as u32, k.len() as u16, v.len() as u16));
+            text.push_str(k);
+            text.push_str(v);
+        }
+        TagSet { text: text.into_boxed_str(), spans: spans.into_boxed_slice(), case_insensitive }
     }
 
     /// Builds a set from initial tags, checking every rule and the limit.
@@ -137,15 +158,20 @@ impl TagSet {
     }
 
     pub fn len(&self) -> usize {
-        self.tags.len()
+        self.spans.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tags.is_empty()
+        self.spans.is_empty()
+    }
+
+    fn pair(&self, span: &(u32, u16, u16)) -> (&str, &str) {
+        let (start, key, value) = (span.0 as usize, span.1 as usize, span.2 as usize);
+        (&self.text[start..start + key], &self.text[start + key..start + key + value])
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
-        self.tags.iter().map(|(k, v)| (&**k, &**v))
+        self.spans.iter().map(|s| self.pair(s))
     }
 
     /// The value of the tag a condition key names: the key whose case matches
@@ -154,21 +180,22 @@ impl TagSet {
         lookup_pairs(self.iter(), key, self.find_exact(key))
     }
 
+    fn search(&self, key: &str) -> Result<usize, usize> {
+        self.spans.binary_search_by(|s| self.pair(s).0.cmp(key))
+    }
+
     fn find_exact(&self, key: &str) -> Option<&str> {
-        self.tags
-            .binary_search_by(|(k, _)| (**k).cmp(key))
-            .ok()
-            .map(|i| &*self.tags[i].1)
+        self.search(key).ok().map(|i| self.pair(&self.spans[i]).1)
     }
 
     /// The stored key that `key` addresses: exact, or for a case-insensitive
     /// set the one equal ignoring case.
-    fn position(&self, key: &str) -> Option<usize> {
-        if let Ok(i) = self.tags.binary_search_by(|(k, _)| (**k).cmp(key)) {
+    fn position(pairs: &[(&str, &str)], key: &str, case_insensitive: bool) -> Option<usize> {
+        if let Ok(i) = pairs.binary_search_by(|(k, _)| (*k).cmp(key)) {
             return Some(i);
         }
-        if self.case_insensitive {
-            return self.tags.iter().position(|(k, _)| keys_equal_ignoring_case(k, key));
+        if case_insensitive {
+            return pairs.iter().position(|(k, _)| keys_equal_ignoring_case(k, key));
         }
         None
     }
@@ -177,8 +204,8 @@ impl TagSet {
     /// result would exceed [`MAX_TAGS`] or the request itself holds keys that
     /// are the same in this set's eyes. Rules on each tag are the caller's
     /// to check first.
-    pub fn with<'a>(&self, tags: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<TagSet, TagSetError> {
-        let mut next = self.clone();
+    pub fn with<'a>(&'a self, tags: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<TagSet, TagSetError> {
+        let mut pairs: Vec<(&str, &str)> = self.iter().collect();
         let mut written: Vec<&str> = Vec::new();
         for (k, v) in tags {
             if written.contains(&k) {
@@ -189,31 +216,35 @@ impl TagSet {
                     return Err(TagRuleError::DuplicateKey { first: prev.to_string(), second: k.to_string() }.into());
                 }
             }
-            written.push(k);
-            match next.position(k) {
-                Some(i) => {
-                    next.tags.remove(i);
-                }
-                None => {}
+            // The compact form needs lengths in a u16; the rules allow far less.
+            if k.len() > usize::from(u16::MAX) {
+                return Err(TagRuleError::KeyTooLong { key: k.chars().take(32).collect(), chars: k.chars().count() }.into());
             }
-            let at = next.tags.binary_search_by(|(key, _)| (**key).cmp(k)).unwrap_or_else(|i| i);
-            next.tags.insert(at, (k.into(), v.into()));
+            if v.len() > usize::from(u16::MAX) {
+                return Err(TagRuleError::ValueTooLong { key: k.to_string(), chars: v.chars().count() }.into());
+            }
+            written.push(k);
+            if let Some(i) = TagSet::position(&pairs, k, self.case_insensitive) {
+                pairs.remove(i);
+            }
+            let at = pairs.binary_search_by(|(key, _)| (*key).cmp(k)).unwrap_or_else(|i| i);
+            pairs.insert(at, (k, v));
         }
-        if next.tags.len() > MAX_TAGS {
-            return Err(TagSetError::Limit { count: next.tags.len() });
+        if pairs.len() > MAX_TAGS {
+            return Err(TagSetError::Limit { count: pairs.len() });
         }
-        Ok(next)
+        Ok(TagSet::from_sorted(self.case_insensitive, &pairs))
     }
 
     /// The set without `keys`; absent keys are ignored.
     pub fn without<'a>(&self, keys: impl IntoIterator<Item = &'a str>) -> TagSet {
-        let mut next = self.clone();
+        let mut pairs: Vec<(&str, &str)> = self.iter().collect();
         for k in keys {
-            if let Some(i) = next.position(k) {
-                next.tags.remove(i);
+            if let Some(i) = TagSet::position(&pairs, k, self.case_insensitive) {
+                pairs.remove(i);
             }
         }
-        next
+        TagSet::from_sorted(self.case_insensitive, &pairs)
     }
 }
 

@@ -104,6 +104,9 @@ pub fn default_key_policy_document(account: &str) -> Value {
 #[derive(Default)]
 pub struct ResourceBuilder {
     default_policies: HashMap<String, Arc<Policy>>,
+    /// Key specs, usages and origins: a handful of distinct values shared
+    /// by a million keys, so each is stored once.
+    key_fields: HashMap<String, Arc<str>>,
 }
 
 impl ResourceBuilder {
@@ -112,11 +115,12 @@ impl ResourceBuilder {
         let arn = Arn::parse(&spec.arn).ok_or_else(|| {
             err(format!("{path}.arn"), format!("{:?} is not an ARN (arn:PARTITION:SERVICE:REGION:ACCOUNT:RESOURCE)", spec.arn))
         })?;
-        let account: Option<Arc<str>> = match (&spec.account, arn.account) {
-            (Some(a), _) => Some(Arc::from(a.as_str())),
-            (None, "") => None,
-            (None, a) => Some(Arc::from(a)),
+        // Stored only when the ARN does not already say it.
+        let account_override: Option<Arc<str>> = match &spec.account {
+            Some(a) if a != arn.account => Some(Arc::from(a.as_str())),
+            _ => None,
         };
+        let account = account_override.as_deref().or(Some(arn.account).filter(|a| !a.is_empty()));
         let is_key = is_kms_key(&spec.arn);
         let tags = TagSet::from_tags(false, spec.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .map_err(|e| err(format!("{path}.tags"), e.to_string()))?;
@@ -124,12 +128,14 @@ impl ResourceBuilder {
             if spec.resource_policy.is_some() {
                 return Err(err(format!("{path}.resource_policy"), "a KMS key has a key_policy, not a resource_policy"));
             }
-            let parse = |field: &str, v: &Option<String>, default: &str| -> Result<Arc<str>, WorldError> {
-                match v.as_deref() {
-                    Some("") => Err(err(format!("{path}.{field}"), "empty")),
-                    Some(v) => Ok(v.into()),
-                    None => Ok(default.into()),
-                }
+            let key_fields = &mut self.key_fields;
+            let mut parse = |field: &str, v: &Option<String>, default: &str| -> Result<Arc<str>, WorldError> {
+                let text = match v.as_deref() {
+                    Some("") => return Err(err(format!("{path}.{field}"), "empty")),
+                    Some(v) => v,
+                    None => default,
+                };
+                Ok(key_fields.entry(text.to_string()).or_insert_with(|| Arc::from(text)).clone())
             };
             let state = match &spec.key_state {
                 Some(s) => s.parse::<KeyState>().map_err(|e| err(format!("{path}.key_state"), e))?,
@@ -186,7 +192,7 @@ impl ResourceBuilder {
             };
             ResourceKind::Other { policy }
         };
-        Ok(Resource { arn: spec.arn.as_str().into(), account, tags, kind })
+        Ok(Resource { arn: spec.arn.as_str().into(), account_override, tags, kind })
     }
 }
 
@@ -261,10 +267,7 @@ pub fn principal_spec(p: &Principal) -> PrincipalSpec {
 /// implicit).
 pub fn resource_spec(r: &Resource) -> ResourceSpec {
     let mut spec = ResourceSpec { arn: r.arn.to_string(), tags: tag_map(&r.tags), ..ResourceSpec::default() };
-    let arn_account = Arn::parse(&r.arn).map(|a| a.account).unwrap_or_default();
-    if r.account.as_deref().is_some_and(|a| a != arn_account) {
-        spec.account = r.account.as_deref().map(str::to_string);
-    }
+    spec.account = r.account_override.as_deref().map(str::to_string);
     match &r.kind {
         ResourceKind::Key(k) => {
             if !k.default_policy {
