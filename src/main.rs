@@ -503,12 +503,9 @@ fn serve(
     }
     let (policies, principals, resources) = store.snapshot().counts();
     info!(policies, principals, resources, revision = store.revision(), "state ready");
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match multi_thread_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            error!(error = %e, "cannot start the runtime");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async {
         if let Some(addr) = observe.metrics {
@@ -631,6 +628,15 @@ fn import(dir: &Path, world: &Path) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The multi-threaded runtime the servers run on, or the exit code after
+/// logging why it could not start.
+fn multi_thread_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
+        error!(error = %e, "cannot start the runtime");
+        ExitCode::FAILURE
+    })
 }
 
 /// SIGTERM or SIGINT.
@@ -883,12 +889,9 @@ fn load(args: LoadArgs) -> ExitCode {
 
 fn baseline_server(listen: SocketAddr, max_message_bytes: usize) -> ExitCode {
     init_logs(LogFormat::Plain);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match multi_thread_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            error!(error = %e, "cannot start the runtime");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async {
         match tagward::grpc::baseline::start(listen, max_message_bytes).await {

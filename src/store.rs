@@ -469,7 +469,7 @@ impl Store {
         let Writer { resources, .. } = &mut *writer;
         apply_one(&mut next, resources, update, actor, &mut events)?;
         if next.revision() == head.revision() {
-            return Ok(Ticket::done(head.revision()));
+            return Ok(self.unchanged(head.revision()));
         }
         self.accept(&mut writer, head.revision(), next, events, update.clone(), actor)
             .map_err(|e| UpdateError::new("StorageFailed", e.to_string()))
@@ -482,7 +482,7 @@ impl Store {
         let head = writer.head.clone();
         let mut outcome = perform(&head, req)?;
         let Some((next, change)) = outcome.change.take() else {
-            return Ok((Tagged { outcome, revision: head.revision(), changed: false }, Ticket::done(head.revision())));
+            return Ok((Tagged { outcome, revision: head.revision(), changed: false }, self.unchanged(head.revision())));
         };
         if let Some(failed) = &writer.failed {
             return Err(TagError::Unavailable(StorageFailed(failed.clone()).to_string()));
@@ -500,6 +500,13 @@ impl Store {
             )
             .map_err(|e| TagError::Unavailable(e.to_string()))?;
         Ok((Tagged { outcome, revision, changed: true }, ticket))
+    }
+
+    /// The ticket of a change that changed nothing: it was decided on the
+    /// head, which may hold changes still waiting for their sync, so it is
+    /// answered once the head is durable too.
+    fn unchanged(&self, head: u64) -> Ticket {
+        Ticket { revision: head, commit: self.commit.clone() }
     }
 
     /// Makes `next` the head: logged (and published later by the committer)
