@@ -60,16 +60,7 @@ impl Tagward {
 
     /// Waits for the process to exit, at most `limit`.
     fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_exit(&mut self.child, limit)
     }
 
     /// Everything the process wrote to stderr (after it has exited).
