@@ -70,8 +70,12 @@ fn required(field: &str, value: &str) -> Result<(), Status> {
 }
 
 /// Builds an engine request; field names in errors start with `prefix`.
+/// `validate` checks the request's shape here (for a batch, so that no item
+/// is decided before every item is known to be well-formed); otherwise
+/// `engine::authorize` checks it, once.
 #[allow(clippy::too_many_arguments)]
 fn request(
+    validate: bool,
     prefix: &str,
     principal: &str,
     action: &str,
@@ -96,12 +100,15 @@ fn request(
     if !req.request_tags.is_empty() {
         req.derive_tag_keys();
     }
+    if !validate {
+        return Ok(req);
+    }
     req.validate().map_err(|e| invalid(&format!("{}{}", if e.field == "action" || e.field == "resource" { prefix } else { "" }, e.field), e.reason))?;
     Ok(req)
 }
 
 pub fn authorize_request(r: &proto::AuthorizeRequest) -> Result<Request, Status> {
-    request("", &r.principal, &r.action, &r.resource, &r.request_tags, r.tag_keys.as_ref(), &r.session_tags, &r.context)
+    request(false, "", &r.principal, &r.action, &r.resource, &r.request_tags, r.tag_keys.as_ref(), &r.session_tags, &r.context)
 }
 
 pub fn batch_requests(r: &proto::BatchAuthorizeRequest, max_items: usize) -> Result<Vec<Request>, Status> {
@@ -116,6 +123,7 @@ pub fn batch_requests(r: &proto::BatchAuthorizeRequest, max_items: usize) -> Res
         .enumerate()
         .map(|(i, item)| {
             request(
+                true,
                 &format!("items[{i}]."),
                 &r.principal,
                 &item.action,
@@ -193,7 +201,7 @@ pub fn list_resource_tags(r: &proto::ListResourceTagsRequest) -> Result<TagReque
 
 /// The authorization request behind `GetResources`.
 pub fn get_resources(r: &proto::GetResourcesRequest) -> Result<Request, Status> {
-    request("", &r.principal, "tag:GetResources", "*", &[], None, &r.session_tags, &r.context)
+    request(false, "", &r.principal, "tag:GetResources", "*", &[], None, &r.session_tags, &r.context)
 }
 
 fn json(field: &str, text: &str) -> Result<Value, UpdateError> {
