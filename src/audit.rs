@@ -112,7 +112,7 @@ impl AuditLog {
     }
 
     /// Writes the records of `events` and syncs them.
-    pub fn write(&mut self, events: &[Event]) -> std::io::Result<()> {
+    pub fn write(&mut self, events: &[&Event]) -> std::io::Result<()> {
         if events.is_empty() {
             return Ok(());
         }

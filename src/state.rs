@@ -403,10 +403,9 @@ impl State {
                 .min_by(|a, b| a.1.cmp(&b.1));
             let Some((i, arn)) = next else { return (out, false) };
             iters[i].next();
+            let tags = self.target(&arn).map(|t| t.tags());
             let matches_rest = rest.iter().all(|(k, vals)| {
-                self.target(&arn)
-                    .and_then(|t| t.tags().iter().find(|(tk, _)| *tk == k.as_str()).map(|(_, v)| v.to_string()))
-                    .is_some_and(|v| vals.is_empty() || vals.iter().any(|want| *want == v))
+                tags.and_then(|t| t.get(k)).is_some_and(|v| vals.is_empty() || vals.iter().any(|want| want == v))
             });
             if matches_rest {
                 if out.len() == limit {

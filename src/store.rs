@@ -303,8 +303,7 @@ impl Store {
     fn audit(&self, events: &[&Event]) -> Result<(), String> {
         let mut audit = lock(&self.audit);
         let Some(log) = audit.as_mut() else { return Ok(()) };
-        let owned: Vec<Event> = events.iter().map(|e| (*e).clone()).collect();
-        log.write(&owned).map_err(|e| {
+        log.write(events).map_err(|e| {
             metrics::counter!(crate::observe::AUDIT_FAILURES).increment(1);
             format!("{}: cannot write the audit log: {e}", log.path().display())
         })

@@ -177,14 +177,15 @@ impl TagSet {
     /// The value of the tag a condition key names: the key whose case matches
     /// exactly, else the first (in byte order) that matches ignoring case.
     pub fn lookup(&self, key: &str) -> Option<&str> {
-        lookup_pairs(self.iter(), key, self.find_exact(key))
+        lookup_pairs(self.iter(), key, self.get(key))
     }
 
     fn search(&self, key: &str) -> Result<usize, usize> {
         self.spans.binary_search_by(|s| self.pair(s).0.cmp(key))
     }
 
-    fn find_exact(&self, key: &str) -> Option<&str> {
+    /// The value of the tag whose key is exactly `key` (case-sensitive).
+    pub fn get(&self, key: &str) -> Option<&str> {
         self.search(key).ok().map(|i| self.pair(&self.spans[i]).1)
     }
 
