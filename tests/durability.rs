@@ -155,13 +155,7 @@ fn command(args: &[String]) -> Command {
 
 impl Tagward {
     fn spawn(args: &[String], data: String, admin: String) -> Tagward {
-        let mut child = command(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start tagward");
-        let mut pipe = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = pipe.read_to_string(&mut s);
-            s
-        });
+        let (child, stderr) = spawn_collecting_stderr(command(args).stdout(Stdio::null()).stderr(Stdio::piped()));
         Tagward { child, stderr: Some(stderr), data, admin }
     }
 

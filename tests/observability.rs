@@ -91,13 +91,7 @@ impl Tagward {
             }
         }
         cmd.env("TAGWARD_LOG", "info");
-        let mut child = cmd.spawn().expect("start tagward");
-        let mut pipe = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = pipe.read_to_string(&mut s);
-            s
-        });
+        let (child, stderr) = spawn_collecting_stderr(&mut cmd);
         Tagward { child, stderr: Some(stderr), data, admin, metrics }
     }
 

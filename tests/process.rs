@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -44,13 +43,7 @@ impl Tagward {
             cmd.env_remove(var);
         }
         cmd.env("TAGWARD_LOG", "info");
-        let mut child = cmd.spawn().expect("start tagward");
-        let mut pipe = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = pipe.read_to_string(&mut s);
-            s
-        });
+        let (child, stderr) = spawn_collecting_stderr(&mut cmd);
         Tagward { child, stderr: Some(stderr) }
     }
 

@@ -4,7 +4,8 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus};
+use std::io::Read;
+use std::process::{Child, Command, ExitStatus};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -272,4 +273,17 @@ pub fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Starts `cmd` (whose stderr must be piped) and collects its stderr on a
+/// thread; join the handle once the process has exited.
+pub fn spawn_collecting_stderr(cmd: &mut Command) -> (Child, std::thread::JoinHandle<String>) {
+    let mut child = cmd.spawn().expect("start tagward");
+    let mut pipe = child.stderr.take().expect("stderr is piped");
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = pipe.read_to_string(&mut s);
+        s
+    });
+    (child, stderr)
 }
