@@ -12,6 +12,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(protos, ["proto"])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("tagward_descriptor.bin"), descriptors.encode_to_vec())?;
+    // google.protobuf.Duration, which the google.rpc error details import:
+    // reflection must be able to hand it to clients such as grpcurl.
+    let duration = protox::compile(["google/protobuf/duration.proto"], ["proto"])?;
+    std::fs::write(out_dir.join("duration_descriptor.bin"), duration.encode_to_vec())?;
     tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(descriptors)?;
     Ok(())
 }

@@ -25,6 +25,10 @@ pub mod proto {
 
     /// The encoded file descriptor set, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tagward_descriptor.bin"));
+
+    /// `google/protobuf/duration.proto`, imported by the `google.rpc` error
+    /// details, for reflection.
+    pub const DURATION_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/duration_descriptor.bin"));
 }
 
 /// The `ErrorInfo.domain` of every Tagward error.

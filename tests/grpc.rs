@@ -1023,3 +1023,91 @@ async fn health_serves_until_shutdown() {
     }
     assert!(took < Duration::from_secs(4), "{took:?}");
 }
+
+/// One reflection exchange on `channel` (reflection v1, as grpcurl speaks it).
+async fn reflect(
+    channel: tonic::transport::Channel,
+    request: tonic_reflection::pb::v1::server_reflection_request::MessageRequest,
+) -> tonic_reflection::pb::v1::server_reflection_response::MessageResponse {
+    use tonic_reflection::pb::v1::{server_reflection_client::ServerReflectionClient, ServerReflectionRequest};
+    let mut client = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest { host: String::new(), message_request: Some(request) };
+    let mut answers = client.server_reflection_info(tokio_stream::iter(vec![req])).await.expect("reflection answers").into_inner();
+    let answer = answers.message().await.expect("a reflection response").expect("one response");
+    answer.message_response.expect("a response body")
+}
+
+/// The services a listener lists over reflection, sorted.
+async fn listed(channel: tonic::transport::Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    match reflect(channel, MessageRequest::ListServices(String::new())).await {
+        MessageResponse::ListServicesResponse(list) => {
+            let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+            names.sort();
+            names
+        }
+        other => panic!("expected a service list, got {other:?}"),
+    }
+}
+
+/// Every file a symbol needs, fetched as grpcurl does: the file holding the
+/// symbol, then each dependency by name, until nothing is missing.
+async fn resolve_symbol(channel: tonic::transport::Channel, symbol: &str) -> Vec<String> {
+    use prost::Message;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut wanted = vec![MessageRequest::FileContainingSymbol(symbol.to_string())];
+    let mut have: Vec<String> = Vec::new();
+    while let Some(request) = wanted.pop() {
+        let asked = format!("{request:?}");
+        match reflect(channel.clone(), request).await {
+            MessageResponse::FileDescriptorResponse(files) => {
+                for raw in files.file_descriptor_proto {
+                    let file = prost_types::FileDescriptorProto::decode(raw.as_slice()).expect("a file descriptor");
+                    let name = file.name.clone().unwrap_or_default();
+                    if have.contains(&name) {
+                        continue;
+                    }
+                    have.push(name);
+                    for dep in file.dependency {
+                        if !have.contains(&dep) {
+                            wanted.push(MessageRequest::FileByFilename(dep));
+                        }
+                    }
+                }
+            }
+            other => panic!("{asked}: expected file descriptors, got {other:?}"),
+        }
+    }
+    have
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reflection_lists_exactly_what_each_listener_serves() {
+    let running = start(config()).await;
+    let data = channel(running.data_addr).await;
+    let admin = channel(running.admin_addr).await;
+    let reflection = ["grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
+    let mut want_data: Vec<String> = ["tagward.v1.Authorizer", "tagward.v1.Tagging", "grpc.health.v1.Health"]
+        .iter()
+        .chain(reflection.iter())
+        .map(|s| s.to_string())
+        .collect();
+    want_data.sort();
+    let mut want_admin: Vec<String> = ["tagward.v1.Admin"].iter().chain(reflection.iter()).map(|s| s.to_string()).collect();
+    want_admin.sort();
+    assert_eq!(listed(data.clone()).await, want_data);
+    assert_eq!(listed(admin.clone()).await, want_admin);
+    // The error details every status carries resolve on both listeners, with
+    // their imports (google.protobuf.Duration), as grpcurl needs to print them.
+    for ch in [data.clone(), admin.clone()] {
+        let files = resolve_symbol(ch.clone(), "google.rpc.ErrorInfo").await;
+        assert!(files.iter().any(|f| f.ends_with("error_details.proto")), "{files:?}");
+        assert!(files.iter().any(|f| f == "google/protobuf/duration.proto"), "{files:?}");
+    }
+    let admin_files = resolve_symbol(admin, "tagward.v1.Admin").await;
+    assert!(admin_files.iter().any(|f| f == "tagward/v1/tagward.proto"), "{admin_files:?}");
+    resolve_symbol(data, "tagward.v1.Authorizer").await;
+    running.shutdown().await;
+}

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use super::proto::admin_server::AdminServer;
 use super::proto::authorizer_server::AuthorizerServer;
 use super::proto::tagging_server::TaggingServer;
-use super::proto::FILE_DESCRIPTOR_SET;
+use super::proto::{DURATION_DESCRIPTOR_SET, FILE_DESCRIPTOR_SET};
 use super::service::{AdminService, AuthorizerService, Shared, TaggingService};
 use crate::store::Store;
 
@@ -93,6 +93,44 @@ fn check_token(expected: Option<Arc<str>>) -> impl Fn(Request<()>) -> Result<Req
     }
 }
 
+/// The reflection services themselves, listed on both listeners.
+const REFLECTION_SERVICES: [&str; 2] = ["grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
+
+/// What the data listener serves, and so what its reflection lists.
+pub const DATA_SERVICES: &[&str] = &["tagward.v1.Authorizer", "tagward.v1.Tagging", "grpc.health.v1.Health"];
+
+/// What the admin listener serves.
+pub const ADMIN_SERVICES: &[&str] = &["tagward.v1.Admin"];
+
+/// Reflection (v1 for grpcurl, v1alpha for older tools) that lists exactly
+/// `services` and the reflection service itself, and knows every message they
+/// use, including the `google.rpc` error details (`ErrorInfo`) that statuses
+/// carry, so that grpcurl can print them.
+#[allow(clippy::type_complexity)]
+fn reflection(
+    services: &[&str],
+) -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+    ),
+    ServeError,
+> {
+    let builder = || {
+        let mut b = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(DURATION_DESCRIPTOR_SET);
+        for name in services.iter().chain(REFLECTION_SERVICES.iter()) {
+            b = b.with_service_name(*name);
+        }
+        b
+    };
+    let error = |e: tonic_reflection::server::Error| ServeError::Reflection(e.to_string());
+    Ok((builder().build_v1().map_err(error)?, builder().build_v1alpha().map_err(error)?))
+}
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
     TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
 }
@@ -123,15 +161,8 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
     health.set_serving::<AuthorizerServer<AuthorizerService>>().await;
     health.set_serving::<TaggingServer<TaggingService>>().await;
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    // Both reflection versions: grpcurl speaks v1, older ghz and tools v1alpha.
-    let reflection_builder = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_error = |e: tonic_reflection::server::Error| ServeError::Reflection(e.to_string());
-    let reflection = reflection_builder().build_v1().map_err(reflection_error)?;
-    let reflection_alpha = reflection_builder().build_v1alpha().map_err(reflection_error)?;
+    let data_reflection = reflection(DATA_SERVICES)?;
+    let admin_reflection = reflection(ADMIN_SERVICES)?;
 
     let max = config.max_message_bytes;
     let authorizer = AuthorizerServer::new(AuthorizerService(shared.clone()))
@@ -150,14 +181,16 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
     let data = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health_service)
-            .add_service(reflection)
-            .add_service(reflection_alpha)
+            .add_service(data_reflection.0)
+            .add_service(data_reflection.1)
             .add_service(authorizer)
             .add_service(tagging)
             .serve_with_incoming_shutdown(TcpIncoming::from(data_listener).with_nodelay(Some(true)), signal(shutdown_rx.clone())),
     );
     let admin = tokio::spawn(
         tonic::transport::Server::builder()
+            .add_service(admin_reflection.0)
+            .add_service(admin_reflection.1)
             .add_service(admin)
             .serve_with_incoming_shutdown(TcpIncoming::from(admin_listener).with_nodelay(Some(true)), signal(shutdown_rx)),
     );
