@@ -32,6 +32,20 @@ pub const POLICIES: &str = "tagward_policies";
 pub const PRINCIPALS: &str = "tagward_principals";
 pub const RESOURCES: &str = "tagward_resources";
 pub const TAGS: &str = "tagward_tags";
+pub const BUILD_INFO: &str = "tagward_build_info";
+
+/// Every RPC the sidecar serves, as the `rpc` label names it.
+pub const RPC_NAMES: &[&str] = &[
+    "Authorize",
+    "BatchAuthorize",
+    "TagResource",
+    "UntagResource",
+    "ListResourceTags",
+    "GetResources",
+    "Apply",
+    "Export",
+    "Watch",
+];
 
 /// Buckets for RPC latency, from 25 µs to 2.5 s.
 pub const RPC_BUCKETS: &[f64] = &[
@@ -48,6 +62,13 @@ pub fn decision(d: &Decision) {
 pub fn rpc(name: &'static str, started: Instant, code: &'static str) {
     metrics::histogram!(RPC_DURATION, "rpc" => name).record(started.elapsed().as_secs_f64());
     metrics::counter!(RPCS, "rpc" => name, "code" => code).increment(1);
+}
+
+/// Counts published tag changes by origin: `tagging` (the Tagging API,
+/// authorized as a principal) or `admin` (the admin stream).
+pub fn tag_change(admin: bool) {
+    let origin = if admin { "admin" } else { "tagging" };
+    metrics::counter!(TAG_CHANGES, "origin" => origin).increment(1);
 }
 
 /// Counts an admin update, applied or rejected (with its error code).
@@ -158,5 +179,28 @@ pub fn install_exporter(addr: std::net::SocketAddr) -> Result<(), String> {
     metrics::describe_gauge!(PRINCIPALS, "Principals");
     metrics::describe_gauge!(RESOURCES, "Resources");
     metrics::describe_gauge!(TAGS, "Tags on resources and principals");
+    metrics::describe_gauge!(BUILD_INFO, "Always 1; the labels carry the version");
+    register_at_zero();
     Ok(())
+}
+
+/// Makes every documented series exist from start-up: counters at 0 for
+/// each bounded label set a scrape would otherwise only see after its first
+/// event, empty latency histograms for every RPC, and the build info.
+fn register_at_zero() {
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    for (result, reason) in [("allow", "Allowed"), ("deny", "ExplicitDeny"), ("deny", "ImplicitDeny")] {
+        metrics::counter!(DECISIONS, "result" => result, "reason" => reason).absolute(0);
+    }
+    for rpc in RPC_NAMES {
+        metrics::counter!(RPCS, "rpc" => *rpc, "code" => "OK").absolute(0);
+        // Registers the histogram without recording a sample.
+        let _ = metrics::histogram!(RPC_DURATION, "rpc" => *rpc);
+    }
+    metrics::counter!(ADMIN_UPDATES, "result" => "applied").absolute(0);
+    for origin in ["tagging", "admin"] {
+        metrics::counter!(TAG_CHANGES, "origin" => origin).absolute(0);
+    }
+    metrics::counter!(DECISION_LOG_DROPPED).absolute(0);
+    metrics::counter!(AUDIT_FAILURES).absolute(0);
 }

@@ -438,6 +438,9 @@ impl Store {
                         log.dropped = old.revision;
                     }
                 }
+                if let EventKind::Tags { action, .. } = &e.kind {
+                    crate::observe::tag_change(action == "admin");
+                }
                 log.kept.push_back(e.clone());
                 // No receivers is fine: nobody is watching.
                 let _ = log.live.send(e);

@@ -82,7 +82,7 @@ struct Tagward {
 }
 
 impl Tagward {
-    fn spawn(args: &[String], cwd: &Path, data: String, admin: String, metrics: Option<String>) -> Tagward {
+    fn spawn(args: &[String], cwd: &Path, env: &[(&str, &str)], data: String, admin: String, metrics: Option<String>) -> Tagward {
         let mut cmd = Command::new(BIN);
         cmd.args(args).current_dir(cwd).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         for (k, _) in std::env::vars() {
@@ -91,6 +91,7 @@ impl Tagward {
             }
         }
         cmd.env("TAGWARD_LOG", "info");
+        cmd.envs(env.iter().copied());
         let (child, stderr) = spawn_collecting_stderr(&mut cmd);
         Tagward { child, stderr: Some(stderr), data, admin, metrics }
     }
@@ -149,6 +150,11 @@ impl Drop for Tagward {
 /// SERVING (and /metrics answers). Retries when a port it was given was
 /// taken meanwhile.
 async fn serve(cwd: &Path, extra: &[&str], metrics: bool) -> Tagward {
+    serve_with_env(cwd, extra, metrics, &[]).await
+}
+
+/// [`serve`] with environment variables set for the process.
+async fn serve_with_env(cwd: &Path, extra: &[&str], metrics: bool, env: &[(&str, &str)]) -> Tagward {
     let mut last = String::new();
     for _attempt in 0..4 {
         let data = format!("127.0.0.1:{}", free_port());
@@ -160,7 +166,7 @@ async fn serve(cwd: &Path, extra: &[&str], metrics: bool) -> Tagward {
             args.extend(["--metrics-listen".to_string(), m.clone()]);
         }
         args.extend(extra.iter().map(|a| a.to_string()));
-        let mut server = Tagward::spawn(&args, cwd, data, admin, metrics_addr);
+        let mut server = Tagward::spawn(&args, cwd, env, data, admin, metrics_addr);
         match wait_serving(&mut server).await {
             Ok(()) => return server,
             Err(stderr) => last = format!("tagward {args:?} did not start:\n{stderr}"),
@@ -759,6 +765,75 @@ async fn metrics_move_with_traffic() {
     }
     server.term();
     eprintln!("metrics_move_with_traffic: {:?}", started.elapsed());
+}
+
+/// Every documented series is there before any traffic: counters at 0 for
+/// their bounded label sets, RPC histograms, the build info; then tag
+/// changes are counted by origin and the admin RPCs like the others.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_documented_series_exists_from_the_start() {
+    let scratch = Scratch::new("metrics-start");
+    let world = example_world();
+    let mut server = serve(scratch.path(), &["--ephemeral", "--world", &world], true).await;
+    let first = server.scrape();
+    let zero = |name: &str, labels: &[(&str, &str)]| {
+        assert_eq!(first.get(name, labels), Some(0.0), "{name} {labels:?} missing or not 0 at start:\n{}", first.text);
+    };
+    zero("tagward_decisions_total", &[("result", "allow"), ("reason", "Allowed")]);
+    zero("tagward_decisions_total", &[("result", "deny"), ("reason", "ExplicitDeny")]);
+    zero("tagward_decisions_total", &[("result", "deny"), ("reason", "ImplicitDeny")]);
+    for rpc in ["Authorize", "BatchAuthorize", "TagResource", "UntagResource", "ListResourceTags", "GetResources", "Apply", "Export", "Watch"] {
+        zero("tagward_rpc_total", &[("rpc", rpc), ("code", "OK")]);
+        zero("tagward_rpc_duration_seconds_count", &[("rpc", rpc)]);
+    }
+    zero("tagward_admin_updates_total", &[("result", "applied")]);
+    zero("tagward_tag_changes_total", &[("origin", "tagging")]);
+    zero("tagward_tag_changes_total", &[("origin", "admin")]);
+    zero("tagward_decision_log_dropped_total", &[]);
+    zero("tagward_audit_write_failures_total", &[]);
+    assert_eq!(first.get("tagward_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0), "{}", first.text);
+
+    // One tag change through the Tagging API (KeyAdmin may set Project),
+    // one through the admin stream.
+    let mut tagging = server.tagging().await;
+    let tagged = within(
+        "TagResource",
+        tagging.tag_resource(proto::TagResourceRequest {
+            principal: "arn:aws:iam::111122223333:role/KeyAdmin".to_string(),
+            resource: KEY_A.to_string(),
+            tags: vec![tag("Project", "Gamma")],
+            ..Default::default()
+        }),
+    )
+    .await;
+    assert!(tagged.is_ok(), "{tagged:?}");
+    let mut admin = server.admin().await;
+    let acks = apply(&mut admin, vec![set_tags(KEY_A, &[("Owner", "ops")])]).await;
+    assert!(acks[0].error.is_none(), "{acks:?}");
+    let after = server.scrape();
+    assert_eq!(after.counter("tagward_tag_changes_total", &[("origin", "tagging")]), 1.0, "{}", after.text);
+    assert_eq!(after.counter("tagward_tag_changes_total", &[("origin", "admin")]), 1.0, "{}", after.text);
+    assert_eq!(after.counter("tagward_rpc_total", &[("rpc", "TagResource"), ("code", "OK")]), 1.0, "{}", after.text);
+    assert_eq!(after.counter("tagward_rpc_total", &[("rpc", "Apply"), ("code", "OK")]), 1.0, "{}", after.text);
+    server.term();
+}
+
+/// `TAGWARD_LOG=tagward=debug` prints one line per RPC naming the RPC, the
+/// action and the decision.
+#[tokio::test(flavor = "multi_thread")]
+async fn debug_logs_name_each_rpc_its_action_and_decision() {
+    let scratch = Scratch::new("debug-log");
+    let world = example_world();
+    let mut server = serve_with_env(scratch.path(), &["--ephemeral", "--world", &world], false, &[("TAGWARD_LOG", "tagward=debug")]).await;
+    let mut authz = server.authz().await;
+    assert!(allowed(&authorize(&mut authz, ALPHA_APP, "kms:Decrypt", KEY_A).await));
+    let r = authorize(&mut authz, BETA_APP, "kms:Encrypt", KEY_A).await;
+    assert!(!allowed(&r));
+    let stderr = server.term();
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("rpc finished") && l.contains("rpc=Authorize")).collect();
+    assert_eq!(lines.len(), 2, "one line per Authorize:\n{stderr}");
+    assert!(lines[0].contains("action=kms:Decrypt") && lines[0].contains("decision=Allowed"), "{}", lines[0]);
+    assert!(lines[1].contains("action=kms:Encrypt") && lines[1].contains("decision=ImplicitDeny"), "{}", lines[1]);
 }
 
 /// An admin update refused before it reaches the store (its policy is not

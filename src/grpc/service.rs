@@ -58,16 +58,20 @@ fn code_name(code: Code) -> &'static str {
 /// and records its latency and status code.
 async fn observed<T>(rpc: &'static str, action: &str, handler: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
     let started = Instant::now();
-    let span = tracing::debug_span!("rpc", rpc, action = %action, decision = field::Empty);
-    let result = handler.instrument(span).await;
-    observe::rpc(rpc, started, code_name(result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok)));
+    let span = tracing::debug_span!("rpc", rpc = %rpc, action = %action, decision = field::Empty);
+    let result = handler.instrument(span.clone()).await;
+    let code = code_name(result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok));
+    observe::rpc(rpc, started, code);
+    // One line per RPC at debug level, with the span's rpc, action and
+    // decision: `TAGWARD_LOG=tagward=debug`.
+    span.in_scope(|| debug!(code = %code, micros = started.elapsed().as_micros() as u64, "rpc finished"));
     result
 }
 
 /// Counts a decision, notes it on the RPC's span, and logs it if enabled.
 fn decided(shared: &Shared, req: &crate::engine::Request, d: &Decision, revision: u64, started: Instant) {
     observe::decision(d);
-    Span::current().record("decision", d.reason.as_str());
+    Span::current().record("decision", field::display(d.reason.as_str()));
     if let Some(log) = &shared.decision_log {
         log.offer(req, d, revision, started.elapsed());
     }
@@ -139,7 +143,7 @@ impl Tagging for TaggingService {
             let req = convert::tag_resource(request.get_ref())?;
             let (done, ticket) = self.0.store.tag(&req)?;
             ticket.durable().await.map_err(|e| TagError::Unavailable(e.to_string()))?;
-            Span::current().record("decision", done.outcome.decision.reason.as_str());
+            Span::current().record("decision", field::display(done.outcome.decision.reason.as_str()));
             Ok(Response::new(proto::TagResourceResponse {
                 revision: done.revision,
                 tags: tags_of(&done.outcome.tags),
@@ -157,7 +161,7 @@ impl Tagging for TaggingService {
             let req = convert::untag_resource(request.get_ref())?;
             let (done, ticket) = self.0.store.tag(&req)?;
             ticket.durable().await.map_err(|e| TagError::Unavailable(e.to_string()))?;
-            Span::current().record("decision", done.outcome.decision.reason.as_str());
+            Span::current().record("decision", field::display(done.outcome.decision.reason.as_str()));
             Ok(Response::new(proto::UntagResourceResponse {
                 revision: done.revision,
                 tags: tags_of(&done.outcome.tags),
@@ -264,13 +268,32 @@ fn accept_one(store: &Store, req: &proto::ApplyRequest) -> Result<Ticket, Update
     })
 }
 
+type ApplyStream = ReceiverStream<Result<proto::ApplyResponse, Status>>;
+type WatchStream = ReceiverStream<Result<proto::WatchEvent, Status>>;
+
+/// The admin RPCs are observed like the others (counted, timed until the
+/// stream is set up, one debug line each).
 #[tonic::async_trait]
 impl Admin for AdminService {
-    type ApplyStream = ReceiverStream<Result<proto::ApplyResponse, Status>>;
+    type ApplyStream = ApplyStream;
     type ExportStream = BoxStream<proto::ExportItem>;
-    type WatchStream = ReceiverStream<Result<proto::WatchEvent, Status>>;
+    type WatchStream = WatchStream;
 
-    async fn apply(&self, request: Request<Streaming<proto::ApplyRequest>>) -> Result<Response<Self::ApplyStream>, Status> {
+    async fn apply(&self, request: Request<Streaming<proto::ApplyRequest>>) -> Result<Response<ApplyStream>, Status> {
+        observed("Apply", "admin:Apply", self.apply_stream(request)).await
+    }
+
+    async fn export(&self, _request: Request<proto::ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
+        observed("Export", "admin:Export", self.export_stream()).await
+    }
+
+    async fn watch(&self, request: Request<proto::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        observed("Watch", "admin:Watch", self.watch_stream(request)).await
+    }
+}
+
+impl AdminService {
+    async fn apply_stream(&self, request: Request<Streaming<proto::ApplyRequest>>) -> Result<Response<ApplyStream>, Status> {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         // Accepted updates wait here for their durability, in order: the
@@ -339,7 +362,7 @@ impl Admin for AdminService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn export(&self, _request: Request<proto::ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
+    async fn export_stream(&self) -> Result<Response<BoxStream<proto::ExportItem>>, Status> {
         let state = self.0.store.snapshot();
         let items = tokio::task::spawn_blocking(move || convert::export(&WorldSpec::from_state(&state), state.revision()))
             .await
@@ -347,7 +370,7 @@ impl Admin for AdminService {
         Ok(Response::new(Box::pin(tokio_stream::iter(items.into_iter().map(Ok)))))
     }
 
-    async fn watch(&self, request: Request<proto::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch_stream(&self, request: Request<proto::WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let from = request.get_ref().from_revision;
         let (backlog, mut live) = self
             .0
