@@ -155,23 +155,9 @@ enum Command {
         /// The world file (JSON or YAML), e.g. from `tagward export`.
         world: PathBuf,
     },
-    /// Ask a running sidecar one question and print the answer.
-    Authorize {
-        #[arg(long, default_value = "127.0.0.1:50051")]
-        server: String,
-        #[arg(long)]
-        principal: String,
-        #[arg(long)]
-        action: String,
-        #[arg(long)]
-        resource: String,
-        /// A request tag KEY=VALUE (repeatable).
-        #[arg(long = "request-tag", value_name = "KEY=VALUE")]
-        request_tags: Vec<String>,
-        /// Show every statement considered.
-        #[arg(long)]
-        explain: bool,
-    },
+    /// Ask a running sidecar one question and print the answer. Exit code
+    /// 0: Allow, 1: Deny, 2: the question could not be asked or answered.
+    Authorize(AskArgs),
     /// Write a seeded, reproducible world (keys and buckets with tags,
     /// tagged roles, ABAC policies) and a matching request mix as ghz data
     /// files (see BENCHMARKS.md).
@@ -205,6 +191,46 @@ enum Command {
         #[arg(long, default_value_t = 4 * 1024 * 1024)]
         max_message_bytes: usize,
     },
+}
+
+/// `tagward authorize`: one Authorize call.
+#[derive(clap::Args)]
+struct AskArgs {
+    /// The sidecar's data-plane address.
+    #[arg(long, env = "TAGWARD_ADDR", default_value = "127.0.0.1:50051")]
+    server: String,
+    /// An IAM user, role, assumed-role session or account-root ARN.
+    #[arg(long)]
+    principal: String,
+    /// service:Action, e.g. kms:Decrypt.
+    #[arg(long)]
+    action: String,
+    /// An ARN, or "*" for actions without a resource.
+    #[arg(long)]
+    resource: String,
+    /// A request tag KEY=VALUE, aws:RequestTag/KEY (repeatable).
+    #[arg(long = "request-tag", value_name = "KEY=VALUE")]
+    request_tags: Vec<String>,
+    /// A key of aws:TagKeys (repeatable); without it, the request tags' keys.
+    #[arg(long = "tag-key", value_name = "KEY")]
+    tag_keys: Vec<String>,
+    /// A session tag KEY=VALUE (repeatable; assumed-role sessions only).
+    #[arg(long = "session-tag", value_name = "KEY=VALUE")]
+    session_tags: Vec<String>,
+    /// Any other condition key KEY=VALUE, e.g. aws:SourceIp=10.0.0.1
+    /// (repeatable; a key given more than once becomes a multivalued key).
+    #[arg(long = "context", value_name = "KEY=VALUE")]
+    context: Vec<String>,
+    /// Answer at this revision or a later one (the sidecar waits up to its
+    /// --min-revision-wait-ms, then fails).
+    #[arg(long, default_value_t = 0)]
+    min_revision: u64,
+    /// Show every statement considered.
+    #[arg(long)]
+    explain: bool,
+    /// Print the answer as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The generated world's shape (`tagward gen-world`, `tagward load`).
@@ -411,9 +437,7 @@ fn main() -> ExitCode {
             },
             _ => run_tests(&paths, &mut InProcess::default()),
         },
-        Command::Authorize { server, principal, action, resource, request_tags, explain } => {
-            ask(&server, principal, action, resource, request_tags, explain)
-        }
+        Command::Authorize(args) => ask(args),
         Command::GenWorld { out, world, requests, batches, batch_size } => {
             gen_world(&out, &world.spec(), requests, batches, batch_size)
         }
@@ -697,56 +721,116 @@ fn run_tests(paths: &[PathBuf], backend: &mut dyn Backend) -> ExitCode {
     }
 }
 
-fn ask(server: &str, principal: String, action: String, resource: String, tags: Vec<String>, explain: bool) -> ExitCode {
-    let mut request_tags = Vec::new();
-    for t in &tags {
-        match t.split_once('=') {
-            Some((k, v)) => request_tags.push(proto::Tag { key: k.to_string(), value: v.to_string() }),
-            None => {
-                eprintln!("--request-tag {t:?}: expected KEY=VALUE");
-                return ExitCode::from(2);
-            }
-        }
+/// `KEY=VALUE` from a repeatable flag.
+fn key_value<'a>(flag: &str, text: &'a str) -> Result<(&'a str, &'a str), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k, v)),
+        _ => Err(format!("--{flag} {text:?}: expected KEY=VALUE")),
     }
+}
+
+/// The Authorize request `tagward authorize` sends.
+fn ask_request(args: &AskArgs) -> Result<proto::AuthorizeRequest, String> {
+    let tags = |flag: &str, list: &[String]| -> Result<Vec<proto::Tag>, String> {
+        list.iter()
+            .map(|t| key_value(flag, t).map(|(k, v)| proto::Tag { key: k.to_string(), value: v.to_string() }))
+            .collect()
+    };
+    let mut context: std::collections::HashMap<String, proto::ContextValue> = std::collections::HashMap::new();
+    for entry in &args.context {
+        let (k, v) = key_value("context", entry)?;
+        use proto::context_value::Kind;
+        let value = context.entry(k.to_string()).or_insert(proto::ContextValue { kind: None });
+        value.kind = Some(match value.kind.take() {
+            None => Kind::StringValue(v.to_string()),
+            Some(Kind::StringValue(first)) => Kind::ListValue(proto::StringList { values: vec![first, v.to_string()] }),
+            Some(Kind::ListValue(mut list)) => {
+                list.values.push(v.to_string());
+                Kind::ListValue(list)
+            }
+            Some(other) => other,
+        });
+    }
+    Ok(proto::AuthorizeRequest {
+        principal: args.principal.clone(),
+        action: args.action.clone(),
+        resource: args.resource.clone(),
+        request_tags: tags("request-tag", &args.request_tags)?,
+        tag_keys: (!args.tag_keys.is_empty()).then(|| proto::StringList { values: args.tag_keys.clone() }),
+        session_tags: tags("session-tag", &args.session_tags)?,
+        context,
+        min_revision: args.min_revision,
+        explain: args.explain,
+    })
+}
+
+fn ask(args: AskArgs) -> ExitCode {
+    let request = match ask_request(&args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let server = args.server.as_str();
     let uri = if server.contains("://") { server.to_string() } else { format!("http://{server}") };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start a runtime: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(2);
         }
     };
     let answer = runtime.block_on(async {
         let mut client = AuthorizerClient::connect(uri).await.map_err(|e| format!("cannot reach {server}: {e}"))?;
-        let request = proto::AuthorizeRequest { principal, action, resource, request_tags, explain, ..Default::default() };
-        client.authorize(request).await.map(|r| r.into_inner()).map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+        client.authorize(request).await.map(|r| r.into_inner()).map_err(|s| {
+            let name = tagward::grpc::error_name(&s).map(|n| format!(" {n}")).unwrap_or_default();
+            format!("{:?}{name}: {}", s.code(), s.message())
+        })
     });
-    match answer {
-        Ok(r) => {
-            let decision = if r.decision == Decision::Allow as i32 { "Allow" } else { "Deny" };
-            let reason = Reason::try_from(r.reason).map(|x| x.as_str_name()).unwrap_or("REASON_UNSPECIFIED");
-            println!("{decision} ({reason}) at revision {}", r.revision);
-            for s in &r.matched {
-                println!("  decided by {}[{}] {:?} ({})", s.policy, s.index, s.sid, s.effect);
-            }
-            if !r.missing_keys.is_empty() {
-                println!("  missing condition keys: {}", r.missing_keys.join(", "));
-            }
-            for c in &r.considered {
-                if let Some(s) = &c.statement {
-                    println!("  considered {}[{}] {:?}: {}", s.policy, s.index, s.sid, c.outcome);
-                }
-            }
-            if r.decision == Decision::Allow as i32 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
-        }
+    let r = match answer {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("{e}");
-            ExitCode::from(2)
+            return ExitCode::from(2);
         }
+    };
+    let allowed = r.decision == Decision::Allow as i32;
+    let reason = Reason::try_from(r.reason).map(|x| x.as_str_name()).unwrap_or("REASON_UNSPECIFIED");
+    let statement = |s: &proto::StatementRef| {
+        serde_json::json!({"policy": s.policy, "index": s.index, "sid": s.sid, "effect": s.effect})
+    };
+    if args.json {
+        let out = serde_json::json!({
+            "decision": if allowed { "Allow" } else { "Deny" },
+            "reason": reason,
+            "revision": r.revision,
+            "matched": r.matched.iter().map(statement).collect::<Vec<_>>(),
+            "missing_keys": r.missing_keys,
+            "considered": r.considered.iter().map(|c| serde_json::json!({
+                "statement": c.statement.as_ref().map(statement),
+                "outcome": c.outcome,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{out}");
+    } else {
+        println!("{} ({reason}) at revision {}", if allowed { "Allow" } else { "Deny" }, r.revision);
+        for s in &r.matched {
+            println!("  decided by {}[{}] {:?} ({})", s.policy, s.index, s.sid, s.effect);
+        }
+        if !r.missing_keys.is_empty() {
+            println!("  missing condition keys: {}", r.missing_keys.join(", "));
+        }
+        for c in &r.considered {
+            if let Some(s) = &c.statement {
+                println!("  considered {}[{}] {:?}: {}", s.policy, s.index, s.sid, c.outcome);
+            }
+        }
+    }
+    if allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 
