@@ -124,7 +124,7 @@ async fn serve_runs_the_scenarios_and_stops_cleanly_on_sigterm() {
     let (d, a) = (data.clone(), admin_addr.clone());
     let out = tokio::task::spawn_blocking(move || {
         Command::new(BIN)
-            .args(["test", "--server", &d, "--admin", &a, "../shared/scenarios/examples", "tests/scenarios"])
+            .args(["test", "--server", &d, "--admin", &a, "tests/scenarios"])
             .current_dir(manifest_dir())
             .env_remove("TAGWARD_ADMIN_TOKEN")
             .output()

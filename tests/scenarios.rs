@@ -1,7 +1,6 @@
-//! Runs the scenario corpora in-process on every `cargo test`: the seed
-//! documents' own examples (`../shared/scenarios/examples`, 82 steps) and
-//! the project's corpus (`tests/scenarios`). A missing corpus fails the
-//! test: it is never skipped.
+//! Runs the project's scenario corpus (`tests/scenarios`, with the seed
+//! documents' examples in `tests/scenarios/seeds`) in-process on every
+//! `cargo test`. A missing corpus fails the test: it is never skipped.
 
 use std::path::PathBuf;
 
@@ -23,8 +22,8 @@ fn run_corpus(dir: PathBuf, at_least: usize) {
 }
 
 #[test]
-fn shared_examples_pass() {
-    run_corpus(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/scenarios/examples"), 82);
+fn seed_examples_pass() {
+    run_corpus(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/seeds"), 82);
 }
 
 #[test]
