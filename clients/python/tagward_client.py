@@ -452,7 +452,6 @@ class TagwardClient:
         resource: str,
         tags_: TagsLike,
         *,
-        action: str = "",
         session_tags: Optional[TagsLike] = None,
         context: Optional[Mapping[str, ContextLike]] = None,
         timeout: Optional[float] = None,
@@ -462,7 +461,6 @@ class TagwardClient:
             principal=principal,
             resource=resource,
             tags=tags(tags_),
-            action=action,
             session_tags=tags(session_tags),
             context=_context(context),
         )
@@ -474,7 +472,6 @@ class TagwardClient:
         resource: str,
         tag_keys: Sequence[str],
         *,
-        action: str = "",
         session_tags: Optional[TagsLike] = None,
         context: Optional[Mapping[str, ContextLike]] = None,
         timeout: Optional[float] = None,
@@ -484,7 +481,6 @@ class TagwardClient:
             principal=principal,
             resource=resource,
             tag_keys=list(tag_keys),
-            action=action,
             session_tags=tags(session_tags),
             context=_context(context),
         )
@@ -495,7 +491,6 @@ class TagwardClient:
         principal: str,
         resource: str,
         *,
-        action: str = "",
         session_tags: Optional[TagsLike] = None,
         context: Optional[Mapping[str, ContextLike]] = None,
         min_revision: int = 0,
@@ -505,7 +500,6 @@ class TagwardClient:
         req = pb.ListResourceTagsRequest(
             principal=principal,
             resource=resource,
-            action=action,
             session_tags=tags(session_tags),
             context=_context(context),
             min_revision=min_revision,
