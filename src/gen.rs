@@ -230,6 +230,7 @@ impl GenSpec {
                 .into_iter()
                 .collect(),
             policies,
+            pending_policies: Vec::new(),
             inline_policies: Default::default(),
         }
     }
@@ -289,6 +290,7 @@ impl GenSpec {
             arn: PROBE_PRINCIPAL.to_string(),
             tags: [("project".to_string(), PROBE_ON.to_string())].into_iter().collect(),
             policies: vec![PROBE_POLICY.to_string()],
+            pending_policies: Vec::new(),
             inline_policies: Default::default(),
         }
     }

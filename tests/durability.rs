@@ -997,6 +997,7 @@ async fn some_changes(server: &Tagward, salt: &str) -> u64 {
         tags: vec![tag("project", "Beta"), tag("salt", salt)],
         policies: vec!["Auditing".into()],
         inline_policies: [("NoDecrypt".to_string(), inline.to_string())].into_iter().collect(),
+        ..Default::default()
     }));
     apply_acked(
         &mut admin,

@@ -175,11 +175,17 @@ def put_principal(
     tags_: Optional[TagsLike] = None,
     policies: Sequence[str] = (),
     inline_policies: Optional[Mapping[str, str]] = None,
+    pending_policies: Sequence[str] = (),
 ) -> "pb.Update":
-    """Creates or replaces an IAM user or role."""
+    """Creates or replaces an IAM user or role. ``pending_policies``: managed
+    policy names that need not exist yet (attached after ``policies``)."""
     return _update(
         put_principal=pb.Principal(
-            arn=arn, tags=tags(tags_), policies=list(policies), inline_policies=dict(inline_policies or {})
+            arn=arn,
+            tags=tags(tags_),
+            policies=list(policies),
+            inline_policies=dict(inline_policies or {}),
+            pending_policies=list(pending_policies),
         )
     )
 

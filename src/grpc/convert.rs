@@ -248,6 +248,7 @@ pub fn update(u: &proto::Update, path: &str) -> Result<Update, UpdateError> {
                 arn: p.arn.clone(),
                 tags: tag_map(&format!("{path}put_principal.tags"), &p.tags)?,
                 policies: p.policies.clone(),
+                pending_policies: p.pending_policies.clone(),
                 inline_policies: inline,
             })
         }
@@ -316,6 +317,7 @@ pub fn principal_to_proto(p: &PrincipalSpec) -> proto::Principal {
         arn: p.arn.clone(),
         tags: to_tags(p.tags.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
         policies: p.policies.clone(),
+        pending_policies: p.pending_policies.clone(),
         inline_policies: p.inline_policies.iter().map(|(k, v)| (k.clone(), doc_text(v))).collect(),
     }
 }
