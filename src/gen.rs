@@ -240,7 +240,7 @@ impl GenSpec {
         let mut tags = std::collections::BTreeMap::new();
         let base = [
             ("Project", self.project(h)),
-            ("Type", if (h >> 8) % 10 == 0 { "Reserved" } else { "General" }.to_string()),
+            ("Type", if (h >> 8).is_multiple_of(10) { "Reserved" } else { "General" }.to_string()),
             ("Owner", format!("team-{}", (h >> 16) % TEAMS)),
         ];
         for (k, v) in base.into_iter().take(self.tags) {
