@@ -87,7 +87,7 @@ fn main() {
     let seed = world(KEYS, 2);
     let memory = Arc::new(Store::new(seed.build().expect("state"), 1024));
     let dir = temp_dir("throughput");
-    let (durable, _) = Store::open(&dir, Some(&seed), false, &options).expect("open");
+    let (durable, _) = Store::open(&dir, Some(&seed), false, &options, None).expect("open");
     let mem_pipe = pipelined(&memory, 20_000 / scale);
     let disk_pipe = pipelined(&durable, 20_000 / scale);
     println!("one pipelined stream:   in memory {mem_pipe:>10.0}/s   durable {disk_pipe:>8.0}/s   ratio {:.3}", disk_pipe / mem_pipe);
@@ -115,7 +115,7 @@ fn main() {
     println!("write the snapshot: {:.2?} ({:.1} MiB)", write.elapsed(), size as f64 / (1 << 20) as f64);
     drop(state);
     let open = Instant::now();
-    let (store, opened) = Store::open(&dir, None, false, &options).expect("restore");
+    let (store, opened) = Store::open(&dir, None, false, &options, None).expect("restore");
     let took: Duration = open.elapsed();
     println!(
         "restore (Store::open): {took:.2?} for revision {:?}, {} resources",

@@ -47,7 +47,8 @@ pub struct Request {
     pub request_tags: Vec<(String, String)>,
     /// `aws:TagKeys`; `None` means absent (not an empty list).
     pub tag_keys: Option<Vec<String>>,
-    /// Session tags: override the principal's tags with the same key.
+    /// Session tags: override the session's role's tags with the same key.
+    /// Only an assumed-role session may have them.
     pub session_tags: Vec<(String, String)>,
     /// Any other condition key, by name.
     pub context: Vec<(String, ContextValue)>,
@@ -72,6 +73,7 @@ impl Request {
             return Err(RequestError::new("action", format!("{:?} is not an action: expected service:Action", self.action)));
         }
         check_resource(&self.resource).map_err(|e| RequestError::new("resource", e.to_string()))?;
+        check_session_tags(&caller, &self.session_tags)?;
         for (name, _) in &self.context {
             let key = KeyRef::parse(name).map_err(|e| RequestError::new(format!("context[{name:?}]"), e.to_string()))?;
             if key.filled_by_service() {
@@ -83,6 +85,21 @@ impl Request {
         }
         Ok(caller)
     }
+}
+
+/// Session tags exist only on assumed-role sessions: on any other principal
+/// they would let the caller rewrite its own `aws:PrincipalTag`.
+pub fn check_session_tags(caller: &Caller<'_>, session_tags: &[(String, String)]) -> Result<(), RequestError> {
+    if session_tags.is_empty() || matches!(caller.kind, CallerKind::Session { .. }) {
+        return Ok(());
+    }
+    Err(RequestError::new(
+        "session_tags",
+        format!(
+            "{} is not an assumed-role session (arn:aws:sts::ACCOUNT:assumed-role/ROLE/SESSION); only sessions have session tags",
+            caller.arn
+        ),
+    ))
 }
 
 /// A request that cannot be evaluated: which field, and why.
@@ -232,6 +249,9 @@ struct Eval<'a> {
     resource_parts: Option<ArnParts<'a>>,
     resource_account: Option<&'a str>,
     resource_tags_available: bool,
+    /// The action is a `kms:` action: AWS KMS sets its own condition keys
+    /// (`kms:CallerAccount`, `kms:KeySpec`, ...) only on KMS requests.
+    kms_action: bool,
     in_key_policy: Cell<bool>,
     time: OnceCell<(String, String)>,
     /// Policy variables that had no value (and no default).
@@ -262,6 +282,7 @@ pub fn authorize(state: &State, req: &Request, explain: bool) -> Result<Decision
         resource_parts: ArnParts::split(&req.resource),
         resource_account,
         resource_tags_available: req.resource != "*" && !NO_EXISTING_RESOURCE.contains(&action_lower),
+        kms_action: action_lower.starts_with("kms:"),
         in_key_policy: Cell::new(false),
         time: OnceCell::new(),
         missing_variables: RefCell::new(SmallVec::new()),
@@ -500,7 +521,11 @@ impl Context for Eval<'_> {
                 ))),
                 _ => one(Some(self.caller.arn)),
             },
-            KeyRef::PrincipalAccount | KeyRef::CallerAccount => one(Some(self.caller.account)),
+            KeyRef::PrincipalAccount => one(Some(self.caller.account)),
+            // The kms: keys exist only on KMS requests: for any other service
+            // they are missing (so a negated operator on them holds).
+            KeyRef::CallerAccount | KeyRef::KeySpec | KeyRef::KeyUsage | KeyRef::KeyOrigin if !self.kms_action => Values::Missing,
+            KeyRef::CallerAccount => one(Some(self.caller.account)),
             KeyRef::Username => match self.caller.kind {
                 CallerKind::User { name } => one(Some(name)),
                 _ => Values::Missing,
@@ -611,5 +636,57 @@ mod tests {
         req.context.clear();
         req.principal = "bob".into();
         assert_eq!(authorize(&state(), &req, false).unwrap_err().field, "principal");
+    }
+    #[test]
+    fn kms_keys_are_set_only_for_kms_actions() {
+        let world: WorldSpec = serde_json::from_value(json!({
+            "policies": {"P": {"Statement": [
+                {"Sid": "Own", "Effect": "Deny", "Action": "*", "Resource": "*",
+                 "Condition": {"StringNotEquals": {"kms:CallerAccount": "111122223333"}}},
+                {"Effect": "Allow", "Action": "*", "Resource": "*"}]}},
+            "principals": [{"arn": "arn:aws:iam::111122223333:role/App", "policies": ["P"]}],
+            "resources": [{"arn": "arn:aws:kms:us-east-1:111122223333:key/k1"}, {"arn": "arn:aws:sqs:us-east-1:111122223333:q"}]
+        }))
+        .unwrap();
+        let state = world.build().unwrap();
+        let ask = |action: &str, resource: &str| {
+            let req = Request {
+                principal: "arn:aws:iam::111122223333:role/App".into(),
+                action: action.into(),
+                resource: resource.into(),
+                ..Request::default()
+            };
+            authorize(&state, &req, false).unwrap()
+        };
+        let sqs = ask("sqs:SendMessage", "arn:aws:sqs:us-east-1:111122223333:q");
+        assert_eq!(sqs.reason, Reason::ExplicitDeny, "kms:CallerAccount is missing, so StringNotEquals holds");
+        assert_eq!(sqs.missing_keys, vec![Arc::<str>::from("kms:CallerAccount")]);
+        assert_eq!(ask("kms:Decrypt", "arn:aws:kms:us-east-1:111122223333:key/k1").reason, Reason::Allowed);
+        assert_eq!(ask("KMS:Decrypt", "arn:aws:kms:us-east-1:111122223333:key/k1").reason, Reason::Allowed, "the service prefix is case-insensitive");
+    }
+
+    #[test]
+    fn session_tags_are_a_request_error_except_on_sessions() {
+        let tags = vec![("project".to_string(), "Alpha".to_string())];
+        for principal in ["arn:aws:iam::111122223333:role/NoTags", "arn:aws:iam::111122223333:user/bob", "arn:aws:iam::111122223333:root"] {
+            let req = Request {
+                principal: principal.into(),
+                action: "kms:Decrypt".into(),
+                resource: "arn:aws:kms:us-east-1:111122223333:key/k1".into(),
+                session_tags: tags.clone(),
+                ..Request::default()
+            };
+            let e = authorize(&state(), &req, false).unwrap_err();
+            assert_eq!(e.field, "session_tags", "{principal}: {e}");
+            assert!(e.reason.contains("not an assumed-role session"), "{e}");
+        }
+        let req = Request {
+            principal: "arn:aws:sts::111122223333:assumed-role/NoTags/s1".into(),
+            action: "kms:Decrypt".into(),
+            resource: "arn:aws:kms:us-east-1:111122223333:key/k1".into(),
+            session_tags: tags,
+            ..Request::default()
+        };
+        assert_eq!(authorize(&state(), &req, false).unwrap().reason, Reason::Allowed, "a session's tags apply");
     }
 }

@@ -230,6 +230,7 @@ impl GenSpec {
                 .into_iter()
                 .collect(),
             policies,
+            pending_policies: Vec::new(),
             inline_policies: Default::default(),
         }
     }
@@ -239,7 +240,7 @@ impl GenSpec {
         let mut tags = std::collections::BTreeMap::new();
         let base = [
             ("Project", self.project(h)),
-            ("Type", if (h >> 8) % 10 == 0 { "Reserved" } else { "General" }.to_string()),
+            ("Type", if (h >> 8).is_multiple_of(10) { "Reserved" } else { "General" }.to_string()),
             ("Owner", format!("team-{}", (h >> 16) % TEAMS)),
         ];
         for (k, v) in base.into_iter().take(self.tags) {
@@ -289,6 +290,7 @@ impl GenSpec {
             arn: PROBE_PRINCIPAL.to_string(),
             tags: [("project".to_string(), PROBE_ON.to_string())].into_iter().collect(),
             policies: vec![PROBE_POLICY.to_string()],
+            pending_policies: Vec::new(),
             inline_policies: Default::default(),
         }
     }

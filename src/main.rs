@@ -491,18 +491,39 @@ fn serve(
             return ExitCode::from(2);
         }
     };
+    // Opened first: the store writes to it from the first change it makes
+    // (a forced world file included).
+    let audit = match &observe.audit_log {
+        Some(path) => match AuditLog::open(path) {
+            Ok(log) => {
+                info!(file = %path.display(), "audit trail");
+                Some(log)
+            }
+            Err(e) => {
+                error!(file = %path.display(), error = %e, "cannot open the audit log");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     let store = match durability {
         None => match seed.as_ref().map(WorldSpec::build).transpose() {
             Ok(state) => {
                 info!("ephemeral: state is kept in memory only");
-                Arc::new(Store::new(state.unwrap_or_default(), watch_events))
+                match Store::ephemeral(state.unwrap_or_default(), watch_events, audit) {
+                    Ok(store) => store,
+                    Err(e) => {
+                        error!("{e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
             }
             Err(e) => {
                 error!("the world file: {e}");
                 return ExitCode::from(2);
             }
         },
-        Some(options) => match Store::open(data_dir, seed.as_ref(), force_world, &options) {
+        Some(options) => match Store::open(data_dir, seed.as_ref(), force_world, &options, audit) {
             Ok((store, opened)) => {
                 report_opened(data_dir, &opened, seed.is_some());
                 store
@@ -513,18 +534,6 @@ fn serve(
             }
         },
     };
-    if let Some(path) = &observe.audit_log {
-        match AuditLog::open(path) {
-            Ok(log) => {
-                info!(file = %path.display(), "audit trail");
-                store.attach_audit(log);
-            }
-            Err(e) => {
-                error!(file = %path.display(), error = %e, "cannot open the audit log");
-                return ExitCode::from(2);
-            }
-        }
-    }
     let (policies, principals, resources) = store.snapshot().counts();
     info!(policies, principals, resources, revision = store.revision(), "state ready");
     let runtime = match multi_thread_runtime() {
@@ -599,7 +608,7 @@ fn export(dir: &Path, output: Option<&Path>) -> ExitCode {
         eprintln!("{}: no such data directory", dir.display());
         return ExitCode::from(2);
     }
-    let (store, _) = match Store::open(dir, None, false, &offline_options()) {
+    let (store, _) = match Store::open(dir, None, false, &offline_options(), None) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("cannot open the data directory: {e}");
@@ -642,7 +651,17 @@ fn import(dir: &Path, world: &Path) -> ExitCode {
         eprintln!("{}: {e}", world.display());
         return ExitCode::from(2);
     }
-    match Store::open(dir, Some(&seed), true, &offline_options()) {
+    // The replacement is audited in the directory's default audit file, the
+    // one `serve` writes by default.
+    let audit_path = dir.join("audit.jsonl");
+    let audit = match AuditLog::open(&audit_path) {
+        Ok(log) => log,
+        Err(e) => {
+            eprintln!("{}: cannot open the audit log: {e}", audit_path.display());
+            return ExitCode::from(2);
+        }
+    };
+    match Store::open(dir, Some(&seed), true, &offline_options(), Some(audit)) {
         Ok((store, _)) => {
             eprintln!("imported {} into {} at revision {}", world.display(), dir.display(), store.revision());
             ExitCode::SUCCESS

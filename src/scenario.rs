@@ -77,8 +77,6 @@ pub struct TagStep {
     pub resource: String,
     pub tags: BTreeMap<String, String>,
     #[serde(default)]
-    pub action: Option<String>,
-    #[serde(default)]
     pub principal_tags: BTreeMap<String, String>,
     #[serde(default)]
     pub context: BTreeMap<String, Value>,
@@ -91,8 +89,6 @@ pub struct UntagStep {
     pub resource: String,
     pub tag_keys: Vec<String>,
     #[serde(default)]
-    pub action: Option<String>,
-    #[serde(default)]
     pub principal_tags: BTreeMap<String, String>,
     #[serde(default)]
     pub context: BTreeMap<String, Value>,
@@ -103,8 +99,6 @@ pub struct UntagStep {
 pub struct ListStep {
     pub principal: String,
     pub resource: String,
-    #[serde(default)]
-    pub action: Option<String>,
     #[serde(default)]
     pub principal_tags: BTreeMap<String, String>,
     #[serde(default)]
@@ -366,8 +360,20 @@ impl Step {
             return Err((format!("{expect_path}.ok"), "only `true` is meaningful; expect an error by name instead".into()));
         }
         let op = if let Some(a) = &self.authorize {
-            if e.decision.is_none() || outcome_fields > 0 {
-                return Err((expect_path, "an authorize step expects a decision (and optionally reason and matched)".into()));
+            // A request the engine refuses (a malformed field, session tags
+            // on a principal that is not a session) answers no decision.
+            let refused = e.error.is_some() && !decision_fields && e.ok.is_none() && e.tags.is_none();
+            if refused && e.error.as_deref() != Some("ValidationException") {
+                return Err((
+                    format!("{expect_path}.error"),
+                    "an authorize step can only be refused as a malformed request: expect \"ValidationException\"".into(),
+                ));
+            }
+            if !refused && (e.decision.is_none() || outcome_fields > 0) {
+                return Err((
+                    expect_path,
+                    "an authorize step expects a decision (and optionally reason and matched), or the error \"ValidationException\"".into(),
+                ));
             }
             let at = format!("{path}.authorize");
             let mut req = Request {
@@ -390,22 +396,21 @@ impl Step {
             if outcome_fields != 1 {
                 return Err((expect_path, "expect one of ok, tags or error".into()));
             }
-            let tag = |principal: &String, resource: &String, op: TagOp, action: &Option<String>, st: &BTreeMap<String, String>, ctx: &BTreeMap<String, Value>, at: String| {
+            let tag = |principal: &String, resource: &String, op: TagOp, st: &BTreeMap<String, String>, ctx: &BTreeMap<String, Value>, at: String| {
                 Ok::<_, (String, String)>(Operation::Tag(TagRequest {
                     principal: principal.clone(),
                     resource: resource.clone(),
                     op,
-                    action: action.clone(),
                     session_tags: pairs(st),
                     context: context_values(&at, ctx)?,
                 }))
             };
             if let Some(t) = &self.tag_resource {
-                tag(&t.principal, &t.resource, TagOp::Tag(pairs(&t.tags)), &t.action, &t.principal_tags, &t.context, format!("{path}.tag_resource"))?
+                tag(&t.principal, &t.resource, TagOp::Tag(pairs(&t.tags)), &t.principal_tags, &t.context, format!("{path}.tag_resource"))?
             } else if let Some(t) = &self.untag_resource {
-                tag(&t.principal, &t.resource, TagOp::Untag(t.tag_keys.clone()), &t.action, &t.principal_tags, &t.context, format!("{path}.untag_resource"))?
+                tag(&t.principal, &t.resource, TagOp::Untag(t.tag_keys.clone()), &t.principal_tags, &t.context, format!("{path}.untag_resource"))?
             } else if let Some(t) = &self.list_resource_tags {
-                tag(&t.principal, &t.resource, TagOp::List, &t.action, &t.principal_tags, &t.context, format!("{path}.list_resource_tags"))?
+                tag(&t.principal, &t.resource, TagOp::List, &t.principal_tags, &t.context, format!("{path}.list_resource_tags"))?
             } else if let Some(p) = &self.put_policy {
                 Operation::PutPolicy { name: p.name.clone(), document: p.document.clone() }
             } else if let Some(d) = &self.delete_policy {
@@ -597,5 +602,30 @@ mod tests {
         assert!(e.message.contains("unknown field `stepz`"), "{e}");
         let e = parse("f.yaml", "steps:\n  - expect: {ok: true}\n", true).unwrap_err();
         assert_eq!(e.path, "steps[0]");
+    }
+    #[test]
+    fn tag_steps_have_no_action_override() {
+        let step = r#"{"steps": [{"tag_resource": {"principal": "arn:aws:iam::111122223333:role/R", "resource": "arn:aws:iam::111122223333:role/R",
+            "tags": {"a": "b"}, "action": "kms:Decrypt"}, "expect": {"ok": true}}]}"#;
+        let e = parse("f.json", step, false).unwrap_err();
+        assert_eq!(e.path, "steps[0].tag_resource.action");
+        assert!(e.message.contains("unknown field `action`"), "{e}");
+    }
+
+    #[test]
+    fn an_authorize_step_may_expect_only_a_validation_error() {
+        let step = |expect: &str| {
+            format!(r#"{{"steps": [{{"authorize": {{"principal": "arn:aws:iam::111122223333:role/R", "action": "kms:Decrypt", "resource": "*",
+                "principal_tags": {{"a": "b"}}}}, "expect": {expect}}}]}}"#)
+        };
+        let s = parse("f.json", &step(r#"{"error": "ValidationException"}"#), false).unwrap();
+        let report = run(&s, &mut InProcess::default());
+        assert_eq!((report.passed, report.failures.len()), (1, 0), "{:?}", report.failures);
+        let e = parse("f.json", &step(r#"{"error": "AccessDeniedException"}"#), false).unwrap_err();
+        assert_eq!(e.path, "steps[0].expect.error");
+        let e = parse("f.json", &step(r#"{"error": "ValidationException", "decision": "Deny"}"#), false).unwrap_err();
+        assert_eq!(e.path, "steps[0].expect");
+        let e = parse("f.json", &step(r#"{"ok": true}"#), false).unwrap_err();
+        assert_eq!(e.path, "steps[0].expect");
     }
 }

@@ -33,8 +33,10 @@ use crate::world::{principal_spec, resource_spec};
 
 const WAL_MAGIC: &[u8; 8] = b"TGWWAL01";
 const SNAP_MAGIC: &[u8; 8] = b"TGWSNP01";
-/// A record larger than this is damage, not data.
-const MAX_RECORD: u32 = 1 << 30;
+/// A record larger than this is damage, not data (recovery), and is never
+/// written (the writers refuse it first, so a start never refuses what a
+/// running sidecar wrote). A writer's limit may be lower, never higher.
+pub const MAX_RECORD: u32 = 1 << 30;
 
 /// One change in the log: the update that led from `prev` to `rev`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,6 +66,10 @@ pub enum StorageError {
     Damaged { path: PathBuf, offset: u64, reason: String },
     #[error("{0}: another tagward process is using this data directory")]
     Locked(PathBuf),
+    /// One record would be larger than the limit: refused before anything
+    /// was written (not a failure of the medium).
+    #[error("{what} encodes to {bytes} bytes, more than the {limit}-byte limit of one record in {path}")]
+    TooLarge { path: PathBuf, what: String, bytes: usize, limit: u32 },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
@@ -117,6 +123,8 @@ pub struct FileStorage {
     wal_path: PathBuf,
     wal_bytes: u64,
     compact_after: u64,
+    /// The largest record this writer writes (at most [`MAX_RECORD`]).
+    max_record: u32,
 }
 
 struct FileSync {
@@ -128,6 +136,14 @@ impl DurableSync for FileSync {
     fn sync(self: Box<Self>) -> Result<(), StorageError> {
         self.file.sync_data().map_err(io(&self.path))
     }
+}
+
+/// Refuses a payload over `limit` before it is framed and written.
+fn check_size(path: &Path, what: impl FnOnce() -> String, payload: &[u8], limit: u32) -> Result<(), StorageError> {
+    if payload.len() > limit as usize {
+        return Err(StorageError::TooLarge { path: path.to_path_buf(), what: what(), bytes: payload.len(), limit });
+    }
+    Ok(())
 }
 
 fn frame(payload: &[u8]) -> Vec<u8> {
@@ -226,6 +242,7 @@ pub struct Recovered {
     dir: PathBuf,
     lock: File,
     compact_after: u64,
+    max_record: u32,
     /// A torn tail that was cut off.
     pub cut: Option<Cut>,
     /// Anything was found (a snapshot or logged changes).
@@ -294,15 +311,21 @@ impl FileStorage {
             file.sync_all().map_err(io(path))?;
             cut = Some(Cut { path: path.clone(), offset: good.max(8), bytes: len.saturating_sub(good.max(8)), reason });
         }
-        Ok(Recovered { dir: dir.to_path_buf(), lock, compact_after, cut, found })
+        Ok(Recovered { dir: dir.to_path_buf(), lock, compact_after, max_record: MAX_RECORD, cut, found })
     }
 }
 
 impl Recovered {
+    /// Lowers the size limit of the records written from now on (tests);
+    /// it never goes above [`MAX_RECORD`], what recovery accepts.
+    pub fn limit_records(&mut self, max_record: u32) {
+        self.max_record = max_record.min(MAX_RECORD);
+    }
+
     /// Writes `seed` as the first snapshot of a directory that held
     /// nothing, so a restart needs no world file.
     pub fn seed(&self, seed: &State) -> Result<(), StorageError> {
-        write_snapshot(&self.dir, seed).map(|_| ())
+        write_snapshot_limited(&self.dir, seed, self.max_record).map(|_| ())
     }
 
     /// Starts a new log after `revision` (the rebuilt state's).
@@ -310,7 +333,15 @@ impl Recovered {
         let wal_path = self.dir.join(format!("wal-{revision:020}.twl"));
         let wal = new_log(&wal_path)?;
         sync_dir(&self.dir)?;
-        Ok(FileStorage { dir: self.dir, _lock: self.lock, wal, wal_path, wal_bytes: 8, compact_after: self.compact_after })
+        Ok(FileStorage {
+            dir: self.dir,
+            _lock: self.lock,
+            wal,
+            wal_path,
+            wal_bytes: 8,
+            compact_after: self.compact_after,
+            max_record: self.max_record,
+        })
     }
 }
 
@@ -380,17 +411,40 @@ fn read_snapshot(path: &Path, revision: u64, load: &mut impl FnMut(LoadItem) -> 
 
 /// Writes `state` as a snapshot file, atomically.
 pub fn write_snapshot(dir: &Path, state: &State) -> Result<PathBuf, StorageError> {
+    write_snapshot_limited(dir, state, MAX_RECORD)
+}
+
+/// Writes `state` as a snapshot, one record per entity, each at most
+/// `max_record` bytes: an entity over it refuses the whole snapshot (the
+/// temporary file is removed; an older snapshot and the log stay).
+fn write_snapshot_limited(dir: &Path, state: &State, max_record: u32) -> Result<PathBuf, StorageError> {
+    let revision = state.revision();
+    let tmp = dir.join(format!("snap-{revision:020}.tws.tmp"));
+    let written = write_snapshot_records(dir, &tmp, state, max_record);
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
+}
+
+fn write_snapshot_records(dir: &Path, tmp: &Path, state: &State, max_record: u32) -> Result<PathBuf, StorageError> {
     let revision = state.revision();
     let path = dir.join(format!("snap-{revision:020}.tws"));
-    let tmp = dir.join(format!("snap-{revision:020}.tws.tmp"));
-    let file = File::create(&tmp).map_err(io(&tmp))?;
+    let file = File::create(tmp).map_err(io(tmp))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let mut records = 0u64;
     let put = |out: &mut BufWriter<File>, record: &SnapRecord| -> Result<(), StorageError> {
-        let payload = serde_json::to_vec(record).map_err(|e| damaged(&tmp, 0, format!("cannot encode: {e}")))?;
-        out.write_all(&frame(&payload)).map_err(io(&tmp))
+        let payload = serde_json::to_vec(record).map_err(|e| damaged(tmp, 0, format!("cannot encode: {e}")))?;
+        let what = || match record {
+            SnapRecord::Put(Update::PutPolicy { name, .. }) => format!("the snapshot record of policy {name:?}"),
+            SnapRecord::Put(Update::PutPrincipal(p)) => format!("the snapshot record of principal {:?}", p.arn),
+            SnapRecord::Put(Update::PutResource(r)) => format!("the snapshot record of resource {:?}", r.arn),
+            _ => "a snapshot record".to_string(),
+        };
+        check_size(tmp, what, &payload, max_record)?;
+        out.write_all(&frame(&payload)).map_err(io(tmp))
     };
-    out.write_all(SNAP_MAGIC).map_err(io(&tmp))?;
+    out.write_all(SNAP_MAGIC).map_err(io(tmp))?;
     put(&mut out, &SnapRecord::Begin { revision })?;
     let mut policies: Vec<_> = state.policies().collect();
     policies.sort_by(|a, b| a.0.cmp(b.0));
@@ -407,9 +461,9 @@ pub fn write_snapshot(dir: &Path, state: &State) -> Result<PathBuf, StorageError
         records += 1;
     }
     put(&mut out, &SnapRecord::End { revision, records })?;
-    let file = out.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
-    file.sync_all().map_err(io(&tmp))?;
-    fs::rename(&tmp, &path).map_err(io(&path))?;
+    let file = out.into_inner().map_err(|e| io(tmp)(e.into_error()))?;
+    file.sync_all().map_err(io(tmp))?;
+    fs::rename(tmp, &path).map_err(io(&path))?;
     sync_dir(dir)?;
     Ok(path)
 }
@@ -417,6 +471,9 @@ pub fn write_snapshot(dir: &Path, state: &State) -> Result<PathBuf, StorageError
 impl Storage for FileStorage {
     fn append(&mut self, entry: &Entry) -> Result<(), StorageError> {
         let payload = serde_json::to_vec(entry).map_err(|e| damaged(&self.wal_path, self.wal_bytes, format!("cannot encode: {e}")))?;
+        // Checked before anything is written: the log stays as it was.
+        let what = || format!("the change to revision {}", entry.rev);
+        check_size(&self.wal_path, what, &payload, self.max_record)?;
         let framed = frame(&payload);
         self.wal.write_all(&framed).map_err(io(&self.wal_path))?;
         self.wal_bytes += framed.len() as u64;
@@ -445,8 +502,9 @@ impl Storage for FileStorage {
         self.wal_bytes = 8;
         sync_dir(&self.dir)?;
         let dir = self.dir.clone();
+        let max_record = self.max_record;
         Ok(Box::new(move || {
-            write_snapshot(&dir, &state)?;
+            write_snapshot_limited(&dir, &state, max_record)?;
             // Older snapshots and logs that end before this one are obsolete.
             let (snaps, wals) = listing(&dir)?;
             for (rev, path) in snaps {
@@ -575,5 +633,34 @@ mod tests {
             Err(e) => panic!("expected damage, got {e}"),
             Ok(_) => panic!("expected damage, got a recovery"),
         }
+    }
+    #[test]
+    fn a_record_over_the_limit_is_refused_before_anything_is_written() {
+        let d = dir("too-large");
+        let mut recovered = FileStorage::recover(&d, u64::MAX, |_| Ok(())).unwrap();
+        recovered.limit_records(200);
+        let mut storage = recovered.start(0).unwrap();
+        storage.append(&entry(0)).unwrap();
+        storage.prepare_sync().unwrap().sync().unwrap();
+        let len = fs::metadata(&storage.wal_path).unwrap().len();
+        let mut big = entry(1);
+        big.change = Update::DeletePolicy { name: "x".repeat(300) };
+        match storage.append(&big) {
+            Err(StorageError::TooLarge { bytes, limit, what, .. }) => {
+                assert!(bytes > 300 && limit == 200, "{bytes} {limit}");
+                assert_eq!(what, "the change to revision 2");
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        storage.append(&entry(1)).unwrap();
+        storage.prepare_sync().unwrap().sync().unwrap();
+        drop(storage);
+        assert!(fs::metadata(d.join(format!("wal-{:020}.twl", 0))).unwrap().len() > len);
+        let (revs, cut) = recover(&d).unwrap();
+        assert_eq!((revs, cut.is_none()), (vec![1, 2], true), "the refused entry left no trace");
+        // The write limit never exceeds what recovery accepts.
+        let mut r = FileStorage::recover(&d, u64::MAX, |_| Ok(())).unwrap();
+        r.limit_records(u32::MAX);
+        assert_eq!(r.max_record, MAX_RECORD);
     }
 }

@@ -31,7 +31,7 @@ use tokio::sync::{broadcast, watch};
 use crate::policy::PolicyKind;
 use crate::state::{State, StateError};
 use crate::audit::AuditLog;
-use crate::storage::{Cut, Entry, FileStorage, LoadItem, Storage, StorageError};
+use crate::storage::{Cut, Entry, FileStorage, LoadItem, Storage, StorageError, MAX_RECORD};
 use crate::tagging::{perform, TagChange, TagError, TagOutcome, TagRequest};
 use crate::tags::{check_key, check_tag, TagSet, TagSetError};
 use crate::world::{build_principal, compile_policy, PrincipalSpec, ResourceBuilder, ResourceSpec, WorldSpec};
@@ -184,6 +184,18 @@ pub struct Ticket {
     commit: Option<Arc<Commit>>,
 }
 
+/// Why an accepted change could not be logged.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+enum Refused {
+    /// Storage failed; every later change is refused too.
+    #[error(transparent)]
+    Failed(StorageFailed),
+    /// This one change is too large for a log record; nothing was written
+    /// and the store carries on.
+    #[error("{0}")]
+    TooLarge(String),
+}
+
 /// Storage failed: the change may not be durable, and the store refuses
 /// further changes.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -274,7 +286,8 @@ impl Store {
     /// watchers that resume from a revision.
     pub fn new(state: State, event_capacity: usize) -> Store {
         let (live, _) = broadcast::channel(4096);
-        let (revision, _) = watch::channel(state.revision());
+        let state_revision = state.revision();
+        let (revision, _) = watch::channel(state_revision);
         let head = Arc::new(state);
         Store {
             current: ArcSwap::new(head.clone()),
@@ -285,7 +298,14 @@ impl Store {
                 pending: Vec::new(),
                 failed: None,
             }),
-            events: Mutex::new(EventLog { kept: VecDeque::new(), capacity: event_capacity.max(1), dropped: 0, live }),
+            // The events that led to the starting revision are not kept: a
+            // watch from before it must answer OUT_OF_RANGE, not skip them.
+            events: Mutex::new(EventLog {
+                kept: VecDeque::new(),
+                capacity: event_capacity.max(1),
+                dropped: state_revision,
+                live,
+            }),
             revision,
             commit: None,
             audit: Mutex::new(None),
@@ -293,10 +313,37 @@ impl Store {
         }
     }
 
-    /// Writes the audit record of every later change before it is
-    /// acknowledged.
-    pub fn attach_audit(&self, log: AuditLog) {
-        *lock(&self.audit) = Some(log);
+    /// A store without a data directory. With an audit log, changes go
+    /// through the committer thread like durable ones: their audit records
+    /// are written and synced there (never on the caller's thread, which may
+    /// be an async worker) before they are published and acknowledged.
+    pub fn ephemeral(state: State, event_capacity: usize, audit: Option<AuditLog>) -> Result<Arc<Store>, String> {
+        let mut store = Store::new(state, event_capacity);
+        let Some(log) = audit else { return Ok(Arc::new(store)) };
+        *store.audit.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(log);
+        let revision = store.revision();
+        store.start_committer(revision)
+    }
+
+    /// Gives the store its durability progress (at `durable`) and starts
+    /// the committer thread that advances it.
+    fn start_committer(mut self, durable: u64) -> Result<Arc<Store>, String> {
+        let durable = Progress { durable, failed: None };
+        let commit = Arc::new(Commit {
+            progress: Mutex::new(durable.clone()),
+            changed: Condvar::new(),
+            watch: watch::channel(durable).0,
+            wake: Mutex::new(false),
+            wake_cv: Condvar::new(),
+        });
+        self.commit = Some(commit.clone());
+        let store = Arc::new(self);
+        let weak = Arc::downgrade(&store);
+        std::thread::Builder::new()
+            .name("tagward-commit".into())
+            .spawn(move || committer(weak, commit))
+            .map_err(|e| format!("cannot start the commit thread: {e}"))?;
+        Ok(store)
     }
 
     /// Writes the audit records of `events`; a failure refuses the change.
@@ -314,16 +361,34 @@ impl Store {
     /// cut off), seeds an empty directory from `seed`, or with `force`
     /// replaces the restored state with `seed` as one logged change. Then
     /// serves with every change durable before it is acknowledged.
+    ///
+    /// `audit` is attached before anything is applied, so the forced
+    /// replacement (`--force-world`, `tagward import`) is audited like any
+    /// other change.
     pub fn open(
         dir: &Path,
         seed: Option<&WorldSpec>,
         force: bool,
         options: &Durability,
+        audit: Option<AuditLog>,
+    ) -> Result<(Arc<Store>, Opened), OpenError> {
+        Store::open_limited(dir, seed, force, options, audit, MAX_RECORD)
+    }
+
+    /// [`Store::open`] with log and snapshot records limited to
+    /// `max_record` bytes (tests use a small limit).
+    fn open_limited(
+        dir: &Path,
+        seed: Option<&WorldSpec>,
+        force: bool,
+        options: &Durability,
+        audit: Option<AuditLog>,
+        max_record: u32,
     ) -> Result<(Arc<Store>, Opened), OpenError> {
         let mut state = State::default();
         let mut resources = ResourceBuilder::default();
         let mut replayed = 0u64;
-        let recovered = FileStorage::recover(dir, options.compact_after_bytes, |item| {
+        let mut recovered = FileStorage::recover(dir, options.compact_after_bytes, |item| {
             let mut ignored = Vec::new();
             match item {
                 LoadItem::SnapshotBegin { .. } => state = State::default(),
@@ -355,6 +420,7 @@ impl Store {
             cut: recovered.cut.clone(),
             replayed,
         };
+        recovered.limit_records(max_record);
         if !recovered.found {
             if let Some(world) = seed {
                 state = world.build().map_err(|e| OpenError::World(e.to_string()))?;
@@ -363,27 +429,18 @@ impl Store {
             }
         }
         let storage = recovered.start(state.revision())?;
-        let durable = Progress { durable: state.revision(), failed: None };
-        let commit = Arc::new(Commit {
-            progress: Mutex::new(durable.clone()),
-            changed: Condvar::new(),
-            watch: watch::channel(durable).0,
-            wake: Mutex::new(false),
-            wake_cv: Condvar::new(),
-        });
+        let revision = state.revision();
+        // Store::new keeps no events before `revision`: a watch from an
+        // older revision (restored from disk, so its events are gone) is
+        // OUT_OF_RANGE.
         let mut store = Store::new(state, options.event_capacity);
-        store.commit = Some(commit.clone());
         {
             let writer = store.writer.get_mut().unwrap_or_else(|e| e.into_inner());
             writer.storage = Some(Box::new(storage));
             writer.resources = resources;
         }
-        let store = Arc::new(store);
-        let weak = Arc::downgrade(&store);
-        std::thread::Builder::new()
-            .name("tagward-commit".into())
-            .spawn(move || committer(weak, commit))
-            .map_err(|e| OpenError::World(format!("cannot start the commit thread: {e}")))?;
+        *store.audit.get_mut().unwrap_or_else(|e| e.into_inner()) = audit;
+        let store = store.start_committer(revision).map_err(OpenError::World)?;
         if force && opened.restored.is_some() {
             if let Some(world) = seed {
                 store
@@ -473,8 +530,10 @@ impl Store {
         if next.revision() == head.revision() {
             return Ok(self.unchanged(head.revision()));
         }
-        self.accept(&mut writer, head.revision(), next, events, update.clone(), actor)
-            .map_err(|e| UpdateError::new("StorageFailed", e.to_string()))
+        self.accept(&mut writer, head.revision(), next, events, update.clone(), actor).map_err(|e| match e {
+            Refused::Failed(e) => UpdateError::new("StorageFailed", e.to_string()),
+            Refused::TooLarge(reason) => UpdateError::new("ValidationException", format!("{}: {reason}", update_field(update))),
+        })
     }
 
     /// Performs a tag operation as a principal, on the newest accepted
@@ -500,7 +559,10 @@ impl Store {
                 update,
                 &change.principal,
             )
-            .map_err(|e| TagError::Unavailable(e.to_string()))?;
+            .map_err(|e| match e {
+                Refused::Failed(e) => TagError::Unavailable(e.to_string()),
+                Refused::TooLarge(reason) => TagError::Validation { field: "tags".into(), reason },
+            })?;
         Ok((Tagged { outcome, revision, changed: true }, ticket))
     }
 
@@ -521,21 +583,33 @@ impl Store {
         events: Vec<Event>,
         update: Update,
         actor: &str,
-    ) -> Result<Ticket, StorageFailed> {
+    ) -> Result<Ticket, Refused> {
         let revision = next.revision();
         let next = Arc::new(next);
-        let Some(storage) = writer.storage.as_mut() else {
-            self.audit(&events.iter().collect::<Vec<_>>()).map_err(StorageFailed)?;
-            writer.head = next.clone();
-            self.publish(next, events);
-            return Ok(Ticket::done(revision));
-        };
-        let entry = Entry { prev, rev: revision, time_unix_ms: now_ms(), actor: actor.to_string(), change: update };
-        if let Err(e) = storage.append(&entry) {
-            let message = e.to_string();
-            tracing::error!(error = %message, "cannot append to the log; refusing further changes");
-            writer.failed = Some(message.clone());
-            return Err(StorageFailed(message));
+        match writer.storage.as_mut() {
+            // No data directory and no audit log (an audit log comes with a
+            // committer): nothing to wait for.
+            None if self.commit.is_none() => {
+                writer.head = next.clone();
+                self.publish(next, events);
+                return Ok(Ticket::done(revision));
+            }
+            // No data directory, but an audit log: the committer writes it.
+            None => {}
+            Some(storage) => {
+                let entry = Entry { prev, rev: revision, time_unix_ms: now_ms(), actor: actor.to_string(), change: update };
+                match storage.append(&entry) {
+                    Ok(()) => {}
+                    // Nothing was written: refuse this change only.
+                    Err(e @ StorageError::TooLarge { .. }) => return Err(Refused::TooLarge(e.to_string())),
+                    Err(e) => {
+                        let message = e.to_string();
+                        tracing::error!(error = %message, "cannot append to the log; refusing further changes");
+                        writer.failed = Some(message.clone());
+                        return Err(Refused::Failed(StorageFailed(message)));
+                    }
+                }
+            }
         }
         writer.head = next.clone();
         writer.pending.push((next, events));
@@ -596,15 +670,20 @@ fn committer(store: Weak<Store>, commit: Arc<Commit>) {
             }
             let batch = std::mem::take(&mut writer.pending);
             let head = writer.head.clone();
-            let Some(storage) = writer.storage.as_mut() else { continue };
-            let sync = storage.prepare_sync();
-            let compaction = match &sync {
-                Ok(_) if storage.wants_compaction() => Some(storage.begin_compaction(head)),
-                _ => None,
-            };
-            (batch, sync, compaction)
+            match writer.storage.as_mut() {
+                // Ephemeral with an audit log: nothing to sync, only the audit.
+                None => (batch, Ok(None), None),
+                Some(storage) => {
+                    let sync = storage.prepare_sync().map(Some);
+                    let compaction = match &sync {
+                        Ok(_) if storage.wants_compaction() => Some(storage.begin_compaction(head)),
+                        _ => None,
+                    };
+                    (batch, sync, compaction)
+                }
+            }
         };
-        let synced = sync.and_then(|s| s.sync()).map_err(|e| e.to_string()).and_then(|()| {
+        let synced = sync.and_then(|s| s.map_or(Ok(()), |s| s.sync())).map_err(|e| e.to_string()).and_then(|()| {
             let events: Vec<&Event> = batch.iter().flat_map(|(_, events)| events.iter()).collect();
             store.audit(&events)
         });
@@ -657,6 +736,23 @@ fn tag_event(change: &TagChange, allowed_by: Vec<String>) -> Event {
             after: pairs(&change.after),
             allowed_by,
         },
+    }
+}
+
+/// The field an update is named by in error messages.
+fn update_field(update: &Update) -> &'static str {
+    match update {
+        Update::PutPolicy { .. } => "put_policy",
+        Update::DeletePolicy { .. } => "delete_policy",
+        Update::PutPrincipal(_) => "put_principal",
+        Update::DeletePrincipal { .. } => "delete_principal",
+        Update::PutResource(_) => "put_resource",
+        Update::DeleteResource { .. } => "delete_resource",
+        Update::SetTags { .. } => "set_tags",
+        Update::RemoveTags { .. } => "remove_tags",
+        Update::Batch(_) => "batch",
+        Update::ReplaceWorld(_) => "replace_world",
+        Update::ReplaceTags { .. } => "replace_tags",
     }
 }
 
@@ -886,5 +982,211 @@ mod tests {
             .wait()
             .unwrap();
         assert_eq!(waiter.await.unwrap(), Ok(wanted));
+    }
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("tagward-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn options() -> Durability {
+        Durability { compact_after_bytes: u64::MAX, event_capacity: 16 }
+    }
+
+    /// Opens `dir`, retrying while the previous store's committer thread
+    /// still holds the directory for a moment after its last change.
+    fn reopen(dir: &Path, seed: Option<&WorldSpec>, force: bool, audit: Option<AuditLog>) -> (Arc<Store>, Opened) {
+        let mut audit = audit;
+        for _ in 0..200 {
+            match Store::open(dir, seed, force, &options(), audit.take()) {
+                Err(OpenError::Storage(StorageError::Locked(_))) => {
+                    audit = None;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => return other.unwrap(),
+            }
+        }
+        panic!("{} stayed locked", dir.display());
+    }
+
+    fn audit_names(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["eventName"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    fn world(key_tag: &str) -> WorldSpec {
+        serde_json::from_value(json!({
+            "resources": [{"arn": "arn:aws:kms:us-east-1:111122223333:key/k1", "tags": {"Project": key_tag}}]
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_forced_world_is_audited() {
+        let d = scratch("force-audit");
+        let (s, _) = reopen(&d, Some(&world("Alpha")), false, None);
+        drop(s);
+        let audit_path = d.join("audit.jsonl");
+        // The audit log is attached before the forced world is applied.
+        let (s, opened) = reopen(&d, Some(&world("Beta")), true, Some(AuditLog::open(&audit_path).unwrap()));
+        assert!(opened.replaced);
+        assert_eq!(audit_names(&audit_path), vec!["ReplaceWorld".to_string()]);
+        let record: Value = serde_json::from_str(std::fs::read_to_string(&audit_path).unwrap().trim()).unwrap();
+        assert_eq!(record["additionalEventData"]["revision"], s.revision());
+        assert_eq!(record["userIdentity"]["principalId"], "world-file");
+    }
+
+    #[test]
+    fn a_watch_from_before_a_restart_is_out_of_range() {
+        let d = scratch("watch-restart");
+        let key = "arn:aws:kms:us-east-1:111122223333:key/k1";
+        let (s, _) = reopen(&d, Some(&world("Alpha")), false, None);
+        let start = s.revision();
+        for i in 0..3 {
+            s.apply(&Update::SetTags { resource: key.into(), tags: vec![("n".into(), i.to_string())] }, "admin").unwrap().wait().unwrap();
+        }
+        assert_eq!(s.watch(start + 1).unwrap().0.len(), 2, "before the restart the events are kept");
+        let restored = s.revision();
+        drop(s);
+        let (s, opened) = reopen(&d, None, false, None);
+        assert_eq!(opened.restored, Some(restored));
+        for from in [1, start, start + 1, restored - 1] {
+            let gone = s.watch(from).unwrap_err();
+            assert_eq!(gone, WatchGone { asked: from, dropped: restored }, "watch from {from}");
+        }
+        assert!(s.watch(restored).unwrap().0.is_empty(), "from the restored revision nothing is missed");
+        assert!(s.watch(0).is_ok(), "0 is the live feed only");
+        s.apply(&Update::SetTags { resource: key.into(), tags: vec![("n".into(), "x".into())] }, "admin").unwrap().wait().unwrap();
+        assert_eq!(s.watch(restored).unwrap().0.len(), 1);
+        // An ephemeral store started from a world file keeps no events before it either.
+        let e = Store::new(world("Alpha").build().unwrap(), 16);
+        if e.revision() > 1 {
+            assert!(e.watch(e.revision() - 1).is_err());
+        }
+        assert!(e.watch(e.revision()).is_ok());
+    }
+
+    #[test]
+    fn an_entry_over_the_record_limit_is_refused_and_the_store_carries_on() {
+        let d = scratch("too-large");
+        let key = "arn:aws:kms:us-east-1:111122223333:key/k1";
+        let (s, _) = Store::open_limited(&d, Some(&world("Alpha")), false, &options(), None, 4096).unwrap();
+        let before = s.revision();
+        let big: Vec<Value> = (0..200)
+            .map(|i| json!({"Effect": "Allow", "Action": format!("kms:Action{i:04}"), "Resource": "*"}))
+            .collect();
+        let err = s.apply(&Update::PutPolicy { name: "Big".into(), document: json!({"Statement": big}) }, "admin").unwrap_err();
+        assert_eq!(err.code, "ValidationException");
+        assert!(err.message.starts_with("put_policy: "), "{err}");
+        assert!(err.message.contains("more than the 4096-byte limit"), "{err}");
+        assert_eq!(s.revision(), before, "the refused change left the state as it was");
+        assert!(s.snapshot().policy("Big").is_none());
+        // Not a storage failure: the next change is accepted and durable.
+        let rev = s.apply(&Update::SetTags { resource: key.into(), tags: vec![("a".into(), "b".into())] }, "admin").unwrap().wait().unwrap();
+        assert_eq!(rev, before + 1);
+        drop(s);
+        let (s, opened) = reopen(&d, None, false, None);
+        assert_eq!((opened.restored, s.snapshot().policy("Big").is_none()), (Some(rev), true));
+    }
+
+    #[test]
+    fn an_entity_over_the_record_limit_refuses_the_snapshot() {
+        let d = scratch("too-large-snap");
+        let tags: serde_json::Map<String, Value> = (0..40).map(|i| (format!("key-{i:02}"), json!("v".repeat(200)))).collect();
+        let seed: WorldSpec = serde_json::from_value(json!({
+            "resources": [{"arn": "arn:aws:kms:us-east-1:111122223333:key/k1"},
+                          {"arn": "arn:aws:kms:us-east-1:111122223333:key/big", "tags": tags}]
+        }))
+        .unwrap();
+        match Store::open_limited(&d, Some(&seed), false, &options(), None, 4096) {
+            Err(OpenError::Storage(StorageError::TooLarge { what, limit, .. })) => {
+                assert!(what.contains("key/big"), "{what}");
+                assert_eq!(limit, 4096);
+            }
+            Err(e) => panic!("expected TooLarge, got {e}"),
+            Ok(_) => panic!("expected TooLarge, got a store"),
+        }
+        let left: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert!(!left.iter().any(|n| n.starts_with("snap-")), "no snapshot or temporary file is left: {left:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ephemeral_store_audits_every_change_before_its_ticket_resolves() {
+        let d = scratch("ephemeral-audit");
+        let path = d.join("audit.jsonl");
+        let key = "arn:aws:kms:us-east-1:111122223333:key/k1";
+        let s = Store::ephemeral(world("Alpha").build().unwrap(), 16, Some(AuditLog::open(&path).unwrap())).unwrap();
+        assert!(s.commit.is_some(), "the audit is written by the committer thread, not the caller");
+        for i in 0..5 {
+            let ticket = s.apply(&Update::SetTags { resource: key.into(), tags: vec![("n".into(), i.to_string())] }, "admin").unwrap();
+            let rev = ticket.durable().await.unwrap();
+            assert_eq!(audit_names(&path).len(), i + 1, "the record of revision {rev} is written when its ticket resolves");
+            assert_eq!(s.revision(), rev, "and the change is visible");
+        }
+        let (_, ticket) = s
+            .tag(&TagRequest {
+                principal: "arn:aws:iam::111122223333:root".into(),
+                resource: key.into(),
+                op: crate::tagging::TagOp::Tag(vec![("Owner".into(), "me".into())]),
+                session_tags: Vec::new(),
+                context: Vec::new(),
+            })
+            .unwrap();
+        ticket.durable().await.unwrap();
+        assert_eq!(audit_names(&path).last().map(String::as_str), Some("TagResource"));
+        // Without an audit log nothing waits.
+        assert!(Store::ephemeral(State::default(), 16, None).unwrap().commit.is_none());
+    }
+
+    #[test]
+    fn a_dangling_attachment_survives_export_import_and_restart() {
+        let d = scratch("dangling");
+        let role = "arn:aws:iam::111122223333:role/Early";
+        let (s, _) = reopen(&d, Some(&world("Alpha")), false, None);
+        let spec = PrincipalSpec { arn: role.into(), policies: vec!["Later".into(), "Exists".into()], ..PrincipalSpec::default() };
+        s.apply(&Update::PutPolicy { name: "Exists".into(), document: json!({"Statement": {"Effect": "Allow", "Action": "sqs:*", "Resource": "*"}}) }, "admin")
+            .unwrap()
+            .wait()
+            .unwrap();
+        s.apply(&Update::PutPrincipal(spec), "admin").unwrap().wait().unwrap();
+        let exported = WorldSpec::from_state(&s.snapshot());
+        let p = exported.principals.iter().find(|p| p.arn == role).unwrap();
+        assert_eq!((p.policies.clone(), p.pending_policies.clone()), (vec!["Exists".to_string()], vec!["Later".to_string()]));
+        let text = serde_json::to_string(&exported).unwrap();
+        assert!(text.contains("\"pending_policies\":[\"Later\"]"), "{text}");
+        drop(s);
+        // A world file with a dangling name under `policies` is still refused (a typo)...
+        let typo: WorldSpec = serde_json::from_value(json!({"principals": [{"arn": role, "policies": ["Later"]}]})).unwrap();
+        assert_eq!(typo.build().unwrap_err().path, "principals[0].policies[0]");
+        // ...and the export imports (here: as a forced world, like `tagward import`).
+        let imported: WorldSpec = serde_json::from_str(&text).unwrap();
+        let (s, opened) = reopen(&d, Some(&imported), true, None);
+        assert!(opened.replaced);
+        drop(s);
+        let (s, _) = reopen(&d, None, false, None);
+        let ask = |s: &Store| {
+            let req = crate::engine::Request {
+                principal: role.into(),
+                action: "kms:ListKeys".into(),
+                resource: "*".into(),
+                ..crate::engine::Request::default()
+            };
+            crate::engine::authorize(&s.snapshot(), &req, false).unwrap().allowed()
+        };
+        assert!(!ask(&s), "the dangling attachment grants nothing yet");
+        let again = WorldSpec::from_state(&s.snapshot());
+        assert_eq!(serde_json::to_value(&again).unwrap(), serde_json::to_value(&exported).unwrap(), "the attachment was kept");
+        // It starts applying once the policy is put.
+        s.apply(&Update::PutPolicy { name: "Later".into(), document: json!({"Statement": {"Effect": "Allow", "Action": "kms:ListKeys", "Resource": "*"}}) }, "admin")
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert!(ask(&s));
+        let p = WorldSpec::from_state(&s.snapshot()).principals.into_iter().find(|p| p.arn == role).unwrap();
+        assert_eq!((p.policies, p.pending_policies), (vec!["Exists".to_string(), "Later".to_string()], Vec::<String>::new()));
     }
 }

@@ -41,8 +41,10 @@ pub struct TagRequest {
     pub principal: String,
     pub resource: String,
     pub op: TagOp,
-    /// Overrides the action the operation is authorized as.
-    pub action: Option<String>,
+    /// Session tags; only an assumed-role session may have them. (There is
+    /// no action override: the operation is always authorized as the action
+    /// the resource's service uses, so a principal with one unrelated
+    /// permission cannot tag anything.)
     pub session_tags: Vec<(String, String)>,
     pub context: Vec<(String, ContextValue)>,
 }
@@ -121,6 +123,8 @@ pub fn tag_actions(resource: &str) -> Option<[String; 3]> {
     match svc {
         "kms" => names("TagResource", "UntagResource", "ListResourceTags"),
         "ec2" => names("CreateTags", "DeleteTags", "DescribeTags"),
+        "sqs" => names("TagQueue", "UntagQueue", "ListQueueTags"),
+        "dynamodb" => names("TagResource", "UntagResource", "ListTagsOfResource"),
         "iam" => {
             let noun = match arn.resource_type() {
                 "user" => "User",
@@ -144,12 +148,11 @@ pub fn tag_actions(resource: &str) -> Option<[String; 3]> {
 pub fn perform(state: &State, req: &TagRequest) -> Result<TagOutcome, TagError> {
     let target = state.target(&req.resource).ok_or_else(|| TagError::NotFound(req.resource.clone()))?;
     let actions = tag_actions(&req.resource);
-    let action = match (&req.action, &actions, &req.op) {
-        (Some(a), _, _) => a.clone(),
-        (None, Some([tag, _, _]), TagOp::Tag(_)) => tag.clone(),
-        (None, Some([_, untag, _]), TagOp::Untag(_)) => untag.clone(),
-        (None, Some([_, _, list]), TagOp::List) => list.clone(),
-        (None, None, op) => {
+    let action = match (&actions, &req.op) {
+        (Some([tag, _, _]), TagOp::Tag(_)) => tag.clone(),
+        (Some([_, untag, _]), TagOp::Untag(_)) => untag.clone(),
+        (Some([_, _, list]), TagOp::List) => list.clone(),
+        (None, op) => {
             let svc = Arn::parse(&req.resource).map_or("unknown", |a| a.service);
             format!("{svc}:{}", op.name())
         }

@@ -34,8 +34,14 @@ pub struct PrincipalSpec {
     pub arn: String,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
+    /// Managed policies by name; in a world file each must exist.
     #[serde(default)]
     pub policies: Vec<String>,
+    /// Managed policy names attached before a policy of that name exists
+    /// (the admin stream allows it): kept, and applying once the policy is
+    /// put. A world file accepts them, so an export always imports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_policies: Vec<String>,
     #[serde(default)]
     pub inline_policies: BTreeMap<String, Value>,
 }
@@ -197,8 +203,10 @@ impl ResourceBuilder {
 }
 
 /// Lowers a principal spec. With `require_policies` (a world file) every
-/// managed policy name must exist in `state`; without (the admin stream) a
-/// name may name a policy that comes later.
+/// name in `policies` must exist in `state` (a typo is an error); without
+/// (the admin stream) a name may name a policy that comes later. Names in
+/// `pending_policies` need not exist either way; they are attached after
+/// `policies`.
 pub fn build_principal(path: &str, spec: &PrincipalSpec, state: &State, require_policies: bool) -> Result<Principal, WorldError> {
     let mut principal = Principal::new(&spec.arn).map_err(|e| err(format!("{path}.arn"), e.to_string()))?;
     principal.tags = TagSet::from_tags(true, spec.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -207,6 +215,9 @@ pub fn build_principal(path: &str, spec: &PrincipalSpec, state: &State, require_
         if require_policies && state.policy(name).is_none() {
             return Err(err(format!("{path}.policies[{i}]"), format!("no managed policy named {name:?}")));
         }
+        principal.managed.push(name.as_str().into());
+    }
+    for name in &spec.pending_policies {
         principal.managed.push(name.as_str().into());
     }
     for (name, doc) in &spec.inline_policies {
@@ -253,12 +264,24 @@ impl WorldSpec {
     }
 }
 
-/// A principal in the world-file shape.
+/// A principal in the world-file shape: attachments whose policy exists
+/// under `policies`, dangling ones under `pending_policies`, so that the
+/// result always loads as a world file (a backup always restores).
+///
+/// Order: each list keeps the principal's attachment order, and loading
+/// attaches `policies` first, then `pending_policies`. A dangling name that
+/// was attached before an existing one therefore moves behind it on a round
+/// trip. That changes no decision (every attached policy is evaluated; the
+/// order only orders the statements named in an answer), and a second
+/// export of the rebuilt principal gives the same lists.
 pub fn principal_spec(p: &Principal) -> PrincipalSpec {
+    let (policies, pending): (Vec<&Arc<str>>, Vec<&Arc<str>>) =
+        p.managed.iter().partition(|name| p.resolved.iter().any(|(r, _)| r == *name));
     PrincipalSpec {
         arn: p.arn.to_string(),
         tags: tag_map(&p.tags),
-        policies: p.managed.iter().map(|n| n.to_string()).collect(),
+        policies: policies.into_iter().map(|n| n.to_string()).collect(),
+        pending_policies: pending.into_iter().map(|n| n.to_string()).collect(),
         inline_policies: p.inline.iter().map(|(n, pol)| (n.to_string(), Value::clone(&pol.source))).collect(),
     }
 }

@@ -997,6 +997,7 @@ async fn some_changes(server: &Tagward, salt: &str) -> u64 {
         tags: vec![tag("project", "Beta"), tag("salt", salt)],
         policies: vec!["Auditing".into()],
         inline_policies: [("NoDecrypt".to_string(), inline.to_string())].into_iter().collect(),
+        ..Default::default()
     }));
     apply_acked(
         &mut admin,
@@ -1110,4 +1111,41 @@ async fn export_and_import_round_trip() {
     let (code, _, stderr) = run(&["export".into(), "--data-dir".into(), s(&d2), "--output".into(), s(&file2)]);
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(std::fs::read_to_string(&file2).unwrap(), std::fs::read_to_string(&file).unwrap());
+}
+
+/// The eventName and principalId of each line of an audit file.
+fn audit_events(path: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let field = |f: &str| v[f].as_str().unwrap_or_default().to_string();
+            (field("eventName"), v["userIdentity"]["principalId"].as_str().unwrap_or_default().to_string())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_and_force_world_are_audited() {
+    let scratch = Scratch::new("import-audit");
+    let world = write_world(&scratch);
+    let d = scratch.join("d");
+    let audit = d.join("audit.jsonl");
+    let replaced = |events: &[(String, String)]| events.iter().filter(|(name, _)| name == "ReplaceWorld").count();
+
+    // Into an empty directory the world seeds it: nothing is replaced.
+    let (code, _, stderr) = run(&["import".into(), "--data-dir".into(), s(&d), world.clone()]);
+    assert_eq!(code, Some(0), "tagward import: {stderr}");
+    assert_eq!(replaced(&audit_events(&audit)), 0);
+    // Over a state: one ReplaceWorld record in DATA_DIR/audit.jsonl.
+    let (code, _, stderr) = run(&["import".into(), "--data-dir".into(), s(&d), world.clone()]);
+    assert_eq!(code, Some(0), "tagward import: {stderr}");
+    let events = audit_events(&audit);
+    assert_eq!(events, vec![("ReplaceWorld".to_string(), "world-file".to_string())], "{events:?}");
+
+    // --force-world on serve: audited in the same default file before serving.
+    let mut server = serve(&d, &["--world", &world, "--force-world"]).await;
+    assert_eq!(replaced(&audit_events(&audit)), 2, "{:?}", audit_events(&audit));
+    server.term();
 }

@@ -175,11 +175,17 @@ def put_principal(
     tags_: Optional[TagsLike] = None,
     policies: Sequence[str] = (),
     inline_policies: Optional[Mapping[str, str]] = None,
+    pending_policies: Sequence[str] = (),
 ) -> "pb.Update":
-    """Creates or replaces an IAM user or role."""
+    """Creates or replaces an IAM user or role. ``pending_policies``: managed
+    policy names that need not exist yet (attached after ``policies``)."""
     return _update(
         put_principal=pb.Principal(
-            arn=arn, tags=tags(tags_), policies=list(policies), inline_policies=dict(inline_policies or {})
+            arn=arn,
+            tags=tags(tags_),
+            policies=list(policies),
+            inline_policies=dict(inline_policies or {}),
+            pending_policies=list(pending_policies),
         )
     )
 
@@ -452,7 +458,6 @@ class TagwardClient:
         resource: str,
         tags_: TagsLike,
         *,
-        action: str = "",
         session_tags: Optional[TagsLike] = None,
         context: Optional[Mapping[str, ContextLike]] = None,
         timeout: Optional[float] = None,
@@ -462,7 +467,6 @@ class TagwardClient:
             principal=principal,
             resource=resource,
             tags=tags(tags_),
-            action=action,
             session_tags=tags(session_tags),
             context=_context(context),
         )
@@ -474,7 +478,6 @@ class TagwardClient:
         resource: str,
         tag_keys: Sequence[str],
         *,
-        action: str = "",
         session_tags: Optional[TagsLike] = None,
         context: Optional[Mapping[str, ContextLike]] = None,
         timeout: Optional[float] = None,
@@ -484,7 +487,6 @@ class TagwardClient:
             principal=principal,
             resource=resource,
             tag_keys=list(tag_keys),
-            action=action,
             session_tags=tags(session_tags),
             context=_context(context),
         )
@@ -495,7 +497,6 @@ class TagwardClient:
         principal: str,
         resource: str,
         *,
-        action: str = "",
         session_tags: Optional[TagsLike] = None,
         context: Optional[Mapping[str, ContextLike]] = None,
         min_revision: int = 0,
@@ -505,7 +506,6 @@ class TagwardClient:
         req = pb.ListResourceTagsRequest(
             principal=principal,
             resource=resource,
-            action=action,
             session_tags=tags(session_tags),
             context=_context(context),
             min_revision=min_revision,

@@ -305,6 +305,28 @@ def _():
     )
 
 
+@check("Session tags only on sessions: INVALID_ARGUMENT naming session_tags for a role, not for its session")
+def _():
+    rev = current_revision()
+    expect_error(
+        lambda: TW.authorize(ALPHA, "kms:Decrypt", K_ALPHA, session_tags={"Project": "Beta"}),
+        grpc.StatusCode.INVALID_ARGUMENT, "ValidationException", "session_tags",
+    )
+    expect_error(
+        lambda: TW.tag_resource(KEY_ADMIN, K_ALPHA, {"Type": "X"}, session_tags={"team": "a"}),
+        grpc.StatusCode.INVALID_ARGUMENT, "ValidationException", "session_tags",
+    )
+    assert current_revision() == rev
+    session = f"arn:aws:sts::{ACCOUNT}:assumed-role/AlphaApp/s1"
+    assert TW.authorize(session, "kms:Decrypt", K_ALPHA, session_tags={"x": "y"}).revision == rev
+
+
+@check("Tag requests have no action override: the field is reserved on the wire")
+def _():
+    for msg in (pb.TagResourceRequest, pb.UntagResourceRequest, pb.ListResourceTagsRequest):
+        assert "action" not in msg.DESCRIPTOR.fields_by_name, msg.DESCRIPTOR.full_name
+
+
 @check("Admin.Apply set_tags changes the very next Authorize; ack revision = response revision")
 def _():
     before = TW.authorize(ALPHA, "kms:Decrypt", K_BETA)

@@ -139,7 +139,6 @@ impl Backend for GrpcBackend {
             Operation::Tag(req) => {
                 let session_tags = convert::to_tags(req.session_tags.iter().map(|(k, v)| (k.as_str(), v.as_str())));
                 let context = convert::context_to_proto(&req.context);
-                let action = req.action.clone().unwrap_or_default();
                 let client = &mut self.tagging;
                 let result = self.runtime.block_on(async {
                     match &req.op {
@@ -148,7 +147,6 @@ impl Backend for GrpcBackend {
                                 principal: req.principal.clone(),
                                 resource: req.resource.clone(),
                                 tags: convert::to_tags(tags.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
-                                action,
                                 session_tags,
                                 context,
                             })
@@ -159,7 +157,6 @@ impl Backend for GrpcBackend {
                                 principal: req.principal.clone(),
                                 resource: req.resource.clone(),
                                 tag_keys: keys.clone(),
-                                action,
                                 session_tags,
                                 context,
                             })
@@ -169,7 +166,6 @@ impl Backend for GrpcBackend {
                             .list_resource_tags(proto::ListResourceTagsRequest {
                                 principal: req.principal.clone(),
                                 resource: req.resource.clone(),
-                                action,
                                 session_tags,
                                 context,
                                 min_revision: 0,

@@ -171,7 +171,6 @@ fn tag_request(
     principal: &str,
     resource: &str,
     op: TagOp,
-    action: &str,
     session_tags: &[proto::Tag],
     ctx: &HashMap<String, proto::ContextValue>,
 ) -> Result<TagRequest, Status> {
@@ -181,22 +180,21 @@ fn tag_request(
         principal: principal.to_string(),
         resource: resource.to_string(),
         op,
-        action: (!action.is_empty()).then(|| action.to_string()),
         session_tags: unique_tags("session_tags", session_tags)?,
         context: context("context", ctx)?,
     })
 }
 
 pub fn tag_resource(r: &proto::TagResourceRequest) -> Result<TagRequest, Status> {
-    tag_request(&r.principal, &r.resource, TagOp::Tag(pairs(&r.tags)), &r.action, &r.session_tags, &r.context)
+    tag_request(&r.principal, &r.resource, TagOp::Tag(pairs(&r.tags)), &r.session_tags, &r.context)
 }
 
 pub fn untag_resource(r: &proto::UntagResourceRequest) -> Result<TagRequest, Status> {
-    tag_request(&r.principal, &r.resource, TagOp::Untag(r.tag_keys.clone()), &r.action, &r.session_tags, &r.context)
+    tag_request(&r.principal, &r.resource, TagOp::Untag(r.tag_keys.clone()), &r.session_tags, &r.context)
 }
 
 pub fn list_resource_tags(r: &proto::ListResourceTagsRequest) -> Result<TagRequest, Status> {
-    tag_request(&r.principal, &r.resource, TagOp::List, &r.action, &r.session_tags, &r.context)
+    tag_request(&r.principal, &r.resource, TagOp::List, &r.session_tags, &r.context)
 }
 
 /// The authorization request behind `GetResources`.
@@ -250,6 +248,7 @@ pub fn update(u: &proto::Update, path: &str) -> Result<Update, UpdateError> {
                 arn: p.arn.clone(),
                 tags: tag_map(&format!("{path}put_principal.tags"), &p.tags)?,
                 policies: p.policies.clone(),
+                pending_policies: p.pending_policies.clone(),
                 inline_policies: inline,
             })
         }
@@ -318,6 +317,7 @@ pub fn principal_to_proto(p: &PrincipalSpec) -> proto::Principal {
         arn: p.arn.clone(),
         tags: to_tags(p.tags.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
         policies: p.policies.clone(),
+        pending_policies: p.pending_policies.clone(),
         inline_policies: p.inline_policies.iter().map(|(k, v)| (k.clone(), doc_text(v))).collect(),
     }
 }
