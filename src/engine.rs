@@ -1,6 +1,6 @@
 //! The decision: a request evaluated against one immutable [`State`].
 //!
-//! Order of evaluation (SEMANTICS.md, "Evaluating a request"): collect the
+//! Order of evaluation (docs/semantics.md, "Evaluating a request"): collect the
 //! principal's identity policies and the resource's key or resource policy;
 //! find the statements that apply; any applicable `Deny` denies; a KMS key is
 //! allowed only through its key policy (directly, or by delegating to IAM

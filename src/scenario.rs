@@ -1,4 +1,4 @@
-//! `tagward test`: scenario files (SCENARIOS.md) loaded, run step by step
+//! `tagward test`: scenario files (docs/scenarios.md) loaded, run step by step
 //! against a [`Backend`], and compared with what each step expects.
 //!
 //! The file format is the wire form here (serde, `deny_unknown_fields`);
@@ -141,7 +141,7 @@ impl ExpectReason {
     }
 }
 
-/// The error names a step may expect (SCENARIOS.md).
+/// The error names a step may expect (docs/scenarios.md).
 pub const ERROR_NAMES: &[&str] = &[
     "AccessDeniedException",
     "NotFoundException",

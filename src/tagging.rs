@@ -1,5 +1,5 @@
-//! Tag, untag and list as authorized operations (SEMANTICS.md, "Tag
-//! operations"; SCENARIOS.md, `tag_resource`).
+//! Tag, untag and list as authorized operations (docs/semantics.md, "Tag
+//! operations"; docs/scenarios.md, `tag_resource`).
 //!
 //! Order: a resource that does not exist answers `NotFoundException`; then
 //! the request is authorized as the principal with the action the resource's

@@ -1,6 +1,6 @@
 //! Tags: the rules every tag must obey, and the tag set of one resource.
 //!
-//! Rules (SEMANTICS.md, "Entities"): at most 50 tags per resource; keys of 1
+//! Rules (docs/semantics.md, "Entities"): at most 50 tags per resource; keys of 1
 //! to 128 and values of 0 to 256 Unicode characters, drawn from Unicode
 //! letters and numbers, space separators and `_ . : / = + - @`; keys and
 //! values that begin with `aws:` in any case are reserved. Keys are unique;

@@ -1,5 +1,5 @@
 //! The world file: managed policies, principals and resources, as scenario
-//! files and `tagward serve` describe them (SCENARIOS.md, "Top level",
+//! files and `tagward serve` describe them (docs/scenarios.md, "Top level",
 //! "Principal", "Resource"). This is the wire form (serde,
 //! `deny_unknown_fields`); [`WorldSpec::apply`] lowers it into a [`State`],
 //! refusing the whole of it on the first error, which names the JSON path.

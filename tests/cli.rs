@@ -1,5 +1,5 @@
 //! `tagward test` as a user runs it: the real binary, its output and exit
-//! codes (SCENARIOS.md: 0 all passed, 1 a step failed, 2 a file could not be
+//! codes (docs/scenarios.md: 0 all passed, 1 a step failed, 2 a file could not be
 //! loaded).
 
 use std::path::{Path, PathBuf};

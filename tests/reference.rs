@@ -4,7 +4,7 @@
 //! accounts, two KMS keys, one SQS queue, random policies, tags and
 //! requests). The model is rendered to a JSON world file and decided by the
 //! engine; independently, [`reference`] decides the same model straight from
-//! SEMANTICS.md ("Evaluating a request", "Operators", "Condition keys the
+//! docs/semantics.md ("Evaluating a request", "Operators", "Condition keys the
 //! service fills in"), with wildcards as anchored regexes and no code shared
 //! with the engine. The two must give the same reason and name the same
 //! statements.
@@ -335,7 +335,7 @@ fn request(r: &Req) -> Request {
 }
 
 // ---------------------------------------------------------------------------
-// The reference: SEMANTICS.md, read straight off the model
+// The reference: docs/semantics.md, read straight off the model
 // ---------------------------------------------------------------------------
 
 /// `*` and `?` wildcards as an anchored regex, cached by pattern.
@@ -848,7 +848,7 @@ proptest! {
         ..ProptestConfig::default()
     })]
 
-    /// SEMANTICS.md "Evaluating a request" and "Operators": the engine's
+    /// docs/semantics.md "Evaluating a request" and "Operators": the engine's
     /// reason and decisive statements equal the reference's.
     #[test]
     fn engine_agrees_with_reference(w in world(), reqs in prop::collection::vec(req(), 1..=24)) {

@@ -637,6 +637,19 @@ class TagwardClient:
             raise RuntimeError(f"reflection error: {r.error_response.error_message}")
         return [s.name for s in r.list_services_response.service]
 
+    def describe(self, symbol: str, *, admin: bool = False) -> list:
+        """Resolves a message type through server reflection, with every file
+        it imports, as grpcurl does; returns its field names. ``admin`` asks
+        the admin listener instead of the data listener."""
+        from google.protobuf import descriptor_pool
+        from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+        channel = self._admin if admin else self._data
+        if channel is None:
+            raise ValueError("no admin address")
+        pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+        return [f.name for f in pool.FindMessageTypeByName(symbol).fields]
+
 
 # --------------------------------------------------------------------- CLI
 

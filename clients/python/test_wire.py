@@ -215,6 +215,16 @@ def _():
         assert s in services, f"{s} not in {services}"
 
 
+@check("reflection on each listener lists only its own services and resolves google.rpc.ErrorInfo")
+def _():
+    data = set(TW.list_services())
+    assert "tagward.v1.Admin" not in data, f"the data listener lists Admin: {data}"
+    for admin in (False, True):
+        fields = TW.describe("google.rpc.ErrorInfo", admin=admin)
+        assert fields == ["reason", "domain", "metadata"], fields
+    assert "update" in TW.describe("tagward.v1.ApplyRequest", admin=True)
+
+
 @check("Authorize allow: ALLOW/ALLOWED, the deciding Allow statements, the revision")
 def _():
     r = TW.authorize(ALPHA, "kms:Decrypt", K_ALPHA)

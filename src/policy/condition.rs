@@ -2,7 +2,7 @@
 //! dates, CIDRs, base64, wildcard patterns), then evaluated against the
 //! values a request supplies.
 //!
-//! The rules (SEMANTICS.md, "Operators"):
+//! The rules (docs/semantics.md, "Operators"):
 //! - several policy values for one key: any may match; for a negated
 //!   operator the request value must match none of them;
 //! - a missing key makes a condition false, except that a negated operator
