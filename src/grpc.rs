@@ -2,10 +2,8 @@
 //! thin (validate, convert, call the domain, convert back), and this file
 //! holds the one mapping from domain errors to `Status`.
 
-pub mod baseline;
 pub mod client;
 pub mod convert;
-pub mod load;
 pub mod server;
 pub mod service;
 
@@ -46,8 +44,9 @@ pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
     status(Code::InvalidArgument, "ValidationException", format!("{field}: {reason}"), meta)
 }
 
-impl From<RequestError> for Status {
-    fn from(e: RequestError) -> Status {
+/// A refused request as INVALID_ARGUMENT naming the field.
+pub fn request_status(e: RequestError) -> Status {
+    {
         invalid(&e.field, &e.reason)
     }
 }
@@ -62,11 +61,12 @@ fn decision_metadata(d: &Decision) -> HashMap<String, String> {
     meta
 }
 
-impl From<TagError> for Status {
-    fn from(e: TagError) -> Status {
+/// A refused tag operation, with its AWS-style name in the details.
+pub fn tag_status(e: TagError) -> Status {
+    {
         let name = e.name();
         match e {
-            TagError::BadRequest(r) => r.into(),
+            TagError::BadRequest(r) => request_status(r),
             TagError::AccessDenied { ref decision, .. } => {
                 let meta = decision_metadata(decision);
                 status(Code::PermissionDenied, name, e.to_string(), meta)
@@ -84,8 +84,9 @@ impl From<TagError> for Status {
     }
 }
 
-impl From<RevisionTimeout> for Status {
-    fn from(e: RevisionTimeout) -> Status {
+/// A revision not reached in time: DEADLINE_EXCEEDED.
+pub fn revision_status(e: RevisionTimeout) -> Status {
+    {
         status(Code::DeadlineExceeded, "RevisionNotReached", e.to_string(), HashMap::new())
     }
 }
@@ -95,8 +96,9 @@ pub fn error_name(status: &Status) -> Option<String> {
     status.get_details_error_info().map(|info| info.reason)
 }
 
-impl From<UpdateError> for proto::UpdateError {
-    fn from(e: UpdateError) -> proto::UpdateError {
+/// A refused admin update on the wire.
+pub fn update_error(e: UpdateError) -> proto::UpdateError {
+    {
         proto::UpdateError { code: e.code.to_string(), message: e.message }
     }
 }

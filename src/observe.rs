@@ -16,22 +16,12 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::engine::{Decision, Request};
-use crate::state::State;
+pub use tagward_store::observe::*;
 
 pub const DECISIONS: &str = "tagward_decisions_total";
 pub const RPC_DURATION: &str = "tagward_rpc_duration_seconds";
 pub const RPCS: &str = "tagward_rpc_total";
-pub const ADMIN_UPDATES: &str = "tagward_admin_updates_total";
-pub const TAG_CHANGES: &str = "tagward_tag_changes_total";
 pub const DECISION_LOG_DROPPED: &str = "tagward_decision_log_dropped_total";
-pub const AUDIT_FAILURES: &str = "tagward_audit_write_failures_total";
-pub const REVISION: &str = "tagward_snapshot_revision";
-pub const PUBLISHED_AT: &str = "tagward_snapshot_published_timestamp_seconds";
-pub const SNAPSHOT_AGE: &str = "tagward_snapshot_age_seconds";
-pub const POLICIES: &str = "tagward_policies";
-pub const PRINCIPALS: &str = "tagward_principals";
-pub const RESOURCES: &str = "tagward_resources";
-pub const TAGS: &str = "tagward_tags";
 pub const BUILD_INFO: &str = "tagward_build_info";
 
 /// Every RPC the sidecar serves, as the `rpc` label names it.
@@ -62,32 +52,6 @@ pub fn decision(d: &Decision) {
 pub fn rpc(name: &'static str, started: Instant, code: &'static str) {
     metrics::histogram!(RPC_DURATION, "rpc" => name).record(started.elapsed().as_secs_f64());
     metrics::counter!(RPCS, "rpc" => name, "code" => code).increment(1);
-}
-
-/// Counts published tag changes by origin: `tagging` (the Tagging API,
-/// authorized as a principal) or `admin` (the admin stream).
-pub fn tag_change(admin: bool) {
-    let origin = if admin { "admin" } else { "tagging" };
-    metrics::counter!(TAG_CHANGES, "origin" => origin).increment(1);
-}
-
-/// Counts an admin update, applied or rejected (with its error code).
-pub fn admin_update(code: Option<&'static str>) {
-    match code {
-        None => metrics::counter!(ADMIN_UPDATES, "result" => "applied").increment(1),
-        Some(code) => metrics::counter!(ADMIN_UPDATES, "result" => "rejected", "code" => code).increment(1),
-    }
-}
-
-/// Gauges of a newly published state.
-pub fn published(state: &State) {
-    let (policies, principals, resources) = state.counts();
-    metrics::gauge!(REVISION).set(state.revision() as f64);
-    metrics::gauge!(PUBLISHED_AT).set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
-    metrics::gauge!(POLICIES).set(policies as f64);
-    metrics::gauge!(PRINCIPALS).set(principals as f64);
-    metrics::gauge!(RESOURCES).set(resources as f64);
-    metrics::gauge!(TAGS).set(state.tag_count() as f64);
 }
 
 /// Which decisions the decision log keeps.

@@ -107,7 +107,7 @@ pub const ADMIN_SERVICES: &[&str] = &["tagward.v1.Admin"];
 /// use, including the `google.rpc` error details (`ErrorInfo`) that statuses
 /// carry, so that grpcurl can print them.
 #[allow(clippy::type_complexity)]
-fn reflection(
+pub fn reflection(
     services: &[&str],
 ) -> Result<
     (
@@ -229,3 +229,27 @@ impl Running {
         self.shutdown().await;
     }
 }
+
+/// SIGTERM or SIGINT.
+pub async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+

@@ -15,7 +15,7 @@ use tracing::{debug, field, warn, Instrument, Span};
 use super::proto::admin_server::Admin;
 use super::proto::authorizer_server::Authorizer;
 use super::proto::tagging_server::Tagging;
-use super::{convert, invalid, proto, status};
+use super::{convert, invalid, proto, request_status, revision_status, status, tag_status, update_error};
 use crate::engine::{authorize, Decision};
 use crate::observe::{self, DecisionLog};
 use crate::state::State;
@@ -82,7 +82,7 @@ impl Shared {
         if min_revision == 0 {
             return Ok(self.store.snapshot());
         }
-        Ok(self.store.snapshot_at_least(min_revision, self.min_revision_wait).await?)
+        self.store.snapshot_at_least(min_revision, self.min_revision_wait).await.map_err(revision_status)
     }
 }
 
@@ -100,7 +100,7 @@ impl Authorizer for AuthorizerService {
             let started = Instant::now();
             let req = convert::authorize_request(r)?;
             let state = self.0.snapshot(r.min_revision).await?;
-            let decision = authorize(&state, &req, r.explain)?;
+            let decision = authorize(&state, &req, r.explain).map_err(request_status)?;
             decided(&self.0, &req, &decision, state.revision(), started);
             Ok(Response::new(convert::decision(decision, state.revision())))
         })
@@ -141,8 +141,8 @@ impl Tagging for TaggingService {
     async fn tag_resource(&self, request: Request<proto::TagResourceRequest>) -> Result<Response<proto::TagResourceResponse>, Status> {
         observed("TagResource", "TagResource", async {
             let req = convert::tag_resource(request.get_ref())?;
-            let (done, ticket) = self.0.store.tag(&req)?;
-            ticket.durable().await.map_err(|e| TagError::Unavailable(e.to_string()))?;
+            let (done, ticket) = self.0.store.tag(&req).map_err(tag_status)?;
+            ticket.durable().await.map_err(|e| tag_status(TagError::Unavailable(e.to_string())))?;
             Span::current().record("decision", field::display(done.outcome.decision.reason.as_str()));
             Ok(Response::new(proto::TagResourceResponse {
                 revision: done.revision,
@@ -159,8 +159,8 @@ impl Tagging for TaggingService {
     ) -> Result<Response<proto::UntagResourceResponse>, Status> {
         observed("UntagResource", "UntagResource", async {
             let req = convert::untag_resource(request.get_ref())?;
-            let (done, ticket) = self.0.store.tag(&req)?;
-            ticket.durable().await.map_err(|e| TagError::Unavailable(e.to_string()))?;
+            let (done, ticket) = self.0.store.tag(&req).map_err(tag_status)?;
+            ticket.durable().await.map_err(|e| tag_status(TagError::Unavailable(e.to_string())))?;
             Span::current().record("decision", field::display(done.outcome.decision.reason.as_str()));
             Ok(Response::new(proto::UntagResourceResponse {
                 revision: done.revision,
@@ -179,7 +179,7 @@ impl Tagging for TaggingService {
         observed("ListResourceTags", "ListResourceTags", async {
             let req = convert::list_resource_tags(r)?;
             let state = self.0.snapshot(r.min_revision).await?;
-            let outcome = perform(&state, &req)?;
+            let outcome = perform(&state, &req).map_err(tag_status)?;
             Ok(Response::new(proto::ListResourceTagsResponse { tags: tags_of(&outcome.tags), revision: state.revision() }))
         })
         .await
@@ -219,15 +219,14 @@ impl TaggingService {
             ),
         };
         let state = self.0.snapshot(r.min_revision).await?;
-        let decision = authorize(&state, &auth, false)?;
+        let decision = authorize(&state, &auth, false).map_err(request_status)?;
         if !decision.allowed() {
-            return Err(TagError::AccessDenied {
+            return Err(tag_status(TagError::AccessDenied {
                 principal: auth.principal,
                 action: auth.action,
                 resource: auth.resource,
                 decision: Box::new(decision),
-            }
-            .into());
+            }));
         }
         let filters: Vec<(String, Vec<String>)> = r.tag_filters.iter().map(|f| (f.key.clone(), f.values.clone())).collect();
         let (arns, more) = state.find_by_tags(&filters, after.as_deref(), page);
@@ -351,7 +350,7 @@ impl AdminService {
                     },
                     Err(e) => {
                         debug!(id = %id, code = e.code, "admin update refused");
-                        proto::ApplyResponse { id, revision: store.revision(), error: Some(e.into()) }
+                        proto::ApplyResponse { id, revision: store.revision(), error: Some(update_error(e)) }
                     }
                 };
                 if tx.send(Ok(response)).await.is_err() {

@@ -322,7 +322,7 @@ impl State {
     }
 
     /// Sets the revision of a state rebuilt from a snapshot.
-    pub(crate) fn set_revision(&mut self, revision: u64) {
+    pub fn set_revision(&mut self, revision: u64) {
         self.revision = revision;
     }
 

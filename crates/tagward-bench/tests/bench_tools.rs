@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tagward::engine::authorize;
-use tagward::gen::{self, GenSpec};
-use tagward::grpc::load::{self, Options, Plan, Requests, TagChanges};
+use tagward_bench::gen::{self, GenSpec};
+use tagward_bench::load::{self, Options, Plan, Requests, TagChanges};
 use tagward::grpc::server::{self, Config};
 use tagward::store::Store;
 
@@ -69,7 +69,7 @@ fn plan(target: SocketAddr, requests: Requests) -> Plan {
 async fn the_load_generator_reports_like_ghz_against_a_real_server() {
     let spec = small();
     let running = serve(&spec).await;
-    let baseline = tagward::grpc::baseline::start(SocketAddr::from(([127, 0, 0, 1], 0)), 4 << 20).await.unwrap();
+    let baseline = tagward_bench::baseline::start(SocketAddr::from(([127, 0, 0, 1], 0)), 4 << 20).await.unwrap();
 
     let mix = spec.mix(200);
     let mut p = plan(running.data_addr, Requests::Authorize(Arc::new(load::authorize_requests(&mix))));

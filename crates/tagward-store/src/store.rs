@@ -24,80 +24,19 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use serde_json::Value;
 use thiserror::Error;
 use tokio::sync::{broadcast, watch};
 
-use crate::policy::PolicyKind;
-use crate::state::{State, StateError};
+use tagward_core::change::{apply, now_ms, pairs, tag_event, update_field};
+use tagward_core::state::State;
+use tagward_core::tagging::{perform, TagError, TagOutcome, TagRequest};
+use tagward_core::world::{ResourceBuilder, WorldSpec};
+
 use crate::audit::AuditLog;
+
+/// The vocabulary of changes, where the store's callers have always found it.
+pub use tagward_core::change::{Event, EventKind, Update, UpdateError};
 use crate::storage::{Cut, Entry, FileStorage, LoadItem, Storage, StorageError, MAX_RECORD};
-use crate::tagging::{perform, TagChange, TagError, TagOutcome, TagRequest};
-use crate::tags::{check_key, check_tag, TagSet, TagSetError};
-use crate::world::{build_principal, compile_policy, PrincipalSpec, ResourceBuilder, ResourceSpec, WorldSpec};
-
-/// One change to the world, as the admin stream sends it (and as the log
-/// records it).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Update {
-    PutPolicy { name: String, document: Value },
-    DeletePolicy { name: String },
-    PutPrincipal(PrincipalSpec),
-    DeletePrincipal { arn: String },
-    PutResource(ResourceSpec),
-    DeleteResource { arn: String },
-    /// Administrator's tag write: the tag rules apply, authorization not.
-    SetTags { resource: String, tags: Vec<(String, String)> },
-    RemoveTags { resource: String, keys: Vec<String> },
-    /// All or nothing.
-    Batch(Vec<Update>),
-    /// The whole state, all or nothing.
-    ReplaceWorld(WorldSpec),
-    /// The exact tag set of a resource: how the log records the effect of an
-    /// authorized tag operation.
-    ReplaceTags { resource: String, tags: Vec<(String, String)> },
-}
-
-/// A refused update: the AWS-style error name and the message (with the
-/// field path).
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("{code}: {message}")]
-pub struct UpdateError {
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl UpdateError {
-    fn new(code: &'static str, message: impl Into<String>) -> UpdateError {
-        UpdateError { code, message: message.into() }
-    }
-}
-
-/// What a change event says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EventKind {
-    Tags {
-        resource: String,
-        action: String,
-        before: Vec<(String, String)>,
-        after: Vec<(String, String)>,
-        /// The statements that allowed the change (empty for the admin).
-        allowed_by: Vec<String>,
-    },
-    /// `kind`: policy, principal, resource or world; `change`: put, delete
-    /// or replace.
-    Entity { kind: &'static str, name: String, change: &'static str },
-}
-
-/// A change event, at the revision it produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Event {
-    pub revision: u64,
-    pub time_unix_ms: i64,
-    pub actor: String,
-    pub kind: EventKind,
-}
 
 /// A tag operation's result, as the store applied it.
 #[derive(Debug)]
@@ -267,14 +206,6 @@ pub struct Opened {
     pub replayed: u64,
 }
 
-fn pairs(tags: &TagSet) -> Vec<(String, String)> {
-    tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave a half-made state behind:
     // the state is only swapped in whole. Carry on with the data.
@@ -392,7 +323,7 @@ impl Store {
             let mut ignored = Vec::new();
             match item {
                 LoadItem::SnapshotBegin { .. } => state = State::default(),
-                LoadItem::Put(update) => apply_one(&mut state, &mut resources, &update, "", &mut ignored)
+                LoadItem::Put(update) => apply(&mut state, &mut resources, &update, "", &mut ignored)
                     .map_err(|e| format!("the snapshot does not load: {e}"))?,
                 LoadItem::SnapshotEnd { revision } => state.set_revision(revision),
                 LoadItem::Entry(entry) => {
@@ -403,7 +334,7 @@ impl Store {
                             state.revision()
                         ));
                     }
-                    apply_one(&mut state, &mut resources, &entry.change, &entry.actor, &mut ignored)
+                    apply(&mut state, &mut resources, &entry.change, &entry.actor, &mut ignored)
                         .map_err(|e| format!("the logged change does not apply: {e}"))?;
                     if state.revision() != entry.rev {
                         return Err(format!("replaying gives revision {}, the entry says {}", state.revision(), entry.rev));
@@ -526,7 +457,7 @@ impl Store {
         let mut next = State::clone(&head);
         let mut events = Vec::new();
         let Writer { resources, .. } = &mut *writer;
-        apply_one(&mut next, resources, update, actor, &mut events)?;
+        apply(&mut next, resources, update, actor, &mut events)?;
         if next.revision() == head.revision() {
             return Ok(self.unchanged(head.revision()));
         }
@@ -724,200 +655,11 @@ fn committer(store: Weak<Store>, commit: Arc<Commit>) {
     }
 }
 
-fn tag_event(change: &TagChange, allowed_by: Vec<String>) -> Event {
-    Event {
-        revision: change.revision,
-        time_unix_ms: now_ms(),
-        actor: change.principal.clone(),
-        kind: EventKind::Tags {
-            resource: change.resource.clone(),
-            action: change.action.clone(),
-            before: pairs(&change.before),
-            after: pairs(&change.after),
-            allowed_by,
-        },
-    }
-}
-
-/// The field an update is named by in error messages.
-fn update_field(update: &Update) -> &'static str {
-    match update {
-        Update::PutPolicy { .. } => "put_policy",
-        Update::DeletePolicy { .. } => "delete_policy",
-        Update::PutPrincipal(_) => "put_principal",
-        Update::DeletePrincipal { .. } => "delete_principal",
-        Update::PutResource(_) => "put_resource",
-        Update::DeleteResource { .. } => "delete_resource",
-        Update::SetTags { .. } => "set_tags",
-        Update::RemoveTags { .. } => "remove_tags",
-        Update::Batch(_) => "batch",
-        Update::ReplaceWorld(_) => "replace_world",
-        Update::ReplaceTags { .. } => "replace_tags",
-    }
-}
-
-/// A refused state change, at the field `path` of the update.
-fn state_error(path: &str, e: StateError) -> UpdateError {
-    let code = match e {
-        StateError::NoSuchPolicy(_) | StateError::NoSuchPrincipal(_) => "NoSuchEntityException",
-        StateError::NoSuchResource(_) => "NotFoundException",
-        StateError::Invalid(_) => "ValidationException",
-        StateError::Tags(TagSetError::Limit { .. }) => "LimitExceededException",
-        StateError::Tags(TagSetError::Rule(_)) => "TagException",
-    };
-    UpdateError::new(code, format!("{path}: {e}"))
-}
-
-/// Every message of an [`UpdateError`] starts with the field path inside the
-/// update (`put_policy.document.Statement[0].Effect`, `set_tags.tags[2]`).
-fn world_error(e: crate::world::WorldError) -> UpdateError {
-    let code = if e.path.contains("polic") && !e.path.ends_with(".arn") {
-        "MalformedPolicyDocumentException"
-    } else if e.path.contains(".tags") {
-        "TagException"
-    } else {
-        "ValidationException"
-    };
-    UpdateError::new(code, e.to_string())
-}
-
-fn entity(kind: &'static str, name: &str, change: &'static str, state: &State, actor: &str) -> Event {
-    Event {
-        revision: state.revision(),
-        time_unix_ms: now_ms(),
-        actor: actor.to_string(),
-        kind: EventKind::Entity { kind, name: name.to_string(), change },
-    }
-}
-
-fn apply_one(
-    state: &mut State,
-    resources: &mut ResourceBuilder,
-    update: &Update,
-    actor: &str,
-    events: &mut Vec<Event>,
-) -> Result<(), UpdateError> {
-    match update {
-        Update::PutPolicy { name, document } => {
-            if name.is_empty() {
-                return Err(UpdateError::new("ValidationException", "put_policy.name: empty"));
-            }
-            let policy = compile_policy("put_policy.document", document, PolicyKind::Identity)
-                .map_err(|e| UpdateError::new("MalformedPolicyDocumentException", e.to_string()))?;
-            state.put_policy(name, policy).map_err(|e| state_error("put_policy.name", e))?;
-            events.push(entity("policy", name, "put", state, actor));
-        }
-        Update::DeletePolicy { name } => {
-            state.delete_policy(name).map_err(|e| state_error("delete_policy.name", e))?;
-            events.push(entity("policy", name, "delete", state, actor));
-        }
-        Update::PutPrincipal(spec) => {
-            let principal = build_principal("put_principal", spec, state, false).map_err(world_error)?;
-            state.put_principal(principal).map_err(|e| state_error("put_principal.arn", e))?;
-            events.push(entity("principal", &spec.arn, "put", state, actor));
-        }
-        Update::DeletePrincipal { arn } => {
-            state.delete_principal(arn).map_err(|e| state_error("delete_principal.arn", e))?;
-            events.push(entity("principal", arn, "delete", state, actor));
-        }
-        Update::PutResource(spec) => {
-            let resource = resources.build("put_resource", spec).map_err(world_error)?;
-            state.put_resource(resource).map_err(|e| state_error("put_resource.arn", e))?;
-            events.push(entity("resource", &spec.arn, "put", state, actor));
-        }
-        Update::DeleteResource { arn } => {
-            state.delete_resource(arn).map_err(|e| state_error("delete_resource.arn", e))?;
-            events.push(entity("resource", arn, "delete", state, actor));
-        }
-        Update::SetTags { resource, tags } => {
-            if tags.is_empty() {
-                return Err(UpdateError::new("ValidationException", "set_tags.tags: at least one tag is needed"));
-            }
-            for (i, (k, v)) in tags.iter().enumerate() {
-                check_tag(k, v).map_err(|e| UpdateError::new("TagException", format!("set_tags.tags[{i}]: {e}")))?;
-            }
-            let target = state
-                .target(resource)
-                .ok_or_else(|| UpdateError::new("NotFoundException", format!("set_tags.resource: no resource {resource:?}")))?;
-            let before = target.tags().clone();
-            let after = before.with(tags.iter().map(|(k, v)| (k.as_str(), v.as_str()))).map_err(|e| match e {
-                TagSetError::Limit { .. } => UpdateError::new("LimitExceededException", format!("set_tags.tags: {e}")),
-                TagSetError::Rule(_) => UpdateError::new("TagException", format!("set_tags.tags: {e}")),
-            })?;
-            tag_write(state, resource, before, after, actor, events)?;
-        }
-        Update::RemoveTags { resource, keys } => {
-            if keys.is_empty() {
-                return Err(UpdateError::new("ValidationException", "remove_tags.tag_keys: at least one key is needed"));
-            }
-            for (i, k) in keys.iter().enumerate() {
-                check_key(k).map_err(|e| UpdateError::new("TagException", format!("remove_tags.tag_keys[{i}]: {e}")))?;
-            }
-            let target = state.target(resource).ok_or_else(|| {
-                UpdateError::new("NotFoundException", format!("remove_tags.resource: no resource {resource:?}"))
-            })?;
-            let before = target.tags().clone();
-            let after = before.without(keys.iter().map(String::as_str));
-            tag_write(state, resource, before, after, actor, events)?;
-        }
-        Update::Batch(updates) => {
-            for (i, u) in updates.iter().enumerate() {
-                apply_one(state, resources, u, actor, events)
-                    .map_err(|e| UpdateError::new(e.code, format!("batch.updates[{i}].{}", e.message)))?;
-            }
-        }
-        Update::ReplaceTags { resource, tags } => {
-            let target = state
-                .target(resource)
-                .ok_or_else(|| UpdateError::new("NotFoundException", format!("replace_tags.resource: no resource {resource:?}")))?;
-            let before = target.tags().clone();
-            let after = TagSet::from_tags(before.case_insensitive(), tags.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                .map_err(|e| UpdateError::new("TagException", format!("replace_tags.tags: {e}")))?;
-            tag_write(state, resource, before, after, actor, events)?;
-        }
-        Update::ReplaceWorld(world) => {
-            let mut next = State::default();
-            world.apply(&mut next).map_err(|e| {
-                let mut e = world_error(e);
-                e.message = format!("replace_world.world_json.{}", e.message);
-                e
-            })?;
-            next.follow(state.revision());
-            *state = next;
-            events.push(entity("world", "", "replace", state, actor));
-        }
-    }
-    Ok(())
-}
-
-fn tag_write(
-    state: &mut State,
-    resource: &str,
-    before: TagSet,
-    after: TagSet,
-    actor: &str,
-    events: &mut Vec<Event>,
-) -> Result<(), UpdateError> {
-    if state.replace_tags(resource, after.clone()).map_err(|e| state_error("resource", e))? {
-        events.push(Event {
-            revision: state.revision(),
-            time_unix_ms: now_ms(),
-            actor: actor.to_string(),
-            kind: EventKind::Tags {
-                resource: resource.to_string(),
-                action: "admin".to_string(),
-                before: pairs(&before),
-                after: pairs(&after),
-                allowed_by: Vec::new(),
-            },
-        });
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
+    use tagward_core::world::PrincipalSpec;
     use serde_json::json;
 
     fn store() -> Store {
@@ -1131,7 +873,7 @@ mod tests {
             .tag(&TagRequest {
                 principal: "arn:aws:iam::111122223333:root".into(),
                 resource: key.into(),
-                op: crate::tagging::TagOp::Tag(vec![("Owner".into(), "me".into())]),
+                op: tagward_core::tagging::TagOp::Tag(vec![("Owner".into(), "me".into())]),
                 session_tags: Vec::new(),
                 context: Vec::new(),
             })
@@ -1169,13 +911,13 @@ mod tests {
         drop(s);
         let (s, _) = reopen(&d, None, false, None);
         let ask = |s: &Store| {
-            let req = crate::engine::Request {
+            let req = tagward_core::engine::Request {
                 principal: role.into(),
                 action: "kms:ListKeys".into(),
                 resource: "*".into(),
-                ..crate::engine::Request::default()
+                ..tagward_core::engine::Request::default()
             };
-            crate::engine::authorize(&s.snapshot(), &req, false).unwrap().allowed()
+            tagward_core::engine::authorize(&s.snapshot(), &req, false).unwrap().allowed()
         };
         assert!(!ask(&s), "the dangling attachment grants nothing yet");
         let again = WorldSpec::from_state(&s.snapshot());

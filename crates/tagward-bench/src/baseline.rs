@@ -1,7 +1,7 @@
 //! The bench-only baseline: `tagward.v1.Authorizer` with empty handlers.
 //!
 //! It speaks exactly the same service, methods and messages as the real
-//! Authorizer (a client, ghz or `tagward load` cannot tell them apart by
+//! Authorizer (a client, ghz or `tagward-bench load` cannot tell them apart by
 //! the wire), decodes the request the same way and answers a fixed
 //! `ALLOW`/`ALLOWED` response (one per item for `BatchAuthorize`) without
 //! looking at it. The server is built like the real data plane (the same
@@ -9,7 +9,7 @@
 //! throughput ratio Authorize / baseline measured by the same load
 //! generator in one run shows what Tagward adds over gRPC itself.
 //!
-//! Run it with `tagward baseline-server`; never in production.
+//! Run it with `tagward-bench baseline-server`; never in production.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,8 +19,9 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-use super::proto::authorizer_server::{Authorizer, AuthorizerServer};
-use super::proto::{self, FILE_DESCRIPTOR_SET};
+use tagward::grpc::proto::authorizer_server::{Authorizer, AuthorizerServer};
+use tagward::grpc::proto;
+use tagward::grpc::server::reflection;
 
 /// The empty Authorizer.
 #[derive(Debug, Clone, Copy, Default)]
@@ -75,14 +76,7 @@ impl Baseline {
 pub async fn start(addr: SocketAddr, max_message_bytes: usize) -> Result<Baseline, String> {
     let listener = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| e.to_string())?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| e.to_string())?;
+    let (reflection, reflection_alpha) = reflection(&["tagward.v1.Authorizer"]).map_err(|e| e.to_string())?;
     let service = AuthorizerServer::new(EmptyAuthorizer)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::store::{Event, EventKind};
+use tagward_core::change::{Event, EventKind};
 
 /// An append-only file of audit records.
 pub struct AuditLog {
@@ -22,7 +22,7 @@ fn tags_json(tags: &[(String, String)]) -> Value {
 }
 
 fn service_of(arn: &str) -> &str {
-    crate::arn::Arn::parse(arn).map_or("tagward", |a| a.service)
+    tagward_core::arn::Arn::parse(arn).map_or("tagward", |a| a.service)
 }
 
 /// The CloudTrail-shaped record of one event.
@@ -31,7 +31,7 @@ pub fn record(e: &Event) -> Value {
         .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
         .unwrap_or_default();
     let identity = if e.actor.starts_with("arn:") {
-        let kind = match crate::arn::Caller::parse(&e.actor).map(|c| c.principal_type()) {
+        let kind = match tagward_core::arn::Caller::parse(&e.actor).map(|c| c.principal_type()) {
             Ok("User") => "IAMUser",
             Ok("AssumedRole") => "AssumedRole",
             Ok(_) => "Root",

@@ -1,6 +1,6 @@
 //! Decision time at scale, and the cost of one tag change at that scale.
 //!
-//! One generated world (`tagward::gen`, seed 1) of 1,000,000 KMS keys with
+//! One generated world (`tagward_bench::gen`, seed 1) of 1,000,000 KMS keys with
 //! 10 tags each is built once; then for 10, 1,000 and 10,000 managed ABAC
 //! policies (100 roles attaching 10 each) the same request mix is decided.
 //! The baseline in the same run is a bare lookup of the request's principal
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use criterion::Criterion;
 use hdrhistogram::Histogram;
 use tagward::engine::{authorize, Request};
-use tagward::gen::GenSpec;
+use tagward_bench::gen::GenSpec;
 use tagward::state::State;
 use tagward::store::{Store, Update};
 use tagward::tags::TagSet;

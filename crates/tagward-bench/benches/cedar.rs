@@ -28,7 +28,7 @@ use criterion::Criterion;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tagward::engine::{authorize, Request};
-use tagward::gen::{self, GenSpec, ACCOUNT, PROBE_POLICY};
+use tagward_bench::gen::{self, GenSpec, ACCOUNT, PROBE_POLICY};
 
 const KMS: [&str; 14] = [
     "kms:Decrypt",

@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use tagward::gen::GenSpec;
+use tagward_bench::gen::GenSpec;
 
 fn status(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")

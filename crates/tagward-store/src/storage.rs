@@ -27,9 +27,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::state::State;
-use crate::store::Update;
-use crate::world::{principal_spec, resource_spec};
+use tagward_core::state::State;
+use tagward_core::change::Update;
+use tagward_core::world::{principal_spec, resource_spec};
 
 const WAL_MAGIC: &[u8; 8] = b"TGWWAL01";
 const SNAP_MAGIC: &[u8; 8] = b"TGWSNP01";

@@ -1,5 +1,5 @@
 //! A seeded world and request-mix generator for benchmarks and load tests
-//! (`tagward gen-world`, `tagward load`, `benches/`).
+//! (`tagward-bench gen-world`, `tagward-bench load`, `benches/`).
 //!
 //! Every entity is a pure function of the seed and its index (a SplitMix64
 //! hash, no shared random stream), so the same [`GenSpec`] always gives the
@@ -22,10 +22,10 @@ use std::io::{self, Write};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::engine::Request;
-use crate::policy::PolicyKind;
-use crate::state::State;
-use crate::world::{build_principal, compile_policy, PrincipalSpec, ResourceBuilder, ResourceSpec, WorldError, WorldSpec};
+use tagward_core::engine::Request;
+use tagward_core::policy::PolicyKind;
+use tagward_core::state::State;
+use tagward_core::world::{build_principal, compile_policy, PrincipalSpec, ResourceBuilder, ResourceSpec, WorldError, WorldSpec};
 
 /// The account every generated entity lives in.
 pub const ACCOUNT: &str = "111122223333";
@@ -512,7 +512,7 @@ pub fn batch_json(principal: &str, items: &[MixItem]) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::authorize;
+    use tagward_core::engine::authorize;
 
     fn small() -> GenSpec {
         GenSpec { keys: 500, other_resources: 50, principals: 20, policies: 60, ..GenSpec::default() }

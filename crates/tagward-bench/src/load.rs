@@ -1,4 +1,4 @@
-//! `tagward load`: a ghz-like load generator for the Authorizer.
+//! `tagward-bench load`: a ghz-like load generator for the Authorizer.
 //!
 //! `concurrency` workers share `connections` HTTP/2 connections (worker `w`
 //! uses connection `w % connections`) and send requests drawn round-robin
@@ -13,7 +13,7 @@
 //! visibility) is under `tagward`.
 //!
 //! A [`Plan`] adds, in one run: the same load against a baseline (the empty
-//! Authorizer of [`super::baseline`]) alternating with the target for
+//! Authorizer of [`crate::baseline`]) alternating with the target for
 //! `rounds` rounds, so throughput comes as a ratio; a run at half the
 //! measured peak rate; and admin tag changes at a set rate with the time
 //! from each acknowledgement to the first Authorize that reflects it.
@@ -31,10 +31,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
 
-use super::proto::admin_client::AdminClient;
-use super::proto::authorizer_client::AuthorizerClient;
-use super::proto::{self, update::Op};
-use crate::engine;
+use tagward::grpc::proto::admin_client::AdminClient;
+use tagward::grpc::proto::authorizer_client::AuthorizerClient;
+use tagward::grpc::proto::{self, update::Op};
+use tagward_core::engine;
 use crate::gen::{self, MixItem};
 
 /// Which method the load calls.

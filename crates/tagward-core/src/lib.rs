@@ -1,0 +1,25 @@
+//! Tagward's core: deciding requests the way AWS IAM and KMS do with
+//! tag-based access control, as pure functions over immutable values.
+//!
+//! Layers, from the bottom: [`arn`] and [`tags`] (the vocabulary),
+//! [`policy`] (the IAM policy language, compiled once), [`state`] (the world
+//! at one revision), [`engine`] (a request against a state: a decision with
+//! its reasons), [`tagging`] (tag operations, authorized), [`world`] (the
+//! world file) and [`change`] (the vocabulary of changes: commands, log
+//! records, events). Nothing here knows about an async runtime, a transport,
+//! logging or metrics.
+
+pub mod arn;
+pub mod change;
+pub mod engine;
+pub mod policy;
+pub mod state;
+pub mod tagging;
+pub mod tags;
+pub mod world;
+
+pub use engine::{authorize, ContextValue, Decision, Reason, Request, RequestError};
+pub use policy::{Policy, PolicyError, PolicyKind};
+pub use state::State;
+pub use tagging::{TagError, TagOp, TagRequest};
+pub use world::{WorldError, WorldSpec};
