@@ -8,18 +8,22 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info, warn};
 
+use tagward::audit::AuditLog;
 use tagward::grpc::client::GrpcBackend;
 use tagward::grpc::proto::authorizer_client::AuthorizerClient;
 use tagward::grpc::proto::{self, Decision, Reason};
 use tagward::grpc::server::{self, stop_signal, Config};
-use tagward::scenario::{self, Backend, InProcess};
-use tagward::audit::AuditLog;
 use tagward::observe::{DecisionLog, LogMode};
+use tagward::scenario::{self, Backend, InProcess};
 use tagward::store::{Durability, Opened, Store};
 use tagward::world::WorldSpec;
 
 #[derive(Parser)]
-#[command(name = "tagward", version, about = "An authorization sidecar that decides like AWS IAM and KMS with tag-based access control")]
+#[command(
+    name = "tagward",
+    version,
+    about = "An authorization sidecar that decides like AWS IAM and KMS with tag-based access control"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -419,7 +423,9 @@ fn report_opened(dir: &Path, opened: &Opened, had_world: bool) {
             "cut a torn tail off the log (a write interrupted by a crash; it was never acknowledged)");
     }
     match (opened.restored, opened.seeded, opened.replaced) {
-        (Some(rev), _, true) => info!(dir = %dir.display(), restored = rev, "replaced the restored state with the world file (--force-world)"),
+        (Some(rev), _, true) => {
+            info!(dir = %dir.display(), restored = rev, "replaced the restored state with the world file (--force-world)")
+        }
         (Some(rev), _, false) => {
             info!(dir = %dir.display(), revision = rev, replayed = opened.replayed, "restored the acknowledged state");
             if had_world {
@@ -560,9 +566,7 @@ fn key_value<'a>(flag: &str, text: &'a str) -> Result<(&'a str, &'a str), String
 /// The Authorize request `tagward authorize` sends.
 fn ask_request(args: &AskArgs) -> Result<proto::AuthorizeRequest, String> {
     let tags = |flag: &str, list: &[String]| -> Result<Vec<proto::Tag>, String> {
-        list.iter()
-            .map(|t| key_value(flag, t).map(|(k, v)| proto::Tag { key: k.to_string(), value: v.to_string() }))
-            .collect()
+        list.iter().map(|t| key_value(flag, t).map(|(k, v)| proto::Tag { key: k.to_string(), value: v.to_string() })).collect()
     };
     let mut context: std::collections::HashMap<String, proto::ContextValue> = std::collections::HashMap::new();
     for entry in &args.context {
@@ -625,9 +629,8 @@ fn ask(args: AskArgs) -> ExitCode {
     };
     let allowed = r.decision == Decision::Allow as i32;
     let reason = Reason::try_from(r.reason).map(|x| x.as_str_name()).unwrap_or("REASON_UNSPECIFIED");
-    let statement = |s: &proto::StatementRef| {
-        serde_json::json!({"policy": s.policy, "index": s.index, "sid": s.sid, "effect": s.effect})
-    };
+    let statement =
+        |s: &proto::StatementRef| serde_json::json!({"policy": s.policy, "index": s.index, "sid": s.sid, "effect": s.effect});
     if args.json {
         let out = serde_json::json!({
             "decision": if allowed { "Allow" } else { "Deny" },
@@ -661,4 +664,3 @@ fn ask(args: AskArgs) -> ExitCode {
         ExitCode::from(1)
     }
 }
-

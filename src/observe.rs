@@ -38,9 +38,8 @@ pub const RPC_NAMES: &[&str] = &[
 ];
 
 /// Buckets for RPC latency, from 25 µs to 2.5 s.
-pub const RPC_BUCKETS: &[f64] = &[
-    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5,
-];
+pub const RPC_BUCKETS: &[f64] =
+    &[0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5];
 
 /// Counts a decision by result and reason.
 pub fn decision(d: &Decision) {

@@ -245,9 +245,9 @@ impl Backend for InProcess {
                 ticket.wait().map_err(|e| TagError::Unavailable(e.to_string()))?;
                 Ok(done)
             }) {
-                Ok(done) => Observed::Ok {
-                    tags: Some(done.outcome.tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
-                },
+                Ok(done) => {
+                    Observed::Ok { tags: Some(done.outcome.tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()) }
+                }
                 Err(e) => tag_error(&e),
             },
             Operation::PutPolicy { name, document } => {
@@ -353,7 +353,10 @@ impl Step {
         let outcome_fields = [e.ok.is_some(), e.tags.is_some(), e.error.is_some()].iter().filter(|x| **x).count();
         if let Some(name) = &e.error {
             if !ERROR_NAMES.contains(&name.as_str()) {
-                return Err((format!("{expect_path}.error"), format!("unknown error name {name:?}; expected one of {}", ERROR_NAMES.join(", "))));
+                return Err((
+                    format!("{expect_path}.error"),
+                    format!("unknown error name {name:?}; expected one of {}", ERROR_NAMES.join(", ")),
+                ));
             }
         }
         if e.ok == Some(false) {
@@ -396,7 +399,12 @@ impl Step {
             if outcome_fields != 1 {
                 return Err((expect_path, "expect one of ok, tags or error".into()));
             }
-            let tag = |principal: &String, resource: &String, op: TagOp, st: &BTreeMap<String, String>, ctx: &BTreeMap<String, Value>, at: String| {
+            let tag = |principal: &String,
+                       resource: &String,
+                       op: TagOp,
+                       st: &BTreeMap<String, String>,
+                       ctx: &BTreeMap<String, Value>,
+                       at: String| {
                 Ok::<_, (String, String)>(Operation::Tag(TagRequest {
                     principal: principal.clone(),
                     resource: resource.clone(),
@@ -406,9 +414,23 @@ impl Step {
                 }))
             };
             if let Some(t) = &self.tag_resource {
-                tag(&t.principal, &t.resource, TagOp::Tag(pairs(&t.tags)), &t.principal_tags, &t.context, format!("{path}.tag_resource"))?
+                tag(
+                    &t.principal,
+                    &t.resource,
+                    TagOp::Tag(pairs(&t.tags)),
+                    &t.principal_tags,
+                    &t.context,
+                    format!("{path}.tag_resource"),
+                )?
             } else if let Some(t) = &self.untag_resource {
-                tag(&t.principal, &t.resource, TagOp::Untag(t.tag_keys.clone()), &t.principal_tags, &t.context, format!("{path}.untag_resource"))?
+                tag(
+                    &t.principal,
+                    &t.resource,
+                    TagOp::Untag(t.tag_keys.clone()),
+                    &t.principal_tags,
+                    &t.context,
+                    format!("{path}.untag_resource"),
+                )?
             } else if let Some(t) = &self.list_resource_tags {
                 tag(&t.principal, &t.resource, TagOp::List, &t.principal_tags, &t.context, format!("{path}.list_resource_tags"))?
             } else if let Some(p) = &self.put_policy {
@@ -452,8 +474,11 @@ pub fn parse(file: &str, text: &str, yaml: bool) -> Result<Scenario, LoadError> 
 /// Reads and parses one scenario file.
 pub fn load(path: &Path) -> Result<Scenario, LoadError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| LoadError { file: file.clone(), path: String::new(), message: format!("cannot read: {e}") })?;
+    let text = std::fs::read_to_string(path).map_err(|e| LoadError {
+        file: file.clone(),
+        path: String::new(),
+        message: format!("cannot read: {e}"),
+    })?;
     let yaml = matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
     parse(&file, &text, yaml)
 }
@@ -615,8 +640,10 @@ mod tests {
     #[test]
     fn an_authorize_step_may_expect_only_a_validation_error() {
         let step = |expect: &str| {
-            format!(r#"{{"steps": [{{"authorize": {{"principal": "arn:aws:iam::111122223333:role/R", "action": "kms:Decrypt", "resource": "*",
-                "principal_tags": {{"a": "b"}}}}, "expect": {expect}}}]}}"#)
+            format!(
+                r#"{{"steps": [{{"authorize": {{"principal": "arn:aws:iam::111122223333:role/R", "action": "kms:Decrypt", "resource": "*",
+                "principal_tags": {{"a": "b"}}}}, "expect": {expect}}}]}}"#
+            )
         };
         let s = parse("f.json", &step(r#"{"error": "ValidationException"}"#), false).unwrap();
         let report = run(&s, &mut InProcess::default());

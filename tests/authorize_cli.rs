@@ -62,17 +62,23 @@ async fn authorize_flags_exit_codes_and_json() {
     assert_eq!(run(tagging("Project")).await.unwrap().0, 0);
     assert_eq!(run(tagging("Owner")).await.unwrap().0, 1);
     // --request-tag derives aws:TagKeys from its keys.
-    let (code, ..) = run(vec![
-        "--principal", KEY_ADMIN, "--action", "kms:TagResource", "--resource", KEY_ALPHA, "--request-tag", "Owner=ops",
-    ])
-    .await
-    .unwrap();
+    let (code, ..) =
+        run(vec!["--principal", KEY_ADMIN, "--action", "kms:TagResource", "--resource", KEY_ALPHA, "--request-tag", "Owner=ops"])
+            .await
+            .unwrap();
     assert_eq!(code, 1);
 
     // --context reaches the sidecar: a key Tagward fills in itself is refused
     // there, naming the field, and the command exits 2.
     let (code, out, err) = run(vec![
-        "--principal", ALPHA_APP, "--action", "kms:Decrypt", "--resource", KEY_ALPHA, "--context", "aws:ResourceTag/Project=Alpha",
+        "--principal",
+        ALPHA_APP,
+        "--action",
+        "kms:Decrypt",
+        "--resource",
+        KEY_ALPHA,
+        "--context",
+        "aws:ResourceTag/Project=Alpha",
     ])
     .await
     .unwrap();
@@ -81,16 +87,17 @@ async fn authorize_flags_exit_codes_and_json() {
     assert!(err.contains("context[\"aws:ResourceTag/Project\"]"), "{err}");
     // A malformed flag is refused before anything is sent.
     let (code, _, err) =
-        run(vec!["--principal", ALPHA_APP, "--action", "kms:Decrypt", "--resource", KEY_ALPHA, "--context", "novalue"]).await.unwrap();
+        run(vec!["--principal", ALPHA_APP, "--action", "kms:Decrypt", "--resource", KEY_ALPHA, "--context", "novalue"])
+            .await
+            .unwrap();
     assert_eq!(code, 2);
     assert!(err.contains("--context \"novalue\": expected KEY=VALUE"), "{err}");
 
     // --min-revision beyond the sidecar's revision: DEADLINE_EXCEEDED, exit 2.
-    let (code, _, err) = run(vec![
-        "--principal", ALPHA_APP, "--action", "kms:Decrypt", "--resource", KEY_ALPHA, "--min-revision", "999999",
-    ])
-    .await
-    .unwrap();
+    let (code, _, err) =
+        run(vec!["--principal", ALPHA_APP, "--action", "kms:Decrypt", "--resource", KEY_ALPHA, "--min-revision", "999999"])
+            .await
+            .unwrap();
     assert_eq!(code, 2);
     assert!(err.contains("DeadlineExceeded"), "{err}");
 

@@ -30,9 +30,14 @@ const WORLD: &str = r#"
 
 #[test]
 fn passing_file_exits_zero_with_the_closing_line() {
-    let file = scratch("pass.json", &format!(r#"{{{WORLD}, "steps": [
+    let file = scratch(
+        "pass.json",
+        &format!(
+            r#"{{{WORLD}, "steps": [
       {{"authorize": {{"principal": "arn:aws:iam::111122223333:role/Dev", "action": "kms:Decrypt",
-        "resource": "arn:aws:kms:us-east-1:111122223333:key/k1"}}, "expect": {{"decision": "Allow", "matched": ["UseAlphaKeys", "Enable IAM User Permissions"]}}}}]}}"#));
+        "resource": "arn:aws:kms:us-east-1:111122223333:key/k1"}}, "expect": {{"decision": "Allow", "matched": ["UseAlphaKeys", "Enable IAM User Permissions"]}}}}]}}"#
+        ),
+    );
     let (code, out, err) = tagward(&[&file]);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(out.trim(), "1 passed, 0 failed");
@@ -40,7 +45,9 @@ fn passing_file_exits_zero_with_the_closing_line() {
 
 #[test]
 fn failing_step_names_file_step_expected_and_got() {
-    let file = scratch("fail.yaml", r#"
+    let file = scratch(
+        "fail.yaml",
+        r#"
 policies:
   Alpha:
     Version: "2012-10-17"
@@ -60,23 +67,35 @@ steps:
     expect: {decision: Deny}
   - authorize: {principal: "arn:aws:iam::111122223333:role/Dev", action: "kms:Encrypt", resource: "arn:aws:kms:us-east-1:111122223333:key/k1"}
     expect: {decision: Deny, reason: ImplicitDeny}
-"#);
+"#,
+    );
     let (code, out, _) = tagward(&[&file]);
     assert_eq!(code, 1, "{out}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 2, "{out}");
-    assert!(lines[0].contains("fail.yaml: steps[0] \"should be denied\": expected Deny, got Allow (Allowed) decided by Alpha[0] \"UseAlphaKeys\""), "{out}");
+    assert!(
+        lines[0].contains(
+            "fail.yaml: steps[0] \"should be denied\": expected Deny, got Allow (Allowed) decided by Alpha[0] \"UseAlphaKeys\""
+        ),
+        "{out}"
+    );
     assert_eq!(lines[1], "1 passed, 1 failed");
 }
 
 #[test]
 fn broken_policy_is_a_load_error_that_says_what_to_fix() {
-    let file = scratch("broken.json", r#"{"policies": {"Alpha": {"Version": "2012-10-17", "Statement": [
+    let file = scratch(
+        "broken.json",
+        r#"{"policies": {"Alpha": {"Version": "2012-10-17", "Statement": [
         {"Effect": "Allow", "Action": "kms:Decrypt", "Resource": "*"},
-        {"Effect": "Permit", "Action": "kms:Decrypt", "Resource": "*"}]}}, "steps": []}"#);
+        {"Effect": "Permit", "Action": "kms:Decrypt", "Resource": "*"}]}}, "steps": []}"#,
+    );
     let (code, out, err) = tagward(&[&file]);
     assert_eq!(code, 2, "{out}{err}");
-    assert!(err.contains(r#"broken.json: policies.Alpha.Statement[1].Effect: expected "Allow" or "Deny", found "Permit""#), "{err}");
+    assert!(
+        err.contains(r#"broken.json: policies.Alpha.Statement[1].Effect: expected "Allow" or "Deny", found "Permit""#),
+        "{err}"
+    );
     assert_eq!(out.trim(), "0 passed, 0 failed");
 }
 

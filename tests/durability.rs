@@ -44,7 +44,6 @@ fn example_world() -> String {
 
 // ------------------------------------------------------------------ scratch
 
-
 fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
@@ -225,10 +224,11 @@ fn assert_no_panic(stderr: &str) {
 async fn serve(dir: &Path, extra: &[&str]) -> Tagward {
     for attempt in 0.. {
         let (data, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
-        let mut args: Vec<String> = ["serve", "--data-dir", &s(dir), "--listen", &data, "--admin-listen", &admin, "--shutdown-grace-secs", "5"]
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
+        let mut args: Vec<String> =
+            ["serve", "--data-dir", &s(dir), "--listen", &data, "--admin-listen", &admin, "--shutdown-grace-secs", "5"]
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
         args.extend(extra.iter().map(|a| a.to_string()));
         let mut server = Tagward::spawn(&args, data, admin);
         match wait_serving(&mut server).await {
@@ -340,7 +340,9 @@ impl Exported {
         self.updates
             .iter()
             .find_map(|u| match &u.op {
-                Some(Op::PutResource(r)) if r.arn == arn => Some(r.tags.iter().map(|t| (t.key.clone(), t.value.clone())).collect()),
+                Some(Op::PutResource(r)) if r.arn == arn => {
+                    Some(r.tags.iter().map(|t| (t.key.clone(), t.value.clone())).collect())
+                }
                 _ => None,
             })
             .unwrap_or_else(|| panic!("no resource {arn} in the export"))
@@ -387,7 +389,10 @@ async fn apply_acked(admin: &mut AdminClient<Channel>, updates: Vec<proto::Updat
 }
 
 fn remove_tags(resource: &str, keys: &[&str]) -> proto::Update {
-    update(Op::RemoveTags(proto::RemoveTags { resource: resource.to_string(), tag_keys: keys.iter().map(|k| k.to_string()).collect() }))
+    update(Op::RemoveTags(proto::RemoveTags {
+        resource: resource.to_string(),
+        tag_keys: keys.iter().map(|k| k.to_string()).collect(),
+    }))
 }
 
 fn tag_request(principal: &str, resource: &str, t: &[(&str, &str)]) -> proto::TagResourceRequest {

@@ -224,7 +224,8 @@ async fn batch_authorize_answers_in_item_order_and_checks_items() {
         ("kms:ScheduleKeyDeletion", KEY_ALPHA, ImplicitDeny),
         ("kms:GenerateDataKeyWithoutPlaintext", KEY_ALPHA, Allowed),
     ];
-    let batch_of = |items: Vec<proto::BatchItem>| proto::BatchAuthorizeRequest { principal: ALPHA_APP.into(), items, ..Default::default() };
+    let batch_of =
+        |items: Vec<proto::BatchItem>| proto::BatchAuthorizeRequest { principal: ALPHA_APP.into(), items, ..Default::default() };
     let r = authz.batch_authorize(batch_of(cases.iter().map(|(a, res, _)| item(a, res)).collect())).await.unwrap().into_inner();
     assert_eq!(r.results.len(), cases.len());
     for (i, ((action, resource, reason), got)) in cases.iter().zip(&r.results).enumerate() {
@@ -354,7 +355,10 @@ async fn admin_apply_acks_each_update_in_order() {
     // Several updates at once: one ack each, in order, growing revisions.
     let good = [
         set_tags(KEY_ALPHA, &[("Step", "1")]),
-        put_policy("Extra", r#"{"Version": "2012-10-17", "Statement": {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}}"#),
+        put_policy(
+            "Extra",
+            r#"{"Version": "2012-10-17", "Statement": {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}}"#,
+        ),
         set_tags(KEY_BETA, &[("Step", "3")]),
         update(Op::DeletePolicy(proto::DeletePolicy { name: "Extra".into() })),
     ];
@@ -505,13 +509,21 @@ async fn tagging_is_authorized_checked_and_visible_at_once() {
     assert_eq!(tags_of(&u.tags), pairs(&[("Type", "General")]));
     assert!(!allowed(&authz.authorize(authorize_req(ALPHA_APP, "kms:Decrypt", KEY_BETA)).await.unwrap().into_inner()));
     let l = tagging
-        .list_resource_tags(proto::ListResourceTagsRequest { principal: KEY_ADMIN.into(), resource: KEY_BETA.into(), ..Default::default() })
+        .list_resource_tags(proto::ListResourceTagsRequest {
+            principal: KEY_ADMIN.into(),
+            resource: KEY_BETA.into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!((tags_of(&l.tags), l.revision), (pairs(&[("Type", "General")]), u.revision));
     let err = tagging
-        .list_resource_tags(proto::ListResourceTagsRequest { principal: ALPHA_APP.into(), resource: KEY_BETA.into(), ..Default::default() })
+        .list_resource_tags(proto::ListResourceTagsRequest {
+            principal: ALPHA_APP.into(),
+            resource: KEY_BETA.into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
@@ -521,7 +533,8 @@ async fn tagging_is_authorized_checked_and_visible_at_once() {
 async fn get_resources_filters_and_paginates() {
     let running = start(config()).await;
     let mut tagging = clients(&running).await.tagging;
-    let filter = |key: &str, values: &[&str]| proto::TagFilter { key: key.into(), values: values.iter().map(|v| v.to_string()).collect() };
+    let filter =
+        |key: &str, values: &[&str]| proto::TagFilter { key: key.into(), values: values.iter().map(|v| v.to_string()).collect() };
     let req = |filters: Vec<proto::TagFilter>, page_size: u32, page_token: String| proto::GetResourcesRequest {
         principal: KEY_ADMIN.into(),
         tag_filters: filters,
@@ -703,7 +716,10 @@ async fn watch_sends_the_backlog_then_live_changes() {
     let r2 = apply_ok(&mut admin, set_tags(KEY_BETA, &[("Owner", "ops")])).await;
     let r3 = apply_ok(
         &mut admin,
-        put_policy("Extra", r#"{"Version": "2012-10-17", "Statement": {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}}"#),
+        put_policy(
+            "Extra",
+            r#"{"Version": "2012-10-17", "Statement": {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}}"#,
+        ),
     )
     .await;
     assert_eq!((t.revision, r2, r3), (r0 + 1, r0 + 2, r0 + 3));
@@ -825,7 +841,10 @@ async fn export_applied_to_a_fresh_server_exports_the_same() {
         .unwrap();
     apply_ok(
         &mut admin,
-        put_policy("Extra", r#"{"Version": "2012-10-17", "Statement": {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}}"#),
+        put_policy(
+            "Extra",
+            r#"{"Version": "2012-10-17", "Statement": {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}}"#,
+        ),
     )
     .await;
     let rev = current_revision(&mut authz).await;
@@ -955,8 +974,10 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
         .await
         .unwrap_err();
     assert_invalid(&err, "principal");
-    let err =
-        tagging.list_resource_tags(proto::ListResourceTagsRequest { principal: KEY_ADMIN.into(), ..Default::default() }).await.unwrap_err();
+    let err = tagging
+        .list_resource_tags(proto::ListResourceTagsRequest { principal: KEY_ADMIN.into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_invalid(&err, "resource");
     let err = tagging
         .untag_resource(proto::UntagResourceRequest {
@@ -1032,7 +1053,8 @@ async fn reflect(
     use tonic_reflection::pb::v1::{server_reflection_client::ServerReflectionClient, ServerReflectionRequest};
     let mut client = ServerReflectionClient::new(channel);
     let req = ServerReflectionRequest { host: String::new(), message_request: Some(request) };
-    let mut answers = client.server_reflection_info(tokio_stream::iter(vec![req])).await.expect("reflection answers").into_inner();
+    let mut answers =
+        client.server_reflection_info(tokio_stream::iter(vec![req])).await.expect("reflection answers").into_inner();
     let answer = answers.message().await.expect("a reflection response").expect("one response");
     answer.message_response.expect("a response body")
 }

@@ -37,8 +37,7 @@ const CALL_LIMIT: Duration = Duration::from_secs(5);
 /// A policy that parses as JSON but is no policy ("Permit" is no effect).
 const MALFORMED_POLICY: &str =
     r#"{"Version": "2012-10-17", "Statement": [{"Effect": "Permit", "Action": "kms:Decrypt", "Resource": "*"}]}"#;
-const VALID_POLICY: &str =
-    r#"{"Version": "2012-10-17", "Statement": [{"Sid": "ReadTags", "Effect": "Allow", "Action": "kms:ListResourceTags", "Resource": "*"}]}"#;
+const VALID_POLICY: &str = r#"{"Version": "2012-10-17", "Statement": [{"Sid": "ReadTags", "Effect": "Allow", "Action": "kms:ListResourceTags", "Resource": "*"}]}"#;
 
 fn manifest_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -53,7 +52,6 @@ fn s(p: &Path) -> String {
 }
 
 // ------------------------------------------------------------------ scratch
-
 
 /// Every file below `dir`, recursively.
 fn files_below(dir: &Path) -> Vec<PathBuf> {
@@ -160,8 +158,10 @@ async fn serve_with_env(cwd: &Path, extra: &[&str], metrics: bool, env: &[(&str,
         let data = format!("127.0.0.1:{}", free_port());
         let admin = format!("127.0.0.1:{}", free_port());
         let metrics_addr = metrics.then(|| format!("127.0.0.1:{}", free_port()));
-        let mut args: Vec<String> =
-            ["serve", "--listen", &data, "--admin-listen", &admin, "--shutdown-grace-secs", "3"].iter().map(|a| a.to_string()).collect();
+        let mut args: Vec<String> = ["serve", "--listen", &data, "--admin-listen", &admin, "--shutdown-grace-secs", "3"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
         if let Some(m) = &metrics_addr {
             args.extend(["--metrics-listen".to_string(), m.clone()]);
         }
@@ -438,7 +438,12 @@ fn untag_req(principal: &str, resource: &str, keys: &[&str]) -> proto::UntagReso
     }
 }
 
-async fn authorize(authz: &mut AuthorizerClient<Channel>, principal: &str, action: &str, resource: &str) -> proto::AuthorizeResponse {
+async fn authorize(
+    authz: &mut AuthorizerClient<Channel>,
+    principal: &str,
+    action: &str,
+    resource: &str,
+) -> proto::AuthorizeResponse {
     within("Authorize", authz.authorize(authorize_req(principal, action, resource))).await.expect("Authorize").into_inner()
 }
 
@@ -470,7 +475,13 @@ struct TagExpect {
     needs_allow: bool,
 }
 
-fn tag_expect(resource: &str, action: &str, before: Vec<(String, String)>, after: Vec<(String, String)>, needs_allow: bool) -> Option<TagExpect> {
+fn tag_expect(
+    resource: &str,
+    action: &str,
+    before: Vec<(String, String)>,
+    after: Vec<(String, String)>,
+    needs_allow: bool,
+) -> Option<TagExpect> {
     Some(TagExpect { resource: resource.into(), action: action.into(), before, after, needs_allow })
 }
 
@@ -544,7 +555,8 @@ async fn audit_and_watch_record_every_change() {
     assert_eq!(r.revision, rev0 + 1);
     assert_eq!(lines.len(), audited + 1, "the audit record is on disk when TagResource is answered");
     audited += 1;
-    let (before, after) = (pairs(&[("Project", "Alpha"), ("Type", "General")]), pairs(&[("Project", "Gamma"), ("Type", "General")]));
+    let (before, after) =
+        (pairs(&[("Project", "Alpha"), ("Type", "General")]), pairs(&[("Project", "Gamma"), ("Type", "General")]));
     assert_eq!(tags_of(&r.tags), after);
     let rec = lines.last().unwrap();
     let allowed_by = check_tag_record(rec, "TagResource", KEY_ADMIN, KEY_A, "kms:TagResource", r.revision, &before, &after);
@@ -599,11 +611,19 @@ async fn audit_and_watch_record_every_change() {
     assert_eq!(rev, rev0 + 3);
     assert_eq!(lines.len(), audited + 1, "the audit record is on disk when set_tags is acknowledged");
     audited += 1;
-    let (before, after) = (pairs(&[("Project", "Beta"), ("Type", "General")]), pairs(&[("Owner", "ops"), ("Project", "Beta"), ("Type", "General")]));
+    let (before, after) = (
+        pairs(&[("Project", "Beta"), ("Type", "General")]),
+        pairs(&[("Owner", "ops"), ("Project", "Beta"), ("Type", "General")]),
+    );
     let rec = lines.last().unwrap();
     let allowed_by = check_tag_record(rec, "TagResource", "admin", KEY_B, "admin", rev, &before, &after);
     assert!(allowed_by.is_empty(), "the administrator needs no Allow: {rec:#}");
-    expected.push(Expected { revision: rev, actor: "admin".into(), tags: tag_expect(KEY_B, "admin", before, after, false), entity: None });
+    expected.push(Expected {
+        revision: rev,
+        actor: "admin".into(),
+        tags: tag_expect(KEY_B, "admin", before, after, false),
+        entity: None,
+    });
 
     // 5. The administrator puts a policy.
     let acks = apply(&mut admin, vec![put_policy("Observed", VALID_POLICY)]).await;
@@ -621,7 +641,12 @@ async fn audit_and_watch_record_every_change() {
     assert_eq!(rec["requestParameters"]["name"], "Observed", "{rec:#}");
     assert_eq!(rec["additionalEventData"]["revision"].as_u64(), Some(rev), "{rec:#}");
     assert_eq!(rec["eventID"], format!("rev-{rev:020}"), "{rec:#}");
-    expected.push(Expected { revision: rev, actor: "admin".into(), tags: None, entity: Some(("policy".into(), "Observed".into(), "put".into())) });
+    expected.push(Expected {
+        revision: rev,
+        actor: "admin".into(),
+        tags: None,
+        entity: Some(("policy".into(), "Observed".into(), "put".into())),
+    });
 
     // The whole trail: one record per acknowledged change, in revision order.
     let all = json_lines(&audit);
@@ -699,7 +724,12 @@ async fn metrics_move_with_traffic() {
     // One BatchAuthorize of 4: 2 allowed, 2 implicitly denied.
     let batch = proto::BatchAuthorizeRequest {
         principal: ALPHA_APP.to_string(),
-        items: vec![item("kms:Decrypt", KEY_A), item("kms:Encrypt", KEY_A), item("kms:Decrypt", KEY_B), item("kms:Encrypt", KEY_B)],
+        items: vec![
+            item("kms:Decrypt", KEY_A),
+            item("kms:Encrypt", KEY_A),
+            item("kms:Decrypt", KEY_B),
+            item("kms:Encrypt", KEY_B),
+        ],
         ..Default::default()
     };
     let b = within("BatchAuthorize", authz.batch_authorize(batch)).await.expect("BatchAuthorize").into_inner();
@@ -738,7 +768,11 @@ async fn metrics_move_with_traffic() {
     by_le.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
     assert!(by_le.windows(2).all(|w| w[0].1 <= w[1].1), "buckets are cumulative: {by_le:?}");
     assert_eq!(by_le.last().unwrap().0, f64::INFINITY, "{by_le:?}");
-    assert_eq!(by_le.last().unwrap().1, after.counter("tagward_rpc_duration_seconds_count", &[("rpc", "Authorize")]), "{by_le:?}");
+    assert_eq!(
+        by_le.last().unwrap().1,
+        after.counter("tagward_rpc_duration_seconds_count", &[("rpc", "Authorize")]),
+        "{by_le:?}"
+    );
     assert!(after.text.contains("# TYPE tagward_rpc_duration_seconds histogram"), "{}", after.text);
 
     assert_eq!(
@@ -782,7 +816,17 @@ async fn every_documented_series_exists_from_the_start() {
     zero("tagward_decisions_total", &[("result", "allow"), ("reason", "Allowed")]);
     zero("tagward_decisions_total", &[("result", "deny"), ("reason", "ExplicitDeny")]);
     zero("tagward_decisions_total", &[("result", "deny"), ("reason", "ImplicitDeny")]);
-    for rpc in ["Authorize", "BatchAuthorize", "TagResource", "UntagResource", "ListResourceTags", "GetResources", "Apply", "Export", "Watch"] {
+    for rpc in [
+        "Authorize",
+        "BatchAuthorize",
+        "TagResource",
+        "UntagResource",
+        "ListResourceTags",
+        "GetResources",
+        "Apply",
+        "Export",
+        "Watch",
+    ] {
         zero("tagward_rpc_total", &[("rpc", rpc), ("code", "OK")]);
         zero("tagward_rpc_duration_seconds_count", &[("rpc", rpc)]);
     }
@@ -824,7 +868,8 @@ async fn every_documented_series_exists_from_the_start() {
 async fn debug_logs_name_each_rpc_its_action_and_decision() {
     let scratch = Scratch::new("debug-log");
     let world = example_world();
-    let mut server = serve_with_env(scratch.path(), &["--ephemeral", "--world", &world], false, &[("TAGWARD_LOG", "tagward=debug")]).await;
+    let mut server =
+        serve_with_env(scratch.path(), &["--ephemeral", "--world", &world], false, &[("TAGWARD_LOG", "tagward=debug")]).await;
     let mut authz = server.authz().await;
     assert!(allowed(&authorize(&mut authz, ALPHA_APP, "kms:Decrypt", KEY_A).await));
     let r = authorize(&mut authz, BETA_APP, "kms:Encrypt", KEY_A).await;
@@ -869,8 +914,12 @@ async fn decision_log_modes_and_drops() {
 
     // (a) Denies only.
     let log = scratch.join("denies.jsonl");
-    let mut server =
-        serve(scratch.path(), &["--ephemeral", "--world", &world, "--decision-log", &s(&log), "--decision-log-mode", "deny"], false).await;
+    let mut server = serve(
+        scratch.path(),
+        &["--ephemeral", "--world", &world, "--decision-log", &s(&log), "--decision-log-mode", "deny"],
+        false,
+    )
+    .await;
     let mut authz = server.authz().await;
     for _ in 0..3 {
         assert!(allowed(&authorize(&mut authz, ALPHA_APP, "kms:Decrypt", KEY_A).await));
@@ -903,7 +952,17 @@ async fn decision_log_modes_and_drops() {
     let log = scratch.join("all.jsonl");
     let server = serve(
         scratch.path(),
-        &["--ephemeral", "--world", &world, "--decision-log", &s(&log), "--decision-log-mode", "all", "--decision-log-queue", "1"],
+        &[
+            "--ephemeral",
+            "--world",
+            &world,
+            "--decision-log",
+            &s(&log),
+            "--decision-log-mode",
+            "all",
+            "--decision-log-queue",
+            "1",
+        ],
         true,
     )
     .await;

@@ -78,8 +78,9 @@ async fn wait_serving(addr: &str, server: &mut Tagward) {
         if let Some(status) = server.child.try_wait().unwrap() {
             panic!("tagward serve exited early with {status}: {}", server.stderr());
         }
-        let endpoint =
-            tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_timeout(Duration::from_millis(500));
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_timeout(Duration::from_millis(500));
         if let Ok(ch) = endpoint.connect().await {
             if let Ok(SERVING) = health_check(&mut HealthClient::new(ch), "").await {
                 return;
@@ -185,7 +186,10 @@ async fn serve_runs_the_scenarios_and_stops_cleanly_on_sigterm() {
     let stopped_with = timeout(Duration::from_secs(5), looping).await.expect("the Authorize loop ends").unwrap();
     let status = stopped_with.unwrap_or_else(|e| panic!("{e}"));
     assert!(answered.load(Ordering::Relaxed) >= 20, "{status:?}");
-    eprintln!("stopped {took:?} after SIGTERM; watch ended with {ended:?}; {} answers, then {status:?}", answered.load(Ordering::Relaxed));
+    eprintln!(
+        "stopped {took:?} after SIGTERM; watch ended with {ended:?}; {} answers, then {status:?}",
+        answered.load(Ordering::Relaxed)
+    );
     assert!(took < Duration::from_secs(15), "{took:?}");
 }
 
@@ -193,8 +197,16 @@ async fn serve_runs_the_scenarios_and_stops_cleanly_on_sigterm() {
 async fn admin_beyond_loopback_without_a_token_exits_2() {
     let data = format!("127.0.0.1:{}", free_port());
     let admin = format!("0.0.0.0:{}", free_port());
-    let mut server =
-        Tagward::spawn(&["serve", "--ephemeral", "--listen", &data, "--admin-listen", &admin, "--world", "deploy/world/example.json"]);
+    let mut server = Tagward::spawn(&[
+        "serve",
+        "--ephemeral",
+        "--listen",
+        &data,
+        "--admin-listen",
+        &admin,
+        "--world",
+        "deploy/world/example.json",
+    ]);
     let status = tokio::task::block_in_place(|| server.wait_for_exit(Duration::from_secs(10)))
         .unwrap_or_else(|| panic!("tagward serve started with an admin listener on {admin} and no token"));
     let stderr = server.stderr();

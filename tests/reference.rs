@@ -321,8 +321,7 @@ fn build(w: &World) -> (Value, State) {
 }
 
 fn request(r: &Req) -> Request {
-    let request_tags: Vec<(String, String)> =
-        r.project_tag.map(|v| ("Project".to_string(), v.to_string())).into_iter().collect();
+    let request_tags: Vec<(String, String)> = r.project_tag.map(|v| ("Project".to_string(), v.to_string())).into_iter().collect();
     Request {
         principal: r.principal.into(),
         action: r.action.into(),
@@ -452,9 +451,8 @@ impl Ctx<'_> {
         let one = |v: Option<&str>| v.map_or(Vals::Missing, |v| Vals::One(v.to_string()));
         if let Some(k) = strip_prefix_ignore_case(key, "aws:ResourceTag/") {
             // Not in key policies, not without an existing resource.
-            let available = place != Where::KeyPolicy
-                && self.req.resource != "*"
-                && !self.req.action.eq_ignore_ascii_case("kms:CreateKey");
+            let available =
+                place != Where::KeyPolicy && self.req.resource != "*" && !self.req.action.eq_ignore_ascii_case("kms:CreateKey");
             let Some(r) = self.resource.filter(|_| available) else {
                 return Vals::Missing;
             };
@@ -733,11 +731,7 @@ fn cond() -> impl Strategy<Value = Cond> {
         (Just("StringLike"), select(PROJECT_KEYS), values(LIKE)).prop_map(make),
         (Just("Null"), select(&["aws:ResourceTag/Type", "aws:resourcetag/type"][..]), select(&["true", "false"][..]))
             .prop_map(|(op, key, v)| Cond { op, key, values: vec![v] }),
-        (
-            Just("StringEquals"),
-            select(&["aws:PrincipalTag/team", "aws:principaltag/Team"][..]),
-            values(&["alpha", "beta"])
-        )
+        (Just("StringEquals"), select(&["aws:PrincipalTag/team", "aws:principaltag/Team"][..]), values(&["alpha", "beta"]))
             .prop_map(make),
         (
             select(&["ForAllValues:StringEquals", "ForAnyValue:StringEquals", "StringEquals", "StringNotEquals"][..]),
@@ -770,21 +764,18 @@ fn stmt(with_principal: bool) -> impl Strategy<Value = Stmt> {
         subsequence(ACTION_PATTERNS, 1..=2),
         proptest::bool::weighted(0.15),
         subsequence(RESOURCE_PATTERNS, 1..=2),
-        prop_oneof![3 => Just(0..=0), 2 => Just(1..=1), 1 => Just(2..=2)]
-            .prop_flat_map(|n| prop::collection::vec(cond(), n)),
+        prop_oneof![3 => Just(0..=0), 2 => Just(1..=1), 1 => Just(2..=2)].prop_flat_map(|n| prop::collection::vec(cond(), n)),
     )
-        .prop_map(
-            move |(effect, p, not_principal, not_action, actions, not_resource, resources, mut conditions)| {
-                let mut seen = Vec::new();
-                conditions.retain(|c| {
-                    let fresh = !seen.contains(&(c.op, c.key));
-                    seen.push((c.op, c.key));
-                    fresh
-                });
-                let principal = with_principal.then(|| (effect == Effect::Deny && not_principal, p));
-                Stmt { effect, principal, not_action, actions, not_resource, resources, conditions }
-            },
-        )
+        .prop_map(move |(effect, p, not_principal, not_action, actions, not_resource, resources, mut conditions)| {
+            let mut seen = Vec::new();
+            conditions.retain(|c| {
+                let fresh = !seen.contains(&(c.op, c.key));
+                seen.push((c.op, c.key));
+                fresh
+            });
+            let principal = with_principal.then(|| (effect == Effect::Deny && not_principal, p));
+            Stmt { effect, principal, not_action, actions, not_resource, resources, conditions }
+        })
 }
 
 fn policy(with_principal: bool) -> impl Strategy<Value = Vec<Stmt>> {
@@ -1014,11 +1005,7 @@ fn condition_keys_and_missing_values() {
     principal_mut(&mut w, ALICE).policies = vec![vec![st(Effect::Allow, &["kms:*"], &["*"])]];
     resource_mut(&mut w, K1).policy = Some(vec![
         st(Effect::Allow, &["kms:*"], &["*"]).by(&[Who::RootA]),
-        st(Effect::Deny, &["kms:Decrypt"], &["*"]).by(&[Who::Anyone]).when(
-            "StringEquals",
-            "aws:ResourceTag/Project",
-            &["Alpha"],
-        ),
+        st(Effect::Deny, &["kms:Decrypt"], &["*"]).by(&[Who::Anyone]).when("StringEquals", "aws:ResourceTag/Project", &["Alpha"]),
     ]);
     check(&w, ask(ALICE, "kms:Decrypt", K1), Reason::Allowed);
 
@@ -1034,11 +1021,7 @@ fn condition_keys_and_missing_values() {
     // CreateKey: no aws:ResourceTag; StringNotEquals on the missing key holds.
     principal_mut(&mut w, ALICE).policies = vec![
         vec![st(Effect::Allow, &["kms:*"], &["*"])],
-        vec![st(Effect::Deny, &["kms:CreateKey"], &["*"]).when(
-            "StringNotEquals",
-            "aws:ResourceTag/Project",
-            &["Alpha"],
-        )],
+        vec![st(Effect::Deny, &["kms:CreateKey"], &["*"]).when("StringNotEquals", "aws:ResourceTag/Project", &["Alpha"])],
     ];
     check(&w, ask(ALICE, "kms:CreateKey", "*"), Reason::ExplicitDeny);
 
@@ -1048,18 +1031,12 @@ fn condition_keys_and_missing_values() {
     principal_mut(&mut w, ALICE).policies =
         vec![vec![st(Effect::Allow, &["kms:TagResource"], &["*"]).when("StringEquals", "aws:TagKeys", &["Project"])]];
     check(&w, tagging(true), Reason::ImplicitDeny);
-    principal_mut(&mut w, ALICE).policies = vec![vec![st(Effect::Allow, &["kms:TagResource"], &["*"]).when(
-        "ForAnyValue:StringEquals",
-        "aws:TagKeys",
-        &["Project"],
-    )]];
+    principal_mut(&mut w, ALICE).policies =
+        vec![vec![st(Effect::Allow, &["kms:TagResource"], &["*"]).when("ForAnyValue:StringEquals", "aws:TagKeys", &["Project"])]];
     check(&w, tagging(true), Reason::Allowed);
     check(&w, tagging(false), Reason::ImplicitDeny);
-    principal_mut(&mut w, ALICE).policies = vec![vec![st(Effect::Allow, &["kms:TagResource"], &["*"]).when(
-        "ForAllValues:StringEquals",
-        "aws:TagKeys",
-        &["Owner"],
-    )]];
+    principal_mut(&mut w, ALICE).policies =
+        vec![vec![st(Effect::Allow, &["kms:TagResource"], &["*"]).when("ForAllValues:StringEquals", "aws:TagKeys", &["Owner"])]];
     check(&w, tagging(false), Reason::Allowed);
     check(&w, tagging(true), Reason::ImplicitDeny);
 }

@@ -55,7 +55,8 @@ impl GrpcBackend {
         })?;
         let header = match token {
             Some(t) => Some(
-                MetadataValue::try_from(format!("Bearer {t}")).map_err(|_| "the admin token has characters a header cannot carry".to_string())?,
+                MetadataValue::try_from(format!("Bearer {t}"))
+                    .map_err(|_| "the admin token has characters a header cannot carry".to_string())?,
             ),
             None => None,
         };

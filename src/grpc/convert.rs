@@ -103,7 +103,9 @@ fn request(
     if !validate {
         return Ok(req);
     }
-    req.validate().map_err(|e| invalid(&format!("{}{}", if e.field == "action" || e.field == "resource" { prefix } else { "" }, e.field), e.reason))?;
+    req.validate().map_err(|e| {
+        invalid(&format!("{}{}", if e.field == "action" || e.field == "resource" { prefix } else { "" }, e.field), e.reason)
+    })?;
     Ok(req)
 }
 
@@ -283,9 +285,8 @@ pub fn update(u: &proto::Update, path: &str) -> Result<Update, UpdateError> {
         ),
         Op::ReplaceWorld(w) => {
             let value = json(&format!("{path}replace_world.world_json"), &w.world_json)?;
-            let world: WorldSpec = serde_path_to_error::deserialize(value).map_err(|e| {
-                bad(format!("{path}replace_world.world_json.{}: {}", e.path(), e.inner()))
-            })?;
+            let world: WorldSpec = serde_path_to_error::deserialize(value)
+                .map_err(|e| bad(format!("{path}replace_world.world_json.{}: {}", e.path(), e.inner())))?;
             Update::ReplaceWorld(world)
         }
     })
@@ -352,11 +353,9 @@ pub fn event(e: &Event) -> proto::WatchEvent {
                 after: to_tags(after.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
                 allowed_by: allowed_by.clone(),
             }),
-            EventKind::Entity { kind, name, change } => E::EntityChange(proto::EntityChange {
-                kind: kind.to_string(),
-                name: name.clone(),
-                change: change.to_string(),
-            }),
+            EventKind::Entity { kind, name, change } => {
+                E::EntityChange(proto::EntityChange { kind: kind.to_string(), name: name.clone(), change: change.to_string() })
+            }
         }),
     }
 }

@@ -57,7 +57,9 @@ impl Default for Config {
 
 #[derive(Debug, Error)]
 pub enum ServeError {
-    #[error("the admin listener {0} is not on loopback; set an admin token (--admin-token or TAGWARD_ADMIN_TOKEN) to listen there")]
+    #[error(
+        "the admin listener {0} is not on loopback; set an admin token (--admin-token or TAGWARD_ADMIN_TOKEN) to listen there"
+    )]
     AdminWithoutToken(SocketAddr),
     #[error("the admin token is empty")]
     EmptyToken,
@@ -82,9 +84,9 @@ fn check_token(expected: Option<Arc<str>>) -> impl Fn(Request<()>) -> Result<Req
     move |req: Request<()>| {
         let Some(expected) = &expected else { return Ok(req) };
         let given = req.metadata().get("authorization").and_then(|v: &MetadataValue<_>| v.to_str().ok());
-        let ok = given
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| t.len() == expected.len() && t.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0);
+        let ok = given.and_then(|v| v.strip_prefix("Bearer ")).is_some_and(|t| {
+            t.len() == expected.len() && t.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        });
         if ok {
             Ok(req)
         } else {
@@ -165,9 +167,8 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
     let admin_reflection = reflection(ADMIN_SERVICES)?;
 
     let max = config.max_message_bytes;
-    let authorizer = AuthorizerServer::new(AuthorizerService(shared.clone()))
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let authorizer =
+        AuthorizerServer::new(AuthorizerService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max);
     let tagging =
         TaggingServer::new(TaggingService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max);
     let admin = tonic::service::interceptor::InterceptedService::new(
@@ -252,4 +253,3 @@ pub async fn stop_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
-

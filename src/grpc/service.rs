@@ -121,7 +121,8 @@ impl Authorizer for AuthorizerService {
                 .iter()
                 .enumerate()
                 .map(|(i, req)| {
-                    let d = authorize(&state, req, r.explain).map_err(|e| invalid(&format!("items[{i}].{}", e.field), e.reason))?;
+                    let d =
+                        authorize(&state, req, r.explain).map_err(|e| invalid(&format!("items[{i}].{}", e.field), e.reason))?;
                     decided(&self.0, req, &d, revision, started);
                     Ok(convert::decision(d, revision))
                 })
@@ -138,7 +139,10 @@ fn tags_of(tags: &crate::tags::TagSet) -> Vec<proto::Tag> {
 
 #[tonic::async_trait]
 impl Tagging for TaggingService {
-    async fn tag_resource(&self, request: Request<proto::TagResourceRequest>) -> Result<Response<proto::TagResourceResponse>, Status> {
+    async fn tag_resource(
+        &self,
+        request: Request<proto::TagResourceRequest>,
+    ) -> Result<Response<proto::TagResourceResponse>, Status> {
         observed("TagResource", "TagResource", async {
             let req = convert::tag_resource(request.get_ref())?;
             let (done, ticket) = self.0.store.tag(&req).map_err(tag_status)?;
@@ -185,7 +189,10 @@ impl Tagging for TaggingService {
         .await
     }
 
-    async fn get_resources(&self, request: Request<proto::GetResourcesRequest>) -> Result<Response<proto::GetResourcesResponse>, Status> {
+    async fn get_resources(
+        &self,
+        request: Request<proto::GetResourcesRequest>,
+    ) -> Result<Response<proto::GetResourcesResponse>, Status> {
         observed("GetResources", "tag:GetResources", self.get_resources_inner(request.get_ref())).await
     }
 }
@@ -262,7 +269,8 @@ fn accept_one(store: &Store, req: &proto::ApplyRequest) -> Result<Ticket, Update
     };
     // Every message is a path inside the update, then the reason.
     result.map_err(|mut e| {
-        e.message = if e.message.starts_with("required") { format!("update: {}", e.message) } else { format!("update.{}", e.message) };
+        e.message =
+            if e.message.starts_with("required") { format!("update: {}", e.message) } else { format!("update.{}", e.message) };
         e
     })
 }
@@ -312,9 +320,9 @@ impl AdminService {
                         // Compiling a large world is CPU work: keep it off the
                         // async workers.
                         let id = req.id.clone();
-                        let result = tokio::task::spawn_blocking(move || accept_one(&store, &req))
-                            .await
-                            .unwrap_or_else(|e| Err(UpdateError { code: "InternalError", message: format!("the update task failed: {e}") }));
+                        let result = tokio::task::spawn_blocking(move || accept_one(&store, &req)).await.unwrap_or_else(|e| {
+                            Err(UpdateError { code: "InternalError", message: format!("the update task failed: {e}") })
+                        });
                         if accepted_tx.send(Ok((id, result))).await.is_err() {
                             break;
                         }
@@ -371,11 +379,8 @@ impl AdminService {
 
     async fn watch_stream(&self, request: Request<proto::WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let from = request.get_ref().from_revision;
-        let (backlog, mut live) = self
-            .0
-            .store
-            .watch(from)
-            .map_err(|e| status(Code::OutOfRange, "RevisionGone", e.to_string(), Default::default()))?;
+        let (backlog, mut live) =
+            self.0.store.watch(from).map_err(|e| status(Code::OutOfRange, "RevisionGone", e.to_string(), Default::default()))?;
         let (tx, rx) = mpsc::channel(256);
         let mut shutdown = self.0.shutdown.clone();
         tokio::spawn(async move {

@@ -2,9 +2,9 @@
 //! loopback, clients, and small builders for admin updates.
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::io::Read;
 use std::process::{Child, Command, ExitStatus};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -181,7 +181,8 @@ pub fn with_token<T>(msg: T, token: &str) -> Request<T> {
 
 /// Sends `updates` on one Apply stream and collects every answer.
 pub async fn apply_all(admin: &mut AdminClient<Channel>, updates: Vec<proto::Update>) -> Vec<proto::ApplyResponse> {
-    let reqs: Vec<proto::ApplyRequest> = updates.into_iter().enumerate().map(|(i, u)| apply_request(&format!("u{i}"), u)).collect();
+    let reqs: Vec<proto::ApplyRequest> =
+        updates.into_iter().enumerate().map(|(i, u)| apply_request(&format!("u{i}"), u)).collect();
     let n = reqs.len();
     let mut stream = admin.apply(tokio_stream::iter(reqs)).await.expect("Admin.Apply opens").into_inner();
     let mut out = Vec::with_capacity(n);

@@ -184,7 +184,11 @@ fn main() {
         if t == c_allowed {
             agree += 1;
         } else if agree + 20 > i {
-            eprintln!("differ: {} {r:?}: tagward {t}, cedar {c_allowed} {:?}", mix[i].kind, answer.diagnostics().errors().collect::<Vec<_>>());
+            eprintln!(
+                "differ: {} {r:?}: tagward {t}, cedar {c_allowed} {:?}",
+                mix[i].kind,
+                answer.diagnostics().errors().collect::<Vec<_>>()
+            );
         }
         allowed += t as usize;
     }

@@ -70,9 +70,8 @@ fn world(attach_all_to_first: bool) -> State {
             json!({"arn": format!("arn:aws:kms:us-east-1:{ACCOUNT}:key/{k:08}"), "tags": tags})
         })
         .collect();
-    let spec: WorldSpec =
-        serde_json::from_value(json!({"policies": policies, "principals": principals, "resources": resources}))
-            .expect("world spec");
+    let spec: WorldSpec = serde_json::from_value(json!({"policies": policies, "principals": principals, "resources": resources}))
+        .expect("world spec");
     spec.build().expect("world")
 }
 

@@ -90,15 +90,15 @@ fn main() {
     let (durable, _) = Store::open(&dir, Some(&seed), false, &options, None).expect("open");
     let mem_pipe = pipelined(&memory, 20_000 / scale);
     let disk_pipe = pipelined(&durable, 20_000 / scale);
-    println!("one pipelined stream:   in memory {mem_pipe:>10.0}/s   durable {disk_pipe:>8.0}/s   ratio {:.3}", disk_pipe / mem_pipe);
+    println!(
+        "one pipelined stream:   in memory {mem_pipe:>10.0}/s   durable {disk_pipe:>8.0}/s   ratio {:.3}",
+        disk_pipe / mem_pipe
+    );
     for writers in [1, 16, 64] {
         let per = (2_000 / scale / writers).max(5);
         let mem = acked_one_by_one(&memory, writers, per * 10);
         let disk = acked_one_by_one(&durable, writers, per);
-        println!(
-            "{writers:>3} writers, each waits: in memory {mem:>10.0}/s   durable {disk:>8.0}/s   ratio {:.3}",
-            disk / mem
-        );
+        println!("{writers:>3} writers, each waits: in memory {mem:>10.0}/s   durable {disk:>8.0}/s   ratio {:.3}", disk / mem);
     }
     drop(durable);
     let _ = std::fs::remove_dir_all(&dir);
@@ -117,11 +117,7 @@ fn main() {
     let open = Instant::now();
     let (store, opened) = Store::open(&dir, None, false, &options, None).expect("restore");
     let took: Duration = open.elapsed();
-    println!(
-        "restore (Store::open): {took:.2?} for revision {:?}, {} resources",
-        opened.restored,
-        store.snapshot().counts().2
-    );
+    println!("restore (Store::open): {took:.2?} for revision {:?}, {} resources", opened.restored, store.snapshot().counts().2);
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -15,24 +15,26 @@ use tagward_bench::gen::GenSpec;
 fn status(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
 }
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let keys: usize = if full {
-        std::env::var("TAGWARD_BENCH_KEYS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000)
-    } else {
-        10_000
-    };
+    let keys: usize =
+        if full { std::env::var("TAGWARD_BENCH_KEYS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000) } else { 10_000 };
     // TAGWARD_BENCH_TAGS and TAGWARD_BENCH_POLICIES split the figure (per key, per tag).
     let env = |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
     let tags = env("TAGWARD_BENCH_TAGS", 10);
-    let spec = GenSpec { keys, other_resources: 0, tags, principals: 100, policies: env("TAGWARD_BENCH_POLICIES", 1_000), ..GenSpec::default() };
+    let spec = GenSpec {
+        keys,
+        other_resources: 0,
+        tags,
+        principals: 100,
+        policies: env("TAGWARD_BENCH_POLICIES", 1_000),
+        ..GenSpec::default()
+    };
     let before = status("VmRSS:");
     let t = Instant::now();
     let state = spec.build_state().expect("state");
@@ -40,12 +42,21 @@ fn main() {
     let after = status("VmRSS:");
     let peak = status("VmHWM:");
     let (policies, principals, resources) = state.counts();
-    println!("== memory: {resources} resources x {tags} tags, {policies} policies, {principals} principals (built in {built:.1?})");
+    println!(
+        "== memory: {resources} resources x {tags} tags, {policies} policies, {principals} principals (built in {built:.1?})"
+    );
     println!("VmRSS before:  {before:>8.1} MiB");
-    println!("VmRSS after:   {after:>8.1} MiB   (the state: {:.1} MiB, {:.0} bytes per key)", after - before, (after - before) * 1048576.0 / keys as f64);
+    println!(
+        "VmRSS after:   {after:>8.1} MiB   (the state: {:.1} MiB, {:.0} bytes per key)",
+        after - before,
+        (after - before) * 1048576.0 / keys as f64
+    );
     println!("VmHWM (peak):  {peak:>8.1} MiB");
     if keys == 1_000_000 && tags == 10 {
-        println!("target: under 1024 MiB resident with 1,000,000 keys x 10 tags: {}", if after < 1024.0 { "met" } else { "missed" });
+        println!(
+            "target: under 1024 MiB resident with 1,000,000 keys x 10 tags: {}",
+            if after < 1024.0 { "met" } else { "missed" }
+        );
     }
     // Another resident figure after a tag change: structural sharing keeps both states mostly shared.
     let mut next = state.clone();

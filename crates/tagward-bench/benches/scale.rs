@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 use criterion::Criterion;
 use hdrhistogram::Histogram;
 use tagward::engine::{authorize, Request};
-use tagward_bench::gen::GenSpec;
 use tagward::state::State;
 use tagward::store::{Store, Update};
 use tagward::tags::TagSet;
+use tagward_bench::gen::GenSpec;
 
 fn spec(keys: usize, policies: usize) -> GenSpec {
     GenSpec { keys, other_resources: 1_000, tags: 10, principals: 100, policies, attach: 10, ..GenSpec::default() }
@@ -62,11 +62,8 @@ fn distribution(name: &str, rounds: usize, reqs: &[Request], mut f: impl FnMut(&
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let keys: usize = if full {
-        std::env::var("TAGWARD_BENCH_KEYS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000)
-    } else {
-        10_000
-    };
+    let keys: usize =
+        if full { std::env::var("TAGWARD_BENCH_KEYS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000) } else { 10_000 };
     let rounds = if full { 20 } else { 1 };
     let mut c = if full {
         Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3)).configure_from_args()
@@ -136,7 +133,8 @@ fn main() {
     group.bench_function(format!("tag change: Store::apply(SetTags) in memory, {keys} keys"), |b| {
         b.iter(|| {
             n += 1;
-            let update = Update::SetTags { resource: arns[n as usize % arns.len()].clone(), tags: vec![("Seq".into(), n.to_string())] };
+            let update =
+                Update::SetTags { resource: arns[n as usize % arns.len()].clone(), tags: vec![("Seq".into(), n.to_string())] };
             black_box(store.apply(&update, "bench").expect("apply").wait().expect("applied"))
         })
     });

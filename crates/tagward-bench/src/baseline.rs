@@ -19,8 +19,8 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-use tagward::grpc::proto::authorizer_server::{Authorizer, AuthorizerServer};
 use tagward::grpc::proto;
+use tagward::grpc::proto::authorizer_server::{Authorizer, AuthorizerServer};
 use tagward::grpc::server::reflection;
 
 /// The empty Authorizer.

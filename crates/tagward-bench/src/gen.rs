@@ -329,7 +329,11 @@ impl GenSpec {
     /// modest sizes; [`GenSpec::write_world`] and [`GenSpec::build_state`]
     /// stream).
     pub fn world(&self) -> WorldSpec {
-        WorldSpec { policies: self.policies().collect(), principals: self.principals().collect(), resources: self.resources().collect() }
+        WorldSpec {
+            policies: self.policies().collect(),
+            principals: self.principals().collect(),
+            resources: self.resources().collect(),
+        }
     }
 
     /// Writes the world file (JSON) one entity at a time.
@@ -440,7 +444,8 @@ impl GenSpec {
             "read"
         } else if roll < 95 {
             request.action = CRYPTO[draw.below(CRYPTO.len())].to_string();
-            request.resource = format!("arn:aws:kms:us-east-1:{ACCOUNT}:key/00000000-dead-4000-8000-{:012x}", draw.next() & 0xffff_ffff_ffff);
+            request.resource =
+                format!("arn:aws:kms:us-east-1:{ACCOUNT}:key/00000000-dead-4000-8000-{:012x}", draw.next() & 0xffff_ffff_ffff);
             "unknown-resource"
         } else {
             request.principal = format!("arn:aws:iam::{ACCOUNT}:role/unknown-{:06}", draw.below(1_000_000));

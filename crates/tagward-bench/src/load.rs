@@ -31,11 +31,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
 
+use crate::gen::{self, MixItem};
 use tagward::grpc::proto::admin_client::AdminClient;
 use tagward::grpc::proto::authorizer_client::AuthorizerClient;
 use tagward::grpc::proto::{self, update::Op};
 use tagward_core::engine;
-use crate::gen::{self, MixItem};
 
 /// Which method the load calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,8 +187,10 @@ impl Stats {
             }
             Err(status) => {
                 *self.codes.entry(code_name(status.code())).or_default() += 1;
-                *self.errors.entry(format!("rpc error: code = {} desc = {}", code_name(status.code()), status.message())).or_default() +=
-                    1;
+                *self
+                    .errors
+                    .entry(format!("rpc error: code = {} desc = {}", code_name(status.code()), status.message()))
+                    .or_default() += 1;
             }
         }
     }
@@ -413,11 +415,7 @@ fn report(name: &str, host: &str, call: Call, options: &Options, rate: Option<f6
             let i = marks.iter().position(|&m| x <= m).unwrap_or(10);
             counts[i] += v.count_at_value();
         }
-        marks
-            .iter()
-            .zip(counts)
-            .map(|(&m, c)| Bucket { mark: m / 1e9, count: c, frequency: c as f64 / h.len() as f64 })
-            .collect()
+        marks.iter().zip(counts).map(|(&m, c)| Bucket { mark: m / 1e9, count: c, frequency: c as f64 / h.len() as f64 }).collect()
     };
     Report {
         name: name.to_string(),
@@ -618,7 +616,10 @@ fn key_list(v: &Value, snake: &str, camel: &str, at: &str) -> Result<Option<prot
     match field(v, snake, camel) {
         None | Some(Value::Null) => Ok(None),
         Some(list) => {
-            let values = list.get("values").and_then(Value::as_array).ok_or_else(|| format!("{at}.{snake}: expected {{\"values\": [...]}}"))?;
+            let values = list
+                .get("values")
+                .and_then(Value::as_array)
+                .ok_or_else(|| format!("{at}.{snake}: expected {{\"values\": [...]}}"))?;
             let values = values
                 .iter()
                 .map(|s| s.as_str().map(str::to_string).ok_or_else(|| format!("{at}.{snake}.values: expected strings")))
@@ -652,7 +653,9 @@ pub fn authorize_requests_from_json(data: &Value) -> Result<Vec<proto::Authorize
                 request_tags: tag_list(v, "request_tags", "requestTags", &at)?,
                 tag_keys: key_list(v, "tag_keys", "tagKeys", &at)?,
                 session_tags: tag_list(v, "session_tags", "sessionTags", &at)?,
-                min_revision: field(v, "min_revision", "minRevision").and_then(|m| m.as_u64().or_else(|| m.as_str()?.parse().ok())).unwrap_or(0),
+                min_revision: field(v, "min_revision", "minRevision")
+                    .and_then(|m| m.as_u64().or_else(|| m.as_str()?.parse().ok()))
+                    .unwrap_or(0),
                 explain: field(v, "explain", "explain").and_then(Value::as_bool).unwrap_or(false),
                 ..Default::default()
             })
@@ -716,7 +719,14 @@ async fn connect(addr: &str, connections: usize) -> Result<Vec<Channel>, String>
 }
 
 /// One measured run against `channels`.
-async fn run_once(channels: &[Channel], requests: &Requests, options: &Options, rate: Option<f64>, total: Option<u64>, duration: Option<Duration>) -> Stats {
+async fn run_once(
+    channels: &[Channel],
+    requests: &Requests,
+    options: &Options,
+    rate: Option<f64>,
+    total: Option<u64>,
+    duration: Option<Duration>,
+) -> Stats {
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = duration.map(|d| start + d);

@@ -15,7 +15,11 @@ use tracing::{error, info};
 use tagward::grpc::server::stop_signal;
 
 #[derive(Parser)]
-#[command(name = "tagward-bench", version, about = "Benchmark tools for Tagward: world generator, load generator, empty-handler baseline")]
+#[command(
+    name = "tagward-bench",
+    version,
+    about = "Benchmark tools for Tagward: world generator, load generator, empty-handler baseline"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -223,7 +227,8 @@ fn gen_world(out: &Path, spec: &tagward_bench::gen::GenSpec, requests: usize, ba
         let mut world = std::io::BufWriter::new(std::fs::File::create(out.join("world.json"))?);
         spec.write_world(&mut world)?;
         world.flush()?;
-        let mix: Vec<serde_json::Value> = spec.mix(requests).iter().map(|m| tagward_bench::gen::authorize_json(&m.request)).collect();
+        let mix: Vec<serde_json::Value> =
+            spec.mix(requests).iter().map(|m| tagward_bench::gen::authorize_json(&m.request)).collect();
         std::fs::write(out.join("authorize.json"), serde_json::to_string(&mix)? + "\n")?;
         let batch: Vec<serde_json::Value> =
             spec.batches(batches, batch_size).iter().map(|(p, items)| tagward_bench::gen::batch_json(p, items)).collect();
@@ -270,7 +275,9 @@ fn load(args: LoadArgs) -> ExitCode {
                 }
             }
         }
-        (None, LoadCall::Authorize) => load::Requests::Authorize(Arc::new(load::authorize_requests(&args.world.spec().mix(args.requests)))),
+        (None, LoadCall::Authorize) => {
+            load::Requests::Authorize(Arc::new(load::authorize_requests(&args.world.spec().mix(args.requests))))
+        }
         (None, LoadCall::Batch) => load::Requests::Batch(Arc::new(load::batch_requests(
             &args.world.spec().batches(args.requests.div_ceil(args.batch_size.max(1)), args.batch_size),
         ))),

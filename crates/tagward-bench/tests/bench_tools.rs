@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tagward::engine::authorize;
-use tagward_bench::gen::{self, GenSpec};
-use tagward_bench::load::{self, Options, Plan, Requests, TagChanges};
 use tagward::grpc::server::{self, Config};
 use tagward::store::Store;
+use tagward_bench::gen::{self, GenSpec};
+use tagward_bench::load::{self, Options, Plan, Requests, TagChanges};
 
 fn small() -> GenSpec {
     GenSpec { seed: 7, keys: 300, other_resources: 30, principals: 20, policies: 60, ..GenSpec::default() }

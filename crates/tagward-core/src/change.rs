@@ -18,22 +18,40 @@ use crate::world::{build_principal, compile_policy, PrincipalSpec, ResourceBuild
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Update {
-    PutPolicy { name: String, document: Value },
-    DeletePolicy { name: String },
+    PutPolicy {
+        name: String,
+        document: Value,
+    },
+    DeletePolicy {
+        name: String,
+    },
     PutPrincipal(PrincipalSpec),
-    DeletePrincipal { arn: String },
+    DeletePrincipal {
+        arn: String,
+    },
     PutResource(ResourceSpec),
-    DeleteResource { arn: String },
+    DeleteResource {
+        arn: String,
+    },
     /// Administrator's tag write: the tag rules apply, authorization not.
-    SetTags { resource: String, tags: Vec<(String, String)> },
-    RemoveTags { resource: String, keys: Vec<String> },
+    SetTags {
+        resource: String,
+        tags: Vec<(String, String)>,
+    },
+    RemoveTags {
+        resource: String,
+        keys: Vec<String>,
+    },
     /// All or nothing.
     Batch(Vec<Update>),
     /// The whole state, all or nothing.
     ReplaceWorld(WorldSpec),
     /// The exact tag set of a resource: how the log records the effect of an
     /// authorized tag operation.
-    ReplaceTags { resource: String, tags: Vec<(String, String)> },
+    ReplaceTags {
+        resource: String,
+        tags: Vec<(String, String)>,
+    },
 }
 
 /// A refused update: the AWS-style error name and the message (with the
@@ -232,9 +250,9 @@ pub fn apply(
             }
         }
         Update::ReplaceTags { resource, tags } => {
-            let target = state
-                .target(resource)
-                .ok_or_else(|| UpdateError::new("NotFoundException", format!("replace_tags.resource: no resource {resource:?}")))?;
+            let target = state.target(resource).ok_or_else(|| {
+                UpdateError::new("NotFoundException", format!("replace_tags.resource: no resource {resource:?}"))
+            })?;
             let before = target.tags().clone();
             let after = TagSet::from_tags(before.case_insensitive(), tags.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                 .map_err(|e| UpdateError::new("TagException", format!("replace_tags.tags: {e}")))?;
@@ -279,4 +297,3 @@ fn tag_write(
     }
     Ok(())
 }
-

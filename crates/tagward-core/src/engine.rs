@@ -401,11 +401,7 @@ impl<'a> Eval<'a> {
                     }
                     Grant::Direct
                 } else {
-                    p.entries
-                        .iter()
-                        .filter_map(|e| self.grant(e))
-                        .max()
-                        .ok_or(Outcome::PrincipalDoesNotMatch)?
+                    p.entries.iter().filter_map(|e| self.grant(e)).max().ok_or(Outcome::PrincipalDoesNotMatch)?
                 }
             }
             _ => Grant::Direct,
@@ -482,11 +478,7 @@ fn lookup_unsorted<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a s
     if let Some((_, v)) = pairs.iter().find(|(k, _)| k == key) {
         return Some(v);
     }
-    pairs
-        .iter()
-        .filter(|(k, _)| keys_equal_ignoring_case(k, key))
-        .min_by(|a, b| a.0.cmp(&b.0))
-        .map(|(_, v)| v.as_str())
+    pairs.iter().filter(|(k, _)| keys_equal_ignoring_case(k, key)).min_by(|a, b| a.0.cmp(&b.0)).map(|(_, v)| v.as_str())
 }
 
 impl Context for Eval<'_> {
@@ -515,10 +507,9 @@ impl Context for Eval<'_> {
             },
             KeyRef::PrincipalArn => match (self.caller.kind, self.principal) {
                 (CallerKind::Session { .. }, Some(role)) => Values::One(Cow::Borrowed(&role.arn)),
-                (CallerKind::Session { role, .. }, None) => Values::One(Cow::Owned(format!(
-                    "arn:{}:iam::{}:role/{role}",
-                    self.caller.partition, self.caller.account
-                ))),
+                (CallerKind::Session { role, .. }, None) => {
+                    Values::One(Cow::Owned(format!("arn:{}:iam::{}:role/{role}", self.caller.partition, self.caller.account)))
+                }
                 _ => one(Some(self.caller.arn)),
             },
             KeyRef::PrincipalAccount => one(Some(self.caller.account)),
@@ -542,13 +533,11 @@ impl Context for Eval<'_> {
             KeyRef::KeyOrigin => one(self.target.and_then(|t| t.key()).map(|k| &*k.origin)),
             KeyRef::CurrentTime => one(Some(&self.time().0)),
             KeyRef::EpochTime => one(Some(&self.time().1)),
-            KeyRef::Context(name) => {
-                match self.req.context.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)) {
-                    Some((_, ContextValue::One(v))) => Values::One(Cow::Borrowed(v)),
-                    Some((_, ContextValue::Many(list))) => Values::Many(list),
-                    None => Values::Missing,
-                }
-            }
+            KeyRef::Context(name) => match self.req.context.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)) {
+                Some((_, ContextValue::One(v))) => Values::One(Cow::Borrowed(v)),
+                Some((_, ContextValue::Many(list))) => Values::Many(list),
+                None => Values::Missing,
+            },
         }
     }
 }
@@ -625,7 +614,12 @@ mod tests {
 
     #[test]
     fn bad_requests_name_the_field() {
-        let mut req = Request { principal: "arn:aws:iam::111122223333:role/NoTags".into(), action: "kms:Decrypt".into(), resource: "key/1".into(), ..Request::default() };
+        let mut req = Request {
+            principal: "arn:aws:iam::111122223333:role/NoTags".into(),
+            action: "kms:Decrypt".into(),
+            resource: "key/1".into(),
+            ..Request::default()
+        };
         assert_eq!(authorize(&state(), &req, false).unwrap_err().field, "resource");
         req.resource = "*".into();
         req.action = "Decrypt".into();
@@ -662,13 +656,19 @@ mod tests {
         assert_eq!(sqs.reason, Reason::ExplicitDeny, "kms:CallerAccount is missing, so StringNotEquals holds");
         assert_eq!(sqs.missing_keys, vec![Arc::<str>::from("kms:CallerAccount")]);
         assert_eq!(ask("kms:Decrypt", "arn:aws:kms:us-east-1:111122223333:key/k1").reason, Reason::Allowed);
-        assert_eq!(ask("KMS:Decrypt", "arn:aws:kms:us-east-1:111122223333:key/k1").reason, Reason::Allowed, "the service prefix is case-insensitive");
+        assert_eq!(
+            ask("KMS:Decrypt", "arn:aws:kms:us-east-1:111122223333:key/k1").reason,
+            Reason::Allowed,
+            "the service prefix is case-insensitive"
+        );
     }
 
     #[test]
     fn session_tags_are_a_request_error_except_on_sessions() {
         let tags = vec![("project".to_string(), "Alpha".to_string())];
-        for principal in ["arn:aws:iam::111122223333:role/NoTags", "arn:aws:iam::111122223333:user/bob", "arn:aws:iam::111122223333:root"] {
+        for principal in
+            ["arn:aws:iam::111122223333:role/NoTags", "arn:aws:iam::111122223333:user/bob", "arn:aws:iam::111122223333:root"]
+        {
             let req = Request {
                 principal: principal.into(),
                 action: "kms:Decrypt".into(),

@@ -12,8 +12,8 @@ pub mod keys;
 pub mod pattern;
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
 use std::fmt;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use hashbrown::HashTable;
@@ -75,7 +75,10 @@ pub enum PrincipalEntry {
     Account(Box<str>),
     User(Box<str>),
     /// A role, by account and name: matches the role and its sessions.
-    Role { account: Box<str>, name: Box<str> },
+    Role {
+        account: Box<str>,
+        name: Box<str>,
+    },
     Session(Box<str>),
     /// `Service`, `Federated`, `CanonicalUser`, or an AWS ARN of another
     /// kind: matched by value.
@@ -327,17 +330,8 @@ fn compile_statement(
     kind: PolicyKind,
     version: Version,
 ) -> Result<Statement, PolicyError> {
-    const FIELDS: &[&str] = &[
-        "Sid",
-        "Effect",
-        "Principal",
-        "NotPrincipal",
-        "Action",
-        "NotAction",
-        "Resource",
-        "NotResource",
-        "Condition",
-    ];
+    const FIELDS: &[&str] =
+        &["Sid", "Effect", "Principal", "NotPrincipal", "Action", "NotAction", "Resource", "NotResource", "Condition"];
     let obj = value
         .as_object()
         .ok_or_else(|| PolicyError::at(path, format!("a statement is a JSON object, found {}", type_name(value))))?;
@@ -402,9 +396,7 @@ fn compile_statement(
         (Some(_), Some(_)) => return Err(PolicyError::at(path, "has both Resource and NotResource; use one")),
         (Some(r), None) => Resources { negated: false, patterns: compile_resources(&at("Resource"), r, variables)? },
         (None, Some(r)) => Resources { negated: true, patterns: compile_resources(&at("NotResource"), r, variables)? },
-        (None, None) => {
-            return Err(PolicyError::at(&at("Resource"), "missing: a statement needs Resource or NotResource"))
-        }
+        (None, None) => return Err(PolicyError::at(&at("Resource"), "missing: a statement needs Resource or NotResource")),
     };
     let conditions = match obj.get("Condition") {
         None => Vec::new(),
@@ -438,9 +430,8 @@ fn compile_actions(path: &str, value: &Value) -> Result<Vec<Pattern>, PolicyErro
         .into_iter()
         .map(|(p, s)| {
             let well_formed = s == "*"
-                || s.split_once(':').is_some_and(|(svc, name)| {
-                    !svc.is_empty() && !name.is_empty() && !s.chars().any(char::is_whitespace)
-                });
+                || s.split_once(':')
+                    .is_some_and(|(svc, name)| !svc.is_empty() && !name.is_empty() && !s.chars().any(char::is_whitespace));
             if !well_formed {
                 return Err(PolicyError::at(&p, format!("{s:?} is not an action: expected \"service:Action\" or \"*\"")));
             }
@@ -532,9 +523,9 @@ fn compile_conditions(path: &str, value: &Value, variables: bool) -> Result<Vec<
     let mut out = Vec::new();
     for (operator, keys) in block {
         let op_path = format!("{path}.{operator}");
-        let keys = keys.as_object().ok_or_else(|| {
-            PolicyError::at(&op_path, format!("expected an object of condition keys, found {}", show(keys)))
-        })?;
+        let keys = keys
+            .as_object()
+            .ok_or_else(|| PolicyError::at(&op_path, format!("expected an object of condition keys, found {}", show(keys))))?;
         if keys.is_empty() {
             return Err(PolicyError::at(&op_path, "empty: name at least one condition key"));
         }

@@ -358,12 +358,7 @@ impl State {
                     continue;
                 }
                 self.tag_count += 1;
-                self.tag_index
-                    .entry(Arc::from(k))
-                    .or_default()
-                    .entry(Arc::from(v))
-                    .or_default()
-                    .insert(arn.clone());
+                self.tag_index.entry(Arc::from(k)).or_default().entry(Arc::from(v)).or_default().insert(arn.clone());
             }
         }
     }
@@ -635,8 +630,14 @@ mod tests {
         assert_eq!(find(&s, &[("Project", &["Alpha"])], None, 10), (vec!["k0".into(), "k2".into()], false));
         assert_eq!(find(&s, &[("Project", &["Alpha", "Alpha"])], None, 10).0, vec!["k0", "k2"], "a repeated value lists once");
         assert_eq!(find(&s, &[("Project", &[])], None, 3), (vec!["k0".into(), "k1".into(), "k2".into()], true));
-        assert_eq!(find(&s, &[("Project", &[])], Some("arn:aws:kms:us-east-1:111122223333:key/k2"), 3), (vec!["k3".into()], false));
-        assert_eq!(find(&s, &[("Team", &[]), ("Project", &["Beta", "Gamma"])], None, 10), (vec!["k1".into(), "k3".into()], false));
+        assert_eq!(
+            find(&s, &[("Project", &[])], Some("arn:aws:kms:us-east-1:111122223333:key/k2"), 3),
+            (vec!["k3".into()], false)
+        );
+        assert_eq!(
+            find(&s, &[("Team", &[]), ("Project", &["Beta", "Gamma"])], None, 10),
+            (vec!["k1".into(), "k3".into()], false)
+        );
         let k0 = "arn:aws:kms:us-east-1:111122223333:key/k0";
         s.replace_tags(k0, TagSet::from_tags(false, [("Project", "Beta")]).unwrap()).unwrap();
         assert_eq!(find(&s, &[("Project", &["Beta"])], None, 10).0, vec!["k0", "k1"]);

@@ -119,7 +119,8 @@ pub struct TagOutcome {
 pub fn tag_actions(resource: &str) -> Option<[String; 3]> {
     let arn = Arn::parse(resource)?;
     let svc = arn.service;
-    let names = |tag: &str, untag: &str, list: &str| Some([format!("{svc}:{tag}"), format!("{svc}:{untag}"), format!("{svc}:{list}")]);
+    let names =
+        |tag: &str, untag: &str, list: &str| Some([format!("{svc}:{tag}"), format!("{svc}:{untag}"), format!("{svc}:{list}")]);
     match svc {
         "kms" => names("TagResource", "UntagResource", "ListResourceTags"),
         "ec2" => names("CreateTags", "DeleteTags", "DescribeTags"),
@@ -231,9 +232,7 @@ pub fn perform(state: &State, req: &TagRequest) -> Result<TagOutcome, TagError> 
         }
     };
     let mut next = state.clone();
-    let changed = next
-        .replace_tags(&req.resource, next_tags.clone())
-        .map_err(|_| TagError::NotFound(req.resource.clone()))?;
+    let changed = next.replace_tags(&req.resource, next_tags.clone()).map_err(|_| TagError::NotFound(req.resource.clone()))?;
     let change = changed.then(|| {
         let revision = next.revision();
         let change = TagChange {

@@ -45,9 +45,16 @@ pub fn record(e: &Event) -> Value {
     match &e.kind {
         EventKind::Tags { resource, action, before, after, allowed_by } => {
             let added: Vec<(String, String)> = after.iter().filter(|t| !before.contains(t)).cloned().collect();
-            let removed: Vec<&String> = before.iter().filter(|(k, _)| !after.iter().any(|(a, _)| a == k)).map(|(k, _)| k).collect();
+            let removed: Vec<&String> =
+                before.iter().filter(|(k, _)| !after.iter().any(|(a, _)| a == k)).map(|(k, _)| k).collect();
             let name = if action == "admin" {
-                if removed.is_empty() { "TagResource" } else if added.is_empty() { "UntagResource" } else { "ReplaceTags" }
+                if removed.is_empty() {
+                    "TagResource"
+                } else if added.is_empty() {
+                    "UntagResource"
+                } else {
+                    "ReplaceTags"
+                }
             } else {
                 action.split_once(':').map_or(action.as_str(), |(_, n)| n)
             };

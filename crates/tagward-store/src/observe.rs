@@ -40,4 +40,3 @@ pub fn published(state: &State) {
     metrics::gauge!(RESOURCES).set(resources as f64);
     metrics::gauge!(TAGS).set(state.tag_count() as f64);
 }
-

@@ -27,8 +27,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use tagward_core::state::State;
 use tagward_core::change::Update;
+use tagward_core::state::State;
 use tagward_core::world::{principal_spec, resource_spec};
 
 const WAL_MAGIC: &[u8; 8] = b"TGWWAL01";
@@ -79,9 +79,13 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
 /// What recovery found, item by item, in the order to apply them.
 pub enum LoadItem {
     /// A snapshot's state begins; `Put`s follow, then `SnapshotEnd`.
-    SnapshotBegin { revision: u64 },
+    SnapshotBegin {
+        revision: u64,
+    },
     Put(Update),
-    SnapshotEnd { revision: u64 },
+    SnapshotEnd {
+        revision: u64,
+    },
     /// A logged change, after the snapshot.
     Entry(Entry),
 }
@@ -112,7 +116,10 @@ pub trait Storage: Send {
     fn wants_compaction(&self) -> bool;
     /// Starts a new log after `state`'s revision and returns the job that
     /// writes `state` as a snapshot and removes what it makes obsolete.
-    fn begin_compaction(&mut self, state: Arc<State>) -> Result<Box<dyn FnOnce() -> Result<(), StorageError> + Send>, StorageError>;
+    fn begin_compaction(
+        &mut self,
+        state: Arc<State>,
+    ) -> Result<Box<dyn FnOnce() -> Result<(), StorageError> + Send>, StorageError>;
 }
 
 /// The write-ahead log and snapshots in a directory.
@@ -449,7 +456,10 @@ fn write_snapshot_records(dir: &Path, tmp: &Path, state: &State, max_record: u32
     let mut policies: Vec<_> = state.policies().collect();
     policies.sort_by(|a, b| a.0.cmp(b.0));
     for (name, policy) in policies {
-        put(&mut out, &SnapRecord::Put(Update::PutPolicy { name: name.to_string(), document: serde_json::Value::clone(&policy.source) }))?;
+        put(
+            &mut out,
+            &SnapRecord::Put(Update::PutPolicy { name: name.to_string(), document: serde_json::Value::clone(&policy.source) }),
+        )?;
         records += 1;
     }
     for p in state.principals() {
@@ -470,7 +480,8 @@ fn write_snapshot_records(dir: &Path, tmp: &Path, state: &State, max_record: u32
 
 impl Storage for FileStorage {
     fn append(&mut self, entry: &Entry) -> Result<(), StorageError> {
-        let payload = serde_json::to_vec(entry).map_err(|e| damaged(&self.wal_path, self.wal_bytes, format!("cannot encode: {e}")))?;
+        let payload =
+            serde_json::to_vec(entry).map_err(|e| damaged(&self.wal_path, self.wal_bytes, format!("cannot encode: {e}")))?;
         // Checked before anything is written: the log stays as it was.
         let what = || format!("the change to revision {}", entry.rev);
         check_size(&self.wal_path, what, &payload, self.max_record)?;
@@ -490,7 +501,10 @@ impl Storage for FileStorage {
         self.wal_bytes >= self.compact_after
     }
 
-    fn begin_compaction(&mut self, state: Arc<State>) -> Result<Box<dyn FnOnce() -> Result<(), StorageError> + Send>, StorageError> {
+    fn begin_compaction(
+        &mut self,
+        state: Arc<State>,
+    ) -> Result<Box<dyn FnOnce() -> Result<(), StorageError> + Send>, StorageError> {
         // The old log must be durable before a newer one is started: recovery
         // treats only the newest log's tail as possibly torn.
         self.wal.flush().map_err(io(&self.wal_path))?;

@@ -34,9 +34,9 @@ use tagward_core::world::{ResourceBuilder, WorldSpec};
 
 use crate::audit::AuditLog;
 
+use crate::storage::{Cut, Entry, FileStorage, LoadItem, Storage, StorageError, MAX_RECORD};
 /// The vocabulary of changes, where the store's callers have always found it.
 pub use tagward_core::change::{Event, EventKind, Update, UpdateError};
-use crate::storage::{Cut, Entry, FileStorage, LoadItem, Storage, StorageError, MAX_RECORD};
 
 /// A tag operation's result, as the store applied it.
 #[derive(Debug)]
@@ -658,9 +658,9 @@ fn committer(store: Weak<Store>, commit: Arc<Commit>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use serde_json::Value;
     use tagward_core::world::PrincipalSpec;
-    use serde_json::json;
 
     fn store() -> Store {
         let world: WorldSpec = serde_json::from_value(json!({
@@ -675,7 +675,10 @@ mod tests {
         let s = store();
         let before = s.revision();
         let batch = Update::Batch(vec![
-            Update::SetTags { resource: "arn:aws:kms:us-east-1:111122223333:key/k1".into(), tags: vec![("A".into(), "1".into())] },
+            Update::SetTags {
+                resource: "arn:aws:kms:us-east-1:111122223333:key/k1".into(),
+                tags: vec![("A".into(), "1".into())],
+            },
             Update::PutPolicy { name: "P".into(), document: json!({"Statement": {"Effect": "Permit"}}) },
         ]);
         let err = s.apply(&batch, "admin").unwrap_err();
@@ -692,7 +695,10 @@ mod tests {
         let key = "arn:aws:kms:us-east-1:111122223333:key/k1";
         let start = s.revision();
         for i in 0..5 {
-            s.apply(&Update::SetTags { resource: key.into(), tags: vec![("n".into(), i.to_string())] }, "admin").unwrap().wait().unwrap();
+            s.apply(&Update::SetTags { resource: key.into(), tags: vec![("n".into(), i.to_string())] }, "admin")
+                .unwrap()
+                .wait()
+                .unwrap();
         }
         let (backlog, _) = s.watch(start + 2).unwrap();
         assert_eq!(backlog.iter().map(|e| e.revision).collect::<Vec<_>>(), vec![start + 3, start + 4, start + 5]);
@@ -716,10 +722,17 @@ mod tests {
         let wanted = s.revision() + 1;
         assert!(s.snapshot_at_least(wanted, Duration::from_millis(20)).await.is_err());
         let writer = s.clone();
-        let waiter = tokio::spawn(async move { s.snapshot_at_least(wanted, Duration::from_secs(5)).await.map(|st| st.revision()) });
+        let waiter =
+            tokio::spawn(async move { s.snapshot_at_least(wanted, Duration::from_secs(5)).await.map(|st| st.revision()) });
         tokio::time::sleep(Duration::from_millis(10)).await;
         writer
-            .apply(&Update::SetTags { resource: "arn:aws:kms:us-east-1:111122223333:key/k1".into(), tags: vec![("x".into(), "y".into())] }, "admin")
+            .apply(
+                &Update::SetTags {
+                    resource: "arn:aws:kms:us-east-1:111122223333:key/k1".into(),
+                    tags: vec![("x".into(), "y".into())],
+                },
+                "admin",
+            )
             .unwrap()
             .wait()
             .unwrap();
@@ -789,7 +802,10 @@ mod tests {
         let (s, _) = reopen(&d, Some(&world("Alpha")), false, None);
         let start = s.revision();
         for i in 0..3 {
-            s.apply(&Update::SetTags { resource: key.into(), tags: vec![("n".into(), i.to_string())] }, "admin").unwrap().wait().unwrap();
+            s.apply(&Update::SetTags { resource: key.into(), tags: vec![("n".into(), i.to_string())] }, "admin")
+                .unwrap()
+                .wait()
+                .unwrap();
         }
         assert_eq!(s.watch(start + 1).unwrap().0.len(), 2, "before the restart the events are kept");
         let restored = s.revision();
@@ -802,7 +818,10 @@ mod tests {
         }
         assert!(s.watch(restored).unwrap().0.is_empty(), "from the restored revision nothing is missed");
         assert!(s.watch(0).is_ok(), "0 is the live feed only");
-        s.apply(&Update::SetTags { resource: key.into(), tags: vec![("n".into(), "x".into())] }, "admin").unwrap().wait().unwrap();
+        s.apply(&Update::SetTags { resource: key.into(), tags: vec![("n".into(), "x".into())] }, "admin")
+            .unwrap()
+            .wait()
+            .unwrap();
         assert_eq!(s.watch(restored).unwrap().0.len(), 1);
         // An ephemeral store started from a world file keeps no events before it either.
         let e = Store::new(world("Alpha").build().unwrap(), 16);
@@ -818,9 +837,8 @@ mod tests {
         let key = "arn:aws:kms:us-east-1:111122223333:key/k1";
         let (s, _) = Store::open_limited(&d, Some(&world("Alpha")), false, &options(), None, 4096).unwrap();
         let before = s.revision();
-        let big: Vec<Value> = (0..200)
-            .map(|i| json!({"Effect": "Allow", "Action": format!("kms:Action{i:04}"), "Resource": "*"}))
-            .collect();
+        let big: Vec<Value> =
+            (0..200).map(|i| json!({"Effect": "Allow", "Action": format!("kms:Action{i:04}"), "Resource": "*"})).collect();
         let err = s.apply(&Update::PutPolicy { name: "Big".into(), document: json!({"Statement": big}) }, "admin").unwrap_err();
         assert_eq!(err.code, "ValidationException");
         assert!(err.message.starts_with("put_policy: "), "{err}");
@@ -828,7 +846,11 @@ mod tests {
         assert_eq!(s.revision(), before, "the refused change left the state as it was");
         assert!(s.snapshot().policy("Big").is_none());
         // Not a storage failure: the next change is accepted and durable.
-        let rev = s.apply(&Update::SetTags { resource: key.into(), tags: vec![("a".into(), "b".into())] }, "admin").unwrap().wait().unwrap();
+        let rev = s
+            .apply(&Update::SetTags { resource: key.into(), tags: vec![("a".into(), "b".into())] }, "admin")
+            .unwrap()
+            .wait()
+            .unwrap();
         assert_eq!(rev, before + 1);
         drop(s);
         let (s, opened) = reopen(&d, None, false, None);
@@ -852,7 +874,8 @@ mod tests {
             Err(e) => panic!("expected TooLarge, got {e}"),
             Ok(_) => panic!("expected TooLarge, got a store"),
         }
-        let left: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let left: Vec<_> =
+            std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         assert!(!left.iter().any(|n| n.starts_with("snap-")), "no snapshot or temporary file is left: {left:?}");
     }
 
@@ -864,7 +887,8 @@ mod tests {
         let s = Store::ephemeral(world("Alpha").build().unwrap(), 16, Some(AuditLog::open(&path).unwrap())).unwrap();
         assert!(s.commit.is_some(), "the audit is written by the committer thread, not the caller");
         for i in 0..5 {
-            let ticket = s.apply(&Update::SetTags { resource: key.into(), tags: vec![("n".into(), i.to_string())] }, "admin").unwrap();
+            let ticket =
+                s.apply(&Update::SetTags { resource: key.into(), tags: vec![("n".into(), i.to_string())] }, "admin").unwrap();
             let rev = ticket.durable().await.unwrap();
             assert_eq!(audit_names(&path).len(), i + 1, "the record of revision {rev} is written when its ticket resolves");
             assert_eq!(s.revision(), rev, "and the change is visible");
@@ -889,11 +913,18 @@ mod tests {
         let d = scratch("dangling");
         let role = "arn:aws:iam::111122223333:role/Early";
         let (s, _) = reopen(&d, Some(&world("Alpha")), false, None);
-        let spec = PrincipalSpec { arn: role.into(), policies: vec!["Later".into(), "Exists".into()], ..PrincipalSpec::default() };
-        s.apply(&Update::PutPolicy { name: "Exists".into(), document: json!({"Statement": {"Effect": "Allow", "Action": "sqs:*", "Resource": "*"}}) }, "admin")
-            .unwrap()
-            .wait()
-            .unwrap();
+        let spec =
+            PrincipalSpec { arn: role.into(), policies: vec!["Later".into(), "Exists".into()], ..PrincipalSpec::default() };
+        s.apply(
+            &Update::PutPolicy {
+                name: "Exists".into(),
+                document: json!({"Statement": {"Effect": "Allow", "Action": "sqs:*", "Resource": "*"}}),
+            },
+            "admin",
+        )
+        .unwrap()
+        .wait()
+        .unwrap();
         s.apply(&Update::PutPrincipal(spec), "admin").unwrap().wait().unwrap();
         let exported = WorldSpec::from_state(&s.snapshot());
         let p = exported.principals.iter().find(|p| p.arn == role).unwrap();
@@ -923,10 +954,16 @@ mod tests {
         let again = WorldSpec::from_state(&s.snapshot());
         assert_eq!(serde_json::to_value(&again).unwrap(), serde_json::to_value(&exported).unwrap(), "the attachment was kept");
         // It starts applying once the policy is put.
-        s.apply(&Update::PutPolicy { name: "Later".into(), document: json!({"Statement": {"Effect": "Allow", "Action": "kms:ListKeys", "Resource": "*"}}) }, "admin")
-            .unwrap()
-            .wait()
-            .unwrap();
+        s.apply(
+            &Update::PutPolicy {
+                name: "Later".into(),
+                document: json!({"Statement": {"Effect": "Allow", "Action": "kms:ListKeys", "Resource": "*"}}),
+            },
+            "admin",
+        )
+        .unwrap()
+        .wait()
+        .unwrap();
         assert!(ask(&s));
         let p = WorldSpec::from_state(&s.snapshot()).principals.into_iter().find(|p| p.arn == role).unwrap();
         assert_eq!((p.policies, p.pending_policies), (vec!["Exists".to_string(), "Later".to_string()], Vec::<String>::new()));

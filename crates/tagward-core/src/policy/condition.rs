@@ -71,8 +71,14 @@ enum Operand {
     /// `String*`: patterns (wildcards for `Like`, variables in 2012-10-17,
     /// case folded for `IgnoreCase`).
     Str(Vec<Pattern>),
-    Num { values: Vec<f64>, cmp: Cmp },
-    Date { millis: Vec<i64>, cmp: Cmp },
+    Num {
+        values: Vec<f64>,
+        cmp: Cmp,
+    },
+    Date {
+        millis: Vec<i64>,
+        cmp: Cmp,
+    },
     Bool(Vec<bool>),
     Binary(Vec<Vec<u8>>),
     Ip(Vec<IpNet>),
@@ -180,10 +186,7 @@ impl Condition {
             let like = base.ends_with("Like");
             let ignore_case = base.ends_with("IgnoreCase");
             let syntax = Syntax { wildcards: like, variables, fold_case: ignore_case };
-            let patterns = values
-                .iter()
-                .map(|v| Pattern::compile(v, syntax))
-                .collect::<Result<Vec<_>, _>>()?;
+            let patterns = values.iter().map(|v| Pattern::compile(v, syntax)).collect::<Result<Vec<_>, _>>()?;
             Operand::Str(patterns)
         } else if base.starts_with("Numeric") {
             let mut parsed = Vec::with_capacity(values.len());
@@ -215,10 +218,7 @@ impl Condition {
             }
             Operand::Ip(nets)
         } else if base.starts_with("Arn") {
-            let patterns = values
-                .iter()
-                .map(|v| ArnPattern::compile(v, variables, variables))
-                .collect::<Result<Vec<_>, _>>()?;
+            let patterns = values.iter().map(|v| ArnPattern::compile(v, variables, variables)).collect::<Result<Vec<_>, _>>()?;
             Operand::Arn(patterns)
         } else {
             let mut want = None;
@@ -231,15 +231,7 @@ impl Condition {
             }
             Operand::Null(want.unwrap_or(true))
         };
-        Ok(Condition {
-            operator: operator.into(),
-            key_name: key_name.into(),
-            key,
-            set,
-            negated,
-            if_exists,
-            operand,
-        })
+        Ok(Condition { operator: operator.into(), key_name: key_name.into(), key, set, negated, if_exists, operand })
     }
 
     /// Evaluates the condition against a request.
@@ -435,10 +427,7 @@ pub fn parse_date(text: &str) -> Option<i64> {
             return Some(d.and_utc().timestamp_millis());
         }
     }
-    NaiveDate::parse_from_str(t, "%Y-%m-%d")
-        .ok()
-        .and_then(|d| d.and_hms_opt(0, 0, 0))
-        .map(|d| d.and_utc().timestamp_millis())
+    NaiveDate::parse_from_str(t, "%Y-%m-%d").ok().and_then(|d| d.and_hms_opt(0, 0, 0)).map(|d| d.and_utc().timestamp_millis())
 }
 
 pub fn parse_bool(text: &str) -> Option<bool> {

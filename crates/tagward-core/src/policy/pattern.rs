@@ -161,7 +161,6 @@ impl Pattern {
         }
     }
 
-
     /// Matches `candidate` against the pattern, resolving variables through
     /// `values`. A variable with no value and no default matches nothing.
     #[inline]
@@ -169,9 +168,7 @@ impl Pattern {
         match self.shape {
             Shape::Any => true,
             Shape::Exact => eq(&self.text, candidate, self.fold),
-            Shape::Prefix => candidate
-                .get(..self.text.len())
-                .is_some_and(|head| eq(&self.text, head, self.fold)),
+            Shape::Prefix => candidate.get(..self.text.len()).is_some_and(|head| eq(&self.text, head, self.fold)),
             Shape::General => self.matches_general(candidate),
             Shape::OneVariable => match self.toks.first() {
                 Some(Tok::Var(var)) => match (values.single(&var.key), &var.default) {
@@ -212,11 +209,8 @@ impl Pattern {
             }
         }
         let mut next_var = resolved.iter();
-        let pieces: SmallVec<[Piece<'_>; 8]> = self
-            .toks
-            .iter()
-            .map(|t| self.piece(t, if matches!(t, Tok::Var(_)) { next_var.next() } else { None }))
-            .collect();
+        let pieces: SmallVec<[Piece<'_>; 8]> =
+            self.toks.iter().map(|t| self.piece(t, if matches!(t, Tok::Var(_)) { next_var.next() } else { None })).collect();
         glob(&pieces, candidate, self.fold)
     }
 
