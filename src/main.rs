@@ -251,9 +251,9 @@ fn main() -> ExitCode {
                 shutdown_grace: Duration::from_secs(shutdown_grace_secs),
                 decision_log: None,
             };
-            let storage = (!ephemeral).then(|| Durability { compact_after_bytes, event_capacity: watch_events });
+            let storage = (!ephemeral).then_some(Durability { compact_after_bytes, event_capacity: watch_events });
             let observe = Observe {
-                audit_log: audit_log.or_else(|| (!ephemeral).then(|| data_dir.join("audit.jsonl"))),
+                audit_log: audit_log.or_else(|| (!ephemeral).then_some(data_dir.join("audit.jsonl"))),
                 decision_log: decision_log.map(|path| {
                     let mode = match decision_log_mode {
                         DecisionLogMode::All => LogMode::All,

@@ -97,7 +97,7 @@ impl DecisionLog {
         let keep = match self.mode {
             LogMode::All => true,
             LogMode::DeniesOnly => !d.allowed(),
-            LogMode::Sample(n) => self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n.max(1) == 0,
+            LogMode::Sample(n) => self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed).is_multiple_of(n.max(1)),
         };
         if !keep {
             return;

@@ -1,6 +1,7 @@
 //! `tagward test` as a user runs it: the real binary, its output and exit
 //! codes (docs/scenarios.md: 0 all passed, 1 a step failed, 2 a file could not be
 //! loaded).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failing test or bench stops loudly
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,6 +1,7 @@
 //! The sidecar over gRPC: the real server in-process on loopback, real tonic
 //! clients over TCP, checked against the contract in
 //! `proto/tagward/v1/tagward.proto`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failing test or bench stops loudly
 
 mod common;
 

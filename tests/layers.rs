@@ -5,6 +5,7 @@
 //! - `tagward-core` depends, even transitively, on no async runtime,
 //!   transport, logging or metrics crate (read from `Cargo.lock`);
 //! - no import circles between the modules of any crate.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failing test or bench stops loudly
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

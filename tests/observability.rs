@@ -7,6 +7,7 @@
 //!
 //! The real binary runs as a child process on free loopback ports with a
 //! scratch directory; every wait has a deadline.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failing test or bench stops loudly
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! `tagward serve` as an operator runs it: the real binary as a child
 //! process on free loopback ports, driven over gRPC and by `tagward test
 //! --server`, stopped with SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failing test or bench stops loudly
 
 mod common;
 

@@ -3,6 +3,7 @@
 //! against the real `tagward` binary. `clients/python/run.sh` creates its own
 //! virtualenv and installs what it needs, so `cargo test` needs only Python 3
 //! on the machine; without it this test fails rather than skips.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failing test or bench stops loudly
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -11,6 +11,7 @@
 //!
 //! A few hand-written tests at the bottom pin the trickiest rules with the
 //! reference and the engine together.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failing test or bench stops loudly
 
 use std::cell::RefCell;
 use std::collections::HashMap;

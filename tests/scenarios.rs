@@ -1,6 +1,7 @@
 //! Runs the project's scenario corpus (`tests/scenarios`, with the seed
 //! documents' examples in `tests/scenarios/seeds`) in-process on every
 //! `cargo test`. A missing corpus fails the test: it is never skipped.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failing test or bench stops loudly
 
 use std::path::PathBuf;
 
@@ -8,7 +9,7 @@ use tagward::scenario::{self, InProcess};
 
 fn run_corpus(dir: PathBuf, at_least: usize) {
     assert!(dir.is_dir(), "scenario corpus {} is missing", dir.display());
-    let files = scenario::collect(&[dir.clone()]).unwrap_or_else(|e| panic!("{e}"));
+    let files = scenario::collect(std::slice::from_ref(&dir)).unwrap_or_else(|e| panic!("{e}"));
     let (mut passed, mut failures) = (0, Vec::new());
     for file in files {
         let loaded = scenario::load(&file).unwrap_or_else(|e| panic!("{e}"));

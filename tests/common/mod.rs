@@ -1,6 +1,7 @@
 //! Helpers shared by the gRPC integration tests: a test world, a server on
 //! loopback, clients, and small builders for admin updates.
 #![allow(dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};

@@ -18,6 +18,7 @@
 //!
 //! `cargo bench --features cedar --bench cedar` (the feature compiles
 //! cedar-policy, which CI does not).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failing test or bench stops loudly
 
 use std::hint::black_box;
 use std::str::FromStr;

@@ -4,6 +4,7 @@
 //! 1,000. Run with `cargo bench --bench decision`; it prints nanoseconds per
 //! decision, and the baseline in the same run is a bare `State` lookup of
 //! the same principal and key, so the ratio shows what evaluation adds.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failing test or bench stops loudly
 
 use std::hint::black_box;
 

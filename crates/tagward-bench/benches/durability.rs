@@ -6,6 +6,7 @@
 //! `cargo bench --bench durability` runs the full sizes (1,000,000 resources;
 //! set TAGWARD_BENCH_RESOURCES to change it); without `--bench` (as
 //! `cargo test --bench durability` runs it) it is a small smoke run.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failing test or bench stops loudly
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

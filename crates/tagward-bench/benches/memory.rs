@@ -7,6 +7,7 @@
 //!
 //! `cargo bench --bench memory` (TAGWARD_BENCH_KEYS changes the count);
 //! `cargo test --bench memory` is a quick smoke run on 10,000 keys.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failing test or bench stops loudly
 
 use std::time::Instant;
 

@@ -15,6 +15,7 @@
 //!
 //! `cargo bench --bench scale` (TAGWARD_BENCH_KEYS changes the key count);
 //! `cargo test --bench scale` is a quick smoke run on 10,000 keys.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failing test or bench stops loudly
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};

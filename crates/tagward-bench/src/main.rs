@@ -51,7 +51,7 @@ enum Command {
     /// ghz data file or the generated mix; optionally side by side with the
     /// empty handler (`tagward-bench baseline-server`), at half of the measured
     /// peak, and with admin tag changes under load (see BENCHMARKS.md).
-    Load(LoadArgs),
+    Load(Box<LoadArgs>),
     /// Bench only: serve `tagward.v1.Authorizer` with empty handlers (the
     /// same messages, no decision), the baseline for `tagward-bench load`.
     BaselineServer {
@@ -197,7 +197,7 @@ fn main() -> ExitCode {
         Command::GenWorld { out, world, requests, batches, batch_size } => {
             gen_world(&out, &world.spec(), requests, batches, batch_size)
         }
-        Command::Load(args) => load(args),
+        Command::Load(args) => load(*args),
         Command::BaselineServer { listen, max_message_bytes } => baseline_server(listen, max_message_bytes),
     }
 }

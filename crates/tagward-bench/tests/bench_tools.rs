@@ -2,6 +2,7 @@
 //! load generator runs against a real in-process server (and the empty
 //! baseline) on loopback, reporting with ghz's JSON field names. Timings are
 //! never asserted: the machine is shared and small.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failing test or bench stops loudly
 
 use std::net::SocketAddr;
 use std::sync::Arc;

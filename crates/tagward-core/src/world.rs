@@ -154,7 +154,7 @@ impl ResourceBuilder {
             let (policy, default_policy) = match &spec.key_policy {
                 Some(doc) => (compile_policy(&format!("{path}.key_policy"), doc, PolicyKind::Key)?, false),
                 None => {
-                    let acct = account.as_deref().unwrap_or_default().to_string();
+                    let acct = account.unwrap_or_default().to_string();
                     let policy = match self.default_policies.get(&acct) {
                         Some(p) => p.clone(),
                         None => {

@@ -53,7 +53,7 @@ pub struct Entry {
 #[serde(rename_all = "snake_case")]
 enum SnapRecord {
     Begin { revision: u64 },
-    Put(Update),
+    Put(Box<Update>),
     End { revision: u64, records: u64 },
 }
 
@@ -169,8 +169,11 @@ fn numbered(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
     name.strip_prefix(prefix)?.strip_suffix(suffix)?.parse().ok()
 }
 
-/// The files of a data directory, sorted by revision.
-fn listing(dir: &Path) -> Result<(Vec<(u64, PathBuf)>, Vec<(u64, PathBuf)>), StorageError> {
+/// Files of one kind, each with the revision in its name, sorted.
+type Numbered = Vec<(u64, PathBuf)>;
+
+/// The files of a data directory, sorted by revision: snapshots and logs.
+fn listing(dir: &Path) -> Result<(Numbered, Numbered), StorageError> {
     let mut snaps = Vec::new();
     let mut wals = Vec::new();
     for entry in fs::read_dir(dir).map_err(io(dir))? {
@@ -187,13 +190,18 @@ fn listing(dir: &Path) -> Result<(Vec<(u64, PathBuf)>, Vec<(u64, PathBuf)>), Sto
     Ok((snaps, wals))
 }
 
+/// What reading a file of records found: the offset after the last complete
+/// record, the first bad record (its offset and what is wrong) if any, and the
+/// file's length.
+type ReadRecords = (u64, Option<(u64, String)>, u64);
+
 /// Reads framed records. Returns the offset after the last complete record
 /// and, for a bad record, its offset and what is wrong.
 fn read_records(
     path: &Path,
     magic: &[u8; 8],
     mut each: impl FnMut(u64, &[u8]) -> Result<(), StorageError>,
-) -> Result<(u64, Option<(u64, String)>, u64), StorageError> {
+) -> Result<ReadRecords, StorageError> {
     let mut file = File::open(path).map_err(io(path))?;
     let len = file.metadata().map_err(io(path))?.len();
     let mut head = [0u8; 8];
@@ -398,7 +406,7 @@ fn read_snapshot(path: &Path, revision: u64, load: &mut impl FnMut(LoadItem) -> 
             }
             SnapRecord::Put(update) if begun => {
                 records += 1;
-                load(LoadItem::Put(update)).map_err(|reason| damaged(path, offset, reason))
+                load(LoadItem::Put(*update)).map_err(|reason| damaged(path, offset, reason))
             }
             SnapRecord::End { revision: r, records: n } if begun && r == revision && n == records => {
                 ended = true;
@@ -443,9 +451,12 @@ fn write_snapshot_records(dir: &Path, tmp: &Path, state: &State, max_record: u32
     let put = |out: &mut BufWriter<File>, record: &SnapRecord| -> Result<(), StorageError> {
         let payload = serde_json::to_vec(record).map_err(|e| damaged(tmp, 0, format!("cannot encode: {e}")))?;
         let what = || match record {
-            SnapRecord::Put(Update::PutPolicy { name, .. }) => format!("the snapshot record of policy {name:?}"),
-            SnapRecord::Put(Update::PutPrincipal(p)) => format!("the snapshot record of principal {:?}", p.arn),
-            SnapRecord::Put(Update::PutResource(r)) => format!("the snapshot record of resource {:?}", r.arn),
+            SnapRecord::Put(update) => match &**update {
+                Update::PutPolicy { name, .. } => format!("the snapshot record of policy {name:?}"),
+                Update::PutPrincipal(p) => format!("the snapshot record of principal {:?}", p.arn),
+                Update::PutResource(r) => format!("the snapshot record of resource {:?}", r.arn),
+                _ => "a snapshot record".to_string(),
+            },
             _ => "a snapshot record".to_string(),
         };
         check_size(tmp, what, &payload, max_record)?;
@@ -458,16 +469,19 @@ fn write_snapshot_records(dir: &Path, tmp: &Path, state: &State, max_record: u32
     for (name, policy) in policies {
         put(
             &mut out,
-            &SnapRecord::Put(Update::PutPolicy { name: name.to_string(), document: serde_json::Value::clone(&policy.source) }),
+            &SnapRecord::Put(Box::new(Update::PutPolicy {
+                name: name.to_string(),
+                document: serde_json::Value::clone(&policy.source),
+            })),
         )?;
         records += 1;
     }
     for p in state.principals() {
-        put(&mut out, &SnapRecord::Put(Update::PutPrincipal(principal_spec(p))))?;
+        put(&mut out, &SnapRecord::Put(Box::new(Update::PutPrincipal(principal_spec(p)))))?;
         records += 1;
     }
     for r in state.resources() {
-        put(&mut out, &SnapRecord::Put(Update::PutResource(resource_spec(r))))?;
+        put(&mut out, &SnapRecord::Put(Box::new(Update::PutResource(resource_spec(r)))))?;
         records += 1;
     }
     put(&mut out, &SnapRecord::End { revision, records })?;

@@ -48,6 +48,9 @@ pub struct Tagged {
     pub changed: bool,
 }
 
+/// The kept events a watch starts with, and the receiver of the live ones.
+pub type Following = (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>);
+
 /// Why a watch cannot start.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("events after revision {asked} are no longer kept (the oldest kept follows revision {dropped}); export the state and watch from its revision")]
@@ -554,7 +557,7 @@ impl Store {
 
     /// The kept events after `from` (none for 0) and a receiver for the live
     /// ones, with no gap and no repeat between them.
-    pub fn watch(&self, from: u64) -> Result<(Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>), WatchGone> {
+    pub fn watch(&self, from: u64) -> Result<Following, WatchGone> {
         let log = lock(&self.events);
         let rx = log.live.subscribe();
         if from == 0 {

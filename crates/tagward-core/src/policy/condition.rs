@@ -284,7 +284,7 @@ impl Condition {
                 None => return false,
             },
             Operand::Binary(values) => match decode_base64(value) {
-                Some(bytes) => values.iter().any(|p| *p == bytes),
+                Some(bytes) => values.contains(&bytes),
                 None => return false,
             },
             Operand::Ip(nets) => match value.parse::<IpAddr>() {
