@@ -11,7 +11,9 @@
 
 pub mod arn;
 pub mod change;
+pub mod document;
 pub mod engine;
+pub mod error;
 pub mod policy;
 pub mod state;
 pub mod tagging;
@@ -19,6 +21,7 @@ pub mod tags;
 pub mod world;
 
 pub use engine::{authorize, ContextValue, Decision, Reason, Request, RequestError};
+pub use error::ErrorCode;
 pub use policy::{Policy, PolicyError, PolicyKind};
 pub use state::State;
 pub use tagging::{TagError, TagOp, TagRequest};
