@@ -29,6 +29,58 @@ pub mod proto {
     pub const DURATION_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/duration_descriptor.bin"));
 }
 
+/// The URI of a gRPC address: `host:port` is reached over `http://`; an
+/// address with a scheme is kept as given. Every client (the scenario
+/// runner's backend, `tagward authorize`, the load tool) goes through here.
+pub fn uri(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// Every gRPC status code, in the order of its number, with its two
+/// spellings: the canonical one of the gRPC specification
+/// (`INVALID_ARGUMENT`, Tagward's metric label) and grpc-go's
+/// (`InvalidArgument`, the spelling ghz reports, which the load tool copies).
+const CODE_NAMES: [(Code, &str, &str); 17] = [
+    (Code::Ok, "OK", "OK"),
+    (Code::Cancelled, "CANCELLED", "Canceled"),
+    (Code::Unknown, "UNKNOWN", "Unknown"),
+    (Code::InvalidArgument, "INVALID_ARGUMENT", "InvalidArgument"),
+    (Code::DeadlineExceeded, "DEADLINE_EXCEEDED", "DeadlineExceeded"),
+    (Code::NotFound, "NOT_FOUND", "NotFound"),
+    (Code::AlreadyExists, "ALREADY_EXISTS", "AlreadyExists"),
+    (Code::PermissionDenied, "PERMISSION_DENIED", "PermissionDenied"),
+    (Code::ResourceExhausted, "RESOURCE_EXHAUSTED", "ResourceExhausted"),
+    (Code::FailedPrecondition, "FAILED_PRECONDITION", "FailedPrecondition"),
+    (Code::Aborted, "ABORTED", "Aborted"),
+    (Code::OutOfRange, "OUT_OF_RANGE", "OutOfRange"),
+    (Code::Unimplemented, "UNIMPLEMENTED", "Unimplemented"),
+    (Code::Internal, "INTERNAL", "Internal"),
+    (Code::Unavailable, "UNAVAILABLE", "Unavailable"),
+    (Code::DataLoss, "DATA_LOSS", "DataLoss"),
+    (Code::Unauthenticated, "UNAUTHENTICATED", "Unauthenticated"),
+];
+
+fn code_names(code: Code) -> (&'static str, &'static str) {
+    match CODE_NAMES.get(code as usize) {
+        Some(&(c, canonical, go)) if c == code => (canonical, go),
+        _ => ("UNKNOWN", "Unknown"),
+    }
+}
+
+/// The canonical name of a status code (`INVALID_ARGUMENT`).
+pub fn code_name(code: Code) -> &'static str {
+    code_names(code).0
+}
+
+/// The name grpc-go (and so ghz) gives a status code (`InvalidArgument`).
+pub fn go_code_name(code: Code) -> &'static str {
+    code_names(code).1
+}
+
 /// The `ErrorInfo.domain` of every Tagward error.
 pub const ERROR_DOMAIN: &str = "tagward";
 
@@ -100,5 +152,25 @@ pub fn error_name(status: &Status) -> Option<String> {
 pub fn update_error(e: UpdateError) -> proto::UpdateError {
     {
         proto::UpdateError { code: e.code.to_string(), message: e.message }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_has_its_place_in_the_table() {
+        for (i, (code, canonical, go)) in CODE_NAMES.iter().enumerate() {
+            assert_eq!(*code as usize, i);
+            assert_eq!(Code::from(i as i32), *code);
+            assert_eq!((code_name(*code), go_code_name(*code)), (*canonical, *go));
+        }
+    }
+
+    #[test]
+    fn addresses_without_a_scheme_get_http() {
+        assert_eq!(uri("127.0.0.1:50051"), "http://127.0.0.1:50051");
+        assert_eq!(uri("https://sidecar:443"), "https://sidecar:443");
     }
 }

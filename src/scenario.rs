@@ -13,6 +13,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use thiserror::Error;
 
+use tagward_core::document;
+use tagward_core::ErrorCode;
+
 use crate::engine::{authorize, ContextValue, Request};
 use crate::state::State;
 use crate::store::{Store, Ticket, Update};
@@ -141,17 +144,19 @@ impl ExpectReason {
     }
 }
 
-/// The error names a step may expect (docs/scenarios.md).
-pub const ERROR_NAMES: &[&str] = &[
-    "AccessDeniedException",
-    "NotFoundException",
-    "TagException",
-    "LimitExceededException",
-    "KMSInvalidStateException",
-    "UnsupportedOperationException",
-    "ValidationException",
-    "MalformedPolicyDocumentException",
-    "NoSuchEntityException",
+/// The errors a step may expect (docs/scenarios.md): the refusals a step can
+/// meet, not every [`ErrorCode`] (a scenario cannot provoke a storage
+/// failure or a revision timeout).
+pub const EXPECTABLE_ERRORS: &[ErrorCode] = &[
+    ErrorCode::AccessDenied,
+    ErrorCode::NotFound,
+    ErrorCode::Tag,
+    ErrorCode::LimitExceeded,
+    ErrorCode::KmsInvalidState,
+    ErrorCode::UnsupportedOperation,
+    ErrorCode::Validation,
+    ErrorCode::MalformedPolicyDocument,
+    ErrorCode::NoSuchEntity,
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -352,10 +357,11 @@ impl Step {
         let decision_fields = e.decision.is_some() || e.reason.is_some() || e.matched.is_some();
         let outcome_fields = [e.ok.is_some(), e.tags.is_some(), e.error.is_some()].iter().filter(|x| **x).count();
         if let Some(name) = &e.error {
-            if !ERROR_NAMES.contains(&name.as_str()) {
+            if !name.parse::<ErrorCode>().is_ok_and(|code| EXPECTABLE_ERRORS.contains(&code)) {
+                let names: Vec<&str> = EXPECTABLE_ERRORS.iter().map(|c| c.as_str()).collect();
                 return Err((
                     format!("{expect_path}.error"),
-                    format!("unknown error name {name:?}; expected one of {}", ERROR_NAMES.join(", ")),
+                    format!("unknown error name {name:?}; expected one of {}", names.join(", ")),
                 ));
             }
         }
@@ -448,16 +454,7 @@ impl Step {
 /// Parses scenario text (JSON, or YAML when `yaml`) and checks its shape.
 pub fn parse(file: &str, text: &str, yaml: bool) -> Result<Scenario, LoadError> {
     let fail = |path: &str, message: String| LoadError { file: file.to_string(), path: path.to_string(), message };
-    let value: Value = if yaml {
-        serde_norway::from_str(text).map_err(|e| fail("", format!("not valid YAML: {e}")))?
-    } else {
-        serde_json::from_str(text).map_err(|e| fail("", format!("not valid JSON: {e}")))?
-    };
-    let parsed: ScenarioFile = serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
-        fail(&path, e.into_inner().to_string())
-    })?;
+    let parsed: ScenarioFile = document::parse(text, yaml).map_err(|e| fail(&e.path, e.message))?;
     let world = WorldSpec { policies: parsed.policies, principals: parsed.principals, resources: parsed.resources };
     // Check the world now, so a broken policy fails the load, not step 1.
     world.build().map_err(|e| fail(&e.path, e.message))?;
@@ -479,8 +476,7 @@ pub fn load(path: &Path) -> Result<Scenario, LoadError> {
         path: String::new(),
         message: format!("cannot read: {e}"),
     })?;
-    let yaml = matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
-    parse(&file, &text, yaml)
+    parse(&file, &text, document::is_yaml(path))
 }
 
 /// The scenario files named by `paths`: files as given, directories

@@ -15,6 +15,7 @@ use super::proto::authorizer_client::AuthorizerClient;
 use super::proto::tagging_client::TaggingClient;
 use super::proto::update::Op;
 use super::{convert, error_name, proto};
+use crate::engine::Reason;
 use crate::scenario::{Backend, Observed, Operation};
 use crate::tagging::TagOp;
 use crate::world::WorldSpec;
@@ -30,8 +31,7 @@ pub struct GrpcBackend {
 }
 
 fn endpoint(addr: &str) -> Result<Endpoint, String> {
-    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    Endpoint::from_shared(uri).map_err(|e| format!("{addr:?} is not an address: {e}"))
+    Endpoint::from_shared(super::uri(addr)).map_err(|e| format!("{addr:?} is not an address: {e}"))
 }
 
 fn observed_error(status: &Status) -> Observed {
@@ -117,15 +117,7 @@ impl Backend for GrpcBackend {
                         let r = resp.into_inner();
                         Observed::Decision {
                             allowed: r.decision == proto::Decision::Allow as i32,
-                            reason: proto::Reason::try_from(r.reason)
-                                .map(|x| match x {
-                                    proto::Reason::Allowed => "Allowed",
-                                    proto::Reason::ExplicitDeny => "ExplicitDeny",
-                                    proto::Reason::ImplicitDeny => "ImplicitDeny",
-                                    proto::Reason::Unspecified => "Unspecified",
-                                })
-                                .unwrap_or("Unspecified")
-                                .to_string(),
+                            reason: convert::reason_from_proto(r.reason).map_or("Unspecified", Reason::as_str).to_string(),
                             matched: r
                                 .matched
                                 .iter()

@@ -143,6 +143,32 @@ fn effect(e: Effect) -> String {
     e.to_string()
 }
 
+/// The one mapping between the engine's reasons and the wire's (both ways).
+pub fn reason_to_proto(r: Reason) -> proto::Reason {
+    match r {
+        Reason::Allowed => proto::Reason::Allowed,
+        Reason::ExplicitDeny => proto::Reason::ExplicitDeny,
+        Reason::ImplicitDeny => proto::Reason::ImplicitDeny,
+    }
+}
+
+/// The engine's reason behind a wire reason; none for `REASON_UNSPECIFIED`
+/// or a number this build does not know.
+pub fn reason_from_proto(r: i32) -> Option<Reason> {
+    match proto::Reason::try_from(r).ok()? {
+        proto::Reason::Allowed => Some(Reason::Allowed),
+        proto::Reason::ExplicitDeny => Some(Reason::ExplicitDeny),
+        proto::Reason::ImplicitDeny => Some(Reason::ImplicitDeny),
+        proto::Reason::Unspecified => None,
+    }
+}
+
+/// A wire reason as the protobuf enum spells it (`EXPLICIT_DENY`), as
+/// `tagward authorize` prints it.
+pub fn reason_wire_name(r: i32) -> &'static str {
+    proto::Reason::try_from(r).unwrap_or(proto::Reason::Unspecified).as_str_name()
+}
+
 pub fn decision(d: Decision, revision: u64) -> proto::AuthorizeResponse {
     let sref = |s: &crate::engine::StatementRef| proto::StatementRef {
         policy: s.policy.to_string(),
@@ -152,11 +178,7 @@ pub fn decision(d: Decision, revision: u64) -> proto::AuthorizeResponse {
     };
     proto::AuthorizeResponse {
         decision: if d.allowed() { proto::Decision::Allow } else { proto::Decision::Deny } as i32,
-        reason: match d.reason {
-            Reason::Allowed => proto::Reason::Allowed,
-            Reason::ExplicitDeny => proto::Reason::ExplicitDeny,
-            Reason::ImplicitDeny => proto::Reason::ImplicitDeny,
-        } as i32,
+        reason: reason_to_proto(d.reason) as i32,
         matched: d.matched.iter().map(sref).collect(),
         missing_keys: d.missing_keys.iter().map(|k| k.to_string()).collect(),
         revision,
@@ -360,7 +382,8 @@ pub fn event(e: &Event) -> proto::WatchEvent {
     }
 }
 
-/// A domain request on the wire (for the scenario runner's gRPC backend).
+/// A domain request on the wire (for the scenario runner's gRPC backend and
+/// the load tool).
 pub fn request_to_proto(req: &Request) -> proto::AuthorizeRequest {
     proto::AuthorizeRequest {
         principal: req.principal.clone(),

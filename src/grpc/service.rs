@@ -37,20 +37,27 @@ pub struct Shared {
     pub decision_log: Option<DecisionLog>,
 }
 
+/// The codes Tagward answers with, labelled by their canonical name; any
+/// other is `OTHER`, so that the label stays bounded.
+const LABELLED_CODES: [Code; 10] = [
+    Code::Ok,
+    Code::InvalidArgument,
+    Code::PermissionDenied,
+    Code::NotFound,
+    Code::FailedPrecondition,
+    Code::DeadlineExceeded,
+    Code::Unavailable,
+    Code::Unauthenticated,
+    Code::OutOfRange,
+    Code::ResourceExhausted,
+];
+
 /// The gRPC code as a bounded metric label.
 fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::NotFound => "NOT_FOUND",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        _ => "OTHER",
+    if LABELLED_CODES.contains(&code) {
+        super::code_name(code)
+    } else {
+        "OTHER"
     }
 }
 

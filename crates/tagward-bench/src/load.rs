@@ -29,13 +29,13 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request};
+use tonic::Request;
 
 use crate::gen::{self, MixItem};
 use tagward::grpc::proto::admin_client::AdminClient;
 use tagward::grpc::proto::authorizer_client::AuthorizerClient;
+use tagward::grpc::convert::{self, request_to_proto};
 use tagward::grpc::proto::{self, update::Op};
-use tagward_core::engine;
 
 /// Which method the load calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,28 +225,9 @@ impl Stats {
     }
 }
 
-/// gRPC status code names as grpc-go (and so ghz) spells them.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "Canceled",
-        Code::Unknown => "Unknown",
-        Code::InvalidArgument => "InvalidArgument",
-        Code::DeadlineExceeded => "DeadlineExceeded",
-        Code::NotFound => "NotFound",
-        Code::AlreadyExists => "AlreadyExists",
-        Code::PermissionDenied => "PermissionDenied",
-        Code::ResourceExhausted => "ResourceExhausted",
-        Code::FailedPrecondition => "FailedPrecondition",
-        Code::Aborted => "Aborted",
-        Code::OutOfRange => "OutOfRange",
-        Code::Unimplemented => "Unimplemented",
-        Code::Internal => "Internal",
-        Code::Unavailable => "Unavailable",
-        Code::DataLoss => "DataLoss",
-        Code::Unauthenticated => "Unauthenticated",
-    }
-}
+/// gRPC status code names as grpc-go (and so ghz) spells them; the table
+/// behind them is `tagward::grpc`'s, which also gives the metric labels.
+pub use tagward::grpc::go_code_name as code_name;
 
 // ------------------------------------------------------------------ report
 
@@ -549,23 +530,7 @@ impl Report {
 
 /// The mix as Authorize requests.
 pub fn authorize_requests(mix: &[MixItem]) -> Vec<proto::AuthorizeRequest> {
-    mix.iter().map(|m| to_proto(&m.request)).collect()
-}
-
-fn tags(t: &[(String, String)]) -> Vec<proto::Tag> {
-    t.iter().map(|(k, v)| proto::Tag { key: k.clone(), value: v.clone() }).collect()
-}
-
-fn to_proto(r: &engine::Request) -> proto::AuthorizeRequest {
-    proto::AuthorizeRequest {
-        principal: r.principal.clone(),
-        action: r.action.clone(),
-        resource: r.resource.clone(),
-        request_tags: tags(&r.request_tags),
-        tag_keys: r.tag_keys.as_ref().map(|k| proto::StringList { values: k.clone() }),
-        session_tags: tags(&r.session_tags),
-        ..Default::default()
-    }
+    mix.iter().map(|m| request_to_proto(&m.request)).collect()
 }
 
 /// Batches of the generator as BatchAuthorize requests.
@@ -579,7 +544,7 @@ pub fn batch_requests(batches: &[(String, Vec<MixItem>)]) -> Vec<proto::BatchAut
                 .map(|m| proto::BatchItem {
                     action: m.request.action.clone(),
                     resource: m.request.resource.clone(),
-                    request_tags: tags(&m.request.request_tags),
+                    request_tags: convert::to_tags(m.request.request_tags.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
                     tag_keys: m.request.tag_keys.as_ref().map(|k| proto::StringList { values: k.clone() }),
                 })
                 .collect(),
@@ -701,18 +666,10 @@ pub fn batch_requests_from_json(data: &Value) -> Result<Vec<proto::BatchAuthoriz
 
 // ------------------------------------------------------------------ running
 
-fn uri(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
-}
-
 async fn connect(addr: &str, connections: usize) -> Result<Vec<Channel>, String> {
     let mut out = Vec::with_capacity(connections);
     for _ in 0..connections.max(1) {
-        let endpoint = Endpoint::from_shared(uri(addr))
+        let endpoint = Endpoint::from_shared(tagward::grpc::uri(addr))
             .map_err(|e| format!("{addr}: {e}"))?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5));
