@@ -3,13 +3,15 @@
 //!
 //! This package is the sidecar itself: [`grpc`] (the only place that knows
 //! tonic and prost), [`scenario`] (the `tagward test` runner), [`observe`]
-//! (metrics and the decision log) and the `tagward` command. The decision
-//! lives in `tagward-core`, the live store and its backends in
+//! (metrics and the decision log), [`ops`] (what `tagward export`,
+//! `import`, `test` and `authorize` do) and the `tagward` command, which
+//! only wires. The decision lives in `tagward-core`, the live store and its backends in
 //! `tagward-store`; their modules are re-exported here under the names they
 //! have always had.
 
 pub mod grpc;
 pub mod observe;
+pub mod ops;
 pub mod scenario;
 
 pub use tagward_core::{arn, change, engine, policy, state, tagging, tags, world};

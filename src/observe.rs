@@ -62,6 +62,23 @@ pub enum LogMode {
     Sample(u64),
 }
 
+/// Where decisions are logged, and which.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecisionLogConfig {
+    pub path: std::path::PathBuf,
+    pub mode: LogMode,
+    /// Records that may wait to be written; more are dropped (and counted).
+    pub queue: usize,
+}
+
+/// What `serve` observes beyond its logs: the decision log and the
+/// Prometheus listener, each off when `None`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings {
+    pub decision_log: Option<DecisionLogConfig>,
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
 /// The optional decision log.
 #[derive(Clone)]
 pub struct DecisionLog {

@@ -32,9 +32,9 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Request;
 
 use crate::gen::{self, MixItem};
+use tagward::grpc::convert::{self, request_to_proto};
 use tagward::grpc::proto::admin_client::AdminClient;
 use tagward::grpc::proto::authorizer_client::AuthorizerClient;
-use tagward::grpc::convert::{self, request_to_proto};
 use tagward::grpc::proto::{self, update::Op};
 
 /// Which method the load calls.
