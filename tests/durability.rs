@@ -11,7 +11,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,8 +23,6 @@ use tokio::time::timeout;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tagward");
-
 /// The keys of deploy/world/example.json.
 const KEY_A: &str = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
 const KEY_B: &str = "arn:aws:kms:us-east-1:111122223333:key/0987dcba-09fe-87dc-65ba-ab0987654321";
@@ -34,10 +32,6 @@ const KEY_C: &str = "arn:aws:kms:us-east-1:111122223333:key/5555eeee-0000-0000-0
 const START_LIMIT: Duration = Duration::from_secs(20);
 const EXIT_LIMIT: Duration = Duration::from_secs(15);
 const CALL_LIMIT: Duration = Duration::from_secs(10);
-
-fn manifest_dir() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn example_world() -> String {
     manifest_dir().join("deploy/world/example.json").to_string_lossy().into_owned()
@@ -132,141 +126,21 @@ fn flip_byte(path: &Path, at: u64) {
 
 // ------------------------------------------------------------------ processes
 
-/// A `tagward` child process with its stderr collected; killed if a test
-/// fails before it exits.
-struct Tagward {
-    child: Child,
-    stderr: Option<std::thread::JoinHandle<String>>,
-    data: String,
-    admin: String,
-}
-
-fn command(args: &[String]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args).current_dir(manifest_dir()).stdin(Stdio::null());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("TAGWARD_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("TAGWARD_LOG", "info");
-    cmd
-}
-
-impl Tagward {
-    fn spawn(args: &[String], data: String, admin: String) -> Tagward {
-        let (child, stderr) = spawn_collecting_stderr(command(args).stdout(Stdio::null()).stderr(Stdio::piped()));
-        Tagward { child, stderr: Some(stderr), data, admin }
-    }
-
-    fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        wait_for_exit(&mut self.child, limit)
-    }
-
-    /// Everything the process wrote to stderr (once it has exited).
-    fn stderr(&mut self) -> String {
-        self.stderr.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: &str) {
-        let pid = self.child.id().to_string();
-        let ok = Command::new("kill").args([sig, &pid]).status().expect("run kill").success();
-        assert!(ok, "kill {sig} {pid} failed");
-    }
-
-    /// SIGKILL; returns the stderr.
-    fn kill9(&mut self) -> String {
-        self.signal("-9");
-        let status = tokio::task::block_in_place(|| self.wait_for_exit(EXIT_LIMIT)).expect("the process dies after SIGKILL");
-        assert!(!status.success(), "{status}");
-        self.stderr()
-    }
-
-    /// SIGTERM; insists on a clean exit and returns the stderr.
-    fn term(&mut self) -> String {
-        self.signal("-TERM");
-        let status = tokio::task::block_in_place(|| self.wait_for_exit(EXIT_LIMIT))
-            .unwrap_or_else(|| panic!("tagward serve still running {EXIT_LIMIT:?} after SIGTERM"));
-        let stderr = self.stderr();
-        assert!(status.success(), "exit status {status} after SIGTERM:\n{stderr}");
-        assert_no_panic(&stderr);
-        stderr
-    }
-
-    async fn admin(&self) -> AdminClient<Channel> {
-        AdminClient::new(channel(self.admin.parse().unwrap()).await)
-    }
-
-    async fn authz(&self) -> AuthorizerClient<Channel> {
-        AuthorizerClient::new(channel(self.data.parse().unwrap()).await)
-    }
-
-    async fn tagging(&self) -> TaggingClient<Channel> {
-        TaggingClient::new(channel(self.data.parse().unwrap()).await)
-    }
-}
-
-impl Drop for Tagward {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 fn assert_no_panic(stderr: &str) {
     assert!(!stderr.contains("panicked"), "a panic:\n{stderr}");
 }
 
-/// `tagward serve --data-dir DIR` on free loopback ports plus `extra`,
-/// once it answers health checks with SERVING. Retries when a port it was
-/// given was taken meanwhile.
+/// `tagward serve --data-dir DIR` on loopback ports it picks plus `extra`,
+/// once it answers health checks with SERVING.
 async fn serve(dir: &Path, extra: &[&str]) -> Tagward {
-    for attempt in 0.. {
-        let (data, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
-        let mut args: Vec<String> =
-            ["serve", "--data-dir", &s(dir), "--listen", &data, "--admin-listen", &admin, "--shutdown-grace-secs", "5"]
-                .iter()
-                .map(|a| a.to_string())
-                .collect();
-        args.extend(extra.iter().map(|a| a.to_string()));
-        let mut server = Tagward::spawn(&args, data, admin);
-        match wait_serving(&mut server).await {
-            Ok(()) => return server,
-            Err(stderr) if stderr.contains("cannot listen") && attempt < 3 => continue,
-            Err(stderr) => panic!("tagward serve {args:?} exited early:\n{stderr}"),
-        }
-    }
-    unreachable!()
-}
-
-async fn wait_serving(server: &mut Tagward) -> Result<(), String> {
-    let deadline = Instant::now() + START_LIMIT;
-    loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            return Err(format!("exit status {status}\n{}", server.stderr()));
-        }
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", server.data))
-            .unwrap()
-            .connect_timeout(Duration::from_millis(500));
-        if let Ok(Ok(ch)) = timeout(Duration::from_secs(2), endpoint.connect()).await {
-            if let Ok(Ok(SERVING)) = timeout(Duration::from_secs(2), health_check(&mut HealthClient::new(ch), "")).await {
-                return Ok(());
-            }
-        }
-        assert!(Instant::now() < deadline, "tagward serve did not become SERVING on {} within {START_LIMIT:?}", server.data);
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let serve = Serve::new().args(["--data-dir", &s(dir), "--shutdown-grace-secs", "5"]).args(extra);
+    serve.start(START_LIMIT).await.unwrap_or_else(|stderr| panic!("tagward serve {:?} did not start:\n{stderr}", serve.argv()))
 }
 
 /// `tagward serve` that must refuse to start: exit code 2 within 10 s.
 /// Returns the stderr.
 fn serve_must_fail(dir: &Path) -> String {
-    let (data, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
-    let args: Vec<String> =
-        ["serve", "--data-dir", &s(dir), "--listen", &data, "--admin-listen", &admin].iter().map(|a| a.to_string()).collect();
-    let mut server = Tagward::spawn(&args, data, admin);
+    let mut server = Serve::new().args(["--data-dir", &s(dir)]).spawn();
     let status = server
         .wait_for_exit(Duration::from_secs(10))
         .unwrap_or_else(|| panic!("tagward serve started on the damaged directory {}", dir.display()));
@@ -656,7 +530,7 @@ async fn load_and_kill(server: &mut Tagward, round: u64, delay: Duration, acked:
 
     tokio::time::sleep(delay).await;
     killed.store(true, Ordering::SeqCst);
-    let stderr = server.kill9();
+    let stderr = server.kill9(EXIT_LIMIT);
 
     let mut load = RoundLoad::default();
     let (admin_acks, mut problems) = timeout(CALL_LIMIT, receiver).await.expect("the Apply reader ends").unwrap();
@@ -707,7 +581,7 @@ async fn kill_9_loses_no_acknowledged_change() {
         let restored = if round > 0 { Some(check_restored(&server, &acked, round).await.revision) } else { None };
 
         let stderr = if round == rounds {
-            server.term()
+            server.term(EXIT_LIMIT)
         } else {
             let mut rng = SplitMix(seed ^ round);
             let delay = Duration::from_millis(rng.range(100, 600));
@@ -744,7 +618,7 @@ async fn twenty_updates(dir: &Path) -> Vec<u64> {
     let mut server = serve(dir, &["--world", &example_world()]).await;
     let updates = (0..20).map(|i| set_tags(KEY_A, &[(&format!("T{i}"), &format!("v{i}"))])).collect();
     let revs = apply_acked(&mut server.admin().await, updates).await;
-    server.term();
+    server.term(EXIT_LIMIT);
     revs
 }
 
@@ -753,7 +627,7 @@ async fn twenty_updates(dir: &Path) -> Vec<u64> {
 async fn restart_after_torn_tail(dir: &Path, wal: &Path, offset: u64, bytes: u64, keep: usize, revision: u64, case: &str) {
     let mut server = serve(dir, &[]).await;
     let ex = export(&mut server.admin().await).await;
-    let stderr = server.term();
+    let stderr = server.term(EXIT_LIMIT);
     let (file, at, n) = cut_line(&stderr).unwrap_or_else(|| panic!("{case}: no `cut a torn tail` line:\n{stderr}"));
     assert_eq!(file, s(wal), "{case}: the line names the log");
     assert_eq!((at, n), (offset, bytes), "{case}: where and how much was cut:\n{stderr}");
@@ -772,7 +646,7 @@ async fn restart_after_torn_tail(dir: &Path, wal: &Path, offset: u64, bytes: u64
     // A second start finds nothing more to cut.
     let mut again = serve(dir, &[]).await;
     assert_eq!(export(&mut again.admin().await).await, ex, "{case}: a second restart");
-    let stderr = again.term();
+    let stderr = again.term(EXIT_LIMIT);
     assert!(!stderr.contains("cut a torn tail"), "{case}: cut again:\n{stderr}");
 }
 
@@ -835,10 +709,10 @@ async fn damage_in_the_middle_stops_the_start() {
     // Two logs: 10 changes, a clean restart (which starts a new log), 10 more.
     let mut server = serve(&base, &["--world", &example_world()]).await;
     apply_acked(&mut server.admin().await, (0..10).map(|i| set_tags(KEY_A, &[(&format!("T{i}"), "x")])).collect()).await;
-    server.term();
+    server.term(EXIT_LIMIT);
     let mut server = serve(&base, &[]).await;
     apply_acked(&mut server.admin().await, (10..20).map(|i| set_tags(KEY_A, &[(&format!("T{i}"), "x")])).collect()).await;
-    server.term();
+    server.term(EXIT_LIMIT);
     let logs = wals(&base);
     assert!(logs.len() >= 2, "two logs: {logs:?}");
 
@@ -898,7 +772,7 @@ async fn damage_in_the_middle_stops_the_start() {
     let mut server = serve(&base, &[]).await;
     let a = export(&mut server.admin().await).await.tags(KEY_A);
     assert!((0..20).all(|i| a.get(&format!("T{i}")).map(String::as_str) == Some("x")), "{a:?}");
-    server.term();
+    server.term(EXIT_LIMIT);
 }
 
 // ------------------------------------------------------------------ 4. clean restart
@@ -959,14 +833,14 @@ async fn clean_restart_keeps_revision_and_answers() {
     assert_eq!(before.0.revision, revision);
     assert!(before.1.iter().all(|r| r.revision == revision));
     assert!(before.1.iter().any(allowed) && !before.1.iter().all(allowed), "a mix of answers: {:#?}", before.1);
-    server.term();
+    server.term(EXIT_LIMIT);
 
     // Restored from the log.
     let mut server = serve(&dir, &[]).await;
     let after = (export(&mut server.admin().await).await, answers(&server).await);
     assert_eq!(after.0, before.0, "the export after a restart");
     assert_eq!(after.1, before.1, "the answers after a restart");
-    let stderr = server.term();
+    let stderr = server.term(EXIT_LIMIT);
     assert_eq!(restored_revision(&stderr), Some(revision), "{stderr}");
 
     // Restored from a snapshot: compact after every commit, change, wait for
@@ -981,12 +855,12 @@ async fn clean_restart_keeps_revision_and_answers() {
     }
     let before = (export(&mut server.admin().await).await, answers(&server).await);
     assert_eq!(before.0.revision, revision);
-    server.term();
+    server.term(EXIT_LIMIT);
     let mut server = serve(&dir, &[]).await;
     let after = (export(&mut server.admin().await).await, answers(&server).await);
     assert_eq!(after.0, before.0, "the export after a restart from a snapshot");
     assert_eq!(after.1, before.1, "the answers after a restart from a snapshot");
-    let stderr = server.term();
+    let stderr = server.term(EXIT_LIMIT);
     assert_eq!(restored_revision(&stderr), Some(revision), "{stderr}");
 }
 
@@ -1053,7 +927,7 @@ async fn world_file_seeds_only_an_empty_directory() {
     let seeded = export(&mut server.admin().await).await;
     assert_eq!(seeded.tags(KEY_A).get("Project").map(String::as_str), Some("Alpha"));
     let changed = apply_acked(&mut server.admin().await, vec![set_tags(KEY_A, &[("Project", "Gamma")])]).await[0];
-    let stderr = server.term();
+    let stderr = server.term(EXIT_LIMIT);
     assert!(stderr.contains("seeded the empty data directory from the world file"), "{stderr}");
 
     // The same --world again: the directory's state wins.
@@ -1061,7 +935,7 @@ async fn world_file_seeds_only_an_empty_directory() {
     let ex = export(&mut server.admin().await).await;
     assert_eq!(ex.revision, changed);
     assert_eq!(ex.tags(KEY_A).get("Project").map(String::as_str), Some("Gamma"), "the change was kept");
-    let stderr = server.term();
+    let stderr = server.term(EXIT_LIMIT);
     assert!(stderr.contains("the world file is not applied"), "{stderr}");
     assert_eq!(restored_revision(&stderr), Some(changed), "{stderr}");
 
@@ -1071,13 +945,13 @@ async fn world_file_seeds_only_an_empty_directory() {
     assert!(forced.revision > changed, "forced revision {} after {changed}", forced.revision);
     assert_eq!(forced.tags(KEY_A).get("Project").map(String::as_str), Some("Alpha"), "the world's tags are back");
     assert_eq!(forced.updates, seeded.updates, "exactly the world again");
-    let stderr = server.term();
+    let stderr = server.term(EXIT_LIMIT);
     assert!(stderr.contains("replaced the restored state with the world file"), "{stderr}");
 
     // And the replacement is durable: a start without a world keeps it.
     let mut server = serve(&dir, &[]).await;
     assert_eq!(export(&mut server.admin().await).await, forced, "the forced world after a restart");
-    let stderr = server.term();
+    let stderr = server.term(EXIT_LIMIT);
     assert_eq!(restored_revision(&stderr), Some(forced.revision), "{stderr}");
 }
 
@@ -1093,7 +967,7 @@ async fn export_and_import_round_trip() {
     some_changes(&server, "exported").await;
     let original = export(&mut server.admin().await).await;
     let original_answers = answers(&server).await;
-    server.term();
+    server.term(EXIT_LIMIT);
 
     let (code, _, stderr) = run(&["export".into(), "--data-dir".into(), s(&d), "--output".into(), s(&file)]);
     assert_eq!(code, Some(0), "tagward export: {stderr}");
@@ -1105,7 +979,7 @@ async fn export_and_import_round_trip() {
     let imported = export(&mut server.admin().await).await;
     assert_eq!(imported.updates, original.updates, "the imported state");
     let mut imported_answers = answers(&server).await;
-    let stderr = server.term();
+    let stderr = server.term(EXIT_LIMIT);
     assert!(restored_revision(&stderr).is_some(), "{stderr}");
     for (a, r) in imported_answers.iter_mut().zip(&original_answers) {
         a.revision = r.revision;
@@ -1153,5 +1027,5 @@ async fn import_and_force_world_are_audited() {
     // --force-world on serve: audited in the same default file before serving.
     let mut server = serve(&d, &["--world", &world, "--force-world"]).await;
     assert_eq!(replaced(&audit_events(&audit)), 2, "{:?}", audit_events(&audit));
-    server.term();
+    server.term(EXIT_LIMIT);
 }

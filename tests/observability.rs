@@ -5,8 +5,9 @@
 //! accounts for every decision (written or counted as dropped); an ephemeral
 //! sidecar writes an audit trail only when asked to.
 //!
-//! The real binary runs as a child process on free loopback ports with a
-//! scratch directory; every wait has a deadline.
+//! The real binary runs as a child process (tests/common/process.rs) on
+//! loopback ports it picks, with a scratch directory; every wait has a
+//! deadline.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failing test or bench stops loudly
 
 mod common;
@@ -15,7 +16,6 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -23,8 +23,6 @@ use serde_json::Value;
 use tagward::grpc::proto::{self, watch_event::Event as WatchKind};
 use tokio::time::timeout;
 use tonic::transport::Channel;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tagward");
 
 /// The keys of deploy/world/example.json.
 const KEY_A: &str = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
@@ -39,10 +37,6 @@ const CALL_LIMIT: Duration = Duration::from_secs(5);
 const MALFORMED_POLICY: &str =
     r#"{"Version": "2012-10-17", "Statement": [{"Effect": "Permit", "Action": "kms:Decrypt", "Resource": "*"}]}"#;
 const VALID_POLICY: &str = r#"{"Version": "2012-10-17", "Statement": [{"Sid": "ReadTags", "Effect": "Allow", "Action": "kms:ListResourceTags", "Resource": "*"}]}"#;
-
-fn manifest_dir() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn example_world() -> String {
     s(&manifest_dir().join("deploy/world/example.json"))
@@ -70,61 +64,31 @@ fn files_below(dir: &Path) -> Vec<PathBuf> {
 
 // ------------------------------------------------------------------ processes
 
-/// A `tagward serve` child process with its stderr collected; killed if a
-/// test fails before it exits.
-struct Tagward {
-    child: Child,
-    stderr: Option<std::thread::JoinHandle<String>>,
-    data: String,
-    admin: String,
+/// A `tagward serve` child process (tests/common/process.rs) and, when it
+/// was started with one, its metrics address.
+struct Sidecar {
+    process: Tagward,
     metrics: Option<String>,
 }
 
-impl Tagward {
-    fn spawn(args: &[String], cwd: &Path, env: &[(&str, &str)], data: String, admin: String, metrics: Option<String>) -> Tagward {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args).current_dir(cwd).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("TAGWARD_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env("TAGWARD_LOG", "info");
-        cmd.envs(env.iter().copied());
-        let (child, stderr) = spawn_collecting_stderr(&mut cmd);
-        Tagward { child, stderr: Some(stderr), data, admin, metrics }
-    }
+impl std::ops::Deref for Sidecar {
+    type Target = Tagward;
 
-    fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        wait_for_exit(&mut self.child, limit)
+    fn deref(&self) -> &Tagward {
+        &self.process
     }
+}
 
-    fn stderr(&mut self) -> String {
-        self.stderr.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default()
+impl std::ops::DerefMut for Sidecar {
+    fn deref_mut(&mut self) -> &mut Tagward {
+        &mut self.process
     }
+}
 
+impl Sidecar {
     /// SIGTERM; insists on a clean exit and returns the stderr.
     fn term(&mut self) -> String {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("run kill").success());
-        let status = tokio::task::block_in_place(|| self.wait_for_exit(EXIT_LIMIT))
-            .unwrap_or_else(|| panic!("tagward serve still running {EXIT_LIMIT:?} after SIGTERM"));
-        let stderr = self.stderr();
-        assert!(status.success(), "exit status {status} after SIGTERM:\n{stderr}");
-        assert!(!stderr.contains("panicked"), "a panic:\n{stderr}");
-        stderr
-    }
-
-    async fn authz(&self) -> AuthorizerClient<Channel> {
-        AuthorizerClient::new(channel(self.data.parse().unwrap()).await)
-    }
-
-    async fn tagging(&self) -> TaggingClient<Channel> {
-        TaggingClient::new(channel(self.data.parse().unwrap()).await)
-    }
-
-    async fn admin(&self) -> AdminClient<Channel> {
-        AdminClient::new(channel(self.admin.parse().unwrap()).await)
+        self.process.term(EXIT_LIMIT)
     }
 
     /// GET /metrics, parsed.
@@ -135,79 +99,57 @@ impl Tagward {
     }
 }
 
-impl Drop for Tagward {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// `tagward serve` on free loopback ports (and a metrics port when
+/// `tagward serve` on loopback ports it picks (and a metrics port when
 /// `metrics`) with `extra`, run in `cwd`, once it answers health checks with
-/// SERVING (and /metrics answers). Retries when a port it was given was
-/// taken meanwhile.
-async fn serve(cwd: &Path, extra: &[&str], metrics: bool) -> Tagward {
+/// SERVING (and /metrics answers).
+async fn serve(cwd: &Path, extra: &[&str], metrics: bool) -> Sidecar {
     serve_with_env(cwd, extra, metrics, &[]).await
 }
 
 /// [`serve`] with environment variables set for the process.
-async fn serve_with_env(cwd: &Path, extra: &[&str], metrics: bool, env: &[(&str, &str)]) -> Tagward {
+async fn serve_with_env(cwd: &Path, extra: &[&str], metrics: bool, env: &[(&str, &str)]) -> Sidecar {
     let mut last = String::new();
+    // The metrics port is the one port chosen here (with `free_port`, which
+    // races: the exporter cannot report a port it picked), so a start may
+    // find it taken; then it is tried again with another.
     for _attempt in 0..4 {
-        let data = format!("127.0.0.1:{}", free_port());
-        let admin = format!("127.0.0.1:{}", free_port());
         let metrics_addr = metrics.then(|| format!("127.0.0.1:{}", free_port()));
-        let mut args: Vec<String> = ["serve", "--listen", &data, "--admin-listen", &admin, "--shutdown-grace-secs", "3"]
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
+        let mut serve = Serve::new().cwd(cwd).args(["--shutdown-grace-secs", "3"]);
         if let Some(m) = &metrics_addr {
-            args.extend(["--metrics-listen".to_string(), m.clone()]);
+            serve = serve.args(["--metrics-listen", m]);
         }
-        args.extend(extra.iter().map(|a| a.to_string()));
-        let mut server = Tagward::spawn(&args, cwd, env, data, admin, metrics_addr);
-        match wait_serving(&mut server).await {
-            Ok(()) => return server,
-            Err(stderr) => last = format!("tagward {args:?} did not start:\n{stderr}"),
+        serve = serve.args(extra);
+        for (k, v) in env {
+            serve = serve.env(k, v);
+        }
+        let deadline = Instant::now() + START_LIMIT;
+        let mut process = serve.spawn();
+        let ready = match process.ready(START_LIMIT).await {
+            Ok(()) => wait_metrics(&mut process, metrics_addr.as_deref(), deadline).await,
+            Err(e) => Err(e),
+        };
+        match ready {
+            Ok(()) => return Sidecar { process, metrics: metrics_addr },
+            Err(stderr) => last = format!("tagward {:?} did not start:\n{stderr}", serve.argv()),
         }
     }
     panic!("{last}")
 }
 
-async fn wait_serving(server: &mut Tagward) -> Result<(), String> {
-    let deadline = Instant::now() + START_LIMIT;
-    let mut grpc_up = false;
+/// Waits until /metrics answers (when there is a metrics address).
+async fn wait_metrics(process: &mut Tagward, addr: Option<&str>, deadline: Instant) -> Result<(), String> {
+    let Some(addr) = addr else { return Ok(()) };
     loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            return Err(format!("exit status {status}\n{}", server.stderr()));
+        if let Some(status) = process.try_wait() {
+            return Err(format!("exit status {status}\n{}", process.stderr()));
         }
-        if !grpc_up {
-            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", server.data))
-                .unwrap()
-                .connect_timeout(Duration::from_millis(500));
-            if let Ok(Ok(ch)) = timeout(Duration::from_secs(2), endpoint.connect()).await {
-                if let Ok(Ok(SERVING)) = timeout(Duration::from_secs(2), health_check(&mut HealthClient::new(ch), "")).await {
-                    grpc_up = true;
-                }
-            }
-        }
-        if grpc_up {
-            match &server.metrics {
-                None => return Ok(()),
-                Some(addr) => {
-                    let addr = addr.clone();
-                    if tokio::task::block_in_place(|| http_get_metrics(&addr)).is_ok() {
-                        return Ok(());
-                    }
-                }
-            }
+        if tokio::task::block_in_place(|| http_get_metrics(addr)).is_ok() {
+            return Ok(());
         }
         if Instant::now() >= deadline {
-            let _ = server.child.kill();
-            let _ = server.child.wait();
-            return Err(format!("not ready within {START_LIMIT:?}\n{}", server.stderr()));
+            process.signal("-9");
+            let _ = process.wait_for_exit(EXIT_LIMIT);
+            return Err(format!("/metrics not answering within {START_LIMIT:?}\n{}", process.stderr()));
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }

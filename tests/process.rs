@@ -1,12 +1,11 @@
 //! `tagward serve` as an operator runs it: the real binary as a child
-//! process on free loopback ports, driven over gRPC and by `tagward test
+//! process on loopback ports it picks (tests/common/process.rs), driven over gRPC and by `tagward test
 //! --server`, stopped with SIGTERM.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failing test or bench stops loudly
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,102 +14,16 @@ use common::*;
 use tagward::grpc::proto;
 use tokio::time::timeout;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tagward");
-
-fn manifest_dir() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A `tagward` child process with its stderr collected; killed if a test
-/// fails before it exits.
-struct Tagward {
-    child: Child,
-    stderr: Option<std::thread::JoinHandle<String>>,
-}
-
-impl Tagward {
-    fn spawn(args: &[&str]) -> Tagward {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args).current_dir(manifest_dir()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        for var in [
-            "TAGWARD_LISTEN",
-            "TAGWARD_ADMIN_LISTEN",
-            "TAGWARD_ADMIN_TOKEN",
-            "TAGWARD_ADMIN_TOKEN_FILE",
-            "TAGWARD_WORLD",
-            "TAGWARD_LOG_FORMAT",
-            "TAGWARD_SHUTDOWN_GRACE_SECS",
-        ] {
-            cmd.env_remove(var);
-        }
-        cmd.env("TAGWARD_LOG", "info");
-        let (child, stderr) = spawn_collecting_stderr(&mut cmd);
-        Tagward { child, stderr: Some(stderr) }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits for the process to exit, at most `limit`.
-    fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        wait_for_exit(&mut self.child, limit)
-    }
-
-    /// Everything the process wrote to stderr (after it has exited).
-    fn stderr(&mut self) -> String {
-        self.stderr.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default()
-    }
-}
-
-impl Drop for Tagward {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Waits until the data plane answers health checks with SERVING.
-async fn wait_serving(addr: &str, server: &mut Tagward) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            panic!("tagward serve exited early with {status}: {}", server.stderr());
-        }
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect_timeout(Duration::from_millis(500));
-        if let Ok(ch) = endpoint.connect().await {
-            if let Ok(SERVING) = health_check(&mut HealthClient::new(ch), "").await {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "tagward serve did not become SERVING on {addr}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_runs_the_scenarios_and_stops_cleanly_on_sigterm() {
-    let (data, admin_addr) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
-    let data_dir = std::env::temp_dir().join(format!("tagward-process-{}-{}", std::process::id(), free_port()));
-    let data_dir = data_dir.to_string_lossy().into_owned();
-    let mut server = Tagward::spawn(&[
-        "serve",
-        "--data-dir",
-        &data_dir,
-        "--listen",
-        &data,
-        "--admin-listen",
-        &admin_addr,
-        "--world",
-        "deploy/world/example.json",
-        "--shutdown-grace-secs",
-        "10",
-    ]);
-    wait_serving(&data, &mut server).await;
+    let scratch = Scratch::new("process");
+    let data_dir = scratch.join("data").to_string_lossy().into_owned();
+    let mut server = Serve::new()
+        .args(["--data-dir", &data_dir, "--world", "deploy/world/example.json", "--shutdown-grace-secs", "10"])
+        .start(Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("tagward serve did not become SERVING: {e}"));
+    let (data, admin_addr) = (server.data().to_string(), server.admin_addr().to_string());
     for service in ["tagward.v1.Authorizer", "tagward.v1.Tagging"] {
         let mut health = HealthClient::new(channel(data.parse().unwrap()).await);
         assert_eq!(health_check(&mut health, service).await.unwrap(), SERVING, "{service}");
@@ -171,9 +84,7 @@ async fn serve_runs_the_scenarios_and_stops_cleanly_on_sigterm() {
     }
 
     signalled.store(true, Ordering::Release);
-    let pid = server.pid().to_string();
-    let kill = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
-    assert!(kill.success());
+    server.signal("-TERM");
     let stopping = Instant::now();
     let status = tokio::task::block_in_place(|| server.wait_for_exit(Duration::from_secs(15)));
     let status = status.unwrap_or_else(|| panic!("tagward serve still running 15 s after SIGTERM"));
@@ -196,22 +107,22 @@ async fn serve_runs_the_scenarios_and_stops_cleanly_on_sigterm() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn admin_beyond_loopback_without_a_token_exits_2() {
-    let data = format!("127.0.0.1:{}", free_port());
-    let admin = format!("0.0.0.0:{}", free_port());
-    let mut server = Tagward::spawn(&[
-        "serve",
-        "--ephemeral",
-        "--listen",
-        &data,
-        "--admin-listen",
-        &admin,
-        "--world",
-        "deploy/world/example.json",
-    ]);
+    let admin = "0.0.0.0:0";
+    let mut server = Serve::new().admin_listen(admin).args(["--ephemeral", "--world", "deploy/world/example.json"]).spawn();
     let status = tokio::task::block_in_place(|| server.wait_for_exit(Duration::from_secs(10)))
         .unwrap_or_else(|| panic!("tagward serve started with an admin listener on {admin} and no token"));
     let stderr = server.stderr();
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("admin token"), "the message says what is missing:\n{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn the_serving_line_is_read_in_both_formats() {
+    let plain = "2026-01-01T00:00:00Z  INFO tagward::grpc::server: serving data_addr=127.0.0.1:4001 admin_addr=127.0.0.1:4002 token=false\n";
+    let json = r#"{"level":"INFO","fields":{"message":"serving","data_addr":"127.0.0.1:4001","admin_addr":"127.0.0.1:4002","token":false}}"#;
+    let want = Some(("127.0.0.1:4001".parse().unwrap(), "127.0.0.1:4002".parse().unwrap()));
+    assert_eq!(common::process::serving_addrs(plain), want);
+    assert_eq!(common::process::serving_addrs(json), want);
+    assert_eq!(common::process::serving_addrs("INFO tagward: state ready"), None);
 }

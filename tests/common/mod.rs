@@ -1,12 +1,12 @@
 //! Helpers shared by the gRPC integration tests: a test world, a server on
-//! loopback, clients, and small builders for admin updates.
+//! loopback, clients, small builders for admin updates, and (in [`process`])
+//! the harness for `tagward` child processes.
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, ExitStatus};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,10 @@ pub use tagward::grpc::proto::admin_client::AdminClient;
 pub use tagward::grpc::proto::authorizer_client::AuthorizerClient;
 pub use tagward::grpc::proto::tagging_client::TaggingClient;
 pub use tonic_health::pb::health_client::HealthClient;
+
+pub mod process;
+#[allow(unused_imports)] // each test file uses its part
+pub use process::{command, manifest_dir, Serve, Tagward, BIN};
 
 pub const ALPHA_APP: &str = "arn:aws:iam::111122223333:role/AlphaApp";
 pub const BETA_APP: &str = "arn:aws:iam::111122223333:role/BetaApp";
@@ -219,6 +223,10 @@ pub fn item(action: &str, resource: &str) -> proto::BatchItem {
 }
 
 /// Reserves a free loopback port (bind to port 0, read it, release it).
+/// Racy: another process may take the port before the server binds it. Only
+/// for `--metrics-listen`, whose exporter binds its own listener and cannot
+/// report the port it got; the data and admin listeners are given port 0 and
+/// read back from the `serving` log line (see [`process`]).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -275,17 +283,4 @@ pub fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// Starts `cmd` (whose stderr must be piped) and collects its stderr on a
-/// thread; join the handle once the process has exited.
-pub fn spawn_collecting_stderr(cmd: &mut Command) -> (Child, std::thread::JoinHandle<String>) {
-    let mut child = cmd.spawn().expect("start tagward");
-    let mut pipe = child.stderr.take().expect("stderr is piped");
-    let stderr = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = pipe.read_to_string(&mut s);
-        s
-    });
-    (child, stderr)
 }
