@@ -9,6 +9,7 @@ pub mod service;
 
 use std::collections::HashMap;
 
+use tagward_core::ErrorCode;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -93,7 +94,7 @@ pub fn status(code: Code, name: &str, message: impl Into<String>, metadata: Hash
 pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
     let mut meta = HashMap::new();
     meta.insert("field".to_string(), field.to_string());
-    status(Code::InvalidArgument, "ValidationException", format!("{field}: {reason}"), meta)
+    status(Code::InvalidArgument, ErrorCode::Validation.as_str(), format!("{field}: {reason}"), meta)
 }
 
 /// A refused request as INVALID_ARGUMENT naming the field.
@@ -139,7 +140,7 @@ pub fn tag_status(e: TagError) -> Status {
 /// A revision not reached in time: DEADLINE_EXCEEDED.
 pub fn revision_status(e: RevisionTimeout) -> Status {
     {
-        status(Code::DeadlineExceeded, "RevisionNotReached", e.to_string(), HashMap::new())
+        status(Code::DeadlineExceeded, ErrorCode::RevisionNotReached.as_str(), e.to_string(), HashMap::new())
     }
 }
 

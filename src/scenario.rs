@@ -233,7 +233,7 @@ impl Backend for InProcess {
     fn run(&mut self, op: &Operation) -> Observed {
         let admin = |update: Update| match self.store.apply(&update, "scenario").map(Ticket::wait) {
             Ok(Ok(_)) => Observed::Ok { tags: None },
-            Ok(Err(e)) => Observed::Error { name: "StorageFailed".into(), message: e.to_string() },
+            Ok(Err(e)) => Observed::Error { name: ErrorCode::StorageFailed.to_string(), message: e.to_string() },
             Err(e) => Observed::Error { name: e.code.to_string(), message: e.message },
         };
         match op {
@@ -244,7 +244,7 @@ impl Backend for InProcess {
                     matched: d.matched.iter().map(|s| (s.to_string(), s.sid.as_deref().map(str::to_string))).collect(),
                     missing: d.missing_keys.iter().map(|k| k.to_string()).collect(),
                 },
-                Err(e) => Observed::Error { name: "ValidationException".into(), message: e.to_string() },
+                Err(e) => Observed::Error { name: ErrorCode::Validation.to_string(), message: e.to_string() },
             },
             Operation::Tag(req) => match self.store.tag(req).and_then(|(done, ticket)| {
                 ticket.wait().map_err(|e| TagError::Unavailable(e.to_string()))?;
@@ -372,7 +372,7 @@ impl Step {
             // A request the engine refuses (a malformed field, session tags
             // on a principal that is not a session) answers no decision.
             let refused = e.error.is_some() && !decision_fields && e.ok.is_none() && e.tags.is_none();
-            if refused && e.error.as_deref() != Some("ValidationException") {
+            if refused && e.error.as_deref() != Some(ErrorCode::Validation.as_str()) {
                 return Err((
                     format!("{expect_path}.error"),
                     "an authorize step can only be refused as a malformed request: expect \"ValidationException\"".into(),
@@ -488,7 +488,7 @@ pub fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, LoadError> {
         for p in entries {
             if p.is_dir() {
                 walk(&p, out)?;
-            } else if matches!(p.extension().and_then(|e| e.to_str()), Some("json" | "yaml" | "yml")) {
+            } else if document::is_yaml(&p) || p.extension().is_some_and(|e| e == "json") {
                 out.push(p);
             }
         }

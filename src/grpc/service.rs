@@ -22,6 +22,7 @@ use crate::state::State;
 use crate::store::{Store, Ticket, UpdateError};
 use crate::tagging::{perform, TagError};
 use crate::world::WorldSpec;
+use tagward_core::ErrorCode;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -360,7 +361,10 @@ impl AdminService {
                         Err(e) => proto::ApplyResponse {
                             id,
                             revision: store.revision(),
-                            error: Some(proto::UpdateError { code: "StorageFailed".into(), message: e.to_string() }),
+                            error: Some(proto::UpdateError {
+                                code: ErrorCode::StorageFailed.to_string(),
+                                message: e.to_string(),
+                            }),
                         },
                     },
                     Err(e) => {
@@ -386,8 +390,11 @@ impl AdminService {
 
     async fn watch_stream(&self, request: Request<proto::WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let from = request.get_ref().from_revision;
-        let (backlog, mut live) =
-            self.0.store.watch(from).map_err(|e| status(Code::OutOfRange, "RevisionGone", e.to_string(), Default::default()))?;
+        let (backlog, mut live) = self
+            .0
+            .store
+            .watch(from)
+            .map_err(|e| status(Code::OutOfRange, ErrorCode::RevisionGone.as_str(), e.to_string(), Default::default()))?;
         let (tx, rx) = mpsc::channel(256);
         let mut shutdown = self.0.shutdown.clone();
         tokio::spawn(async move {
