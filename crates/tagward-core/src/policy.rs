@@ -35,8 +35,8 @@ pub struct PolicyError {
 }
 
 impl PolicyError {
-    fn at(path: &str, message: impl Into<String>) -> PolicyError {
-        PolicyError { path: path.to_string(), message: message.into() }
+    fn at(path: &str, message: impl fmt::Display) -> PolicyError {
+        PolicyError { path: path.to_string(), message: message.to_string() }
     }
 }
 
@@ -553,12 +553,20 @@ fn condition_values(path: &str, value: &Value) -> Result<Vec<String>, PolicyErro
     }
 }
 
+/// The known name that `found` spells in another case, for a "did you
+/// mean" hint (element names and operators are case-sensitive).
+pub(crate) fn near_miss<'a>(found: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    known.into_iter().find(|k| k.eq_ignore_ascii_case(found))
+}
+
+/// The hint for a near miss, e.g. ` (did you mean "Effect"? element names
+/// are case-sensitive)`; empty without one. `what` names the kind of name.
+pub(crate) fn did_you_mean(suggestion: Option<&str>, what: &str) -> String {
+    suggestion.map(|s| format!(" (did you mean {s:?}? {what} are case-sensitive)")).unwrap_or_default()
+}
+
 fn unknown_field(found: &str, expected: &[&str]) -> String {
-    let hint = expected
-        .iter()
-        .find(|e| e.eq_ignore_ascii_case(found))
-        .map(|e| format!(" (did you mean {e:?}? element names are case-sensitive)"))
-        .unwrap_or_default();
+    let hint = did_you_mean(near_miss(found, expected.iter().copied()), "element names");
     format!("unknown element {found:?}{hint}; expected one of {}", expected.join(", "))
 }
 
