@@ -308,7 +308,7 @@ impl<'a> Eval<'a> {
             considered: explain.then(Vec::new),
         };
         if let Some(p) = self.principal {
-            for (name, policy) in &p.resolved {
+            for (name, policy) in p.resolved() {
                 self.run_policy(policy, || PolicyRef::Managed(name.clone()), action, &mut c);
             }
             for (name, policy) in &p.inline {
@@ -506,7 +506,7 @@ impl Context for Eval<'_> {
                 None => Values::Missing,
             },
             KeyRef::PrincipalArn => match (self.caller.kind, self.principal) {
-                (CallerKind::Session { .. }, Some(role)) => Values::One(Cow::Borrowed(&role.arn)),
+                (CallerKind::Session { .. }, Some(role)) => Values::One(Cow::Borrowed(role.arn())),
                 (CallerKind::Session { role, .. }, None) => {
                     Values::One(Cow::Owned(format!("arn:{}:iam::{}:role/{role}", self.caller.partition, self.caller.account)))
                 }

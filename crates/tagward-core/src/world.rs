@@ -144,11 +144,11 @@ impl ResourceBuilder {
                 Ok(key_fields.entry(text.to_string()).or_insert_with(|| Arc::from(text)).clone())
             };
             let state = match &spec.key_state {
-                Some(s) => s.parse::<KeyState>().map_err(|e| err(format!("{path}.key_state"), e))?,
+                Some(s) => s.parse::<KeyState>().map_err(|e| err(format!("{path}.key_state"), e.to_string()))?,
                 None => KeyState::Enabled,
             };
             let manager = match &spec.key_manager {
-                Some(s) => s.parse::<KeyManager>().map_err(|e| err(format!("{path}.key_manager"), e))?,
+                Some(s) => s.parse::<KeyManager>().map_err(|e| err(format!("{path}.key_manager"), e.to_string()))?,
                 None => KeyManager::Customer,
             };
             let (policy, default_policy) = match &spec.key_policy {
@@ -276,9 +276,9 @@ impl WorldSpec {
 /// export of the rebuilt principal gives the same lists.
 pub fn principal_spec(p: &Principal) -> PrincipalSpec {
     let (policies, pending): (Vec<&Arc<str>>, Vec<&Arc<str>>) =
-        p.managed.iter().partition(|name| p.resolved.iter().any(|(r, _)| r == *name));
+        p.managed.iter().partition(|name| p.resolved().iter().any(|(r, _)| r == *name));
     PrincipalSpec {
-        arn: p.arn.to_string(),
+        arn: p.arn().to_string(),
         tags: tag_map(&p.tags),
         policies: policies.into_iter().map(|n| n.to_string()).collect(),
         pending_policies: pending.into_iter().map(|n| n.to_string()).collect(),
