@@ -14,6 +14,7 @@ pub mod change;
 pub mod document;
 pub mod engine;
 pub mod error;
+pub mod path;
 pub mod policy;
 pub mod state;
 pub mod tagging;
