@@ -23,9 +23,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use tagward_core::engine::Request;
-use tagward_core::policy::PolicyKind;
 use tagward_core::state::State;
-use tagward_core::world::{build_principal, compile_policy, PrincipalSpec, ResourceBuilder, ResourceSpec, WorldError, WorldSpec};
+use tagward_core::world::{PrincipalSpec, ResourceSpec, WorldBuilder, WorldError, WorldSpec};
 
 /// The account every generated entity lives in.
 pub const ACCOUNT: &str = "111122223333";
@@ -369,26 +368,23 @@ impl GenSpec {
 
     /// Adds (or replaces) the policies and principals.
     pub fn add_policies(&self, state: &mut State) -> Result<(), WorldError> {
+        // The generator's ARNs are unique; not remembering them keeps a
+        // million-key world's build from holding a second copy of each.
+        let mut builder = WorldBuilder::new(state).trusting_unique_arns();
         for (name, doc) in self.policies() {
-            let path = format!("policies.{name}");
-            let policy = compile_policy(&path, &doc, PolicyKind::Identity)?;
-            state.put_policy(&name, policy).map_err(|e| WorldError { path, message: e.to_string() })?;
+            builder.policy(&name, &doc)?;
         }
-        for (i, spec) in self.principals().enumerate() {
-            let path = format!("principals[{i}]");
-            let principal = build_principal(&path, &spec, state, true)?;
-            state.put_principal(principal).map_err(|e| WorldError { path, message: e.to_string() })?;
+        for spec in self.principals() {
+            builder.principal(&spec)?;
         }
         Ok(())
     }
 
     /// Adds the resources.
     pub fn add_resources(&self, state: &mut State) -> Result<(), WorldError> {
-        let mut builder = ResourceBuilder::default();
-        for (i, spec) in self.resources().enumerate() {
-            let path = format!("resources[{i}]");
-            let resource = builder.build(&path, &spec)?;
-            state.put_resource(resource).map_err(|e| WorldError { path, message: e.to_string() })?;
+        let mut builder = WorldBuilder::new(state).trusting_unique_arns();
+        for spec in self.resources() {
+            builder.resource(&spec)?;
         }
         Ok(())
     }

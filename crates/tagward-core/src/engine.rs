@@ -20,6 +20,7 @@ use smallvec::SmallVec;
 use thiserror::Error;
 
 use crate::arn::{check_resource, Arn, Caller, CallerKind};
+use crate::path::FieldPath;
 use crate::policy::condition::{parse_date, ArnParts, Context, Values};
 use crate::policy::keys::KeyRef;
 use crate::policy::pattern::Resolve;
@@ -75,10 +76,11 @@ impl Request {
         check_resource(&self.resource).map_err(|e| RequestError::new("resource", e.to_string()))?;
         check_session_tags(&caller, &self.session_tags)?;
         for (name, _) in &self.context {
-            let key = KeyRef::parse(name).map_err(|e| RequestError::new(format!("context[{name:?}]"), e.to_string()))?;
+            let key = KeyRef::parse(name)
+                .map_err(|e| RequestError::new(FieldPath::field("context").key(name.as_str()), e.to_string()))?;
             if key.filled_by_service() {
                 return Err(RequestError::new(
-                    format!("context[{name:?}]"),
+                    FieldPath::field("context").key(name.as_str()),
                     "this key is filled in by Tagward from its own state; give request tags, tag keys or session tags in their own fields",
                 ));
             }
@@ -106,12 +108,12 @@ pub fn check_session_tags(caller: &Caller<'_>, session_tags: &[(String, String)]
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("{field}: {reason}")]
 pub struct RequestError {
-    pub field: String,
+    pub field: FieldPath,
     pub reason: String,
 }
 
 impl RequestError {
-    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> RequestError {
+    pub fn new(field: impl Into<FieldPath>, reason: impl Into<String>) -> RequestError {
         RequestError { field: field.into(), reason: reason.into() }
     }
 }

@@ -81,6 +81,18 @@ impl FieldPath {
     }
 }
 
+/// Text matching on the displayed path, for callers that still classify
+/// errors by their path (prefer the error's `code()`).
+impl FieldPath {
+    pub fn contains(&self, text: &str) -> bool {
+        self.to_string().contains(text)
+    }
+
+    pub fn ends_with(&self, text: &str) -> bool {
+        self.to_string().ends_with(text)
+    }
+}
+
 impl fmt::Display for FieldPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, segment) in self.0.iter().enumerate() {
@@ -98,6 +110,18 @@ impl fmt::Display for FieldPath {
 /// A path given as text is one field of that name (it is not parsed).
 impl From<&str> for FieldPath {
     fn from(name: &str) -> FieldPath {
+        FieldPath::field(name)
+    }
+}
+
+impl From<&String> for FieldPath {
+    fn from(name: &String) -> FieldPath {
+        FieldPath::field(name.as_str())
+    }
+}
+
+impl From<String> for FieldPath {
+    fn from(name: String) -> FieldPath {
         FieldPath::field(name)
     }
 }

@@ -362,10 +362,7 @@ mod tests {
         let mut dup = tags.clone();
         dup.push(("KEY-7".into(), "w".into()));
         let pairs = dup.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-        assert_eq!(
-            ci.with(pairs),
-            Err(TagRuleError::DuplicateKey { first: "key-7".into(), second: "KEY-7".into() }.into())
-        );
+        assert_eq!(ci.with(pairs), Err(TagRuleError::DuplicateKey { first: "key-7".into(), second: "KEY-7".into() }.into()));
     }
 
     #[test]

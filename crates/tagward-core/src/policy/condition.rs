@@ -349,9 +349,9 @@ impl Condition {
             Family::Bool => Operand::Bool(parse_all(values, parse_bool, ConditionError::NotABool)?),
             Family::Binary => Operand::Binary(parse_all(values, decode_base64, ConditionError::NotBase64)?),
             Family::Ip => Operand::Ip(parse_all(values, parse_net, ConditionError::NotAnAddress)?),
-            Family::Arn => Operand::Arn(
-                values.iter().map(|v| ArnPattern::compile(v, variables, variables)).collect::<Result<Vec<_>, _>>()?,
-            ),
+            Family::Arn => {
+                Operand::Arn(values.iter().map(|v| ArnPattern::compile(v, variables, variables)).collect::<Result<Vec<_>, _>>()?)
+            }
             Family::Null => {
                 let mut want = None;
                 for v in values {
@@ -364,7 +364,15 @@ impl Condition {
                 Operand::Null(want.unwrap_or(true))
             }
         };
-        Ok(Condition { operator: operator.into(), key_name: key_name.into(), key, set, negated: spec.negated, if_exists, operand })
+        Ok(Condition {
+            operator: operator.into(),
+            key_name: key_name.into(),
+            key,
+            set,
+            negated: spec.negated,
+            if_exists,
+            operand,
+        })
     }
 
     /// Evaluates the condition against a request.
@@ -763,10 +771,7 @@ mod tests {
         assert!(BaseOperator::ArnNotLike.spec().like && BaseOperator::ArnNotLike.spec().negated);
         assert_eq!(
             Operator::parse("ForAllValues:stringlike"),
-            Err(ConditionError::UnknownOperator {
-                operator: "ForAllValues:stringlike".into(),
-                suggestion: Some("StringLike")
-            })
+            Err(ConditionError::UnknownOperator { operator: "ForAllValues:stringlike".into(), suggestion: Some("StringLike") })
         );
     }
 
