@@ -366,8 +366,8 @@ impl<'a> Eval<'a> {
 
     fn run_policy(&self, policy: &Policy, name: impl Fn() -> PolicyRef, action: &ActionKey<'_>, c: &mut Collector) {
         for &i in policy.candidates(action) {
-            let st = &policy.statements[i as usize];
-            let grant = self.check(st, policy.kind, action, c);
+            let st = &policy.statements()[i as usize];
+            let grant = self.check(st, policy.kind(), action, c);
             let applies = grant.is_ok();
             if !applies && c.considered.is_none() {
                 continue;
@@ -381,7 +381,7 @@ impl<'a> Eval<'a> {
                 list.push(Considered { statement: sref.clone(), outcome: Outcome::Applies });
             }
             let Ok(grant) = grant else { continue };
-            match (st.effect, policy.kind) {
+            match (st.effect, policy.kind()) {
                 (Effect::Deny, _) => c.denies.push(sref),
                 (Effect::Allow, PolicyKind::Identity) => c.identity_allows.push(sref),
                 (Effect::Allow, _) => c.resource_allows.push((sref, grant)),

@@ -195,13 +195,15 @@ pub enum Version {
     V2008,
 }
 
-/// A compiled policy document.
+/// A compiled policy document. Everything but the source document is read
+/// through accessors: the statements and the action index over them are
+/// built together and must not drift apart.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    pub kind: PolicyKind,
-    pub version: Version,
-    pub id: Option<String>,
-    pub statements: Vec<Statement>,
+    kind: PolicyKind,
+    version: Version,
+    id: Option<String>,
+    statements: Vec<Statement>,
     index: ActionIndex,
     /// The document as it was given, for export.
     pub source: Arc<Value>,
@@ -277,6 +279,24 @@ impl Policy {
         }
         let index = build_index(&statements);
         Ok(Policy { kind, version, id, statements, index, source: Arc::new(doc.clone()) })
+    }
+
+    pub fn kind(&self) -> PolicyKind {
+        self.kind
+    }
+
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The document's `Id`.
+    pub fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+
+    /// The statements, in document order (indices match [`Policy::candidates`]).
+    pub fn statements(&self) -> &[Statement] {
+        &self.statements
     }
 
     /// The statements that may cover `action_lower` (a lowercased
