@@ -126,15 +126,40 @@ impl From<String> for FieldPath {
     }
 }
 
+/// Compares displayed text with an expected string as it is written.
+struct Compare<'a> {
+    rest: &'a str,
+    same: bool,
+}
+
+impl fmt::Write for Compare<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        match self.rest.strip_prefix(s) {
+            Some(rest) if self.same => self.rest = rest,
+            _ => self.same = false,
+        }
+        Ok(())
+    }
+}
+
+impl FieldPath {
+    /// True when the path displays as `text`.
+    pub fn is(&self, text: &str) -> bool {
+        let mut compare = Compare { rest: text, same: true };
+        let _ = fmt::Write::write_fmt(&mut compare, format_args!("{self}"));
+        compare.same && compare.rest.is_empty()
+    }
+}
+
 impl PartialEq<str> for FieldPath {
     fn eq(&self, other: &str) -> bool {
-        self.to_string() == other
+        self.is(other)
     }
 }
 
 impl PartialEq<&str> for FieldPath {
     fn eq(&self, other: &&str) -> bool {
-        self.to_string() == *other
+        self.is(other)
     }
 }
 
@@ -152,5 +177,6 @@ mod tests {
         assert_eq!(p, "put_resource.key_policy.Statement");
         assert!(p.has_field("key_policy") && !p.has_field("key"));
         assert_eq!(p.last_field(), Some("Statement"));
+        assert!(!p.is("put_resource.key_policy") && !p.is("put_resource.key_policy.Statements"));
     }
 }

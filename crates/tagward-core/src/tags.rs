@@ -243,7 +243,7 @@ impl TagSet {
         // written key addresses it.
         let kept = self
             .iter()
-            .filter(|(k, _)| !exact.contains(k) && !(self.case_insensitive && by_folded.contains_key(&folded(k))))
+            .filter(|(k, _)| !(exact.contains(k) || (self.case_insensitive && by_folded.contains_key(&folded(k)))))
             .count();
         let count = kept + tags.len();
         if count > MAX_TAGS {
