@@ -100,7 +100,7 @@ pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
 /// A refused request as INVALID_ARGUMENT naming the field.
 pub fn request_status(e: RequestError) -> Status {
     {
-        invalid(&e.field, &e.reason)
+        invalid(&e.field.to_string(), &e.reason)
     }
 }
 

@@ -457,7 +457,7 @@ pub fn parse(file: &str, text: &str, yaml: bool) -> Result<Scenario, LoadError> 
     let parsed: ScenarioFile = document::parse(text, yaml).map_err(|e| fail(&e.path, e.message))?;
     let world = WorldSpec { policies: parsed.policies, principals: parsed.principals, resources: parsed.resources };
     // Check the world now, so a broken policy fails the load, not step 1.
-    world.build().map_err(|e| fail(&e.path, e.message))?;
+    world.build().map_err(|e| fail(&e.path.to_string(), e.message))?;
     let steps = parsed
         .steps
         .iter()

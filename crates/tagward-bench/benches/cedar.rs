@@ -29,7 +29,7 @@ use criterion::Criterion;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tagward::engine::{authorize, Request};
-use tagward_bench::gen::{self, GenSpec, ACCOUNT, PROBE_POLICY};
+use tagward_bench::gen::{self, GenSpec, PolicyStyle, ACCOUNT, PROBE_POLICY};
 
 const KMS: [&str; 14] = [
     "kms:Decrypt",
@@ -59,8 +59,8 @@ const PROJECT_MATCH: &str = "resource has tags && resource.tags has Project && p
 fn cedar_policy(spec: &GenSpec, i: usize) -> String {
     let group = format!("principal in Policy::\"{}\"", spec.policy_name(i));
     let keys = format!("resource has arn && resource.arn like \"arn:aws:kms:*:{ACCOUNT}:key/*\"");
-    match i % 6 {
-        0 => format!(
+    match spec.policy_style(i) {
+        PolicyStyle::CryptoOnOwnProject => format!(
             "permit({group}, action in {}, resource) when {{ {keys} && {PROJECT_MATCH} }};",
             actions(&[
                 "kms:Decrypt",
@@ -72,27 +72,27 @@ fn cedar_policy(spec: &GenSpec, i: usize) -> String {
                 "kms:ReEncryptTo"
             ])
         ),
-        1 => format!(
+        PolicyStyle::DenyReservedReadKeys => format!(
             "forbid({group}, action in Action::\"kms:*\", resource) when {{ resource has tags && resource.tags has Type && resource.tags.Type == \"Reserved\" }};\n\
              permit({group}, action in {}, resource);",
             actions(&["kms:DescribeKey", "kms:ListResourceTags", "kms:GetPublicKey"])
         ),
-        2 => format!(
+        PolicyStyle::TagOwnProject => format!(
             "permit({group}, action in {a}, resource) when {{ {keys} && [\"Project\", \"Owner\"].containsAll(context.tagKeys) && context.requestTags has Project && principal has tags && principal.tags has project && context.requestTags.Project == principal.tags.project }};\n\
              forbid({group}, action in {a}, resource) when {{ context.tagKeys.contains(\"Type\") }};",
             a = actions(&["kms:TagResource", "kms:UntagResource"])
         ),
-        3 => format!(
+        PolicyStyle::EverythingButKmsAndIam => format!(
             "permit({group}, action, resource) when {{ {PROJECT_MATCH} }} unless {{ action in Action::\"kms:*\" || action in Action::\"iam:*\" }};"
         ),
-        4 => format!(
+        PolicyStyle::SignInUsRegions => format!(
             "permit({group}, action in {}, resource) when {{ resource has arn && resource.arn like \"arn:aws:kms:us-*:{ACCOUNT}:key/*\" && resource has tags && resource.tags has Owner && resource.tags.Owner like \"team-1*\" }};",
             actions(&["kms:Sign", "kms:Verify"])
         ),
-        _ => format!(
-            "permit({group}, action == Action::\"kms:Decrypt\", resource) when {{ {keys} && resource has tags && resource.tags has Project && resource.tags.Project == \"p{}\" && principal has tags && principal.tags has team && principal.tags.team == \"team-{}\" }};",
-            i % spec.projects,
-            i % 20
+        PolicyStyle::DecryptOneProject => format!(
+            "permit({group}, action == Action::\"kms:Decrypt\", resource) when {{ {keys} && resource has tags && resource.tags has Project && resource.tags.Project == \"{}\" && principal has tags && principal.tags has team && principal.tags.team == \"{}\" }};",
+            spec.policy_project(i),
+            spec.policy_team(i)
         ),
     }
 }

@@ -23,9 +23,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use tagward_core::engine::Request;
-use tagward_core::policy::PolicyKind;
 use tagward_core::state::State;
-use tagward_core::world::{build_principal, compile_policy, PrincipalSpec, ResourceBuilder, ResourceSpec, WorldError, WorldSpec};
+use tagward_core::world::{PrincipalSpec, ResourceSpec, WorldBuilder, WorldError, WorldSpec};
 
 /// The account every generated entity lives in.
 pub const ACCOUNT: &str = "111122223333";
@@ -69,6 +68,37 @@ pub const ACTIONS: [&str; 16] = [
     "s3:DeleteBucket",
     "kms:Verify",
 ];
+
+/// The styles of generated managed policies, in the order policy `i`
+/// cycles through them. The Cedar bench translates each style by hand and
+/// matches on this enum, so a new style cannot go untranslated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyStyle {
+    /// Crypto actions on keys whose `Project` is the principal's `project`.
+    CryptoOnOwnProject,
+    /// Deny everything on `Type=Reserved`; allow reads everywhere.
+    DenyReservedReadKeys,
+    /// Tag writes limited by `aws:TagKeys` and `aws:RequestTag/Project`;
+    /// never a `Type` tag.
+    TagOwnProject,
+    /// `NotAction` on `kms:*` and `iam:*`, own project.
+    EverythingButKmsAndIam,
+    /// Sign and verify in `us-*` regions, `Owner` like `team-1*`.
+    SignInUsRegions,
+    /// Decrypt on one literal project for one literal team.
+    DecryptOneProject,
+}
+
+impl PolicyStyle {
+    pub const ALL: [PolicyStyle; 6] = [
+        PolicyStyle::CryptoOnOwnProject,
+        PolicyStyle::DenyReservedReadKeys,
+        PolicyStyle::TagOwnProject,
+        PolicyStyle::EverythingButKmsAndIam,
+        PolicyStyle::SignInUsRegions,
+        PolicyStyle::DecryptOneProject,
+    ];
+}
 
 /// The size and shape of a generated world.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -172,35 +202,50 @@ impl GenSpec {
         format!("abac-{i:05}")
     }
 
-    /// Managed policy `i`: its style is `i % 6` (see the module docs).
+    /// The style of managed policy `i`.
+    pub fn policy_style(&self, i: usize) -> PolicyStyle {
+        PolicyStyle::ALL[i % PolicyStyle::ALL.len()]
+    }
+
+    /// The literal `Project` value of policy `i` ([`PolicyStyle::DecryptOneProject`]).
+    pub fn policy_project(&self, i: usize) -> String {
+        format!("p{}", i % self.projects.max(1))
+    }
+
+    /// The literal `team` value of policy `i` ([`PolicyStyle::DecryptOneProject`]).
+    pub fn policy_team(&self, i: usize) -> String {
+        format!("team-{}", i as u64 % TEAMS)
+    }
+
+    /// Managed policy `i`, in the style [`GenSpec::policy_style`] gives.
     pub fn policy(&self, i: usize) -> Value {
         let keys = format!("arn:aws:kms:*:{ACCOUNT}:key/*");
-        let project = format!("p{}", i % self.projects.max(1));
-        let team = format!("team-{}", i as u64 % TEAMS);
-        let statements = match i % 6 {
-            0 => json!([{
+        let project = self.policy_project(i);
+        let team = self.policy_team(i);
+        let statements = match self.policy_style(i) {
+            PolicyStyle::CryptoOnOwnProject => json!([{
                 "Sid": "CryptoOnOwnProject", "Effect": "Allow",
                 "Action": ["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey*", "kms:ReEncrypt*"],
                 "Resource": keys,
                 "Condition": {"StringEquals": {"aws:ResourceTag/Project": "${aws:PrincipalTag/project}"}}}]),
-            1 => json!([
+            PolicyStyle::DenyReservedReadKeys => json!([
                 {"Sid": "DenyReserved", "Effect": "Deny", "Action": "kms:*", "Resource": "*",
                  "Condition": {"StringEquals": {"aws:ResourceTag/Type": "Reserved"}}},
                 {"Sid": "ReadKeys", "Effect": "Allow", "Action": ["kms:Describe*", "kms:List*", "kms:Get*"], "Resource": "*"}]),
-            2 => json!([
+            PolicyStyle::TagOwnProject => json!([
                 {"Sid": "TagOwnProject", "Effect": "Allow", "Action": ["kms:TagResource", "kms:UntagResource"], "Resource": keys,
                  "Condition": {"ForAllValues:StringEquals": {"aws:TagKeys": ["Project", "Owner"]},
                                "StringEquals": {"aws:RequestTag/Project": "${aws:PrincipalTag/project}"}}},
                 {"Sid": "NeverRetype", "Effect": "Deny", "Action": ["kms:TagResource", "kms:UntagResource"], "Resource": "*",
                  "Condition": {"ForAnyValue:StringEquals": {"aws:TagKeys": ["Type"]}}}]),
-            3 => json!([{
+            PolicyStyle::EverythingButKmsAndIam => json!([{
                 "Sid": "EverythingButKmsAndIam", "Effect": "Allow", "NotAction": ["kms:*", "iam:*"], "Resource": "*",
                 "Condition": {"StringEquals": {"aws:ResourceTag/Project": "${aws:PrincipalTag/project}"}}}]),
-            4 => json!([{
+            PolicyStyle::SignInUsRegions => json!([{
                 "Sid": "SignInUsRegions", "Effect": "Allow", "Action": ["kms:Sign", "kms:Verify"],
                 "Resource": format!("arn:aws:kms:us-*:{ACCOUNT}:key/*"),
                 "Condition": {"StringLike": {"aws:ResourceTag/Owner": "team-1*"}}}]),
-            _ => json!([{
+            PolicyStyle::DecryptOneProject => json!([{
                 "Sid": "DecryptOneProject", "Effect": "Allow", "Action": "kms:Decrypt", "Resource": keys,
                 "Condition": {"StringEquals": {"aws:ResourceTag/Project": project, "aws:PrincipalTag/team": team}}}]),
         };
@@ -369,26 +414,23 @@ impl GenSpec {
 
     /// Adds (or replaces) the policies and principals.
     pub fn add_policies(&self, state: &mut State) -> Result<(), WorldError> {
+        // The generator's ARNs are unique; not remembering them keeps a
+        // million-key world's build from holding a second copy of each.
+        let mut builder = WorldBuilder::new(state).trusting_unique_arns();
         for (name, doc) in self.policies() {
-            let path = format!("policies.{name}");
-            let policy = compile_policy(&path, &doc, PolicyKind::Identity)?;
-            state.put_policy(&name, policy).map_err(|e| WorldError { path, message: e.to_string() })?;
+            builder.policy(&name, &doc)?;
         }
-        for (i, spec) in self.principals().enumerate() {
-            let path = format!("principals[{i}]");
-            let principal = build_principal(&path, &spec, state, true)?;
-            state.put_principal(principal).map_err(|e| WorldError { path, message: e.to_string() })?;
+        for spec in self.principals() {
+            builder.principal(&spec)?;
         }
         Ok(())
     }
 
     /// Adds the resources.
     pub fn add_resources(&self, state: &mut State) -> Result<(), WorldError> {
-        let mut builder = ResourceBuilder::default();
-        for (i, spec) in self.resources().enumerate() {
-            let path = format!("resources[{i}]");
-            let resource = builder.build(&path, &spec)?;
-            state.put_resource(resource).map_err(|e| WorldError { path, message: e.to_string() })?;
+        let mut builder = WorldBuilder::new(state).trusting_unique_arns();
+        for spec in self.resources() {
+            builder.resource(&spec)?;
         }
         Ok(())
     }

@@ -20,6 +20,7 @@ use smallvec::SmallVec;
 use thiserror::Error;
 
 use crate::arn::{check_resource, Arn, Caller, CallerKind};
+use crate::path::FieldPath;
 use crate::policy::condition::{parse_date, ArnParts, Context, Values};
 use crate::policy::keys::KeyRef;
 use crate::policy::pattern::Resolve;
@@ -75,10 +76,11 @@ impl Request {
         check_resource(&self.resource).map_err(|e| RequestError::new("resource", e.to_string()))?;
         check_session_tags(&caller, &self.session_tags)?;
         for (name, _) in &self.context {
-            let key = KeyRef::parse(name).map_err(|e| RequestError::new(format!("context[{name:?}]"), e.to_string()))?;
+            let key = KeyRef::parse(name)
+                .map_err(|e| RequestError::new(FieldPath::field("context").key(name.as_str()), e.to_string()))?;
             if key.filled_by_service() {
                 return Err(RequestError::new(
-                    format!("context[{name:?}]"),
+                    FieldPath::field("context").key(name.as_str()),
                     "this key is filled in by Tagward from its own state; give request tags, tag keys or session tags in their own fields",
                 ));
             }
@@ -106,12 +108,12 @@ pub fn check_session_tags(caller: &Caller<'_>, session_tags: &[(String, String)]
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("{field}: {reason}")]
 pub struct RequestError {
-    pub field: String,
+    pub field: FieldPath,
     pub reason: String,
 }
 
 impl RequestError {
-    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> RequestError {
+    pub fn new(field: impl Into<FieldPath>, reason: impl Into<String>) -> RequestError {
         RequestError { field: field.into(), reason: reason.into() }
     }
 }
@@ -308,7 +310,7 @@ impl<'a> Eval<'a> {
             considered: explain.then(Vec::new),
         };
         if let Some(p) = self.principal {
-            for (name, policy) in &p.resolved {
+            for (name, policy) in p.resolved() {
                 self.run_policy(policy, || PolicyRef::Managed(name.clone()), action, &mut c);
             }
             for (name, policy) in &p.inline {
@@ -364,8 +366,8 @@ impl<'a> Eval<'a> {
 
     fn run_policy(&self, policy: &Policy, name: impl Fn() -> PolicyRef, action: &ActionKey<'_>, c: &mut Collector) {
         for &i in policy.candidates(action) {
-            let st = &policy.statements[i as usize];
-            let grant = self.check(st, policy.kind, action, c);
+            let st = &policy.statements()[i as usize];
+            let grant = self.check(st, policy.kind(), action, c);
             let applies = grant.is_ok();
             if !applies && c.considered.is_none() {
                 continue;
@@ -379,7 +381,7 @@ impl<'a> Eval<'a> {
                 list.push(Considered { statement: sref.clone(), outcome: Outcome::Applies });
             }
             let Ok(grant) = grant else { continue };
-            match (st.effect, policy.kind) {
+            match (st.effect, policy.kind()) {
                 (Effect::Deny, _) => c.denies.push(sref),
                 (Effect::Allow, PolicyKind::Identity) => c.identity_allows.push(sref),
                 (Effect::Allow, _) => c.resource_allows.push((sref, grant)),
@@ -506,7 +508,7 @@ impl Context for Eval<'_> {
                 None => Values::Missing,
             },
             KeyRef::PrincipalArn => match (self.caller.kind, self.principal) {
-                (CallerKind::Session { .. }, Some(role)) => Values::One(Cow::Borrowed(&role.arn)),
+                (CallerKind::Session { .. }, Some(role)) => Values::One(Cow::Borrowed(role.arn())),
                 (CallerKind::Session { role, .. }, None) => {
                     Values::One(Cow::Owned(format!("arn:{}:iam::{}:role/{role}", self.caller.partition, self.caller.account)))
                 }

@@ -6,7 +6,8 @@
 //! at one revision), [`engine`] (a request against a state: a decision with
 //! its reasons), [`tagging`] (tag operations, authorized), [`world`] (the
 //! world file) and [`change`] (the vocabulary of changes: commands, log
-//! records, events). Nothing here knows about an async runtime, a transport,
+//! records, events); [`error`] and [`path`] say which error and where.
+//! Nothing here knows about an async runtime, a transport,
 //! logging or metrics.
 
 pub mod arn;
@@ -14,15 +15,20 @@ pub mod change;
 pub mod document;
 pub mod engine;
 pub mod error;
+pub mod path;
 pub mod policy;
 pub mod state;
 pub mod tagging;
 pub mod tags;
 pub mod world;
 
+// The names most callers need, by layer; everything else is reached
+// through its module.
 pub use engine::{authorize, ContextValue, Decision, Reason, Request, RequestError};
 pub use error::ErrorCode;
+pub use path::FieldPath;
 pub use policy::{Policy, PolicyError, PolicyKind};
-pub use state::State;
-pub use tagging::{TagError, TagOp, TagRequest};
-pub use world::{WorldError, WorldSpec};
+pub use state::{Principal, Resource, State, StateError};
+pub use tagging::{perform, TagError, TagOp, TagRequest, TagWriteError};
+pub use tags::{TagSet, TagSetError};
+pub use world::{WorldBuilder, WorldError, WorldSpec};

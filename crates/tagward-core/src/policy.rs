@@ -22,6 +22,7 @@ use smallvec::SmallVec;
 use thiserror::Error;
 
 use crate::arn::{is_account_id, Arn};
+use crate::path::FieldPath;
 use condition::{ArnPattern, Condition};
 use pattern::{Pattern, Syntax};
 
@@ -30,13 +31,13 @@ use pattern::{Pattern, Syntax};
 #[error("{}{message}", if path.is_empty() { String::new() } else { format!("{path}: ") })]
 pub struct PolicyError {
     /// JSON path inside the document, e.g. `Statement[2].Effect`.
-    pub path: String,
+    pub path: FieldPath,
     pub message: String,
 }
 
 impl PolicyError {
-    fn at(path: &str, message: impl Into<String>) -> PolicyError {
-        PolicyError { path: path.to_string(), message: message.into() }
+    fn at(path: &FieldPath, message: impl fmt::Display) -> PolicyError {
+        PolicyError { path: path.clone(), message: message.to_string() }
     }
 }
 
@@ -194,13 +195,15 @@ pub enum Version {
     V2008,
 }
 
-/// A compiled policy document.
+/// A compiled policy document. Everything but the source document is read
+/// through accessors: the statements and the action index over them are
+/// built together and must not drift apart.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    pub kind: PolicyKind,
-    pub version: Version,
-    pub id: Option<String>,
-    pub statements: Vec<Statement>,
+    kind: PolicyKind,
+    version: Version,
+    id: Option<String>,
+    statements: Vec<Statement>,
     index: ActionIndex,
     /// The document as it was given, for export.
     pub source: Arc<Value>,
@@ -209,18 +212,22 @@ pub struct Policy {
 impl Policy {
     /// Parses and compiles a JSON policy document given as text.
     pub fn from_json(text: &str, kind: PolicyKind) -> Result<Policy, PolicyError> {
-        let value: Value = serde_json::from_str(text).map_err(|e| PolicyError::at("", format!("not valid JSON: {e}")))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| PolicyError::at(&FieldPath::root(), format!("not valid JSON: {e}")))?;
         Policy::compile(&value, kind)
     }
 
     /// Compiles a policy document.
     pub fn compile(doc: &Value, kind: PolicyKind) -> Result<Policy, PolicyError> {
-        let obj = doc
-            .as_object()
-            .ok_or_else(|| PolicyError::at("", format!("a policy document is a JSON object, found {}", type_name(doc))))?;
+        let obj = doc.as_object().ok_or_else(|| {
+            PolicyError::at(&FieldPath::root(), format!("a policy document is a JSON object, found {}", type_name(doc)))
+        })?;
         for key in obj.keys() {
             if !matches!(key.as_str(), "Version" | "Id" | "Statement") {
-                return Err(PolicyError::at(key, unknown_field(key, &["Version", "Id", "Statement"])));
+                return Err(PolicyError::at(
+                    &FieldPath::field(key.as_str()),
+                    unknown_field(key, &["Version", "Id", "Statement"]),
+                ));
             }
         }
         let version = match obj.get("Version") {
@@ -229,7 +236,7 @@ impl Policy {
             Some(Value::String(v)) if v == "2008-10-17" => Version::V2008,
             Some(other) => {
                 return Err(PolicyError::at(
-                    "Version",
+                    &FieldPath::field("Version"),
                     format!("expected \"2012-10-17\" or \"2008-10-17\", found {}", show(other)),
                 ))
             }
@@ -237,35 +244,59 @@ impl Policy {
         let id = match obj.get("Id") {
             None => None,
             Some(Value::String(s)) => Some(s.clone()),
-            Some(other) => return Err(PolicyError::at("Id", format!("expected a string, found {}", show(other)))),
-        };
-        let statements_json: Vec<(String, &Value)> = match obj.get("Statement") {
-            None => return Err(PolicyError::at("Statement", "missing: a policy needs at least one statement")),
-            Some(Value::Array(items)) if items.is_empty() => {
-                return Err(PolicyError::at("Statement", "empty: a policy needs at least one statement"))
+            Some(other) => {
+                return Err(PolicyError::at(&FieldPath::field("Id"), format!("expected a string, found {}", show(other))))
             }
-            Some(Value::Array(items)) => items.iter().enumerate().map(|(i, v)| (format!("Statement[{i}]"), v)).collect(),
-            Some(v @ Value::Object(_)) => vec![("Statement".to_string(), v)],
+        };
+        let statements_json: Vec<(FieldPath, &Value)> = match obj.get("Statement") {
+            None => {
+                return Err(PolicyError::at(&FieldPath::field("Statement"), "missing: a policy needs at least one statement"))
+            }
+            Some(Value::Array(items)) if items.is_empty() => {
+                return Err(PolicyError::at(&FieldPath::field("Statement"), "empty: a policy needs at least one statement"))
+            }
+            Some(Value::Array(items)) => {
+                items.iter().enumerate().map(|(i, v)| (FieldPath::field("Statement").at(i), v)).collect()
+            }
+            Some(v @ Value::Object(_)) => vec![(FieldPath::field("Statement"), v)],
             Some(other) => {
                 return Err(PolicyError::at(
-                    "Statement",
+                    &FieldPath::field("Statement"),
                     format!("expected a statement object or an array of them, found {}", show(other)),
                 ))
             }
         };
         let mut statements = Vec::with_capacity(statements_json.len());
-        let mut sids: HashMap<&str, String> = HashMap::new();
+        let mut sids: HashMap<&str, &FieldPath> = HashMap::new();
         for (index, (path, value)) in statements_json.iter().enumerate() {
             let statement = compile_statement(path, value, index, kind, version)?;
             if let Some(sid) = value.get("Sid").and_then(Value::as_str) {
-                if let Some(first) = sids.insert(sid, path.clone()) {
-                    return Err(PolicyError::at(&format!("{path}.Sid"), format!("{sid:?} is already the Sid of {first}")));
+                if let Some(first) = sids.insert(sid, path) {
+                    return Err(PolicyError::at(&path.then("Sid"), format!("{sid:?} is already the Sid of {first}")));
                 }
             }
             statements.push(statement);
         }
         let index = build_index(&statements);
         Ok(Policy { kind, version, id, statements, index, source: Arc::new(doc.clone()) })
+    }
+
+    pub fn kind(&self) -> PolicyKind {
+        self.kind
+    }
+
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The document's `Id`.
+    pub fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+
+    /// The statements, in document order (indices match [`Policy::candidates`]).
+    pub fn statements(&self) -> &[Statement] {
+        &self.statements
     }
 
     /// The statements that may cover `action_lower` (a lowercased
@@ -324,7 +355,7 @@ fn build_index(statements: &[Statement]) -> ActionIndex {
 }
 
 fn compile_statement(
-    path: &str,
+    path: &FieldPath,
     value: &Value,
     index: usize,
     kind: PolicyKind,
@@ -337,10 +368,10 @@ fn compile_statement(
         .ok_or_else(|| PolicyError::at(path, format!("a statement is a JSON object, found {}", type_name(value))))?;
     for key in obj.keys() {
         if !FIELDS.contains(&key.as_str()) {
-            return Err(PolicyError::at(&format!("{path}.{key}"), unknown_field(key, FIELDS)));
+            return Err(PolicyError::at(&path.then(key.as_str()), unknown_field(key, FIELDS)));
         }
     }
-    let at = |field: &str| format!("{path}.{field}");
+    let at = |field: &str| path.then(field);
     let sid = match obj.get("Sid") {
         None => None,
         // Key policies accept more characters in a Sid than IAM does; accept
@@ -406,23 +437,23 @@ fn compile_statement(
 }
 
 /// A string or a non-empty array of strings.
-fn strings<'a>(path: &str, value: &'a Value) -> Result<Vec<(String, &'a str)>, PolicyError> {
+fn strings<'a>(path: &FieldPath, value: &'a Value) -> Result<Vec<(FieldPath, &'a str)>, PolicyError> {
     match value {
-        Value::String(s) => Ok(vec![(path.to_string(), s.as_str())]),
+        Value::String(s) => Ok(vec![(path.clone(), s.as_str())]),
         Value::Array(items) if items.is_empty() => Err(PolicyError::at(path, "empty list")),
         Value::Array(items) => items
             .iter()
             .enumerate()
             .map(|(i, v)| match v {
-                Value::String(s) => Ok((format!("{path}[{i}]"), s.as_str())),
-                other => Err(PolicyError::at(&format!("{path}[{i}]"), format!("expected a string, found {}", show(other)))),
+                Value::String(s) => Ok((path.at(i), s.as_str())),
+                other => Err(PolicyError::at(&path.at(i), format!("expected a string, found {}", show(other)))),
             })
             .collect(),
         other => Err(PolicyError::at(path, format!("expected a string or an array of strings, found {}", show(other)))),
     }
 }
 
-fn compile_actions(path: &str, value: &Value) -> Result<Vec<Pattern>, PolicyError> {
+fn compile_actions(path: &FieldPath, value: &Value) -> Result<Vec<Pattern>, PolicyError> {
     // Actions compare case-insensitively: patterns are lowercased here and
     // requests once per request, so matching is a plain comparison.
     let syntax = Syntax { wildcards: true, variables: false, fold_case: false };
@@ -440,7 +471,7 @@ fn compile_actions(path: &str, value: &Value) -> Result<Vec<Pattern>, PolicyErro
         .collect()
 }
 
-fn compile_resources(path: &str, value: &Value, variables: bool) -> Result<Vec<ArnPattern>, PolicyError> {
+fn compile_resources(path: &FieldPath, value: &Value, variables: bool) -> Result<Vec<ArnPattern>, PolicyError> {
     strings(path, value)?
         .into_iter()
         .map(|(p, s)| {
@@ -455,14 +486,14 @@ fn compile_resources(path: &str, value: &Value, variables: bool) -> Result<Vec<A
         .collect()
 }
 
-fn compile_principals(path: &str, value: &Value) -> Result<Vec<PrincipalEntry>, PolicyError> {
+fn compile_principals(path: &FieldPath, value: &Value) -> Result<Vec<PrincipalEntry>, PolicyError> {
     match value {
         Value::String(s) if s == "*" => Ok(vec![PrincipalEntry::Any]),
         Value::Object(map) if map.is_empty() => Err(PolicyError::at(path, "empty: name at least one principal")),
         Value::Object(map) => {
             let mut entries = Vec::new();
             for (kind, v) in map {
-                let field = format!("{path}.{kind}");
+                let field = path.then(kind.as_str());
                 match kind.as_str() {
                     "AWS" => {
                         for (p, s) in strings(&field, v)? {
@@ -494,7 +525,7 @@ fn compile_principals(path: &str, value: &Value) -> Result<Vec<PrincipalEntry>, 
     }
 }
 
-fn aws_principal(path: &str, s: &str) -> Result<PrincipalEntry, PolicyError> {
+fn aws_principal(path: &FieldPath, s: &str) -> Result<PrincipalEntry, PolicyError> {
     if s == "*" {
         return Ok(PrincipalEntry::Any);
     }
@@ -516,13 +547,13 @@ fn aws_principal(path: &str, s: &str) -> Result<PrincipalEntry, PolicyError> {
     })
 }
 
-fn compile_conditions(path: &str, value: &Value, variables: bool) -> Result<Vec<Condition>, PolicyError> {
+fn compile_conditions(path: &FieldPath, value: &Value, variables: bool) -> Result<Vec<Condition>, PolicyError> {
     let block = value
         .as_object()
         .ok_or_else(|| PolicyError::at(path, format!("expected an object of operators, found {}", show(value))))?;
     let mut out = Vec::new();
     for (operator, keys) in block {
-        let op_path = format!("{path}.{operator}");
+        let op_path = path.then(operator.as_str());
         let keys = keys
             .as_object()
             .ok_or_else(|| PolicyError::at(&op_path, format!("expected an object of condition keys, found {}", show(keys))))?;
@@ -530,7 +561,7 @@ fn compile_conditions(path: &str, value: &Value, variables: bool) -> Result<Vec<
             return Err(PolicyError::at(&op_path, "empty: name at least one condition key"));
         }
         for (key, values) in keys {
-            let key_path = format!("{op_path}.{key}");
+            let key_path = op_path.then(key.as_str());
             let values = condition_values(&key_path, values)?;
             out.push(Condition::compile(operator, key, &values, variables).map_err(|e| PolicyError::at(&key_path, e))?);
         }
@@ -539,8 +570,8 @@ fn compile_conditions(path: &str, value: &Value, variables: bool) -> Result<Vec<
 }
 
 /// A condition value: a string, number or boolean, or an array of them.
-fn condition_values(path: &str, value: &Value) -> Result<Vec<String>, PolicyError> {
-    let scalar = |p: &str, v: &Value| match v {
+fn condition_values(path: &FieldPath, value: &Value) -> Result<Vec<String>, PolicyError> {
+    let scalar = |p: &FieldPath, v: &Value| match v {
         Value::String(s) => Ok(s.clone()),
         Value::Number(n) => Ok(n.to_string()),
         Value::Bool(b) => Ok(b.to_string()),
@@ -548,17 +579,25 @@ fn condition_values(path: &str, value: &Value) -> Result<Vec<String>, PolicyErro
     };
     match value {
         Value::Array(items) if items.is_empty() => Err(PolicyError::at(path, "empty list of values")),
-        Value::Array(items) => items.iter().enumerate().map(|(i, v)| scalar(&format!("{path}[{i}]"), v)).collect(),
+        Value::Array(items) => items.iter().enumerate().map(|(i, v)| scalar(&path.at(i), v)).collect(),
         other => Ok(vec![scalar(path, other)?]),
     }
 }
 
+/// The known name that `found` spells in another case, for a "did you
+/// mean" hint (element names and operators are case-sensitive).
+pub(crate) fn near_miss<'a>(found: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    known.into_iter().find(|k| k.eq_ignore_ascii_case(found))
+}
+
+/// The hint for a near miss, e.g. ` (did you mean "Effect"? element names
+/// are case-sensitive)`; empty without one. `what` names the kind of name.
+pub(crate) fn did_you_mean(suggestion: Option<&str>, what: &str) -> String {
+    suggestion.map(|s| format!(" (did you mean {s:?}? {what} are case-sensitive)")).unwrap_or_default()
+}
+
 fn unknown_field(found: &str, expected: &[&str]) -> String {
-    let hint = expected
-        .iter()
-        .find(|e| e.eq_ignore_ascii_case(found))
-        .map(|e| format!(" (did you mean {e:?}? element names are case-sensitive)"))
-        .unwrap_or_default();
+    let hint = did_you_mean(near_miss(found, expected.iter().copied()), "element names");
     format!("unknown element {found:?}{hint}; expected one of {}", expected.join(", "))
 }
 

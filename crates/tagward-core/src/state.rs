@@ -16,16 +16,21 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::arn::{Arn, Caller, CallerKind};
+use crate::error::ErrorCode;
 use crate::policy::Policy;
 use crate::tags::{TagSet, TagSetError};
 
 /// An IAM user or role, with its tags and identity policies.
+///
+/// The ARN and what is read from it (account, user or role, name) are fixed
+/// by [`Principal::new`]; tags and attachments are the caller's to set
+/// before [`State::put_principal`].
 #[derive(Debug, Clone)]
 pub struct Principal {
-    pub arn: Arc<str>,
-    pub account: Arc<str>,
-    pub is_role: bool,
-    pub name: Arc<str>,
+    arn: Arc<str>,
+    account: Arc<str>,
+    is_role: bool,
+    name: Arc<str>,
     /// Case-insensitive, case-preserving keys.
     pub tags: TagSet,
     /// Managed policies by name; a name with no policy is skipped.
@@ -33,9 +38,8 @@ pub struct Principal {
     pub inline: Vec<(Arc<str>, Arc<Policy>)>,
     /// The managed policies that exist, in `managed` order, resolved when
     /// the principal or a policy changes so that a decision looks up none.
-    /// INVARIANT: maintained by [`State`]; what a caller puts here is
-    /// replaced on `put_principal`.
-    pub resolved: Vec<(Arc<str>, Arc<Policy>)>,
+    /// INVARIANT: maintained by [`State`] alone (see [`Principal::resolved`]).
+    resolved: Vec<(Arc<str>, Arc<Policy>)>,
 }
 
 impl Principal {
@@ -62,6 +66,38 @@ impl Principal {
             resolved: Vec::new(),
         })
     }
+
+    pub fn arn(&self) -> &Arc<str> {
+        &self.arn
+    }
+
+    pub fn account(&self) -> &Arc<str> {
+        &self.account
+    }
+
+    /// A role (else a user).
+    pub fn is_role(&self) -> bool {
+        self.is_role
+    }
+
+    /// The user or role name (the last part of the ARN's path).
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// The attached managed policies that exist, in `managed` order, as of
+    /// the state this principal was read from (empty before it is put).
+    pub fn resolved(&self) -> &[(Arc<str>, Arc<Policy>)] {
+        &self.resolved
+    }
+}
+
+/// A name that is none of an enum's spellings.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{found:?} is not one of {}", expected.join(", "))]
+pub struct UnknownName {
+    pub found: String,
+    pub expected: &'static [&'static str],
 }
 
 macro_rules! string_enum {
@@ -78,11 +114,11 @@ macro_rules! string_enum {
         }
 
         impl FromStr for $name {
-            type Err = String;
-            fn from_str(s: &str) -> Result<Self, String> {
+            type Err = UnknownName;
+            fn from_str(s: &str) -> Result<Self, UnknownName> {
                 match s {
                     $($text => Ok($name::$variant),)+
-                    _ => Err(format!("{s:?} is not one of {}", Self::ALL.join(", "))),
+                    _ => Err(UnknownName { found: s.to_string(), expected: Self::ALL }),
                 }
             }
         }
@@ -185,6 +221,19 @@ pub enum StateError {
     Invalid(String),
     #[error(transparent)]
     Tags(#[from] TagSetError),
+}
+
+impl StateError {
+    /// The AWS error name for the refusal.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            StateError::NoSuchPolicy(_) | StateError::NoSuchPrincipal(_) => ErrorCode::NoSuchEntity,
+            StateError::NoSuchResource(_) => ErrorCode::NotFound,
+            StateError::Invalid(_) => ErrorCode::Validation,
+            StateError::Tags(TagSetError::Limit { .. }) => ErrorCode::LimitExceeded,
+            StateError::Tags(TagSetError::Rule(_)) => ErrorCode::Tag,
+        }
+    }
 }
 
 /// A persistent map keyed by name or ARN. foldhash: the keys are short
@@ -590,7 +639,7 @@ mod tests {
         p.managed = vec!["A".into(), "B".into()];
         s.put_principal(p).unwrap();
         let names = |s: &State| -> Vec<String> {
-            s.principal("arn:aws:iam::111122223333:user/ann").unwrap().resolved.iter().map(|(n, _)| n.to_string()).collect()
+            s.principal("arn:aws:iam::111122223333:user/ann").unwrap().resolved().iter().map(|(n, _)| n.to_string()).collect()
         };
         assert!(names(&s).is_empty());
         s.put_policy("B", policy()).unwrap();

@@ -14,6 +14,8 @@ use thiserror::Error;
 
 use crate::arn::Arn;
 use crate::engine::{authorize, ContextValue, Decision, Request, RequestError};
+use crate::error::ErrorCode;
+use crate::path::FieldPath;
 use crate::state::{KeyManager, KeyState, State};
 use crate::tags::{check_key, check_tag, TagSet, TagSetError};
 
@@ -76,20 +78,87 @@ pub enum TagError {
 }
 
 impl TagError {
-    /// The AWS error name, as scenario files and gRPC status details carry it.
-    pub fn name(&self) -> &'static str {
+    /// The AWS error, as scenario files and gRPC status details name it.
+    pub fn code(&self) -> ErrorCode {
         match self {
-            TagError::BadRequest(_) => "ValidationException",
-            TagError::NotFound(_) => "NotFoundException",
-            TagError::AccessDenied { .. } => "AccessDeniedException",
-            TagError::Validation { .. } => "ValidationException",
-            TagError::UnsupportedOperation(_) => "UnsupportedOperationException",
-            TagError::InvalidState(_) => "KMSInvalidStateException",
-            TagError::Tag { .. } => "TagException",
-            TagError::LimitExceeded(_) => "LimitExceededException",
-            TagError::Unavailable(_) => "ServiceUnavailableException",
+            TagError::BadRequest(_) => ErrorCode::Validation,
+            TagError::NotFound(_) => ErrorCode::NotFound,
+            TagError::AccessDenied { .. } => ErrorCode::AccessDenied,
+            TagError::Validation { .. } => ErrorCode::Validation,
+            TagError::UnsupportedOperation(_) => ErrorCode::UnsupportedOperation,
+            TagError::InvalidState(_) => ErrorCode::KmsInvalidState,
+            TagError::Tag { .. } => ErrorCode::Tag,
+            TagError::LimitExceeded(_) => ErrorCode::LimitExceeded,
+            TagError::Unavailable(_) => ErrorCode::ServiceUnavailable,
         }
     }
+
+    /// The AWS error name (`self.code().as_str()`).
+    pub fn name(&self) -> &'static str {
+        self.code().as_str()
+    }
+}
+
+impl From<TagWriteError> for TagError {
+    fn from(e: TagWriteError) -> TagError {
+        match e.error {
+            TagSetError::Rule(rule) => TagError::Tag { field: e.field.to_string(), reason: rule.to_string() },
+            limit @ TagSetError::Limit { .. } => TagError::LimitExceeded(limit.to_string()),
+        }
+    }
+}
+
+/// A refused tag write: the request field (`tags[2]` for one tag's rule,
+/// `tags` for the set as a whole) and why.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{field}: {error}")]
+pub struct TagWriteError {
+    pub field: FieldPath,
+    pub error: TagSetError,
+}
+
+impl TagWriteError {
+    /// `TagException` for a rule, `LimitExceededException` for the limit.
+    pub fn code(&self) -> ErrorCode {
+        match self.error {
+            TagSetError::Rule(_) => ErrorCode::Tag,
+            TagSetError::Limit { .. } => ErrorCode::LimitExceeded,
+        }
+    }
+}
+
+/// Checks every tag of a write against the rules; the error names the
+/// first failing tag as `field[i]`.
+pub fn check_tags(field: &str, tags: &[(String, String)]) -> Result<(), TagWriteError> {
+    for (i, (k, v)) in tags.iter().enumerate() {
+        check_tag(k, v).map_err(|e| TagWriteError { field: FieldPath::field(field).at(i), error: e.into() })?;
+    }
+    Ok(())
+}
+
+/// Checks every key of a removal against the rules (`field[i]`).
+pub fn check_keys(field: &str, keys: &[String]) -> Result<(), TagWriteError> {
+    for (i, k) in keys.iter().enumerate() {
+        check_key(k).map_err(|e| TagWriteError { field: FieldPath::field(field).at(i), error: e.into() })?;
+    }
+    Ok(())
+}
+
+/// The one checked tag write: the rules on each tag ([`check_tags`], the
+/// error at `field[i]`), then the set written onto `current` with the limit
+/// and duplicate checks (the error at `field`).
+pub fn write_tags(current: &TagSet, field: &str, tags: &[(String, String)]) -> Result<TagSet, TagWriteError> {
+    check_tags(field, tags)?;
+    current
+        .with(tags.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .map_err(|error| TagWriteError { field: FieldPath::field(field), error })
+}
+
+/// The one checked tag removal: the rules on each key (`field[i]`), then
+/// the keys removed from `current`.
+pub fn remove_tags(current: &TagSet, field: &str, keys: &[String]) -> Result<TagSet, TagWriteError> {
+    check_keys(field, keys)?;
+    Ok(current.without(keys.iter().map(String::as_str)))
 }
 
 /// A tag change, for the audit trail: who, what, the tags before and after.
@@ -215,21 +284,8 @@ pub fn perform(state: &State, req: &TagRequest) -> Result<TagOutcome, TagError> 
     }
     let next_tags = match &req.op {
         TagOp::List => return Ok(TagOutcome { decision, tags: current.clone(), change: None }),
-        TagOp::Tag(tags) => {
-            for (i, (k, v)) in tags.iter().enumerate() {
-                check_tag(k, v).map_err(|e| TagError::Tag { field: format!("tags[{i}]"), reason: e.to_string() })?;
-            }
-            current.with(tags.iter().map(|(k, v)| (k.as_str(), v.as_str()))).map_err(|e| match e {
-                TagSetError::Rule(rule) => TagError::Tag { field: "tags".into(), reason: rule.to_string() },
-                limit @ TagSetError::Limit { .. } => TagError::LimitExceeded(limit.to_string()),
-            })?
-        }
-        TagOp::Untag(keys) => {
-            for (i, k) in keys.iter().enumerate() {
-                check_key(k).map_err(|e| TagError::Tag { field: format!("tag_keys[{i}]"), reason: e.to_string() })?;
-            }
-            current.without(keys.iter().map(String::as_str))
-        }
+        TagOp::Tag(tags) => write_tags(current, "tags", tags)?,
+        TagOp::Untag(keys) => remove_tags(current, "tag_keys", keys)?,
     };
     let mut next = state.clone();
     let changed = next.replace_tags(&req.resource, next_tags.clone()).map_err(|_| TagError::NotFound(req.resource.clone()))?;
@@ -251,5 +307,37 @@ pub fn perform(state: &State, req: &TagRequest) -> Result<TagOutcome, TagError> 
 impl fmt::Display for TagChange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {} on {}: {:?} -> {:?}", self.principal, self.action, self.resource, self.before, self.after)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_checked_write_names_the_tag_then_the_set() {
+        let current = TagSet::new(true);
+        let e = write_tags(&current, "tags", &tags(&[("ok", "1"), ("aws:x", "2")])).unwrap_err();
+        assert_eq!((e.field.to_string(), e.code()), ("tags[1]".to_string(), ErrorCode::Tag));
+        assert_eq!(e.to_string(), "tags[1]: tag key \"aws:x\" begins with \"aws:\", which is reserved for AWS");
+        let e = write_tags(&current, "tags", &tags(&[("Team", "a"), ("team", "b")])).unwrap_err();
+        assert_eq!((e.field.to_string(), e.code()), ("tags".to_string(), ErrorCode::Tag));
+        let many: Vec<(String, String)> = (0..51).map(|i| (format!("k{i}"), String::new())).collect();
+        let e = write_tags(&current, "tags", &many).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::LimitExceeded);
+        assert!(matches!(TagError::from(e), TagError::LimitExceeded(_)));
+        let written = write_tags(&current, "tags", &tags(&[("Team", "a")])).unwrap();
+        assert_eq!(remove_tags(&written, "tag_keys", &["TEAM".into()]).unwrap().len(), 0);
+        assert_eq!(remove_tags(&written, "tag_keys", &["".into()]).unwrap_err().field.to_string(), "tag_keys[0]");
+    }
+
+    #[test]
+    fn error_names_come_from_the_codes() {
+        let e = TagError::InvalidState("x".into());
+        assert_eq!((e.code(), e.name()), (ErrorCode::KmsInvalidState, "KMSInvalidStateException"));
     }
 }

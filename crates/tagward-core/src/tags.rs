@@ -7,6 +7,8 @@
 //! writing an existing key replaces its value. On IAM users and roles keys are
 //! case-insensitive and case-preserving: the latest write's spelling wins.
 
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use thiserror::Error;
@@ -205,16 +207,28 @@ impl TagSet {
     /// result would exceed [`MAX_TAGS`] or the request itself holds keys that
     /// are the same in this set's eyes. Rules on each tag are the caller's
     /// to check first.
+    ///
+    /// The request is checked in one pass with hashing, and the limit before
+    /// any tag is placed, so a request of a hundred thousand tags costs
+    /// linear time; the errors are those of writing the tags one by one.
     pub fn with<'a>(&'a self, tags: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<TagSet, TagSetError> {
-        let mut pairs: Vec<(&str, &str)> = self.iter().collect();
-        let mut written: Vec<&str> = Vec::new();
-        for (k, v) in tags {
-            if written.contains(&k) {
+        let tags: Vec<(&str, &str)> = tags.into_iter().collect();
+        let folded = |k: &str| -> String { k.chars().map(fold_char).collect() };
+        let mut exact: HashSet<&str> = HashSet::with_capacity(tags.len());
+        // Folded key to the first spelling written (case-insensitive sets).
+        let mut by_folded: HashMap<String, &str> = HashMap::new();
+        for &(k, v) in &tags {
+            if !exact.insert(k) {
                 return Err(TagRuleError::RepeatedKey { key: k.to_string() }.into());
             }
             if self.case_insensitive {
-                if let Some(prev) = written.iter().find(|w| keys_equal_ignoring_case(w, k)) {
-                    return Err(TagRuleError::DuplicateKey { first: prev.to_string(), second: k.to_string() }.into());
+                match by_folded.entry(folded(k)) {
+                    Entry::Occupied(prev) => {
+                        return Err(TagRuleError::DuplicateKey { first: prev.get().to_string(), second: k.to_string() }.into())
+                    }
+                    Entry::Vacant(slot) => {
+                        slot.insert(k);
+                    }
                 }
             }
             // The compact form needs lengths in a u16; the rules allow far less.
@@ -224,16 +238,26 @@ impl TagSet {
             if v.len() > usize::from(u16::MAX) {
                 return Err(TagRuleError::ValueTooLong { key: k.to_string(), chars: v.chars().count() }.into());
             }
-            written.push(k);
+        }
+        // Every written key lands as one tag; a current tag stays unless a
+        // written key addresses it.
+        let kept = self
+            .iter()
+            .filter(|(k, _)| !(exact.contains(k) || (self.case_insensitive && by_folded.contains_key(&folded(k)))))
+            .count();
+        let count = kept + tags.len();
+        if count > MAX_TAGS {
+            return Err(TagSetError::Limit { count });
+        }
+        let mut pairs: Vec<(&str, &str)> = self.iter().collect();
+        for (k, v) in tags {
             if let Some(i) = TagSet::position(&pairs, k, self.case_insensitive) {
                 pairs.remove(i);
             }
             let at = pairs.binary_search_by(|(key, _)| (*key).cmp(k)).unwrap_or_else(|i| i);
             pairs.insert(at, (k, v));
         }
-        if pairs.len() > MAX_TAGS {
-            return Err(TagSetError::Limit { count: pairs.len() });
-        }
+        debug_assert_eq!(pairs.len(), count);
         Ok(TagSet::from_sorted(self.case_insensitive, &pairs))
     }
 
@@ -320,6 +344,38 @@ mod tests {
         assert_eq!(set.lookup("stack"), Some("production"));
         assert_eq!(set.lookup("STACK"), Some("test"), "'Stack' sorts before 'stack'");
         assert_eq!(set.lookup("other"), None);
+    }
+
+    #[test]
+    fn a_huge_request_is_refused_by_the_limit_in_linear_time() {
+        let tags: Vec<(String, String)> = (0..120_000).map(|i| (format!("key-{i}"), "v".to_string())).collect();
+        let pairs = || tags.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        let (ci, cs) = (TagSet::new(true), TagSet::new(false));
+        assert_eq!(ci.with(pairs()), Err(TagSetError::Limit { count: 120_000 }));
+        assert_eq!(cs.with(pairs()), Err(TagSetError::Limit { count: 120_000 }));
+        // A repeated key anywhere in the request still answers first, as
+        // when the tags were written one by one.
+        let mut repeated = tags.clone();
+        repeated.push(("key-7".into(), "w".into()));
+        let pairs = repeated.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        assert_eq!(cs.with(pairs), Err(TagRuleError::RepeatedKey { key: "key-7".into() }.into()));
+        let mut dup = tags.clone();
+        dup.push(("KEY-7".into(), "w".into()));
+        let pairs = dup.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        assert_eq!(ci.with(pairs), Err(TagRuleError::DuplicateKey { first: "key-7".into(), second: "KEY-7".into() }.into()));
+    }
+
+    #[test]
+    fn the_limit_counts_replaced_keys_once() {
+        let current: Vec<(String, String)> = (0..50).map(|i| (format!("k{i}"), "v".to_string())).collect();
+        let ci = TagSet::from_tags(true, current.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
+        let upper: Vec<(String, String)> = (0..50).map(|i| (format!("K{i}"), "w".to_string())).collect();
+        let replaced = ci.with(upper.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
+        assert_eq!(replaced.len(), 50);
+        assert_eq!(replaced.get("K3"), Some("w"));
+        assert_eq!(ci.with([("K3", "x"), ("new", "y")]), Err(TagSetError::Limit { count: 51 }));
+        let cs = TagSet::from_tags(false, current.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap();
+        assert_eq!(cs.with([("K3", "x")]), Err(TagSetError::Limit { count: 51 }));
     }
 
     #[test]

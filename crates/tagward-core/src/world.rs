@@ -12,9 +12,11 @@ use serde_json::{json, Value};
 use thiserror::Error;
 
 use crate::arn::Arn;
+use crate::error::ErrorCode;
+use crate::path::FieldPath;
 use crate::policy::{Policy, PolicyKind};
 use crate::state::{is_kms_key, KeyInfo, KeyManager, KeyState, Principal, Resource, ResourceKind, State};
-use crate::tags::TagSet;
+use crate::tags::{TagSet, TagSetError};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,24 +72,44 @@ pub struct ResourceSpec {
     pub resource_policy: Option<Value>,
 }
 
-/// A refused world: the JSON path and the reason.
+/// A refused world: the JSON path, the reason, and which AWS error it is.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("{path}: {message}")]
 pub struct WorldError {
-    pub path: String,
+    pub path: FieldPath,
     pub message: String,
+    code: ErrorCode,
 }
 
-fn err(path: impl Into<String>, message: impl Into<String>) -> WorldError {
-    WorldError { path: path.into(), message: message.into() }
+impl WorldError {
+    pub fn new(code: ErrorCode, path: FieldPath, message: impl Into<String>) -> WorldError {
+        WorldError { path, message: message.into(), code }
+    }
+
+    /// Which error this is, decided where it arose: a policy document (or a
+    /// policy attachment or name) is `MalformedPolicyDocumentException`, a
+    /// tag set `TagException` (its limit included), anything else
+    /// `ValidationException`.
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+}
+
+fn invalid(path: FieldPath, message: impl Into<String>) -> WorldError {
+    WorldError::new(ErrorCode::Validation, path, message)
+}
+
+fn malformed_policy(path: FieldPath, message: impl Into<String>) -> WorldError {
+    WorldError::new(ErrorCode::MalformedPolicyDocument, path, message)
+}
+
+fn bad_tags(path: FieldPath, e: TagSetError) -> WorldError {
+    WorldError::new(ErrorCode::Tag, path, e.to_string())
 }
 
 /// Compiles a policy document found at `path` (errors carry the full path).
-pub fn compile_policy(path: &str, doc: &Value, kind: PolicyKind) -> Result<Arc<Policy>, WorldError> {
-    Policy::compile(doc, kind).map(Arc::new).map_err(|e| {
-        let path = if e.path.is_empty() { path.to_string() } else { format!("{path}.{}", e.path) };
-        err(path, e.message)
-    })
+pub fn compile_policy(path: impl Into<FieldPath>, doc: &Value, kind: PolicyKind) -> Result<Arc<Policy>, WorldError> {
+    Policy::compile(doc, kind).map(Arc::new).map_err(|e| malformed_policy(path.into().join(&e.path), e.message))
 }
 
 /// The key policy a KMS key gets when none is given: the account's root may
@@ -117,9 +139,10 @@ pub struct ResourceBuilder {
 
 impl ResourceBuilder {
     /// Lowers one resource spec; `path` prefixes every error.
-    pub fn build(&mut self, path: &str, spec: &ResourceSpec) -> Result<Resource, WorldError> {
+    pub fn build(&mut self, path: impl Into<FieldPath>, spec: &ResourceSpec) -> Result<Resource, WorldError> {
+        let path = path.into();
         let arn = Arn::parse(&spec.arn).ok_or_else(|| {
-            err(format!("{path}.arn"), format!("{:?} is not an ARN (arn:PARTITION:SERVICE:REGION:ACCOUNT:RESOURCE)", spec.arn))
+            invalid(path.then("arn"), format!("{:?} is not an ARN (arn:PARTITION:SERVICE:REGION:ACCOUNT:RESOURCE)", spec.arn))
         })?;
         // Stored only when the ARN does not already say it.
         let account_override: Option<Arc<str>> = match &spec.account {
@@ -129,40 +152,37 @@ impl ResourceBuilder {
         let account = account_override.as_deref().or(Some(arn.account).filter(|a| !a.is_empty()));
         let is_key = is_kms_key(&spec.arn);
         let tags = TagSet::from_tags(false, spec.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .map_err(|e| err(format!("{path}.tags"), e.to_string()))?;
+            .map_err(|e| bad_tags(path.then("tags"), e))?;
         let kind = if is_key {
             if spec.resource_policy.is_some() {
-                return Err(err(format!("{path}.resource_policy"), "a KMS key has a key_policy, not a resource_policy"));
+                return Err(malformed_policy(path.then("resource_policy"), "a KMS key has a key_policy, not a resource_policy"));
             }
             let key_fields = &mut self.key_fields;
             let mut parse = |field: &str, v: &Option<String>, default: &str| -> Result<Arc<str>, WorldError> {
                 let text = match v.as_deref() {
-                    Some("") => return Err(err(format!("{path}.{field}"), "empty")),
+                    Some("") => return Err(invalid(path.then(field), "empty")),
                     Some(v) => v,
                     None => default,
                 };
                 Ok(key_fields.entry(text.to_string()).or_insert_with(|| Arc::from(text)).clone())
             };
             let state = match &spec.key_state {
-                Some(s) => s.parse::<KeyState>().map_err(|e| err(format!("{path}.key_state"), e))?,
+                Some(s) => s.parse::<KeyState>().map_err(|e| invalid(path.then("key_state"), e.to_string()))?,
                 None => KeyState::Enabled,
             };
             let manager = match &spec.key_manager {
-                Some(s) => s.parse::<KeyManager>().map_err(|e| err(format!("{path}.key_manager"), e))?,
+                Some(s) => s.parse::<KeyManager>().map_err(|e| invalid(path.then("key_manager"), e.to_string()))?,
                 None => KeyManager::Customer,
             };
             let (policy, default_policy) = match &spec.key_policy {
-                Some(doc) => (compile_policy(&format!("{path}.key_policy"), doc, PolicyKind::Key)?, false),
+                Some(doc) => (compile_policy(path.then("key_policy"), doc, PolicyKind::Key)?, false),
                 None => {
                     let acct = account.unwrap_or_default().to_string();
                     let policy = match self.default_policies.get(&acct) {
                         Some(p) => p.clone(),
                         None => {
-                            let p = compile_policy(
-                                &format!("{path}.key_policy"),
-                                &default_key_policy_document(&acct),
-                                PolicyKind::Key,
-                            )?;
+                            let p =
+                                compile_policy(path.then("key_policy"), &default_key_policy_document(&acct), PolicyKind::Key)?;
                             self.default_policies.insert(acct, p.clone());
                             p
                         }
@@ -189,11 +209,17 @@ impl ResourceBuilder {
                 ("key_manager", spec.key_manager.is_some()),
             ] {
                 if given {
-                    return Err(err(format!("{path}.{field}"), "only KMS keys (arn:aws:kms:...:key/ID) have this field"));
+                    let message = "only KMS keys (arn:aws:kms:...:key/ID) have this field";
+                    // A key policy is a policy document in the wrong place.
+                    return Err(if field == "key_policy" {
+                        malformed_policy(path.then(field), message)
+                    } else {
+                        invalid(path.then(field), message)
+                    });
                 }
             }
             let policy = match &spec.resource_policy {
-                Some(doc) => Some(compile_policy(&format!("{path}.resource_policy"), doc, PolicyKind::Resource)?),
+                Some(doc) => Some(compile_policy(path.then("resource_policy"), doc, PolicyKind::Resource)?),
                 None => None,
             };
             ResourceKind::Other { policy }
@@ -207,13 +233,20 @@ impl ResourceBuilder {
 /// (the admin stream) a name may name a policy that comes later. Names in
 /// `pending_policies` need not exist either way; they are attached after
 /// `policies`.
-pub fn build_principal(path: &str, spec: &PrincipalSpec, state: &State, require_policies: bool) -> Result<Principal, WorldError> {
-    let mut principal = Principal::new(&spec.arn).map_err(|e| err(format!("{path}.arn"), e.to_string()))?;
+pub fn build_principal(
+    path: impl Into<FieldPath>,
+    spec: &PrincipalSpec,
+    state: &State,
+    require_policies: bool,
+) -> Result<Principal, WorldError> {
+    let path = path.into();
+    let mut principal = Principal::new(&spec.arn).map_err(|e| invalid(path.then("arn"), e.to_string()))?;
     principal.tags = TagSet::from_tags(true, spec.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .map_err(|e| err(format!("{path}.tags"), e.to_string()))?;
+        .map_err(|e| bad_tags(path.then("tags"), e))?;
     for (i, name) in spec.policies.iter().enumerate() {
         if require_policies && state.policy(name).is_none() {
-            return Err(err(format!("{path}.policies[{i}]"), format!("no managed policy named {name:?}")));
+            // Reported as a policy problem, as it always was.
+            return Err(malformed_policy(path.then("policies").at(i), format!("no managed policy named {name:?}")));
         }
         principal.managed.push(name.as_str().into());
     }
@@ -221,37 +254,97 @@ pub fn build_principal(path: &str, spec: &PrincipalSpec, state: &State, require_
         principal.managed.push(name.as_str().into());
     }
     for (name, doc) in &spec.inline_policies {
-        let policy = compile_policy(&format!("{path}.inline_policies.{name}"), doc, PolicyKind::Identity)?;
+        let policy = compile_policy(path.then("inline_policies").then(name.as_str()), doc, PolicyKind::Identity)?;
         principal.inline.push((name.as_str().into(), policy));
     }
     Ok(principal)
+}
+
+/// Lowers world-file entities into a [`State`] one at a time, in the
+/// world file's order (policies, then principals, then resources), naming
+/// each by its world-file path (`policies.NAME`, `principals[i]`,
+/// `resources[i]`). [`WorldSpec::apply`] feeds it a whole world; a
+/// generator can stream entities into it without holding their description.
+///
+/// Principals must name policies added before them. On error the state may
+/// hold part of what was added, so callers build on a copy.
+pub struct WorldBuilder<'s> {
+    state: &'s mut State,
+    resources: ResourceBuilder,
+    /// The path that first defined each ARN; `None` when the caller
+    /// guarantees unique ARNs (a million keys need not be remembered).
+    seen: Option<HashMap<String, FieldPath>>,
+    principals: usize,
+    resource_count: usize,
+}
+
+impl<'s> WorldBuilder<'s> {
+    pub fn new(state: &'s mut State) -> WorldBuilder<'s> {
+        WorldBuilder {
+            state,
+            resources: ResourceBuilder::default(),
+            seen: Some(HashMap::new()),
+            principals: 0,
+            resource_count: 0,
+        }
+    }
+
+    /// Skips the check that no ARN is defined twice (a later definition
+    /// then replaces an earlier one), for callers that make ARNs unique.
+    pub fn trusting_unique_arns(mut self) -> WorldBuilder<'s> {
+        self.seen = None;
+        self
+    }
+
+    fn first_definition(&mut self, arn: &str, path: &FieldPath) -> Result<(), WorldError> {
+        if let Some(seen) = &mut self.seen {
+            if let Some(first) = seen.get(arn) {
+                return Err(invalid(path.then("arn"), format!("{arn:?} is already defined at {first}")));
+            }
+            seen.insert(arn.to_string(), path.clone());
+        }
+        Ok(())
+    }
+
+    /// Adds (or replaces) managed policy `name`.
+    pub fn policy(&mut self, name: &str, doc: &Value) -> Result<(), WorldError> {
+        let path = FieldPath::field("policies").then(name);
+        let policy = compile_policy(path.clone(), doc, PolicyKind::Identity)?;
+        self.state.put_policy(name, policy).map_err(|e| malformed_policy(path, e.to_string()))
+    }
+
+    /// Adds the next principal.
+    pub fn principal(&mut self, spec: &PrincipalSpec) -> Result<(), WorldError> {
+        let path = FieldPath::field("principals").at(self.principals);
+        self.principals += 1;
+        self.first_definition(&spec.arn, &path)?;
+        let principal = build_principal(path.clone(), spec, self.state, true)?;
+        self.state.put_principal(principal).map_err(|e| invalid(path.then("arn"), e.to_string()))
+    }
+
+    /// Adds the next resource.
+    pub fn resource(&mut self, spec: &ResourceSpec) -> Result<(), WorldError> {
+        let path = FieldPath::field("resources").at(self.resource_count);
+        self.resource_count += 1;
+        self.first_definition(&spec.arn, &path)?;
+        let resource = self.resources.build(path.clone(), spec)?;
+        self.state.put_resource(resource).map_err(|e| invalid(path.then("arn"), e.to_string()))
+    }
 }
 
 impl WorldSpec {
     /// Adds everything to `state`; on error `state` may hold part of it, so
     /// callers apply to a copy and keep the original on failure.
     pub fn apply(&self, state: &mut State) -> Result<(), WorldError> {
+        let mut builder = WorldBuilder::new(state);
         for (name, doc) in &self.policies {
-            let policy = compile_policy(&format!("policies.{name}"), doc, PolicyKind::Identity)?;
-            state.put_policy(name, policy).map_err(|e| err(format!("policies.{name}"), e.to_string()))?;
+            builder.policy(name, doc)?;
         }
-        let mut seen: HashMap<&str, String> = HashMap::new();
-        for (i, spec) in self.principals.iter().enumerate() {
-            let path = format!("principals[{i}]");
-            if let Some(first) = seen.insert(&spec.arn, path.clone()) {
-                return Err(err(format!("{path}.arn"), format!("{:?} is already defined at {first}", spec.arn)));
-            }
-            let principal = build_principal(&path, spec, state, true)?;
-            state.put_principal(principal).map_err(|e| err(format!("{path}.arn"), e.to_string()))?;
+        for spec in &self.principals {
+            builder.principal(spec)?;
         }
-        let mut builder = ResourceBuilder::default();
-        for (i, spec) in self.resources.iter().enumerate() {
-            let path = format!("resources[{i}]");
-            if let Some(first) = seen.insert(&spec.arn, path.clone()) {
-                return Err(err(format!("{path}.arn"), format!("{:?} is already defined at {first}", spec.arn)));
-            }
-            let resource = builder.build(&path, spec)?;
-            state.put_resource(resource).map_err(|e| err(format!("{path}.arn"), e.to_string()))?;
+        for spec in &self.resources {
+            builder.resource(spec)?;
         }
         Ok(())
     }
@@ -276,9 +369,9 @@ impl WorldSpec {
 /// export of the rebuilt principal gives the same lists.
 pub fn principal_spec(p: &Principal) -> PrincipalSpec {
     let (policies, pending): (Vec<&Arc<str>>, Vec<&Arc<str>>) =
-        p.managed.iter().partition(|name| p.resolved.iter().any(|(r, _)| r == *name));
+        p.managed.iter().partition(|name| p.resolved().iter().any(|(r, _)| r == *name));
     PrincipalSpec {
-        arn: p.arn.to_string(),
+        arn: p.arn().to_string(),
         tags: tag_map(&p.tags),
         policies: policies.into_iter().map(|n| n.to_string()).collect(),
         pending_policies: pending.into_iter().map(|n| n.to_string()).collect(),
@@ -329,6 +422,68 @@ impl WorldSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// How change.rs classified a world error by sniffing its path text.
+    fn code_from_path_text(path: &str) -> ErrorCode {
+        if path.contains("polic") && !path.ends_with(".arn") {
+            ErrorCode::MalformedPolicyDocument
+        } else if path.contains(".tags") {
+            ErrorCode::Tag
+        } else {
+            ErrorCode::Validation
+        }
+    }
+
+    #[test]
+    fn error_codes_come_from_where_the_error_arose_and_agree_with_the_old_text_rule() {
+        let key = "arn:aws:kms:us-east-1:111122223333:key/k1";
+        let ok_policy = json!({"Statement": {"Effect": "Allow", "Action": "kms:*", "Resource": "*"}});
+        let many_tags: serde_json::Map<String, Value> = (0..51).map(|i| (format!("k{i}"), json!("v"))).collect();
+        let cases = [
+            (json!({"policies": {"P": {"Statement": {"Effect": "Permit"}}}}), ErrorCode::MalformedPolicyDocument),
+            (json!({"policies": {"": ok_policy}}), ErrorCode::MalformedPolicyDocument),
+            (
+                json!({"principals": [{"arn": "arn:aws:iam::111122223333:user/a", "policies": ["Nope"]}]}),
+                ErrorCode::MalformedPolicyDocument,
+            ),
+            (
+                json!({"principals": [{"arn": "arn:aws:iam::111122223333:user/a", "inline_policies": {"I": {"Statement": []}}}]}),
+                ErrorCode::MalformedPolicyDocument,
+            ),
+            (json!({"principals": [{"arn": "arn:aws:sts::111122223333:assumed-role/R/s"}]}), ErrorCode::Validation),
+            (json!({"principals": [{"arn": "arn:aws:iam::111122223333:user/a", "tags": {"aws:x": "1"}}]}), ErrorCode::Tag),
+            (
+                json!({"principals": [{"arn": "arn:aws:iam::111122223333:user/a"}, {"arn": "arn:aws:iam::111122223333:user/a"}]}),
+                ErrorCode::Validation,
+            ),
+            (json!({"resources": [{"arn": "not-an-arn"}]}), ErrorCode::Validation),
+            (json!({"resources": [{"arn": key, "tags": many_tags}]}), ErrorCode::Tag),
+            (
+                json!({"resources": [{"arn": key, "key_policy": {"Statement": {"Effect": "Allow", "Action": "kms:*", "Resource": "*"}}}]}),
+                ErrorCode::MalformedPolicyDocument,
+            ),
+            (json!({"resources": [{"arn": key, "resource_policy": ok_policy}]}), ErrorCode::MalformedPolicyDocument),
+            (json!({"resources": [{"arn": key, "key_state": "Melting"}]}), ErrorCode::Validation),
+            (json!({"resources": [{"arn": key, "key_manager": "ME"}]}), ErrorCode::Validation),
+            (json!({"resources": [{"arn": key, "key_spec": ""}]}), ErrorCode::Validation),
+            (json!({"resources": [{"arn": "arn:aws:s3:::b", "key_policy": ok_policy}]}), ErrorCode::MalformedPolicyDocument),
+            (json!({"resources": [{"arn": "arn:aws:s3:::b", "key_state": "Enabled"}]}), ErrorCode::Validation),
+            (
+                json!({"principals": [{"arn": "arn:aws:iam::111122223333:role/R"}], "resources": [{"arn": "arn:aws:iam::111122223333:role/R"}]}),
+                ErrorCode::Validation,
+            ),
+        ];
+        for (world, code) in cases {
+            let world: WorldSpec = serde_json::from_value(world).unwrap();
+            let e = world.build().unwrap_err();
+            assert_eq!(e.code(), code, "{e}");
+            assert_eq!(e.code(), code_from_path_text(&e.path.to_string()), "{e}");
+        }
+        let mut builder = ResourceBuilder::default();
+        let spec = ResourceSpec { arn: key.into(), tags: [("aws:x".to_string(), "1".to_string())].into(), ..Default::default() };
+        let e = builder.build("put_resource", &spec).unwrap_err();
+        assert_eq!((e.path.to_string(), e.code()), ("put_resource.tags".to_string(), ErrorCode::Tag));
+    }
 
     #[test]
     fn export_rebuilds_the_same_world() {

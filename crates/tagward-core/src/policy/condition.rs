@@ -20,8 +20,10 @@ use std::sync::Arc;
 use base64::Engine as _;
 use ipnet::IpNet;
 
-use super::keys::KeyRef;
-use super::pattern::{Pattern, Resolve, Syntax};
+use thiserror::Error;
+
+use super::keys::{KeyError, KeyRef};
+use super::pattern::{Pattern, PatternError, Resolve, Syntax};
 use crate::arn::Arn;
 
 /// The values a request holds for a condition key.
@@ -108,41 +110,161 @@ pub struct Outcome {
     pub missing: bool,
 }
 
-const BASE_OPERATORS: &[&str] = &[
-    "StringEquals",
-    "StringNotEquals",
-    "StringEqualsIgnoreCase",
-    "StringNotEqualsIgnoreCase",
-    "StringLike",
-    "StringNotLike",
-    "NumericEquals",
-    "NumericNotEquals",
-    "NumericLessThan",
-    "NumericLessThanEquals",
-    "NumericGreaterThan",
-    "NumericGreaterThanEquals",
-    "DateEquals",
-    "DateNotEquals",
-    "DateLessThan",
-    "DateLessThanEquals",
-    "DateGreaterThan",
-    "DateGreaterThanEquals",
-    "Bool",
-    "BinaryEquals",
-    "IpAddress",
-    "NotIpAddress",
-    "ArnEquals",
-    "ArnLike",
-    "ArnNotEquals",
-    "ArnNotLike",
-    "Null",
-];
+/// What type an operator reads its values as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    String,
+    Numeric,
+    Date,
+    Bool,
+    Binary,
+    Ip,
+    Arn,
+    Null,
+}
 
-impl Condition {
-    /// Compiles `operator` on `key_name` with the policy's `values`.
-    /// `variables` is true in `"Version": "2012-10-17"` policies. Errors are
-    /// messages without a path; the caller adds it.
-    pub fn compile(operator: &str, key_name: &str, values: &[String], variables: bool) -> Result<Condition, String> {
+/// A base operator: the name without a `ForAllValues:`/`ForAnyValue:`
+/// prefix and without `IfExists`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BaseOperator {
+    StringEquals,
+    StringNotEquals,
+    StringEqualsIgnoreCase,
+    StringNotEqualsIgnoreCase,
+    StringLike,
+    StringNotLike,
+    NumericEquals,
+    NumericNotEquals,
+    NumericLessThan,
+    NumericLessThanEquals,
+    NumericGreaterThan,
+    NumericGreaterThanEquals,
+    DateEquals,
+    DateNotEquals,
+    DateLessThan,
+    DateLessThanEquals,
+    DateGreaterThan,
+    DateGreaterThanEquals,
+    Bool,
+    BinaryEquals,
+    IpAddress,
+    NotIpAddress,
+    ArnEquals,
+    ArnLike,
+    ArnNotEquals,
+    ArnNotLike,
+    Null,
+}
+
+/// What a base operator does, as data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OperatorSpec {
+    /// The name as policies spell it (case-sensitive).
+    pub name: &'static str,
+    pub family: Family,
+    /// The request value must match none of the policy values.
+    pub negated: bool,
+    /// How a request value compares with a policy value (`Numeric*`, `Date*`).
+    pub cmp: Cmp,
+    /// `*` and `?` are wildcards (`StringLike`, `ArnLike`).
+    pub like: bool,
+    /// Characters compare case-insensitively.
+    pub ignore_case: bool,
+}
+
+const fn spec(name: &'static str, family: Family, negated: bool, cmp: Cmp, like: bool, ignore_case: bool) -> OperatorSpec {
+    OperatorSpec { name, family, negated, cmp, like, ignore_case }
+}
+
+impl BaseOperator {
+    /// Every base operator, in the order the documentation lists them.
+    pub const ALL: &'static [BaseOperator] = &[
+        BaseOperator::StringEquals,
+        BaseOperator::StringNotEquals,
+        BaseOperator::StringEqualsIgnoreCase,
+        BaseOperator::StringNotEqualsIgnoreCase,
+        BaseOperator::StringLike,
+        BaseOperator::StringNotLike,
+        BaseOperator::NumericEquals,
+        BaseOperator::NumericNotEquals,
+        BaseOperator::NumericLessThan,
+        BaseOperator::NumericLessThanEquals,
+        BaseOperator::NumericGreaterThan,
+        BaseOperator::NumericGreaterThanEquals,
+        BaseOperator::DateEquals,
+        BaseOperator::DateNotEquals,
+        BaseOperator::DateLessThan,
+        BaseOperator::DateLessThanEquals,
+        BaseOperator::DateGreaterThan,
+        BaseOperator::DateGreaterThanEquals,
+        BaseOperator::Bool,
+        BaseOperator::BinaryEquals,
+        BaseOperator::IpAddress,
+        BaseOperator::NotIpAddress,
+        BaseOperator::ArnEquals,
+        BaseOperator::ArnLike,
+        BaseOperator::ArnNotEquals,
+        BaseOperator::ArnNotLike,
+        BaseOperator::Null,
+    ];
+
+    /// The operator's table row.
+    pub const fn spec(self) -> OperatorSpec {
+        use BaseOperator as B;
+        use Cmp as C;
+        use Family as F;
+        match self {
+            B::StringEquals => spec("StringEquals", F::String, false, C::Eq, false, false),
+            B::StringNotEquals => spec("StringNotEquals", F::String, true, C::Eq, false, false),
+            B::StringEqualsIgnoreCase => spec("StringEqualsIgnoreCase", F::String, false, C::Eq, false, true),
+            B::StringNotEqualsIgnoreCase => spec("StringNotEqualsIgnoreCase", F::String, true, C::Eq, false, true),
+            B::StringLike => spec("StringLike", F::String, false, C::Eq, true, false),
+            B::StringNotLike => spec("StringNotLike", F::String, true, C::Eq, true, false),
+            B::NumericEquals => spec("NumericEquals", F::Numeric, false, C::Eq, false, false),
+            B::NumericNotEquals => spec("NumericNotEquals", F::Numeric, true, C::Eq, false, false),
+            B::NumericLessThan => spec("NumericLessThan", F::Numeric, false, C::Lt, false, false),
+            B::NumericLessThanEquals => spec("NumericLessThanEquals", F::Numeric, false, C::Le, false, false),
+            B::NumericGreaterThan => spec("NumericGreaterThan", F::Numeric, false, C::Gt, false, false),
+            B::NumericGreaterThanEquals => spec("NumericGreaterThanEquals", F::Numeric, false, C::Ge, false, false),
+            B::DateEquals => spec("DateEquals", F::Date, false, C::Eq, false, false),
+            B::DateNotEquals => spec("DateNotEquals", F::Date, true, C::Eq, false, false),
+            B::DateLessThan => spec("DateLessThan", F::Date, false, C::Lt, false, false),
+            B::DateLessThanEquals => spec("DateLessThanEquals", F::Date, false, C::Le, false, false),
+            B::DateGreaterThan => spec("DateGreaterThan", F::Date, false, C::Gt, false, false),
+            B::DateGreaterThanEquals => spec("DateGreaterThanEquals", F::Date, false, C::Ge, false, false),
+            B::Bool => spec("Bool", F::Bool, false, C::Eq, false, false),
+            B::BinaryEquals => spec("BinaryEquals", F::Binary, false, C::Eq, false, false),
+            B::IpAddress => spec("IpAddress", F::Ip, false, C::Eq, false, false),
+            B::NotIpAddress => spec("NotIpAddress", F::Ip, true, C::Eq, false, false),
+            B::ArnEquals => spec("ArnEquals", F::Arn, false, C::Eq, false, false),
+            B::ArnLike => spec("ArnLike", F::Arn, false, C::Eq, true, false),
+            B::ArnNotEquals => spec("ArnNotEquals", F::Arn, true, C::Eq, false, false),
+            B::ArnNotLike => spec("ArnNotLike", F::Arn, true, C::Eq, true, false),
+            B::Null => spec("Null", F::Null, false, C::Eq, false, false),
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        self.spec().name
+    }
+
+    /// The operator spelled exactly `name`.
+    pub fn from_name(name: &str) -> Option<BaseOperator> {
+        BaseOperator::ALL.iter().copied().find(|op| op.name() == name)
+    }
+}
+
+/// A whole operator as written: set prefix, base operator, `IfExists`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Operator {
+    pub set: SetMode,
+    pub base: BaseOperator,
+    pub if_exists: bool,
+}
+
+impl Operator {
+    /// Parses `ForAllValues:StringEqualsIfExists` and the like, by exact name.
+    pub fn parse(operator: &str) -> Result<Operator, ConditionError> {
         let (set, rest) = if let Some(r) = operator.strip_prefix("ForAllValues:") {
             (SetMode::ForAllValues, r)
         } else if let Some(r) = operator.strip_prefix("ForAnyValue:") {
@@ -150,88 +272,107 @@ impl Condition {
         } else {
             (SetMode::Plain, operator)
         };
-        let (base, if_exists) = match rest.strip_suffix("IfExists") {
+        let (name, if_exists) = match rest.strip_suffix("IfExists") {
             Some(b) => (b, true),
             None => (rest, false),
         };
-        if !BASE_OPERATORS.contains(&base) {
-            let hint = BASE_OPERATORS
-                .iter()
-                .find(|known| known.eq_ignore_ascii_case(base))
-                .map(|known| format!(" (did you mean {known:?}? operators are case-sensitive)"))
-                .unwrap_or_default();
-            return Err(format!("unknown condition operator {operator:?}{hint}"));
+        let base = BaseOperator::from_name(name).ok_or_else(|| ConditionError::UnknownOperator {
+            operator: operator.to_string(),
+            suggestion: super::near_miss(name, BaseOperator::ALL.iter().map(|op| op.name())),
+        })?;
+        if base == BaseOperator::Null && (if_exists || set != SetMode::Plain) {
+            return Err(ConditionError::NullModifiers { operator: operator.to_string() });
         }
-        if base == "Null" && (if_exists || set != SetMode::Plain) {
-            return Err(format!("{operator:?}: Null takes neither IfExists nor a set prefix"));
-        }
+        Ok(Operator { set, base, if_exists })
+    }
+}
+
+/// A condition that cannot be compiled. Messages carry no path; the policy
+/// compiler adds it.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ConditionError {
+    #[error("unknown condition operator {operator:?}{}", super::did_you_mean(*suggestion, "operators"))]
+    UnknownOperator { operator: String, suggestion: Option<&'static str> },
+    #[error("{operator:?}: Null takes neither IfExists nor a set prefix")]
+    NullModifiers { operator: String },
+    #[error("{operator:?} on {key:?} has no values")]
+    NoValues { operator: String, key: String },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Pattern(#[from] PatternError),
+    #[error(transparent)]
+    Arn(#[from] ArnPatternError),
+    #[error("{0:?} is not a number")]
+    NotANumber(String),
+    #[error("{0:?} is not a date: expected ISO 8601 (2020-01-31T12:00:00Z) or epoch seconds")]
+    NotADate(String),
+    #[error("{0:?} is not \"true\" or \"false\"")]
+    NotABool(String),
+    #[error("{0:?} is not base64")]
+    NotBase64(String),
+    #[error("{0:?} is not an IP address or CIDR block")]
+    NotAnAddress(String),
+    #[error("Null takes \"true\" or \"false\", found {0:?}")]
+    NullValue(String),
+    #[error("Null on one key cannot be both \"true\" and \"false\"")]
+    NullConflict,
+}
+
+/// Parses every value with `parse`, failing on the first it refuses.
+fn parse_all<T>(
+    values: &[String],
+    parse: impl Fn(&str) -> Option<T>,
+    refuse: impl Fn(String) -> ConditionError,
+) -> Result<Vec<T>, ConditionError> {
+    values.iter().map(|v| parse(v).ok_or_else(|| refuse(v.clone()))).collect()
+}
+
+impl Condition {
+    /// Compiles `operator` on `key_name` with the policy's `values`.
+    /// `variables` is true in `"Version": "2012-10-17"` policies.
+    pub fn compile(operator: &str, key_name: &str, values: &[String], variables: bool) -> Result<Condition, ConditionError> {
+        let Operator { set, base, if_exists } = Operator::parse(operator)?;
         if values.is_empty() {
-            return Err(format!("{operator:?} on {key_name:?} has no values"));
+            return Err(ConditionError::NoValues { operator: operator.to_string(), key: key_name.to_string() });
         }
-        let key = KeyRef::parse(key_name).map_err(|e| e.to_string())?;
-        let negated = base.contains("Not");
-        let cmp = if base.ends_with("LessThan") {
-            Cmp::Lt
-        } else if base.ends_with("LessThanEquals") {
-            Cmp::Le
-        } else if base.ends_with("GreaterThan") {
-            Cmp::Gt
-        } else if base.ends_with("GreaterThanEquals") {
-            Cmp::Ge
-        } else {
-            Cmp::Eq
-        };
-        let each = |f: &dyn Fn(&str) -> Result<(), String>| values.iter().try_for_each(|v| f(v));
-        let operand = if base.starts_with("String") {
-            let like = base.ends_with("Like");
-            let ignore_case = base.ends_with("IgnoreCase");
-            let syntax = Syntax { wildcards: like, variables, fold_case: ignore_case };
-            let patterns = values.iter().map(|v| Pattern::compile(v, syntax)).collect::<Result<Vec<_>, _>>()?;
-            Operand::Str(patterns)
-        } else if base.starts_with("Numeric") {
-            let mut parsed = Vec::with_capacity(values.len());
-            each(&|v| parse_number(v).map(|_| ()).ok_or_else(|| format!("{v:?} is not a number")))?;
-            for v in values {
-                parsed.extend(parse_number(v));
+        let key = KeyRef::parse(key_name)?;
+        let spec = base.spec();
+        let cmp = spec.cmp;
+        let operand = match spec.family {
+            Family::String => {
+                let syntax = Syntax { wildcards: spec.like, variables, fold_case: spec.ignore_case };
+                Operand::Str(values.iter().map(|v| Pattern::compile(v, syntax)).collect::<Result<Vec<_>, _>>()?)
             }
-            Operand::Num { values: parsed, cmp }
-        } else if base.starts_with("Date") {
-            each(&|v| {
-                parse_date(v)
-                    .map(|_| ())
-                    .ok_or_else(|| format!("{v:?} is not a date: expected ISO 8601 (2020-01-31T12:00:00Z) or epoch seconds"))
-            })?;
-            Operand::Date { millis: values.iter().filter_map(|v| parse_date(v)).collect(), cmp }
-        } else if base == "Bool" {
-            each(&|v| parse_bool(v).map(|_| ()).ok_or_else(|| format!("{v:?} is not \"true\" or \"false\"")))?;
-            Operand::Bool(values.iter().filter_map(|v| parse_bool(v)).collect())
-        } else if base == "BinaryEquals" {
-            let mut decoded = Vec::with_capacity(values.len());
-            for v in values {
-                decoded.push(decode_base64(v).ok_or_else(|| format!("{v:?} is not base64"))?);
+            Family::Numeric => Operand::Num { values: parse_all(values, parse_number, ConditionError::NotANumber)?, cmp },
+            Family::Date => Operand::Date { millis: parse_all(values, parse_date, ConditionError::NotADate)?, cmp },
+            Family::Bool => Operand::Bool(parse_all(values, parse_bool, ConditionError::NotABool)?),
+            Family::Binary => Operand::Binary(parse_all(values, decode_base64, ConditionError::NotBase64)?),
+            Family::Ip => Operand::Ip(parse_all(values, parse_net, ConditionError::NotAnAddress)?),
+            Family::Arn => {
+                Operand::Arn(values.iter().map(|v| ArnPattern::compile(v, variables, variables)).collect::<Result<Vec<_>, _>>()?)
             }
-            Operand::Binary(decoded)
-        } else if base.contains("IpAddress") {
-            let mut nets = Vec::with_capacity(values.len());
-            for v in values {
-                nets.push(parse_net(v).ok_or_else(|| format!("{v:?} is not an IP address or CIDR block"))?);
-            }
-            Operand::Ip(nets)
-        } else if base.starts_with("Arn") {
-            let patterns = values.iter().map(|v| ArnPattern::compile(v, variables, variables)).collect::<Result<Vec<_>, _>>()?;
-            Operand::Arn(patterns)
-        } else {
-            let mut want = None;
-            for v in values {
-                let b = parse_bool(v).ok_or_else(|| format!("Null takes \"true\" or \"false\", found {v:?}"))?;
-                if want.is_some_and(|w| w != b) {
-                    return Err("Null on one key cannot be both \"true\" and \"false\"".into());
+            Family::Null => {
+                let mut want = None;
+                for v in values {
+                    let b = parse_bool(v).ok_or_else(|| ConditionError::NullValue(v.clone()))?;
+                    if want.is_some_and(|w| w != b) {
+                        return Err(ConditionError::NullConflict);
+                    }
+                    want = Some(b);
                 }
-                want = Some(b);
+                Operand::Null(want.unwrap_or(true))
             }
-            Operand::Null(want.unwrap_or(true))
         };
-        Ok(Condition { operator: operator.into(), key_name: key_name.into(), key, set, negated, if_exists, operand })
+        Ok(Condition {
+            operator: operator.into(),
+            key_name: key_name.into(),
+            key,
+            set,
+            negated: spec.negated,
+            if_exists,
+            operand,
+        })
     }
 
     /// Evaluates the condition against a request.
@@ -304,6 +445,17 @@ impl Condition {
     }
 }
 
+/// An ARN pattern that cannot be compiled.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ArnPatternError {
+    #[error(
+        "{0:?} is not an ARN pattern: expected \"*\" or arn:PARTITION:SERVICE:REGION:ACCOUNT:RESOURCE, each part matched on its own"
+    )]
+    NotAnArn(String),
+    #[error(transparent)]
+    Pattern(#[from] PatternError),
+}
+
 /// A pattern for a whole ARN: `*` alone, or six parts each matched on its
 /// own (`*` and `?` never cross a colon, except in the resource part, which
 /// may itself hold colons).
@@ -316,16 +468,14 @@ pub enum ArnPattern {
 impl ArnPattern {
     /// Compiles an ARN pattern; variables may be allowed in the resource part
     /// only (the `Resource` element) or everywhere (`Arn*` conditions).
-    pub fn compile(source: &str, vars_in_resource: bool, vars_elsewhere: bool) -> Result<ArnPattern, String> {
+    pub fn compile(source: &str, vars_in_resource: bool, vars_elsewhere: bool) -> Result<ArnPattern, ArnPatternError> {
         if source == "*" {
             return Ok(ArnPattern::Any);
         }
         let syntax = |variables| Syntax { wildcards: true, variables, fold_case: false };
         let parts: Vec<&str> = split_arn_parts(source);
         if parts.len() < 6 || parts[0] != "arn" {
-            return Err(format!(
-                "{source:?} is not an ARN pattern: expected \"*\" or arn:PARTITION:SERVICE:REGION:ACCOUNT:RESOURCE, each part matched on its own"
-            ));
+            return Err(ArnPatternError::NotAnArn(source.to_string()));
         }
         let head = [
             Pattern::compile(parts[0], syntax(vars_elsewhere))?,
@@ -600,8 +750,34 @@ mod tests {
     }
 
     #[test]
+    fn operators_are_parsed_by_exact_name() {
+        for op in BaseOperator::ALL {
+            assert_eq!(BaseOperator::from_name(op.name()), Some(*op));
+            let parsed = Operator::parse(&format!("ForAnyValue:{}IfExists", op.name()));
+            if *op == BaseOperator::Null {
+                assert!(parsed.is_err());
+            } else {
+                assert_eq!(parsed, Ok(Operator { set: SetMode::ForAnyValue, base: *op, if_exists: true }));
+            }
+        }
+        assert_eq!(BaseOperator::ALL.len(), 27);
+        // A name holding "Not" is not thereby a negation, nor is one ending in
+        // "LessThan" a comparison: only the table's names exist.
+        for junk in ["StringNotEqualsNot", "NotStringEquals", "StringLessThan", "IpAddressNot", "NumericLike", "Nullx"] {
+            assert!(matches!(Operator::parse(junk), Err(ConditionError::UnknownOperator { .. })), "{junk}");
+        }
+        assert!(BaseOperator::NotIpAddress.spec().negated && !BaseOperator::IpAddress.spec().negated);
+        assert_eq!(BaseOperator::DateGreaterThanEquals.spec().cmp, Cmp::Ge);
+        assert!(BaseOperator::ArnNotLike.spec().like && BaseOperator::ArnNotLike.spec().negated);
+        assert_eq!(
+            Operator::parse("ForAllValues:stringlike"),
+            Err(ConditionError::UnknownOperator { operator: "ForAllValues:stringlike".into(), suggestion: Some("StringLike") })
+        );
+    }
+
+    #[test]
     fn compile_errors_say_what_is_wrong() {
-        let err = |op: &str, v: &str| Condition::compile(op, "aws:SourceIp", &[v.to_string()], true).unwrap_err();
+        let err = |op: &str, v: &str| Condition::compile(op, "aws:SourceIp", &[v.to_string()], true).unwrap_err().to_string();
         assert!(err("StringEqualz", "x").contains("unknown condition operator"));
         assert!(err("stringequals", "x").contains("did you mean \"StringEquals\""));
         assert!(err("NumericEquals", "ten").contains("not a number"));
@@ -611,6 +787,6 @@ mod tests {
         assert!(err("Bool", "yes").contains("not \"true\" or \"false\""));
         assert!(err("NullIfExists", "true").contains("Null takes neither"));
         assert!(err("ForAnyValue:Null", "true").contains("Null takes neither"));
-        assert!(Condition::compile("StringEquals", "aws:SourceIp", &[], true).unwrap_err().contains("no values"));
+        assert!(Condition::compile("StringEquals", "aws:SourceIp", &[], true).unwrap_err().to_string().contains("no values"));
     }
 }

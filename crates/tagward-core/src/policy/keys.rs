@@ -6,7 +6,7 @@
 //! the case it was written in, since the tag lookup itself prefers an exact
 //! match before falling back to a case-insensitive one.
 
-use std::fmt;
+use thiserror::Error;
 
 /// A condition key as the engine knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -32,23 +32,24 @@ pub enum KeyRef {
 }
 
 /// Why a key name was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyError(pub String);
-
-impl fmt::Display for KeyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum KeyError {
+    #[error("empty condition key")]
+    Empty,
+    #[error("condition key {0:?} has leading or trailing white space")]
+    WhiteSpace(String),
+    #[error("condition key {0:?} names no tag key after the '/'")]
+    NoTagKey(String),
 }
 
 impl KeyRef {
     /// Resolves a key name as written in a policy or a request context.
     pub fn parse(name: &str) -> Result<KeyRef, KeyError> {
         if name.is_empty() {
-            return Err(KeyError("empty condition key".into()));
+            return Err(KeyError::Empty);
         }
         if name.trim() != name {
-            return Err(KeyError(format!("condition key {name:?} has leading or trailing white space")));
+            return Err(KeyError::WhiteSpace(name.to_string()));
         }
         for (prefix, make) in [
             ("aws:resourcetag/", KeyRef::ResourceTag as fn(Box<str>) -> KeyRef),
@@ -59,7 +60,7 @@ impl KeyRef {
                 if head.eq_ignore_ascii_case(prefix) {
                     let tag = &name[prefix.len()..];
                     if tag.is_empty() {
-                        return Err(KeyError(format!("condition key {name:?} names no tag key after the '/'")));
+                        return Err(KeyError::NoTagKey(name.to_string()));
                     }
                     return Ok(make(tag.into()));
                 }

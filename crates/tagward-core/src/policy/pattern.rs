@@ -10,8 +10,22 @@
 use std::borrow::Cow;
 
 use smallvec::SmallVec;
+use thiserror::Error;
 
-use super::keys::KeyRef;
+use super::keys::{KeyError, KeyRef};
+
+/// A pattern that cannot be compiled: a malformed `${...}` variable.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PatternError {
+    #[error("unterminated policy variable in {pattern:?}")]
+    Unterminated { pattern: String },
+    #[error("the default of policy variable ${{{inner}}} in {pattern:?} must be in single quotes")]
+    UnquotedDefault { inner: String, pattern: String },
+    #[error("empty policy variable in {pattern:?}")]
+    EmptyVariable { pattern: String },
+    #[error("policy variable in {pattern:?}: {key}")]
+    Key { pattern: String, key: KeyError },
+}
 
 /// What a pattern treats specially.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +107,7 @@ enum Piece<'a> {
 
 impl Pattern {
     /// Compiles `source`. Fails only on a malformed `${...}` variable.
-    pub fn compile(source: &str, syntax: Syntax) -> Result<Pattern, String> {
+    pub fn compile(source: &str, syntax: Syntax) -> Result<Pattern, PatternError> {
         let mut text = String::with_capacity(source.len());
         let mut toks: Vec<Tok> = Vec::new();
         let push_char = |text: &mut String, toks: &mut Vec<Tok>, c: char| {
@@ -108,7 +122,7 @@ impl Pattern {
         let mut rest = source;
         while let Some(c) = rest.chars().next() {
             if syntax.variables && rest.starts_with("${") {
-                let close = rest.find('}').ok_or_else(|| format!("unterminated policy variable in {source:?}"))?;
+                let close = rest.find('}').ok_or_else(|| PatternError::Unterminated { pattern: source.to_string() })?;
                 let inner = &rest[2..close];
                 rest = &rest[close + 1..];
                 match inner {
@@ -224,22 +238,22 @@ impl Pattern {
     }
 }
 
-fn parse_variable(inner: &str, source: &str) -> Result<Variable, String> {
+fn parse_variable(inner: &str, source: &str) -> Result<Variable, PatternError> {
     let (name, default) = match inner.split_once(',') {
         Some((name, default)) => {
             let default = default.trim();
             let quoted = default
                 .strip_prefix('\'')
                 .and_then(|d| d.strip_suffix('\''))
-                .ok_or_else(|| format!("the default of policy variable ${{{inner}}} in {source:?} must be in single quotes"))?;
+                .ok_or_else(|| PatternError::UnquotedDefault { inner: inner.to_string(), pattern: source.to_string() })?;
             (name.trim(), Some(quoted.into()))
         }
         None => (inner.trim(), None),
     };
     if name.is_empty() {
-        return Err(format!("empty policy variable in {source:?}"));
+        return Err(PatternError::EmptyVariable { pattern: source.to_string() });
     }
-    let key = KeyRef::parse(name).map_err(|e| format!("policy variable in {source:?}: {e}"))?;
+    let key = KeyRef::parse(name).map_err(|key| PatternError::Key { pattern: source.to_string(), key })?;
     Ok(Variable { key, name: name.into(), default })
 }
 
