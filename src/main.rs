@@ -15,7 +15,7 @@ use tagward::grpc::proto::{self, Decision, Reason};
 use tagward::grpc::server::{self, stop_signal, Config};
 use tagward::observe::{DecisionLog, LogMode};
 use tagward::scenario::{self, Backend, InProcess};
-use tagward::store::{Durability, Opened, Store};
+use tagward::store::{Durability, OpenError, Opened, Store};
 use tagward::world::WorldSpec;
 
 #[derive(Parser)]
@@ -343,23 +343,24 @@ fn serve(
         None => None,
     };
     let store = match durability {
-        None => match seed.as_ref().map(WorldSpec::build).transpose() {
-            Ok(state) => {
-                info!("ephemeral: state is kept in memory only");
-                match Store::ephemeral(state.unwrap_or_default(), watch_events, audit) {
-                    Ok(store) => store,
-                    Err(e) => {
-                        error!("{e}");
-                        return ExitCode::FAILURE;
-                    }
+        None => {
+            let options = Durability { compact_after_bytes: u64::MAX, event_capacity: watch_events };
+            match Store::open_memory(seed.as_ref(), &options, audit) {
+                Ok((store, _)) => {
+                    info!("ephemeral: state is kept in memory only");
+                    store
+                }
+                Err(e @ OpenError::World(_)) => {
+                    error!("{e}");
+                    return ExitCode::from(2);
+                }
+                Err(e) => {
+                    error!("{e}");
+                    return ExitCode::FAILURE;
                 }
             }
-            Err(e) => {
-                error!("the world file: {e}");
-                return ExitCode::from(2);
-            }
-        },
-        Some(options) => match Store::open(data_dir, seed.as_ref(), force_world, &options, audit) {
+        }
+        Some(options) => match Store::open_dir(data_dir, seed.as_ref(), force_world, &options, audit) {
             Ok((store, opened)) => {
                 report_opened(data_dir, &opened, seed.is_some());
                 store
@@ -446,7 +447,7 @@ fn export(dir: &Path, output: Option<&Path>) -> ExitCode {
         eprintln!("{}: no such data directory", dir.display());
         return ExitCode::from(2);
     }
-    let (store, _) = match Store::open(dir, None, false, &offline_options(), None) {
+    let (store, _) = match Store::open_dir(dir, None, false, &offline_options(), None) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("cannot open the data directory: {e}");
@@ -499,7 +500,7 @@ fn import(dir: &Path, world: &Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match Store::open(dir, Some(&seed), true, &offline_options(), Some(audit)) {
+    match Store::open_dir(dir, Some(&seed), true, &offline_options(), Some(audit)) {
         Ok((store, _)) => {
             eprintln!("imported {} into {} at revision {}", world.display(), dir.display(), store.revision());
             ExitCode::SUCCESS

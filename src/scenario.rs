@@ -228,7 +228,9 @@ impl Backend for InProcess {
     fn run(&mut self, op: &Operation) -> Observed {
         let admin = |update: Update| match self.store.apply(&update, "scenario").map(Ticket::wait) {
             Ok(Ok(_)) => Observed::Ok { tags: None },
-            Ok(Err(e)) => Observed::Error { name: "StorageFailed".into(), message: e.to_string() },
+            Ok(Err(e)) => {
+                Observed::Error { name: tagward_core::ErrorCode::StorageFailed.as_str().into(), message: e.to_string() }
+            }
             Err(e) => Observed::Error { name: e.code.to_string(), message: e.message },
         };
         match op {

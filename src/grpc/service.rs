@@ -22,6 +22,7 @@ use crate::state::State;
 use crate::store::{Store, Ticket, UpdateError};
 use crate::tagging::{perform, TagError};
 use crate::world::WorldSpec;
+use tagward_core::ErrorCode;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -256,7 +257,7 @@ impl TaggingService {
 /// the task that acknowledges in order.
 fn accept_one(store: &Store, req: &proto::ApplyRequest) -> Result<Ticket, UpdateError> {
     let converted = match &req.update {
-        None => Err(UpdateError { code: "ValidationException", message: "required".into() }),
+        None => Err(UpdateError { code: ErrorCode::Validation, message: "required".into() }),
         Some(u) => convert::update(u, ""),
     };
     let result = match converted {
@@ -321,7 +322,7 @@ impl AdminService {
                         // async workers.
                         let id = req.id.clone();
                         let result = tokio::task::spawn_blocking(move || accept_one(&store, &req)).await.unwrap_or_else(|e| {
-                            Err(UpdateError { code: "InternalError", message: format!("the update task failed: {e}") })
+                            Err(UpdateError { code: ErrorCode::Internal, message: format!("the update task failed: {e}") })
                         });
                         if accepted_tx.send(Ok((id, result))).await.is_err() {
                             break;
@@ -353,11 +354,14 @@ impl AdminService {
                         Err(e) => proto::ApplyResponse {
                             id,
                             revision: store.revision(),
-                            error: Some(proto::UpdateError { code: "StorageFailed".into(), message: e.to_string() }),
+                            error: Some(proto::UpdateError {
+                                code: ErrorCode::StorageFailed.as_str().into(),
+                                message: e.to_string(),
+                            }),
                         },
                     },
                     Err(e) => {
-                        debug!(id = %id, code = e.code, "admin update refused");
+                        debug!(id = %id, code = e.code.as_str(), "admin update refused");
                         proto::ApplyResponse { id, revision: store.revision(), error: Some(update_error(e)) }
                     }
                 };
@@ -379,8 +383,11 @@ impl AdminService {
 
     async fn watch_stream(&self, request: Request<proto::WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let from = request.get_ref().from_revision;
-        let (backlog, mut live) =
-            self.0.store.watch(from).map_err(|e| status(Code::OutOfRange, "RevisionGone", e.to_string(), Default::default()))?;
+        let (backlog, mut live) = self
+            .0
+            .store
+            .watch(from)
+            .map_err(|e| status(Code::OutOfRange, ErrorCode::RevisionGone.as_str(), e.to_string(), Default::default()))?;
         let (tx, rx) = mpsc::channel(256);
         let mut shutdown = self.0.shutdown.clone();
         tokio::spawn(async move {
