@@ -649,6 +649,17 @@ pub enum OpenError {
 /// nothing is pending, or when storage fails.
 fn committer(inner: &Inner) {
     let commit = &inner.commit;
+    // The snapshot being written: one at a time, and joined before the
+    // committer stops, so no snapshot writes into a backend after its store
+    // is gone (a directory whose lock is released).
+    let mut snapshotting: Option<std::thread::JoinHandle<()>> = None;
+    commit_loop(inner, commit, &mut snapshotting);
+    if let Some(handle) = snapshotting.take() {
+        let _ = handle.join();
+    }
+}
+
+fn commit_loop(inner: &Inner, commit: &Commit, snapshotting: &mut Option<std::thread::JoinHandle<()>>) {
     loop {
         let stop = {
             let mut wake = lock(&commit.wake);
@@ -670,7 +681,7 @@ fn committer(inner: &Inner) {
             let head = writer.head.clone();
             let sync = writer.backend.prepare_sync();
             let compaction = match &sync {
-                Ok(_) if writer.backend.wants_compaction() => Some(
+                Ok(_) if writer.backend.wants_compaction() && snapshotting.as_ref().is_none_or(|h| h.is_finished()) => Some(
                     writer
                         .backend
                         .begin_compaction(head.revision())
@@ -713,8 +724,13 @@ fn committer(inner: &Inner) {
                         Err(e) => tracing::warn!(error = %e, "the snapshot failed; the log keeps everything"),
                     }
                 });
-                if let Err(e) = spawned {
-                    tracing::warn!(error = %e, "cannot start the snapshot thread");
+                match spawned {
+                    Ok(handle) => {
+                        if let Some(done) = snapshotting.replace(handle) {
+                            let _ = done.join();
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot start the snapshot thread"),
                 }
             }
             Some(Err(e)) => tracing::warn!(error = %e, "cannot start a new log for compaction"),
