@@ -15,7 +15,7 @@ use tagward::grpc::proto::{self, Decision, Reason};
 use tagward::grpc::server::{self, stop_signal, Config};
 use tagward::observe::{DecisionLog, LogMode};
 use tagward::scenario::{self, Backend, InProcess};
-use tagward::store::{Durability, OpenError, Opened, Store};
+use tagward::store::{Durability, OpenError, Opened, Store, MEMORY_COMPACT_AFTER};
 use tagward::world::WorldSpec;
 
 #[derive(Parser)]
@@ -344,7 +344,7 @@ fn serve(
     };
     let store = match durability {
         None => {
-            let options = Durability { compact_after_bytes: u64::MAX, event_capacity: watch_events };
+            let options = Durability { compact_after_bytes: MEMORY_COMPACT_AFTER, event_capacity: watch_events };
             match Store::open_memory(seed.as_ref(), &options, audit) {
                 Ok((store, _)) => {
                     info!("ephemeral: state is kept in memory only");

@@ -41,7 +41,8 @@ use crate::storage::{Backend, Cut, FileBackend, Loaded, LogRecord, MemoryBackend
 /// The vocabulary of changes, where the store's callers have always found it.
 pub use tagward_core::change::{ChangeKind, EntityKind, Event, EventKind, Update, UpdateError};
 
-/// Log bytes after which a memory backend (`--ephemeral`) compacts.
+/// Log bytes after which an in-process store's memory backend drops its
+/// older log.
 pub const MEMORY_COMPACT_AFTER: u64 = 64 << 20;
 
 /// A tag operation's result, as the store applied it.
@@ -205,7 +206,8 @@ impl Ticket {
 #[derive(Debug, Clone)]
 pub struct Durability {
     /// Log bytes after which a snapshot is written and older records
-    /// dropped (used by [`Store::open_dir`] for the file backend).
+    /// dropped (by the backends [`Store::open_dir`] and
+    /// [`Store::open_memory`] make).
     pub compact_after_bytes: u64,
     pub event_capacity: usize,
 }
@@ -364,14 +366,14 @@ impl Store {
         Store::open(Box::new(backend), seed, force, options, audit)
     }
 
-    /// A store on a memory backend (`--ephemeral`), seeded from `seed`:
-    /// [`Store::open`].
+    /// A store on a memory backend of its own (`--ephemeral`), seeded from
+    /// `seed`: [`Store::open`].
     pub fn open_memory(
         seed: Option<&WorldSpec>,
         options: &Durability,
         audit: Option<AuditLog>,
     ) -> Result<(Arc<Store>, Opened), OpenError> {
-        Store::open(Box::new(MemoryBackend::new(MEMORY_COMPACT_AFTER)), seed, false, options, audit)
+        Store::open(Box::new(MemoryBackend::new(options.compact_after_bytes)), seed, false, options, audit)
     }
 
     /// Opens a backend: restores exactly the state and revision it
@@ -649,9 +651,9 @@ pub enum OpenError {
 /// nothing is pending, or when storage fails.
 fn committer(inner: &Inner) {
     let commit = &inner.commit;
-    // The snapshot being written: one at a time, and joined before the
-    // committer stops, so no snapshot writes into a backend after its store
-    // is gone (a directory whose lock is released).
+    // The newest snapshot being written (each waits for the one before),
+    // joined before the committer stops, so no snapshot writes into a
+    // backend after its store is gone (a directory whose lock is released).
     let mut snapshotting: Option<std::thread::JoinHandle<()>> = None;
     commit_loop(inner, commit, &mut snapshotting);
     if let Some(handle) = snapshotting.take() {
@@ -681,7 +683,7 @@ fn commit_loop(inner: &Inner, commit: &Commit, snapshotting: &mut Option<std::th
             let head = writer.head.clone();
             let sync = writer.backend.prepare_sync();
             let compaction = match &sync {
-                Ok(_) if writer.backend.wants_compaction() && snapshotting.as_ref().is_none_or(|h| h.is_finished()) => Some(
+                Ok(_) if writer.backend.wants_compaction() => Some(
                     writer
                         .backend
                         .begin_compaction(head.revision())
@@ -718,18 +720,20 @@ fn commit_loop(inner: &Inner, commit: &Commit, snapshotting: &mut Option<std::th
         }
         match compaction {
             Some(Ok((job, state, max_record, place))) => {
+                // Snapshots are written one after the other: this one waits
+                // for the one before it (never the committer).
+                let before = snapshotting.take();
                 let spawned = std::thread::Builder::new().name("tagward-snapshot".into()).spawn(move || {
+                    if let Some(before) = before {
+                        let _ = before.join();
+                    }
                     match job.write(&mut snapshot_records(&state, max_record, place)) {
                         Ok(()) => tracing::info!("snapshot written; older log files removed"),
                         Err(e) => tracing::warn!(error = %e, "the snapshot failed; the log keeps everything"),
                     }
                 });
                 match spawned {
-                    Ok(handle) => {
-                        if let Some(done) = snapshotting.replace(handle) {
-                            let _ = done.join();
-                        }
-                    }
+                    Ok(handle) => *snapshotting = Some(handle),
                     Err(e) => tracing::warn!(error = %e, "cannot start the snapshot thread"),
                 }
             }

@@ -7,6 +7,11 @@
 //! medium at a time (a second is refused, like a locked directory); what it
 //! appends is in the medium once a sync returns, so dropping a backend with
 //! unsynced records loses them, like a crash.
+//!
+//! [`MemoryBackend::new`] writes to a medium of its own that nobody can
+//! reopen (`--ephemeral`, in-process stores): it keeps no snapshot (nothing
+//! could restore it, so the store's records are never even encoded) and a
+//! compaction only drops the log before it; following still works.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -70,6 +75,8 @@ pub struct MemoryBackend {
     compact_after: u64,
     max_record: u32,
     last: Option<u64>,
+    /// The medium can be reopened, so snapshots are kept.
+    keep_snapshots: bool,
 }
 
 struct MemorySync {
@@ -95,7 +102,15 @@ impl MemoryBackend {
     pub fn new(compact_after: u64) -> MemoryBackend {
         let medium = MemoryMedium::new();
         lock(&medium.disk).locked = true;
-        MemoryBackend { medium, unsynced: Vec::new(), log_bytes: 8, compact_after, max_record: MAX_RECORD, last: None }
+        MemoryBackend {
+            medium,
+            unsynced: Vec::new(),
+            log_bytes: 8,
+            compact_after,
+            max_record: MAX_RECORD,
+            last: None,
+            keep_snapshots: false,
+        }
     }
 
     /// Opens `medium` for writing; [`StorageError::Locked`] while another
@@ -113,6 +128,7 @@ impl MemoryBackend {
             compact_after,
             max_record: MAX_RECORD,
             last: None,
+            keep_snapshots: true,
         })
     }
 
@@ -226,7 +242,12 @@ impl Backend for MemoryBackend {
         lock(&self.medium.disk).logs.push((revision, WAL_MAGIC.to_vec()));
         self.log_bytes = 8;
         self.last = Some(revision);
-        Ok(Box::new(MemorySnapshot { medium: self.medium.clone(), revision, max_record: self.max_record }))
+        Ok(Box::new(MemorySnapshot {
+            medium: self.medium.clone(),
+            revision,
+            max_record: self.max_record,
+            keep: self.keep_snapshots,
+        }))
     }
 
     fn follow(&self, from: u64) -> Result<Follow, StorageError> {
@@ -254,12 +275,18 @@ struct MemorySnapshot {
     medium: MemoryMedium,
     revision: u64,
     max_record: u32,
+    /// False on a medium nobody can reopen: drop the older logs only.
+    keep: bool,
 }
 
 impl SnapshotJob for MemorySnapshot {
     fn write(self: Box<Self>, records: &mut dyn Iterator<Item = Result<Vec<u8>, StorageError>>) -> Result<(), StorageError> {
         let path = place();
         let revision = self.revision;
+        if !self.keep {
+            lock(&self.medium.disk).logs.retain(|(start, _)| *start >= revision);
+            return Ok(());
+        }
         let marker = |m: &Marker| serde_json::to_vec(m).map_err(|e| damaged(&path, 0, format!("cannot encode: {e}")));
         let mut bytes = SNAP_MAGIC.to_vec();
         bytes.extend_from_slice(&frame(&marker(&Marker::Begin { revision })?));
@@ -278,5 +305,39 @@ impl SnapshotJob for MemorySnapshot {
         disk.snapshot = Some((revision, bytes));
         disk.logs.retain(|(start, _)| *start >= revision);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(prev: u64) -> LogRecord {
+        LogRecord { prev, rev: prev + 1, bytes: format!("{{\"prev\":{prev},\"rev\":{}}}", prev + 1).into_bytes() }
+    }
+
+    #[test]
+    fn a_private_medium_keeps_no_snapshot_and_drops_the_log_before_one() {
+        let mut b = MemoryBackend::new(u64::MAX);
+        b.recover(&mut |_| Ok(())).unwrap();
+        for i in 0..3 {
+            b.append(&record(i)).unwrap();
+        }
+        let job = b.begin_compaction(3).unwrap();
+        let mut encoded = 0;
+        job.write(&mut std::iter::from_fn(|| {
+            encoded += 1;
+            None
+        }))
+        .unwrap();
+        assert_eq!(encoded, 0, "the records are never asked for");
+        b.append(&record(3)).unwrap();
+        b.prepare_sync().unwrap().sync().unwrap();
+        let disk = lock(&b.medium.disk);
+        assert!(disk.snapshot.is_none());
+        assert_eq!(disk.logs.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![3]);
+        drop(disk);
+        assert_eq!(b.follow(3).unwrap().map(|r| r.rev).collect::<Vec<_>>(), vec![4]);
+        assert!(matches!(b.follow(1), Err(StorageError::Gone { from: 1, oldest: 3, .. })));
     }
 }
