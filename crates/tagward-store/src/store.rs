@@ -163,7 +163,7 @@ enum Refused {
 /// Storage failed: the change may not be durable, and the store refuses
 /// further changes.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("the data directory failed, so changes are refused: {0}")]
+#[error("storage failed, so changes are refused: {0}")]
 pub struct StorageFailed(pub String);
 
 impl Ticket {

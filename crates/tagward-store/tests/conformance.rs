@@ -358,6 +358,42 @@ fn compaction_then_recovery(h: &dyn Harness) {
     assert!(matches!(b.follow(2), Err(StorageError::Gone { from: 2, .. })), "records before the snapshot are dropped");
 }
 
+/// The committer prepares a sync, then may start a compaction before the
+/// sync runs: the records of that sync are kept all the same.
+fn sync_prepared_before_a_compaction(h: &dyn Harness) {
+    let rec = |i: u64| LogRecord { prev: i, rev: i + 1, bytes: format!("{{\"prev\":{i},\"rev\":{}}}", i + 1).into_bytes() };
+    let recovered_revs = |b: &mut Box<dyn Backend>| {
+        let mut revs = Vec::new();
+        b.recover(&mut |item| {
+            if let Loaded::Record(r) = item {
+                revs.push(r.rev);
+            }
+            Ok(())
+        })
+        .unwrap();
+        revs
+    };
+    let mut b = h.open(u64::MAX, u32::MAX);
+    b.recover(&mut |_| Ok(())).unwrap();
+    b.append(&rec(0)).unwrap();
+    b.append(&rec(1)).unwrap();
+    let sync = b.prepare_sync().unwrap();
+    let job = b.begin_compaction(2).unwrap();
+    sync.sync().unwrap();
+    b.append(&rec(2)).unwrap();
+    b.prepare_sync().unwrap().sync().unwrap();
+    // A crash before the snapshot is written: every record is in the logs.
+    drop((job, b));
+    let mut b = h.open(u64::MAX, u32::MAX);
+    assert_eq!(recovered_revs(&mut b), vec![1, 2, 3]);
+    // With the snapshot at 3 written: the snapshot, and nothing after it.
+    b.begin_compaction(3).unwrap().write(&mut std::iter::empty()).unwrap();
+    drop(b);
+    let mut b = h.open(u64::MAX, u32::MAX);
+    assert_eq!(recovered_revs(&mut b), Vec::<u64>::new());
+    assert!(b.follow(3).unwrap().next().is_none());
+}
+
 /// A store that compacts as it goes restores the same state.
 fn store_compaction_then_recovery(h: &dyn Harness) {
     let (s, _) = open_store(h.open(2048, u32::MAX), Some(&seed()));
@@ -534,6 +570,7 @@ conformance!(
     records_round_trip,
     store_round_trip,
     compaction_then_recovery,
+    sync_prepared_before_a_compaction,
     store_compaction_then_recovery,
     following,
     oversize_record_leaves_nothing,

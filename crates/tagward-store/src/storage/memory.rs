@@ -81,18 +81,21 @@ pub struct MemoryBackend {
 
 struct MemorySync {
     medium: MemoryMedium,
+    /// The log the bytes were appended to (by the revision it follows):
+    /// a compaction may start a newer one before this sync runs.
+    log: u64,
     bytes: Vec<u8>,
 }
 
 impl DurableSync for MemorySync {
     fn sync(self: Box<Self>) -> Result<(), StorageError> {
         let mut disk = lock(&self.medium.disk);
-        match disk.logs.last_mut() {
+        match disk.logs.iter_mut().rev().find(|(start, _)| *start == self.log) {
             Some((_, log)) => {
                 log.extend_from_slice(&self.bytes);
                 Ok(())
             }
-            None => Err(damaged(&place(), 0, "no log to sync")),
+            None => Err(damaged(&place(), 0, format!("the log after revision {} is gone", self.log))),
         }
     }
 }
@@ -143,11 +146,15 @@ impl MemoryBackend {
         &self.medium
     }
 
-    fn ensure_log(&self, revision: u64) {
+    /// The revision the newest log follows (made if there is none).
+    fn current_log(&self) -> u64 {
         let mut disk = lock(&self.medium.disk);
-        if disk.logs.is_empty() {
-            disk.logs.push((revision, WAL_MAGIC.to_vec()));
+        if let Some((start, _)) = disk.logs.last() {
+            return *start;
         }
+        let start = self.last.unwrap_or(0);
+        disk.logs.push((start, WAL_MAGIC.to_vec()));
+        start
     }
 }
 
@@ -229,8 +236,8 @@ impl Backend for MemoryBackend {
     }
 
     fn prepare_sync(&mut self) -> Result<Box<dyn DurableSync>, StorageError> {
-        self.ensure_log(self.last.unwrap_or(0));
-        Ok(Box::new(MemorySync { medium: self.medium.clone(), bytes: std::mem::take(&mut self.unsynced) }))
+        let log = self.current_log();
+        Ok(Box::new(MemorySync { medium: self.medium.clone(), log, bytes: std::mem::take(&mut self.unsynced) }))
     }
 
     fn wants_compaction(&self) -> bool {
@@ -339,5 +346,20 @@ mod tests {
         drop(disk);
         assert_eq!(b.follow(3).unwrap().map(|r| r.rev).collect::<Vec<_>>(), vec![4]);
         assert!(matches!(b.follow(1), Err(StorageError::Gone { from: 1, oldest: 3, .. })));
+    }
+
+    #[test]
+    fn a_sync_prepared_before_a_compaction_lands_in_its_own_log() {
+        let medium = MemoryMedium::new();
+        let mut b = MemoryBackend::open(&medium, u64::MAX).unwrap();
+        b.recover(&mut |_| Ok(())).unwrap();
+        b.append(&record(0)).unwrap();
+        let sync = b.prepare_sync().unwrap();
+        let _job = b.begin_compaction(1).unwrap();
+        sync.sync().unwrap();
+        let disk = lock(&medium.disk);
+        assert_eq!(disk.logs.len(), 2);
+        assert!(disk.logs[0].1.len() > 8, "the record is in the log it was appended to");
+        assert_eq!(disk.logs[1].1, WAL_MAGIC.to_vec(), "the newer log is empty");
     }
 }
