@@ -22,8 +22,7 @@ use tagward::grpc::server::{self, stop_signal, Config};
 use tagward::observe::{self, DecisionLog, DecisionLogConfig, LogMode};
 use tagward::ops::{self, Failure, Question};
 use tagward::scenario::InProcess;
-use tagward::store::{Durability, Opened, Store};
-use tagward::world::WorldSpec;
+use tagward::store::{Durability, OpenError, Opened, Store, MEMORY_COMPACT_AFTER};
 
 #[derive(Parser)]
 #[command(
@@ -457,13 +456,16 @@ fn open_store(plan: &StoragePlan) -> Result<Arc<Store>, Failure> {
     };
     match &plan.durability {
         None => {
-            let state =
-                seed.as_ref().map(WorldSpec::build).transpose().map_err(|e| Failure::input(format!("the world file: {e}")))?;
+            let options = Durability { compact_after_bytes: MEMORY_COMPACT_AFTER, event_capacity: plan.event_capacity };
+            let (store, _) = Store::open_memory(seed.as_ref(), &options, audit).map_err(|e| match e {
+                OpenError::World(_) => Failure::input(e.to_string()),
+                other => Failure::internal(other.to_string()),
+            })?;
             info!("ephemeral: state is kept in memory only");
-            Store::ephemeral(state.unwrap_or_default(), plan.event_capacity, audit).map_err(Failure::internal)
+            Ok(store)
         }
         Some(options) => {
-            let (store, opened) = Store::open(&plan.data_dir, seed.as_ref(), plan.force_world, options, audit)
+            let (store, opened) = Store::open_dir(&plan.data_dir, seed.as_ref(), plan.force_world, options, audit)
                 .map_err(|e| Failure::input(format!("cannot open the data directory: {e}")))?;
             report_opened(&plan.data_dir, &opened, seed.is_some());
             Ok(store)

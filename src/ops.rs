@@ -99,7 +99,7 @@ pub fn export(dir: &Path, output: Option<&Path>) -> Result<(), Failure> {
     if !dir.is_dir() {
         return Err(Failure::input(format!("{}: no such data directory", dir.display())));
     }
-    let (store, _) = Store::open(dir, None, false, &offline_options(), None)
+    let (store, _) = Store::open_dir(dir, None, false, &offline_options(), None)
         .map_err(|e| Failure::input(format!("cannot open the data directory: {e}")))?;
     let state = store.snapshot();
     let text = serde_json::to_string_pretty(&WorldSpec::from_state(&state))
@@ -125,7 +125,7 @@ pub fn import(dir: &Path, world: &Path) -> Result<(), Failure> {
     let audit_path = dir.join("audit.jsonl");
     let audit = AuditLog::open(&audit_path)
         .map_err(|e| Failure::input(format!("{}: cannot open the audit log: {e}", audit_path.display())))?;
-    let (store, _) = Store::open(dir, Some(&seed), true, &offline_options(), Some(audit))
+    let (store, _) = Store::open_dir(dir, Some(&seed), true, &offline_options(), Some(audit))
         .map_err(|e| Failure::input(format!("cannot import: {e}")))?;
     eprintln!("imported {} into {} at revision {}", world.display(), dir.display(), store.revision());
     Ok(())

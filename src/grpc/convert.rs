@@ -12,6 +12,7 @@ use crate::policy::Effect;
 use crate::store::{Event, EventKind, Update, UpdateError};
 use crate::tagging::{TagOp, TagRequest};
 use crate::world::{PrincipalSpec, ResourceSpec, WorldSpec};
+use tagward_core::ErrorCode;
 
 pub fn pairs(tags: &[proto::Tag]) -> Vec<(String, String)> {
     tags.iter().map(|t| (t.key.clone(), t.value.clone())).collect()
@@ -228,20 +229,20 @@ pub fn get_resources(r: &proto::GetResourcesRequest) -> Result<Request, Status> 
 
 fn json(field: &str, text: &str) -> Result<Value, UpdateError> {
     serde_json::from_str(text).map_err(|e| UpdateError {
-        code: if field.contains("polic") { "MalformedPolicyDocumentException" } else { "ValidationException" },
+        code: if field.contains("polic") { ErrorCode::MalformedPolicyDocument } else { ErrorCode::Validation },
         message: format!("{field}: not valid JSON: {e}"),
     })
 }
 
 fn bad(message: impl Into<String>) -> UpdateError {
-    UpdateError { code: "ValidationException", message: message.into() }
+    UpdateError { code: ErrorCode::Validation, message: message.into() }
 }
 
 fn tag_map(field: &str, tags: &[proto::Tag]) -> Result<BTreeMap<String, String>, UpdateError> {
     let mut map = BTreeMap::new();
     for (i, t) in tags.iter().enumerate() {
         if map.insert(t.key.clone(), t.value.clone()).is_some() {
-            return Err(UpdateError { code: "TagException", message: format!("{field}[{i}].key: {:?} repeats", t.key) });
+            return Err(UpdateError { code: ErrorCode::Tag, message: format!("{field}[{i}].key: {:?} repeats", t.key) });
         }
     }
     Ok(map)
@@ -375,9 +376,11 @@ pub fn event(e: &Event) -> proto::WatchEvent {
                 after: to_tags(after.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
                 allowed_by: allowed_by.clone(),
             }),
-            EventKind::Entity { kind, name, change } => {
-                E::EntityChange(proto::EntityChange { kind: kind.to_string(), name: name.clone(), change: change.to_string() })
-            }
+            EventKind::Entity { kind, name, change } => E::EntityChange(proto::EntityChange {
+                kind: kind.as_str().to_string(),
+                name: name.clone(),
+                change: change.as_str().to_string(),
+            }),
         }),
     }
 }

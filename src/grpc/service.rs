@@ -264,7 +264,7 @@ impl TaggingService {
 /// the task that acknowledges in order.
 fn accept_one(store: &Store, req: &proto::ApplyRequest) -> Result<Ticket, UpdateError> {
     let converted = match &req.update {
-        None => Err(UpdateError { code: "ValidationException", message: "required".into() }),
+        None => Err(UpdateError { code: ErrorCode::Validation, message: "required".into() }),
         Some(u) => convert::update(u, ""),
     };
     let result = match converted {
@@ -329,7 +329,7 @@ impl AdminService {
                         // async workers.
                         let id = req.id.clone();
                         let result = tokio::task::spawn_blocking(move || accept_one(&store, &req)).await.unwrap_or_else(|e| {
-                            Err(UpdateError { code: "InternalError", message: format!("the update task failed: {e}") })
+                            Err(UpdateError { code: ErrorCode::Internal, message: format!("the update task failed: {e}") })
                         });
                         if accepted_tx.send(Ok((id, result))).await.is_err() {
                             break;
@@ -368,7 +368,7 @@ impl AdminService {
                         },
                     },
                     Err(e) => {
-                        debug!(id = %id, code = e.code, "admin update refused");
+                        debug!(id = %id, code = e.code.as_str(), "admin update refused");
                         proto::ApplyResponse { id, revision: store.revision(), error: Some(update_error(e)) }
                     }
                 };

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tagward::state::State;
-use tagward::storage::write_snapshot;
-use tagward::store::{Durability, Store, Ticket, Update};
+use tagward::storage::{Backend, FileBackend};
+use tagward::store::{write_snapshot, Durability, Store, Ticket, Update};
 use tagward::world::WorldSpec;
 
 const KEYS: usize = 1_000;
@@ -88,7 +88,7 @@ fn main() {
     let seed = world(KEYS, 2);
     let memory = Arc::new(Store::new(seed.build().expect("state"), 1024));
     let dir = temp_dir("throughput");
-    let (durable, _) = Store::open(&dir, Some(&seed), false, &options, None).expect("open");
+    let (durable, _) = Store::open_dir(&dir, Some(&seed), false, &options, None).expect("open");
     let mem_pipe = pipelined(&memory, 20_000 / scale);
     let disk_pipe = pipelined(&durable, 20_000 / scale);
     println!(
@@ -109,16 +109,23 @@ fn main() {
     let state: State = world(resources, 10).build().expect("state");
     println!("build the state in memory: {:.2?}", build.elapsed());
     let dir = temp_dir("restore");
-    std::fs::create_dir_all(&dir).expect("dir");
+    let mut backend = FileBackend::open(&dir, u64::MAX).expect("dir");
+    backend.recover(&mut |_| Ok(())).expect("empty");
     let write = Instant::now();
-    let snap = write_snapshot(&dir, &state).expect("snapshot");
+    write_snapshot(&mut backend, &state).expect("snapshot");
+    drop(backend);
+    let snap = dir.join(format!("snap-{:020}.tws", state.revision()));
     let size = std::fs::metadata(&snap).map(|m| m.len()).unwrap_or(0);
     println!("write the snapshot: {:.2?} ({:.1} MiB)", write.elapsed(), size as f64 / (1 << 20) as f64);
     drop(state);
     let open = Instant::now();
-    let (store, opened) = Store::open(&dir, None, false, &options, None).expect("restore");
+    let (store, opened) = Store::open_dir(&dir, None, false, &options, None).expect("restore");
     let took: Duration = open.elapsed();
-    println!("restore (Store::open): {took:.2?} for revision {:?}, {} resources", opened.restored, store.snapshot().counts().2);
+    println!(
+        "restore (Store::open_dir): {took:.2?} for revision {:?}, {} resources",
+        opened.restored,
+        store.snapshot().counts().2
+    );
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);
 }

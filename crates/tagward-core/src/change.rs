@@ -1,21 +1,31 @@
-//! The vocabulary of changes: the admin [`Update`] (what the admin stream
-//! and the log carry), the refusal [`UpdateError`], and the [`Event`] a
-//! published change produces (what `Watch` streams and the audit trail
-//! records), with [`apply`], which applies an update to a [`State`] all or
-//! nothing and says what happened.
+//! The vocabulary of changes, as three distinct types:
+//!
+//! - [`Update`]: the admin command (what the admin stream sends): intent,
+//!   validated against the head state by [`apply`];
+//! - [`Change`] inside a [`Record`]: what is durable, the effect of an
+//!   accepted command or tag operation (put or delete of an entity, the
+//!   exact tag set of a resource, a replaced world), at the revision it led
+//!   from and to; [`replay`] applies it again at recovery;
+//! - [`Event`]: what a published change says to `Watch` and the audit trail.
+//!
+//! Refusals are [`UpdateError`]s: an [`ErrorCode`] and a message that
+//! starts with the field path.
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
 
+use crate::error::ErrorCode;
 use crate::policy::PolicyKind;
 use crate::state::{State, StateError};
-use crate::tagging::TagChange;
-use crate::tags::{check_key, check_tag, TagSet, TagSetError};
-use crate::world::{build_principal, compile_policy, PrincipalSpec, ResourceBuilder, ResourceSpec, WorldSpec};
+use crate::tagging::{check_keys, check_tags, remove_tags, write_tags, TagChange, TagWriteError};
+use crate::tags::{TagSet, TagSetError};
+use crate::world::{
+    build_principal, compile_policy, principal_spec, resource_spec, PrincipalSpec, ResourceBuilder, ResourceSpec, WorldSpec,
+};
 
-/// One change to the world, as the admin stream sends it (and as the log
-/// records it).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+/// One admin command, as the admin stream sends it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Update {
     PutPolicy {
@@ -46,26 +56,141 @@ pub enum Update {
     Batch(Vec<Update>),
     /// The whole state, all or nothing.
     ReplaceWorld(WorldSpec),
-    /// The exact tag set of a resource: how the log records the effect of an
-    /// authorized tag operation.
+}
+
+/// The durable effect of one accepted change. The serde names are those
+/// the log has always used for these effects, so older logs and snapshots
+/// read back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    PutPolicy {
+        name: String,
+        document: Value,
+    },
+    DeletePolicy {
+        name: String,
+    },
+    PutPrincipal(PrincipalSpec),
+    DeletePrincipal {
+        arn: String,
+    },
+    PutResource(ResourceSpec),
+    DeleteResource {
+        arn: String,
+    },
+    /// The exact tag set of a resource after a tag write (admin or
+    /// authorized).
     ReplaceTags {
         resource: String,
         tags: Vec<(String, String)>,
     },
+    /// The whole state.
+    ReplaceWorld(WorldSpec),
+    /// Several effects at one revision (a batch).
+    Batch(Vec<Change>),
 }
 
-/// A refused update: the AWS-style error name and the message (with the
-/// field path).
+impl Change {
+    /// The effects of one revision as one change.
+    pub fn of(mut changes: Vec<Change>) -> Change {
+        if changes.len() == 1 {
+            if let Some(one) = changes.pop() {
+                return one;
+            }
+        }
+        Change::Batch(changes)
+    }
+
+    /// What the change is about, for messages ("the snapshot record of
+    /// policy \"P\"").
+    pub fn describe(&self) -> String {
+        match self {
+            Change::PutPolicy { name, .. } | Change::DeletePolicy { name } => format!("policy {name:?}"),
+            Change::PutPrincipal(p) => format!("principal {:?}", p.arn),
+            Change::DeletePrincipal { arn } => format!("principal {arn:?}"),
+            Change::PutResource(r) => format!("resource {:?}", r.arn),
+            Change::DeleteResource { arn } | Change::ReplaceTags { resource: arn, .. } => format!("resource {arn:?}"),
+            Change::ReplaceWorld(_) => "the world".to_string(),
+            Change::Batch(changes) => format!("a batch of {} changes", changes.len()),
+        }
+    }
+}
+
+/// One log record: the change that led from revision `prev` to `rev`,
+/// when and by whom.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub prev: u64,
+    pub rev: u64,
+    pub time_unix_ms: i64,
+    pub actor: String,
+    pub change: Change,
+}
+
+/// A refused update: the error name and the message (with the field path).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("{code}: {message}")]
 pub struct UpdateError {
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 
 impl UpdateError {
-    pub fn new(code: &'static str, message: impl Into<String>) -> UpdateError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> UpdateError {
         UpdateError { code, message: message.into() }
+    }
+}
+
+/// The kind of entity an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EntityKind {
+    Policy,
+    Principal,
+    Resource,
+    World,
+}
+
+impl EntityKind {
+    /// The wire spelling (`Watch`'s `EntityChange.kind`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EntityKind::Policy => "policy",
+            EntityKind::Principal => "principal",
+            EntityKind::Resource => "resource",
+            EntityKind::World => "world",
+        }
+    }
+}
+
+/// What happened to the entity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChangeKind {
+    Put,
+    Delete,
+    Replace,
+}
+
+impl ChangeKind {
+    /// The wire spelling (`Watch`'s `EntityChange.change`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Put => "put",
+            ChangeKind::Delete => "delete",
+            ChangeKind::Replace => "replace",
+        }
+    }
+}
+
+impl std::fmt::Display for EntityKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for ChangeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -80,9 +205,11 @@ pub enum EventKind {
         /// The statements that allowed the change (empty for the admin).
         allowed_by: Vec<String>,
     },
-    /// `kind`: policy, principal, resource or world; `change`: put, delete
-    /// or replace.
-    Entity { kind: &'static str, name: String, change: &'static str },
+    Entity {
+        kind: EntityKind,
+        name: String,
+        change: ChangeKind,
+    },
 }
 
 /// A change event, at the revision it produced.
@@ -92,6 +219,14 @@ pub struct Event {
     pub time_unix_ms: i64,
     pub actor: String,
     pub kind: EventKind,
+}
+
+/// What applying a command produced: the events to publish and the effects
+/// to log, in order.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub events: Vec<Event>,
+    pub changes: Vec<Change>,
 }
 
 /// A tag set as key/value pairs, for events and log records.
@@ -120,6 +255,17 @@ pub fn tag_event(change: &TagChange, allowed_by: Vec<String>) -> Event {
     }
 }
 
+/// The log record of an authorized tag operation.
+pub fn tag_record(change: &TagChange, prev: u64) -> Record {
+    Record {
+        prev,
+        rev: change.revision,
+        time_unix_ms: now_ms(),
+        actor: change.principal.clone(),
+        change: Change::ReplaceTags { resource: change.resource.clone(), tags: pairs(&change.after) },
+    }
+}
+
 /// The field an update is named by in error messages.
 pub fn update_field(update: &Update) -> &'static str {
     match update {
@@ -133,18 +279,30 @@ pub fn update_field(update: &Update) -> &'static str {
         Update::RemoveTags { .. } => "remove_tags",
         Update::Batch(_) => "batch",
         Update::ReplaceWorld(_) => "replace_world",
-        Update::ReplaceTags { .. } => "replace_tags",
     }
+}
+
+/// A state as the changes that build it from nothing: every policy (by
+/// name), principal and resource put. What a snapshot holds.
+pub fn state_changes(state: &State) -> impl Iterator<Item = Change> + '_ {
+    let mut policies: Vec<_> = state.policies().collect();
+    policies.sort_by(|a, b| a.0.cmp(b.0));
+    let policies = policies
+        .into_iter()
+        .map(|(name, policy)| Change::PutPolicy { name: name.to_string(), document: Value::clone(&policy.source) });
+    let principals = state.principals().map(|p| Change::PutPrincipal(principal_spec(p)));
+    let resources = state.resources().map(|r| Change::PutResource(resource_spec(r)));
+    policies.chain(principals).chain(resources)
 }
 
 /// A refused state change, at the field `path` of the update.
 fn state_error(path: &str, e: StateError) -> UpdateError {
     let code = match e {
-        StateError::NoSuchPolicy(_) | StateError::NoSuchPrincipal(_) => "NoSuchEntityException",
-        StateError::NoSuchResource(_) => "NotFoundException",
-        StateError::Invalid(_) => "ValidationException",
-        StateError::Tags(TagSetError::Limit { .. }) => "LimitExceededException",
-        StateError::Tags(TagSetError::Rule(_)) => "TagException",
+        StateError::NoSuchPolicy(_) | StateError::NoSuchPrincipal(_) => ErrorCode::NoSuchEntity,
+        StateError::NoSuchResource(_) => ErrorCode::NotFound,
+        StateError::Invalid(_) => ErrorCode::Validation,
+        StateError::Tags(TagSetError::Limit { .. }) => ErrorCode::LimitExceeded,
+        StateError::Tags(TagSetError::Rule(_)) => ErrorCode::Tag,
     };
     UpdateError::new(code, format!("{path}: {e}"))
 }
@@ -152,17 +310,15 @@ fn state_error(path: &str, e: StateError) -> UpdateError {
 /// Every message of an [`UpdateError`] starts with the field path inside the
 /// update (`put_policy.document.Statement[0].Effect`, `set_tags.tags[2]`).
 fn world_error(e: crate::world::WorldError) -> UpdateError {
-    let code = if e.path.contains("polic") && !e.path.ends_with(".arn") {
-        "MalformedPolicyDocumentException"
-    } else if e.path.contains(".tags") {
-        "TagException"
-    } else {
-        "ValidationException"
-    };
-    UpdateError::new(code, e.to_string())
+    UpdateError::new(e.code(), e.to_string())
 }
 
-fn entity(kind: &'static str, name: &str, change: &'static str, state: &State, actor: &str) -> Event {
+/// A refused tag write of the update `op` (`set_tags`, `remove_tags`).
+fn tag_write_error(op: &str, e: TagWriteError) -> UpdateError {
+    UpdateError::new(e.code(), format!("{op}.{e}"))
+}
+
+fn entity(kind: EntityKind, name: &str, change: ChangeKind, state: &State, actor: &str) -> Event {
     Event {
         revision: state.revision(),
         time_unix_ms: now_ms(),
@@ -171,105 +327,182 @@ fn entity(kind: &'static str, name: &str, change: &'static str, state: &State, a
     }
 }
 
-/// Applies `update` to `state` as `actor`, appending the events it produces;
-/// on `Err`, `state` may hold part of it, so callers apply to a copy.
+/// Applies the admin command `update` to `state` as `actor`, appending the
+/// events and the effects it produces to `out`; on `Err`, `state` may hold
+/// part of it, so callers apply to a copy.
 pub fn apply(
     state: &mut State,
     resources: &mut ResourceBuilder,
     update: &Update,
     actor: &str,
-    events: &mut Vec<Event>,
+    out: &mut Applied,
 ) -> Result<(), UpdateError> {
     match update {
         Update::PutPolicy { name, document } => {
             if name.is_empty() {
-                return Err(UpdateError::new("ValidationException", "put_policy.name: empty"));
+                return Err(UpdateError::new(ErrorCode::Validation, "put_policy.name: empty"));
             }
-            let policy = compile_policy("put_policy.document", document, PolicyKind::Identity)
-                .map_err(|e| UpdateError::new("MalformedPolicyDocumentException", e.to_string()))?;
-            state.put_policy(name, policy).map_err(|e| state_error("put_policy.name", e))?;
-            events.push(entity("policy", name, "put", state, actor));
+            put_policy(state, "put_policy", name, document, actor, out)?;
         }
-        Update::DeletePolicy { name } => {
-            state.delete_policy(name).map_err(|e| state_error("delete_policy.name", e))?;
-            events.push(entity("policy", name, "delete", state, actor));
-        }
-        Update::PutPrincipal(spec) => {
-            let principal = build_principal("put_principal", spec, state, false).map_err(world_error)?;
-            state.put_principal(principal).map_err(|e| state_error("put_principal.arn", e))?;
-            events.push(entity("principal", &spec.arn, "put", state, actor));
-        }
-        Update::DeletePrincipal { arn } => {
-            state.delete_principal(arn).map_err(|e| state_error("delete_principal.arn", e))?;
-            events.push(entity("principal", arn, "delete", state, actor));
-        }
-        Update::PutResource(spec) => {
-            let resource = resources.build("put_resource", spec).map_err(world_error)?;
-            state.put_resource(resource).map_err(|e| state_error("put_resource.arn", e))?;
-            events.push(entity("resource", &spec.arn, "put", state, actor));
-        }
-        Update::DeleteResource { arn } => {
-            state.delete_resource(arn).map_err(|e| state_error("delete_resource.arn", e))?;
-            events.push(entity("resource", arn, "delete", state, actor));
-        }
+        Update::DeletePolicy { name } => delete_policy(state, "delete_policy", name, actor, out)?,
+        Update::PutPrincipal(spec) => put_principal(state, "put_principal", spec, actor, out)?,
+        Update::DeletePrincipal { arn } => delete_principal(state, "delete_principal", arn, actor, out)?,
+        Update::PutResource(spec) => put_resource(state, resources, "put_resource", spec, actor, out)?,
+        Update::DeleteResource { arn } => delete_resource(state, "delete_resource", arn, actor, out)?,
         Update::SetTags { resource, tags } => {
             if tags.is_empty() {
-                return Err(UpdateError::new("ValidationException", "set_tags.tags: at least one tag is needed"));
+                return Err(UpdateError::new(ErrorCode::Validation, "set_tags.tags: at least one tag is needed"));
             }
-            for (i, (k, v)) in tags.iter().enumerate() {
-                check_tag(k, v).map_err(|e| UpdateError::new("TagException", format!("set_tags.tags[{i}]: {e}")))?;
-            }
+            // The rules first, so that a bad tag is reported before a missing
+            // resource; write_tags checks them again (cheap) with the set.
+            check_tags("tags", tags).map_err(|e| tag_write_error("set_tags", e))?;
             let target = state
                 .target(resource)
-                .ok_or_else(|| UpdateError::new("NotFoundException", format!("set_tags.resource: no resource {resource:?}")))?;
+                .ok_or_else(|| UpdateError::new(ErrorCode::NotFound, format!("set_tags.resource: no resource {resource:?}")))?;
             let before = target.tags().clone();
-            let after = before.with(tags.iter().map(|(k, v)| (k.as_str(), v.as_str()))).map_err(|e| match e {
-                TagSetError::Limit { .. } => UpdateError::new("LimitExceededException", format!("set_tags.tags: {e}")),
-                TagSetError::Rule(_) => UpdateError::new("TagException", format!("set_tags.tags: {e}")),
-            })?;
-            tag_write(state, resource, before, after, actor, events)?;
+            let after = write_tags(&before, "tags", tags).map_err(|e| tag_write_error("set_tags", e))?;
+            tag_write(state, resource, before, after, actor, out)?;
         }
         Update::RemoveTags { resource, keys } => {
             if keys.is_empty() {
-                return Err(UpdateError::new("ValidationException", "remove_tags.tag_keys: at least one key is needed"));
+                return Err(UpdateError::new(ErrorCode::Validation, "remove_tags.tag_keys: at least one key is needed"));
             }
-            for (i, k) in keys.iter().enumerate() {
-                check_key(k).map_err(|e| UpdateError::new("TagException", format!("remove_tags.tag_keys[{i}]: {e}")))?;
-            }
+            check_keys("tag_keys", keys).map_err(|e| tag_write_error("remove_tags", e))?;
             let target = state.target(resource).ok_or_else(|| {
-                UpdateError::new("NotFoundException", format!("remove_tags.resource: no resource {resource:?}"))
+                UpdateError::new(ErrorCode::NotFound, format!("remove_tags.resource: no resource {resource:?}"))
             })?;
             let before = target.tags().clone();
-            let after = before.without(keys.iter().map(String::as_str));
-            tag_write(state, resource, before, after, actor, events)?;
+            let after = remove_tags(&before, "tag_keys", keys).map_err(|e| tag_write_error("remove_tags", e))?;
+            tag_write(state, resource, before, after, actor, out)?;
         }
         Update::Batch(updates) => {
             for (i, u) in updates.iter().enumerate() {
-                apply(state, resources, u, actor, events)
+                apply(state, resources, u, actor, out)
                     .map_err(|e| UpdateError::new(e.code, format!("batch.updates[{i}].{}", e.message)))?;
             }
         }
-        Update::ReplaceTags { resource, tags } => {
+        Update::ReplaceWorld(world) => replace_world(state, world, actor, out)?,
+    }
+    Ok(())
+}
+
+/// Applies a logged effect again (recovery, snapshots): the same state
+/// changes, so the same revisions, as when it was first applied.
+pub fn replay(state: &mut State, resources: &mut ResourceBuilder, change: &Change) -> Result<(), UpdateError> {
+    let mut out = Applied::default();
+    replay_into(state, resources, change, &mut out)
+}
+
+fn replay_into(
+    state: &mut State,
+    resources: &mut ResourceBuilder,
+    change: &Change,
+    out: &mut Applied,
+) -> Result<(), UpdateError> {
+    match change {
+        Change::PutPolicy { name, document } => put_policy(state, "put_policy", name, document, "", out),
+        Change::DeletePolicy { name } => delete_policy(state, "delete_policy", name, "", out),
+        Change::PutPrincipal(spec) => put_principal(state, "put_principal", spec, "", out),
+        Change::DeletePrincipal { arn } => delete_principal(state, "delete_principal", arn, "", out),
+        Change::PutResource(spec) => put_resource(state, resources, "put_resource", spec, "", out),
+        Change::DeleteResource { arn } => delete_resource(state, "delete_resource", arn, "", out),
+        Change::ReplaceTags { resource, tags } => {
             let target = state.target(resource).ok_or_else(|| {
-                UpdateError::new("NotFoundException", format!("replace_tags.resource: no resource {resource:?}"))
+                UpdateError::new(ErrorCode::NotFound, format!("replace_tags.resource: no resource {resource:?}"))
             })?;
             let before = target.tags().clone();
             let after = TagSet::from_tags(before.case_insensitive(), tags.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                .map_err(|e| UpdateError::new("TagException", format!("replace_tags.tags: {e}")))?;
-            tag_write(state, resource, before, after, actor, events)?;
+                .map_err(|e| UpdateError::new(ErrorCode::Tag, format!("replace_tags.tags: {e}")))?;
+            tag_write(state, resource, before, after, "", out)
         }
-        Update::ReplaceWorld(world) => {
-            let mut next = State::default();
-            world.apply(&mut next).map_err(|e| {
-                let mut e = world_error(e);
-                e.message = format!("replace_world.world_json.{}", e.message);
-                e
-            })?;
-            next.follow(state.revision());
-            *state = next;
-            events.push(entity("world", "", "replace", state, actor));
+        Change::ReplaceWorld(world) => replace_world(state, world, "", out),
+        Change::Batch(changes) => {
+            for (i, c) in changes.iter().enumerate() {
+                replay_into(state, resources, c, out)
+                    .map_err(|e| UpdateError::new(e.code, format!("batch[{i}].{}", e.message)))?;
+            }
+            Ok(())
         }
     }
+}
+
+fn put_policy(
+    state: &mut State,
+    field: &str,
+    name: &str,
+    document: &Value,
+    actor: &str,
+    out: &mut Applied,
+) -> Result<(), UpdateError> {
+    let policy = compile_policy(format!("{field}.document"), document, PolicyKind::Identity)
+        .map_err(|e| UpdateError::new(ErrorCode::MalformedPolicyDocument, e.to_string()))?;
+    state.put_policy(name, policy).map_err(|e| state_error(&format!("{field}.name"), e))?;
+    out.events.push(entity(EntityKind::Policy, name, ChangeKind::Put, state, actor));
+    out.changes.push(Change::PutPolicy { name: name.to_string(), document: document.clone() });
+    Ok(())
+}
+
+fn delete_policy(state: &mut State, field: &str, name: &str, actor: &str, out: &mut Applied) -> Result<(), UpdateError> {
+    state.delete_policy(name).map_err(|e| state_error(&format!("{field}.name"), e))?;
+    out.events.push(entity(EntityKind::Policy, name, ChangeKind::Delete, state, actor));
+    out.changes.push(Change::DeletePolicy { name: name.to_string() });
+    Ok(())
+}
+
+fn put_principal(
+    state: &mut State,
+    field: &str,
+    spec: &PrincipalSpec,
+    actor: &str,
+    out: &mut Applied,
+) -> Result<(), UpdateError> {
+    let principal = build_principal(field, spec, state, false).map_err(world_error)?;
+    state.put_principal(principal).map_err(|e| state_error(&format!("{field}.arn"), e))?;
+    out.events.push(entity(EntityKind::Principal, &spec.arn, ChangeKind::Put, state, actor));
+    out.changes.push(Change::PutPrincipal(spec.clone()));
+    Ok(())
+}
+
+fn delete_principal(state: &mut State, field: &str, arn: &str, actor: &str, out: &mut Applied) -> Result<(), UpdateError> {
+    state.delete_principal(arn).map_err(|e| state_error(&format!("{field}.arn"), e))?;
+    out.events.push(entity(EntityKind::Principal, arn, ChangeKind::Delete, state, actor));
+    out.changes.push(Change::DeletePrincipal { arn: arn.to_string() });
+    Ok(())
+}
+
+fn put_resource(
+    state: &mut State,
+    resources: &mut ResourceBuilder,
+    field: &str,
+    spec: &ResourceSpec,
+    actor: &str,
+    out: &mut Applied,
+) -> Result<(), UpdateError> {
+    let resource = resources.build(field, spec).map_err(world_error)?;
+    state.put_resource(resource).map_err(|e| state_error(&format!("{field}.arn"), e))?;
+    out.events.push(entity(EntityKind::Resource, &spec.arn, ChangeKind::Put, state, actor));
+    out.changes.push(Change::PutResource(spec.clone()));
+    Ok(())
+}
+
+fn delete_resource(state: &mut State, field: &str, arn: &str, actor: &str, out: &mut Applied) -> Result<(), UpdateError> {
+    state.delete_resource(arn).map_err(|e| state_error(&format!("{field}.arn"), e))?;
+    out.events.push(entity(EntityKind::Resource, arn, ChangeKind::Delete, state, actor));
+    out.changes.push(Change::DeleteResource { arn: arn.to_string() });
+    Ok(())
+}
+
+fn replace_world(state: &mut State, world: &WorldSpec, actor: &str, out: &mut Applied) -> Result<(), UpdateError> {
+    let mut next = State::default();
+    world.apply(&mut next).map_err(|e| {
+        let mut e = world_error(e);
+        e.message = format!("replace_world.world_json.{}", e.message);
+        e
+    })?;
+    next.follow(state.revision());
+    *state = next;
+    out.events.push(entity(EntityKind::World, "", ChangeKind::Replace, state, actor));
+    out.changes.push(Change::ReplaceWorld(world.clone()));
     Ok(())
 }
 
@@ -279,10 +512,11 @@ fn tag_write(
     before: TagSet,
     after: TagSet,
     actor: &str,
-    events: &mut Vec<Event>,
+    out: &mut Applied,
 ) -> Result<(), UpdateError> {
     if state.replace_tags(resource, after.clone()).map_err(|e| state_error("resource", e))? {
-        events.push(Event {
+        let tags = pairs(&after);
+        out.events.push(Event {
             revision: state.revision(),
             time_unix_ms: now_ms(),
             actor: actor.to_string(),
@@ -290,10 +524,69 @@ fn tag_write(
                 resource: resource.to_string(),
                 action: "admin".to_string(),
                 before: pairs(&before),
-                after: pairs(&after),
+                after: tags.clone(),
                 allowed_by: Vec::new(),
             },
         });
+        out.changes.push(Change::ReplaceTags { resource: resource.to_string(), tags });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn world() -> State {
+        let spec: WorldSpec = serde_json::from_value(json!({
+            "resources": [{"arn": "arn:aws:kms:us-east-1:111122223333:key/k1", "tags": {"Project": "Alpha"}}]
+        }))
+        .unwrap();
+        spec.build().unwrap()
+    }
+
+    #[test]
+    fn the_logged_effects_replay_to_the_same_state_and_revision() {
+        let key = "arn:aws:kms:us-east-1:111122223333:key/k1";
+        let mut state = world();
+        let start = state.clone();
+        let mut resources = ResourceBuilder::default();
+        let update = Update::Batch(vec![
+            Update::SetTags { resource: key.into(), tags: vec![("A".into(), "1".into())] },
+            Update::PutPolicy {
+                name: "P".into(),
+                document: json!({"Statement": {"Effect": "Allow", "Action": "kms:*", "Resource": "*"}}),
+            },
+            Update::RemoveTags { resource: key.into(), keys: vec!["Project".into()] },
+            // A no-op: no effect, no event.
+            Update::SetTags { resource: key.into(), tags: vec![("A".into(), "1".into())] },
+        ]);
+        let mut out = Applied::default();
+        apply(&mut state, &mut resources, &update, "admin", &mut out).unwrap();
+        assert_eq!(out.events.len(), 3);
+        let change = Change::of(out.changes);
+        match &change {
+            Change::Batch(c) => {
+                assert!(matches!(c[2], Change::ReplaceTags { ref tags, .. } if tags == &[("A".to_string(), "1".to_string())]))
+            }
+            other => panic!("expected a batch, got {other:?}"),
+        }
+        let mut again = start;
+        replay(&mut again, &mut ResourceBuilder::default(), &change).unwrap();
+        assert_eq!(again.revision(), state.revision());
+        assert_eq!(again.target(key).unwrap().tags(), state.target(key).unwrap().tags());
+        assert!(again.policy("P").is_some());
+    }
+
+    #[test]
+    fn a_snapshot_is_the_changes_that_rebuild_the_state() {
+        let state = world();
+        let mut rebuilt = State::default();
+        let mut resources = ResourceBuilder::default();
+        for c in state_changes(&state) {
+            replay(&mut rebuilt, &mut resources, &c).unwrap();
+        }
+        assert_eq!(rebuilt.counts(), state.counts());
+    }
 }

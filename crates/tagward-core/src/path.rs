@@ -81,18 +81,6 @@ impl FieldPath {
     }
 }
 
-/// Text matching on the displayed path, for callers that still classify
-/// errors by their path (prefer the error's `code()`).
-impl FieldPath {
-    pub fn contains(&self, text: &str) -> bool {
-        self.to_string().contains(text)
-    }
-
-    pub fn ends_with(&self, text: &str) -> bool {
-        self.to_string().ends_with(text)
-    }
-}
-
 impl fmt::Display for FieldPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, segment) in self.0.iter().enumerate() {

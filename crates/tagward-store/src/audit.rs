@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use tagward_core::change::{Event, EventKind};
+use tagward_core::change::{ChangeKind, EntityKind, Event, EventKind};
 
 /// An append-only file of audit records.
 pub struct AuditLog {
@@ -79,15 +79,18 @@ pub fn record(e: &Event) -> Value {
             })
         }
         EventKind::Entity { kind, name, change } => {
-            let event_name = match (*kind, *change) {
-                ("policy", "put") => "PutPolicy",
-                ("policy", _) => "DeletePolicy",
-                ("principal", "put") => "PutPrincipal",
-                ("principal", _) => "DeletePrincipal",
-                ("resource", "put") => "PutResource",
-                ("resource", _) => "DeleteResource",
-                _ => "ReplaceWorld",
+            let verb = match change {
+                ChangeKind::Put => "Put",
+                ChangeKind::Delete => "Delete",
+                ChangeKind::Replace => "Replace",
             };
+            let noun = match kind {
+                EntityKind::Policy => "Policy",
+                EntityKind::Principal => "Principal",
+                EntityKind::Resource => "Resource",
+                EntityKind::World => "World",
+            };
+            let event_name = format!("{verb}{noun}");
             json!({
                 "eventVersion": "1.08",
                 "eventTime": time,
@@ -97,7 +100,7 @@ pub fn record(e: &Event) -> Value {
                 "eventID": event_id,
                 "readOnly": false,
                 "userIdentity": identity,
-                "requestParameters": {"kind": kind, "name": name},
+                "requestParameters": {"kind": kind.as_str(), "name": name},
                 "additionalEventData": {"revision": e.revision},
             })
         }
@@ -158,5 +161,22 @@ mod tests {
         assert_eq!(r["requestParameters"]["tags"][0]["tagValue"], "Beta");
         assert_eq!(r["additionalEventData"]["tagsBefore"][0]["tagValue"], "Alpha");
         assert_eq!(r["additionalEventData"]["revision"], 42);
+    }
+
+    #[test]
+    fn entity_changes_are_named_by_change_and_kind() {
+        let named = |kind, change| {
+            let e = Event {
+                revision: 1,
+                time_unix_ms: 0,
+                actor: "admin".into(),
+                kind: EventKind::Entity { kind, name: "n".into(), change },
+            };
+            record(&e)["eventName"].as_str().unwrap().to_string()
+        };
+        assert_eq!(named(EntityKind::Policy, ChangeKind::Put), "PutPolicy");
+        assert_eq!(named(EntityKind::Principal, ChangeKind::Delete), "DeletePrincipal");
+        assert_eq!(named(EntityKind::Resource, ChangeKind::Put), "PutResource");
+        assert_eq!(named(EntityKind::World, ChangeKind::Replace), "ReplaceWorld");
     }
 }

@@ -2,6 +2,7 @@
 //! (a no-op until the sidecar installs an exporter). Labels stay bounded:
 //! origins, results and error codes, never a principal or a resource.
 
+use tagward_core::error::ErrorCode;
 use tagward_core::state::State;
 
 pub const ADMIN_UPDATES: &str = "tagward_admin_updates_total";
@@ -23,10 +24,10 @@ pub fn tag_change(admin: bool) {
 }
 
 /// Counts an admin update, applied or rejected (with its error code).
-pub fn admin_update(code: Option<&'static str>) {
+pub fn admin_update(code: Option<ErrorCode>) {
     match code {
         None => metrics::counter!(ADMIN_UPDATES, "result" => "applied").increment(1),
-        Some(code) => metrics::counter!(ADMIN_UPDATES, "result" => "rejected", "code" => code).increment(1),
+        Some(code) => metrics::counter!(ADMIN_UPDATES, "result" => "rejected", "code" => code.as_str()).increment(1),
     }
 }
 

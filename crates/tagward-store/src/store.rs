@@ -7,11 +7,13 @@
 //! maps), change the clone and make it the new head, so a reader sees a
 //! whole update or none of it.
 //!
-//! With storage (a data directory), a change is appended to the log and
-//! becomes visible only once it is durable: the committer thread syncs
-//! every change that arrived meanwhile with one sync (group commit), then
-//! publishes them in order and wakes their [`Ticket`]s. Writers build on the
-//! head, which may be ahead of what readers see by the changes in flight.
+//! Every store writes through a storage [`Backend`] (a data directory, or
+//! memory for `--ephemeral` and in-process runs): a change is appended to
+//! the log as a [`Record`] and becomes visible only once it is durable. The
+//! committer thread syncs every change that arrived meanwhile with one sync
+//! (group commit), writes their audit records, then publishes them in order
+//! and wakes their [`Ticket`]s. Writers build on the head, which may be
+//! ahead of what readers see by the changes in flight.
 //!
 //! INVARIANT: the published state's revision only grows, and only durable
 //! states are published; every revision published has its events in the
@@ -19,24 +21,29 @@
 //! "after N" misses nothing.
 
 use std::collections::VecDeque;
-use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use thiserror::Error;
 use tokio::sync::{broadcast, watch};
 
-use tagward_core::change::{apply, now_ms, pairs, tag_event, update_field};
+use tagward_core::change::{apply, now_ms, replay, state_changes, tag_event, tag_record, update_field, Applied};
+use tagward_core::change::{Change, Record};
+use tagward_core::error::ErrorCode;
 use tagward_core::state::State;
 use tagward_core::tagging::{perform, TagError, TagOutcome, TagRequest};
 use tagward_core::world::{ResourceBuilder, WorldSpec};
 
 use crate::audit::AuditLog;
-
-use crate::storage::{Cut, Entry, FileStorage, LoadItem, Storage, StorageError, MAX_RECORD};
+use crate::storage::{Backend, Cut, FileBackend, Loaded, LogRecord, MemoryBackend, StorageError};
 /// The vocabulary of changes, where the store's callers have always found it.
-pub use tagward_core::change::{Event, EventKind, Update, UpdateError};
+pub use tagward_core::change::{ChangeKind, EntityKind, Event, EventKind, Update, UpdateError};
+
+/// Log bytes after which an in-process store's memory backend drops its
+/// older log.
+pub const MEMORY_COMPACT_AFTER: u64 = 64 << 20;
 
 /// A tag operation's result, as the store applied it.
 #[derive(Debug)]
@@ -80,7 +87,7 @@ struct Writer {
     /// The newest accepted state: published, or durable soon.
     head: Arc<State>,
     resources: ResourceBuilder,
-    storage: Option<Box<dyn Storage>>,
+    backend: Box<dyn Backend>,
     /// Accepted and logged, waiting for the sync that publishes them.
     pending: Vec<(Arc<State>, Vec<Event>)>,
     /// Set when storage failed: every later change is refused.
@@ -93,9 +100,16 @@ struct Commit {
     progress: Mutex<Progress>,
     changed: Condvar,
     watch: watch::Sender<Progress>,
-    /// Set when pending changes wait for a sync.
-    wake: Mutex<bool>,
+    wake: Mutex<Wake>,
     wake_cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Wake {
+    /// Pending changes wait for a sync.
+    pending: bool,
+    /// The store was dropped: commit what is pending, then stop.
+    stop: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -104,26 +118,34 @@ struct Progress {
     failed: Option<String>,
 }
 
-/// The live world.
-pub struct Store {
+/// What the store and its committer thread share.
+struct Inner {
     current: ArcSwap<State>,
     writer: Mutex<Writer>,
     events: Mutex<EventLog>,
     revision: watch::Sender<u64>,
-    commit: Option<Arc<Commit>>,
+    commit: Arc<Commit>,
     /// Written before a change is acknowledged.
     audit: Mutex<Option<AuditLog>>,
     /// When the current snapshot was published.
     published_at: Mutex<std::time::Instant>,
 }
 
+/// The live world.
+pub struct Store {
+    inner: Arc<Inner>,
+    /// Joined on drop, so the backend (a directory's lock) is released
+    /// when the store is gone.
+    committer: Option<std::thread::JoinHandle<()>>,
+}
+
 /// A change that was accepted; `wait` or `durable` return once it is
-/// durable and visible (at once without storage).
+/// durable and visible.
 #[must_use = "a change is acknowledged only once its ticket says it is durable"]
 #[derive(Debug)]
 pub struct Ticket {
     revision: u64,
-    commit: Option<Arc<Commit>>,
+    commit: Arc<Commit>,
 }
 
 /// Why an accepted change could not be logged.
@@ -132,8 +154,8 @@ enum Refused {
     /// Storage failed; every later change is refused too.
     #[error(transparent)]
     Failed(StorageFailed),
-    /// This one change is too large for a log record; nothing was written
-    /// and the store carries on.
+    /// This one change cannot be a log record (too large); nothing was
+    /// written and the store carries on.
     #[error("{0}")]
     TooLarge(String),
 }
@@ -141,14 +163,10 @@ enum Refused {
 /// Storage failed: the change may not be durable, and the store refuses
 /// further changes.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("the data directory failed, so changes are refused: {0}")]
+#[error("storage failed, so changes are refused: {0}")]
 pub struct StorageFailed(pub String);
 
 impl Ticket {
-    fn done(revision: u64) -> Ticket {
-        Ticket { revision, commit: None }
-    }
-
     /// The revision the change produced (durable or not yet).
     pub fn revision(&self) -> u64 {
         self.revision
@@ -164,20 +182,18 @@ impl Ticket {
 
     /// Blocks until the change is durable.
     pub fn wait(self) -> Result<u64, StorageFailed> {
-        let Some(commit) = &self.commit else { return Ok(self.revision) };
-        let mut p = lock(&commit.progress);
+        let mut p = lock(&self.commit.progress);
         loop {
             if let Some(r) = self.check(&p) {
                 return r;
             }
-            p = commit.changed.wait(p).unwrap_or_else(|e| e.into_inner());
+            p = self.commit.changed.wait(p).unwrap_or_else(|e| e.into_inner());
         }
     }
 
     /// Waits, without blocking a thread, until the change is durable.
     pub async fn durable(self) -> Result<u64, StorageFailed> {
-        let Some(commit) = &self.commit else { return Ok(self.revision) };
-        let mut rx = commit.watch.subscribe();
+        let mut rx = self.commit.watch.subscribe();
         let outcome = rx.wait_for(|p| self.check(p).is_some()).await.map(|p| self.check(&p));
         match outcome {
             Ok(Some(r)) => r,
@@ -186,20 +202,22 @@ impl Ticket {
     }
 }
 
-/// How a store with a data directory runs.
+/// How a store runs.
 #[derive(Debug, Clone)]
 pub struct Durability {
-    /// Log bytes after which a snapshot is written and older files dropped.
+    /// Log bytes after which a snapshot is written and older records
+    /// dropped (by the backends [`Store::open_dir`] and
+    /// [`Store::open_memory`] make).
     pub compact_after_bytes: u64,
     pub event_capacity: usize,
 }
 
-/// What opening a data directory found.
+/// What opening a backend found.
 #[derive(Debug, Clone)]
 pub struct Opened {
-    /// The revision restored from the directory (0 when it was empty).
+    /// The revision restored from the backend (`None` when it was empty).
     pub restored: Option<u64>,
-    /// The world file seeded an empty directory.
+    /// The world file seeded an empty backend.
     pub seeded: bool,
     /// The world file replaced the restored state (forced).
     pub replaced: bool,
@@ -215,138 +233,170 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl Store {
-    /// A store holding `state`, keeping up to `event_capacity` events for
-    /// watchers that resume from a revision.
-    pub fn new(state: State, event_capacity: usize) -> Store {
-        let (live, _) = broadcast::channel(4096);
-        let state_revision = state.revision();
-        let (revision, _) = watch::channel(state_revision);
-        let head = Arc::new(state);
-        Store {
-            current: ArcSwap::new(head.clone()),
-            writer: Mutex::new(Writer {
-                head,
-                resources: ResourceBuilder::default(),
-                storage: None,
-                pending: Vec::new(),
-                failed: None,
-            }),
-            // The events that led to the starting revision are not kept: a
-            // watch from before it must answer OUT_OF_RANGE, not skip them.
-            events: Mutex::new(EventLog {
-                kept: VecDeque::new(),
-                capacity: event_capacity.max(1),
-                dropped: state_revision,
-                live,
-            }),
-            revision,
-            commit: None,
-            audit: Mutex::new(None),
-            published_at: Mutex::new(std::time::Instant::now()),
+/// Encodes `state` as snapshot records, each at most `max_record` bytes
+/// (an entity over it refuses the snapshot, naming the entity).
+fn snapshot_records(state: &State, max_record: u32, place: PathBuf) -> impl Iterator<Item = Result<Vec<u8>, StorageError>> + '_ {
+    state_changes(state).map(move |change| {
+        let what = || format!("the snapshot record of {}", change.describe());
+        let bytes = serde_json::to_vec(&change).map_err(|e| StorageError::Encode { what: what(), reason: e.to_string() })?;
+        if bytes.len() > max_record as usize {
+            return Err(StorageError::TooLarge { path: place.clone(), what: what(), bytes: bytes.len(), limit: max_record });
+        }
+        Ok(bytes)
+    })
+}
+
+/// Writes `state` as a snapshot at its revision to `backend` (after its
+/// recovery), dropping what the snapshot makes obsolete: how a store seeds
+/// an empty backend, and how tools write one.
+pub fn write_snapshot(backend: &mut dyn Backend, state: &State) -> Result<(), StorageError> {
+    let job = backend.begin_compaction(state.revision())?;
+    job.write(&mut snapshot_records(state, backend.max_record(), backend.place()))
+}
+
+/// A log record as versions before [`Record`] wrote it: the admin command.
+#[derive(serde::Deserialize)]
+struct LegacyRecord {
+    actor: String,
+    change: Update,
+}
+
+/// Replays one recovered item onto `state`.
+fn load(state: &mut State, resources: &mut ResourceBuilder, replayed: &mut u64, item: Loaded<'_>) -> Result<(), String> {
+    match item {
+        Loaded::SnapshotBegin { .. } => *state = State::default(),
+        Loaded::SnapshotRecord(bytes) => {
+            let change: Change =
+                serde_json::from_slice(bytes).map_err(|e| format!("the record is not a snapshot record: {e}"))?;
+            replay(state, resources, &change).map_err(|e| format!("the snapshot does not load: {e}"))?;
+        }
+        Loaded::SnapshotEnd { revision } => state.set_revision(revision),
+        Loaded::Record(record) => {
+            let (prev, rev) = (record.prev, record.rev);
+            if prev != state.revision() {
+                return Err(format!("the entry follows revision {prev} but the state is at revision {}", state.revision()));
+            }
+            match serde_json::from_slice::<Record>(&record.bytes) {
+                Ok(record) => {
+                    replay(state, resources, &record.change).map_err(|e| format!("the logged change does not apply: {e}"))?
+                }
+                // Logs written before records held effects hold the admin
+                // command itself (`set_tags`, `remove_tags`, a batch of
+                // them): applying it again gives the same state.
+                Err(e) => {
+                    let legacy: LegacyRecord =
+                        serde_json::from_slice(&record.bytes).map_err(|_| format!("the record is not a log entry: {e}"))?;
+                    apply(state, resources, &legacy.change, &legacy.actor, &mut Applied::default())
+                        .map_err(|e| format!("the logged change does not apply: {e}"))?;
+                }
+            }
+            if state.revision() != rev {
+                return Err(format!("replaying gives revision {}, the entry says {rev}", state.revision()));
+            }
+            *replayed += 1;
         }
     }
+    Ok(())
+}
 
-    /// A store without a data directory. With an audit log, changes go
-    /// through the committer thread like durable ones: their audit records
-    /// are written and synced there (never on the caller's thread, which may
-    /// be an async worker) before they are published and acknowledged.
-    pub fn ephemeral(state: State, event_capacity: usize, audit: Option<AuditLog>) -> Result<Arc<Store>, String> {
-        let mut store = Store::new(state, event_capacity);
-        let Some(log) = audit else { return Ok(Arc::new(store)) };
-        *store.audit.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(log);
-        let revision = store.revision();
-        store.start_committer(revision)
+impl Store {
+    /// A store holding `state` on a memory backend of its own (in-process
+    /// runs and tests), keeping up to `event_capacity` events for watchers
+    /// that resume from a revision. Nothing restores it: its records start
+    /// after `state`'s revision.
+    pub fn new(state: State, event_capacity: usize) -> Store {
+        let mut backend: Box<dyn Backend> = Box::new(MemoryBackend::new(MEMORY_COMPACT_AFTER));
+        let recovered = backend.recover(&mut |_| Ok(()));
+        let (store, started) = Store::start(state, ResourceBuilder::default(), backend, event_capacity, None);
+        if let Err(e) = recovered.map_err(|e| e.to_string()).and(started) {
+            // Reads work; every change is refused with the reason.
+            lock(&store.inner.writer).failed = Some(e);
+        }
+        store
     }
 
-    /// Gives the store its durability progress (at `durable`) and starts
-    /// the committer thread that advances it.
-    fn start_committer(mut self, durable: u64) -> Result<Arc<Store>, String> {
-        let durable = Progress { durable, failed: None };
+    /// A store on `backend`, its committer thread started (or the reason it
+    /// could not start).
+    fn start(
+        state: State,
+        resources: ResourceBuilder,
+        backend: Box<dyn Backend>,
+        event_capacity: usize,
+        audit: Option<AuditLog>,
+    ) -> (Store, Result<(), String>) {
+        let (live, _) = broadcast::channel(4096);
+        let revision = state.revision();
+        let durable = Progress { durable: revision, failed: None };
         let commit = Arc::new(Commit {
             progress: Mutex::new(durable.clone()),
             changed: Condvar::new(),
             watch: watch::channel(durable).0,
-            wake: Mutex::new(false),
+            wake: Mutex::new(Wake::default()),
             wake_cv: Condvar::new(),
         });
-        self.commit = Some(commit.clone());
-        let store = Arc::new(self);
-        let weak = Arc::downgrade(&store);
-        std::thread::Builder::new()
-            .name("tagward-commit".into())
-            .spawn(move || committer(weak, commit))
-            .map_err(|e| format!("cannot start the commit thread: {e}"))?;
-        Ok(store)
+        let head = Arc::new(state);
+        let inner = Arc::new(Inner {
+            current: ArcSwap::new(head.clone()),
+            writer: Mutex::new(Writer { head, resources, backend, pending: Vec::new(), failed: None }),
+            // The events that led to the starting revision are not kept: a
+            // watch from before it must answer OUT_OF_RANGE, not skip them.
+            events: Mutex::new(EventLog { kept: VecDeque::new(), capacity: event_capacity.max(1), dropped: revision, live }),
+            revision: watch::channel(revision).0,
+            commit: commit.clone(),
+            audit: Mutex::new(audit),
+            published_at: Mutex::new(std::time::Instant::now()),
+        });
+        let shared = inner.clone();
+        let spawned = std::thread::Builder::new().name("tagward-commit".into()).spawn(move || committer(&shared));
+        match spawned {
+            Ok(handle) => (Store { inner, committer: Some(handle) }, Ok(())),
+            Err(e) => (Store { inner, committer: None }, Err(format!("cannot start the commit thread: {e}"))),
+        }
     }
 
-    /// Writes the audit records of `events`; a failure refuses the change.
-    fn audit(&self, events: &[&Event]) -> Result<(), String> {
-        let mut audit = lock(&self.audit);
-        let Some(log) = audit.as_mut() else { return Ok(()) };
-        log.write(events).map_err(|e| {
-            metrics::counter!(crate::observe::AUDIT_FAILURES).increment(1);
-            format!("{}: cannot write the audit log: {e}", log.path().display())
-        })
+    /// Opens a data directory with the file backend: [`Store::open`].
+    pub fn open_dir(
+        dir: &Path,
+        seed: Option<&WorldSpec>,
+        force: bool,
+        options: &Durability,
+        audit: Option<AuditLog>,
+    ) -> Result<(Arc<Store>, Opened), OpenError> {
+        let backend = FileBackend::open(dir, options.compact_after_bytes)?;
+        Store::open(Box::new(backend), seed, force, options, audit)
     }
 
-    /// Opens a data directory: restores exactly the state and revision it
-    /// acknowledged (newest snapshot, then the log after it, a torn tail
-    /// cut off), seeds an empty directory from `seed`, or with `force`
-    /// replaces the restored state with `seed` as one logged change. Then
-    /// serves with every change durable before it is acknowledged.
+    /// A store on a memory backend of its own (`--ephemeral`), seeded from
+    /// `seed`: [`Store::open`].
+    pub fn open_memory(
+        seed: Option<&WorldSpec>,
+        options: &Durability,
+        audit: Option<AuditLog>,
+    ) -> Result<(Arc<Store>, Opened), OpenError> {
+        Store::open(Box::new(MemoryBackend::new(options.compact_after_bytes)), seed, false, options, audit)
+    }
+
+    /// Opens a backend: restores exactly the state and revision it
+    /// acknowledged (newest snapshot, then the records after it, a torn
+    /// tail cut off), seeds an empty backend from `seed` (written as its
+    /// first snapshot), or with `force` replaces the restored state with
+    /// `seed` as one logged change. Then serves with every change durable
+    /// before it is acknowledged.
     ///
     /// `audit` is attached before anything is applied, so the forced
     /// replacement (`--force-world`, `tagward import`) is audited like any
     /// other change.
     pub fn open(
-        dir: &Path,
+        mut backend: Box<dyn Backend>,
         seed: Option<&WorldSpec>,
         force: bool,
         options: &Durability,
         audit: Option<AuditLog>,
-    ) -> Result<(Arc<Store>, Opened), OpenError> {
-        Store::open_limited(dir, seed, force, options, audit, MAX_RECORD)
-    }
-
-    /// [`Store::open`] with log and snapshot records limited to
-    /// `max_record` bytes (tests use a small limit).
-    fn open_limited(
-        dir: &Path,
-        seed: Option<&WorldSpec>,
-        force: bool,
-        options: &Durability,
-        audit: Option<AuditLog>,
-        max_record: u32,
     ) -> Result<(Arc<Store>, Opened), OpenError> {
         let mut state = State::default();
         let mut resources = ResourceBuilder::default();
         let mut replayed = 0u64;
-        let mut recovered = FileStorage::recover(dir, options.compact_after_bytes, |item| {
-            let mut ignored = Vec::new();
-            match item {
-                LoadItem::SnapshotBegin { .. } => state = State::default(),
-                LoadItem::Put(update) => apply(&mut state, &mut resources, &update, "", &mut ignored)
-                    .map_err(|e| format!("the snapshot does not load: {e}"))?,
-                LoadItem::SnapshotEnd { revision } => state.set_revision(revision),
-                LoadItem::Entry(entry) => {
-                    if entry.prev != state.revision() {
-                        return Err(format!(
-                            "the entry follows revision {} but the state is at revision {}",
-                            entry.prev,
-                            state.revision()
-                        ));
-                    }
-                    apply(&mut state, &mut resources, &entry.change, &entry.actor, &mut ignored)
-                        .map_err(|e| format!("the logged change does not apply: {e}"))?;
-                    if state.revision() != entry.rev {
-                        return Err(format!("replaying gives revision {}, the entry says {}", state.revision(), entry.rev));
-                    }
-                    replayed += 1;
-                }
-            }
-            Ok(())
-        })?;
+        let recovered = backend.recover(&mut |item| load(&mut state, &mut resources, &mut replayed, item))?;
         let mut opened = Opened {
             restored: recovered.found.then(|| state.revision()),
             seeded: false,
@@ -354,27 +404,20 @@ impl Store {
             cut: recovered.cut.clone(),
             replayed,
         };
-        recovered.limit_records(max_record);
         if !recovered.found {
             if let Some(world) = seed {
                 state = world.build().map_err(|e| OpenError::World(e.to_string()))?;
-                recovered.seed(&state)?;
+                // The seed is the first snapshot, so a restart needs no
+                // world file.
+                write_snapshot(backend.as_mut(), &state)?;
                 opened.seeded = true;
             }
         }
-        let storage = recovered.start(state.revision())?;
-        let revision = state.revision();
-        // Store::new keeps no events before `revision`: a watch from an
-        // older revision (restored from disk, so its events are gone) is
-        // OUT_OF_RANGE.
-        let mut store = Store::new(state, options.event_capacity);
-        {
-            let writer = store.writer.get_mut().unwrap_or_else(|e| e.into_inner());
-            writer.storage = Some(Box::new(storage));
-            writer.resources = resources;
-        }
-        *store.audit.get_mut().unwrap_or_else(|e| e.into_inner()) = audit;
-        let store = store.start_committer(revision).map_err(OpenError::World)?;
+        // A store keeps no events before its starting revision: a watch from
+        // an older revision (restored, so its events are gone) is OUT_OF_RANGE.
+        let (store, started) = Store::start(state, resources, backend, options.event_capacity, audit);
+        started.map_err(OpenError::World)?;
+        let store = Arc::new(store);
         if force && opened.restored.is_some() {
             if let Some(world) = seed {
                 store
@@ -390,16 +433,16 @@ impl Store {
 
     /// The current snapshot: one atomic load.
     pub fn snapshot(&self) -> Arc<State> {
-        self.current.load_full()
+        self.inner.current.load_full()
     }
 
     pub fn revision(&self) -> u64 {
-        self.current.load().revision()
+        self.inner.current.load().revision()
     }
 
     /// How long ago the current snapshot was published.
     pub fn snapshot_age(&self) -> Duration {
-        lock(&self.published_at).elapsed()
+        lock(&self.inner.published_at).elapsed()
     }
 
     /// The current snapshot once its revision is at least `wanted`, waiting
@@ -409,12 +452,161 @@ impl Store {
         if now.revision() >= wanted {
             return Ok(now);
         }
-        let mut rx = self.revision.subscribe();
+        let mut rx = self.inner.revision.subscribe();
         let reached = async move { rx.wait_for(|r| *r >= wanted).await.is_ok() };
         match tokio::time::timeout(limit, reached).await {
             Ok(true) => Ok(self.snapshot()),
             _ => Err(RevisionTimeout { wanted, current: self.revision(), waited: limit }),
         }
+    }
+
+    /// Applies one admin update, all or nothing. The ticket says when it is
+    /// durable and visible.
+    pub fn apply(&self, update: &Update, actor: &str) -> Result<Ticket, UpdateError> {
+        let result = self.apply_unmetered(update, actor);
+        crate::observe::admin_update(result.as_ref().err().map(|e| e.code));
+        result
+    }
+
+    fn apply_unmetered(&self, update: &Update, actor: &str) -> Result<Ticket, UpdateError> {
+        let mut writer = lock(&self.inner.writer);
+        if let Some(failed) = &writer.failed {
+            return Err(UpdateError::new(ErrorCode::StorageFailed, StorageFailed(failed.clone()).to_string()));
+        }
+        let head = writer.head.clone();
+        let mut next = State::clone(&head);
+        let mut applied = Applied::default();
+        let Writer { resources, .. } = &mut *writer;
+        apply(&mut next, resources, update, actor, &mut applied)?;
+        if next.revision() == head.revision() {
+            return Ok(self.unchanged(head.revision()));
+        }
+        let record = Record {
+            prev: head.revision(),
+            rev: next.revision(),
+            time_unix_ms: now_ms(),
+            actor: actor.to_string(),
+            change: Change::of(applied.changes),
+        };
+        self.accept(&mut writer, next, applied.events, &record).map_err(|e| match e {
+            Refused::Failed(e) => UpdateError::new(ErrorCode::StorageFailed, e.to_string()),
+            Refused::TooLarge(reason) => UpdateError::new(ErrorCode::Validation, format!("{}: {reason}", update_field(update))),
+        })
+    }
+
+    /// Performs a tag operation as a principal, on the newest accepted
+    /// state. The ticket says when the change is durable and visible.
+    pub fn tag(&self, req: &TagRequest) -> Result<(Tagged, Ticket), TagError> {
+        let mut writer = lock(&self.inner.writer);
+        let head = writer.head.clone();
+        let mut outcome = perform(&head, req)?;
+        let Some((next, change)) = outcome.change.take() else {
+            return Ok((Tagged { outcome, revision: head.revision(), changed: false }, self.unchanged(head.revision())));
+        };
+        if let Some(failed) = &writer.failed {
+            return Err(TagError::Unavailable(StorageFailed(failed.clone()).to_string()));
+        }
+        let revision = next.revision();
+        let record = tag_record(&change, head.revision());
+        let event = tag_event(&change, outcome.decision.matched.iter().map(ToString::to_string).collect());
+        let ticket = self.accept(&mut writer, next, vec![event], &record).map_err(|e| match e {
+            Refused::Failed(e) => TagError::Unavailable(e.to_string()),
+            Refused::TooLarge(reason) => TagError::Validation { field: "tags".into(), reason },
+        })?;
+        Ok((Tagged { outcome, revision, changed: true }, ticket))
+    }
+
+    /// The ticket of a change that changed nothing: it was decided on the
+    /// head, which may hold changes still waiting for their sync, so it is
+    /// answered once the head is durable too.
+    fn unchanged(&self, head: u64) -> Ticket {
+        Ticket { revision: head, commit: self.inner.commit.clone() }
+    }
+
+    /// Logs `record` and makes `next` the head; the committer publishes it
+    /// once it is durable.
+    fn accept(&self, writer: &mut Writer, next: State, events: Vec<Event>, record: &Record) -> Result<Ticket, Refused> {
+        let revision = next.revision();
+        let bytes = serde_json::to_vec(record)
+            .map_err(|e| Refused::TooLarge(format!("the change to revision {revision} cannot be encoded: {e}")))?;
+        match writer.backend.append(&LogRecord { prev: record.prev, rev: record.rev, bytes }) {
+            Ok(()) => {}
+            // Nothing was written: refuse this change only.
+            Err(e) if e.refused_only_this() => return Err(Refused::TooLarge(e.to_string())),
+            Err(e) => {
+                let message = e.to_string();
+                tracing::error!(error = %message, "cannot append to the log; refusing further changes");
+                writer.failed = Some(message.clone());
+                return Err(Refused::Failed(StorageFailed(message)));
+            }
+        }
+        let next = Arc::new(next);
+        writer.head = next.clone();
+        writer.pending.push((next, events));
+        let commit = &self.inner.commit;
+        lock(&commit.wake).pending = true;
+        commit.wake_cv.notify_one();
+        Ok(Ticket { revision, commit: commit.clone() })
+    }
+
+    /// The kept events after `from` (none for 0) and a receiver for the live
+    /// ones, with no gap and no repeat between them.
+    pub fn watch(&self, from: u64) -> Result<Following, WatchGone> {
+        let log = lock(&self.inner.events);
+        let rx = log.live.subscribe();
+        if from == 0 {
+            return Ok((Vec::new(), rx));
+        }
+        if from < log.dropped {
+            return Err(WatchGone { asked: from, dropped: log.dropped });
+        }
+        let backlog = log.kept.iter().filter(|e| e.revision > from).cloned().collect();
+        Ok((backlog, rx))
+    }
+
+    /// The durable log records after revision `from`, as the backend
+    /// follows them (on a single-writer backend: what this store wrote).
+    /// Reads the backend under the writer lock: for tools and tests, not
+    /// for request paths.
+    pub fn follow(&self, from: u64) -> Result<Vec<Record>, StorageError> {
+        let writer = lock(&self.inner.writer);
+        let place = writer.backend.place();
+        writer
+            .backend
+            .follow(from)?
+            .map(|r| {
+                serde_json::from_slice(&r.bytes).map_err(|e| StorageError::Damaged {
+                    path: place.clone(),
+                    offset: 0,
+                    reason: format!("the record of revision {} is not a log entry: {e}", r.rev),
+                })
+            })
+            .collect()
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // The committer commits what is pending, then stops and releases
+        // the backend (a data directory's lock).
+        lock(&self.inner.commit.wake).stop = true;
+        self.inner.commit.wake_cv.notify_one();
+        if let Some(handle) = self.committer.take() {
+            // A committer that panicked has nothing left to release.
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Inner {
+    /// Writes the audit records of `events`; a failure refuses the change.
+    fn audit(&self, events: &[&Event]) -> Result<(), String> {
+        let mut audit = lock(&self.audit);
+        let Some(log) = audit.as_mut() else { return Ok(()) };
+        log.write(events).map_err(|e| {
+            metrics::counter!(crate::observe::AUDIT_FAILURES).increment(1);
+            format!("{}: cannot write the audit log: {e}", log.path().display())
+        })
     }
 
     /// Publishes `next` and its events, in revision order.
@@ -442,136 +634,9 @@ impl Store {
         self.current.store(next);
         self.revision.send_replace(revision);
     }
-
-    /// Applies one admin update, all or nothing. The ticket says when it is
-    /// durable and visible.
-    pub fn apply(&self, update: &Update, actor: &str) -> Result<Ticket, UpdateError> {
-        let result = self.apply_unmetered(update, actor);
-        crate::observe::admin_update(result.as_ref().err().map(|e| e.code));
-        result
-    }
-
-    fn apply_unmetered(&self, update: &Update, actor: &str) -> Result<Ticket, UpdateError> {
-        let mut writer = lock(&self.writer);
-        if let Some(failed) = &writer.failed {
-            return Err(UpdateError::new("StorageFailed", StorageFailed(failed.clone()).to_string()));
-        }
-        let head = writer.head.clone();
-        let mut next = State::clone(&head);
-        let mut events = Vec::new();
-        let Writer { resources, .. } = &mut *writer;
-        apply(&mut next, resources, update, actor, &mut events)?;
-        if next.revision() == head.revision() {
-            return Ok(self.unchanged(head.revision()));
-        }
-        self.accept(&mut writer, head.revision(), next, events, update.clone(), actor).map_err(|e| match e {
-            Refused::Failed(e) => UpdateError::new("StorageFailed", e.to_string()),
-            Refused::TooLarge(reason) => UpdateError::new("ValidationException", format!("{}: {reason}", update_field(update))),
-        })
-    }
-
-    /// Performs a tag operation as a principal, on the newest accepted
-    /// state. The ticket says when the change is durable and visible.
-    pub fn tag(&self, req: &TagRequest) -> Result<(Tagged, Ticket), TagError> {
-        let mut writer = lock(&self.writer);
-        let head = writer.head.clone();
-        let mut outcome = perform(&head, req)?;
-        let Some((next, change)) = outcome.change.take() else {
-            return Ok((Tagged { outcome, revision: head.revision(), changed: false }, self.unchanged(head.revision())));
-        };
-        if let Some(failed) = &writer.failed {
-            return Err(TagError::Unavailable(StorageFailed(failed.clone()).to_string()));
-        }
-        let revision = next.revision();
-        let update = Update::ReplaceTags { resource: change.resource.clone(), tags: pairs(&change.after) };
-        let ticket = self
-            .accept(
-                &mut writer,
-                head.revision(),
-                next,
-                vec![tag_event(&change, outcome.decision.matched.iter().map(ToString::to_string).collect())],
-                update,
-                &change.principal,
-            )
-            .map_err(|e| match e {
-                Refused::Failed(e) => TagError::Unavailable(e.to_string()),
-                Refused::TooLarge(reason) => TagError::Validation { field: "tags".into(), reason },
-            })?;
-        Ok((Tagged { outcome, revision, changed: true }, ticket))
-    }
-
-    /// The ticket of a change that changed nothing: it was decided on the
-    /// head, which may hold changes still waiting for their sync, so it is
-    /// answered once the head is durable too.
-    fn unchanged(&self, head: u64) -> Ticket {
-        Ticket { revision: head, commit: self.commit.clone() }
-    }
-
-    /// Makes `next` the head: logged (and published later by the committer)
-    /// with storage, published at once without.
-    fn accept(
-        &self,
-        writer: &mut Writer,
-        prev: u64,
-        next: State,
-        events: Vec<Event>,
-        update: Update,
-        actor: &str,
-    ) -> Result<Ticket, Refused> {
-        let revision = next.revision();
-        let next = Arc::new(next);
-        match writer.storage.as_mut() {
-            // No data directory and no audit log (an audit log comes with a
-            // committer): nothing to wait for.
-            None if self.commit.is_none() => {
-                writer.head = next.clone();
-                self.publish(next, events);
-                return Ok(Ticket::done(revision));
-            }
-            // No data directory, but an audit log: the committer writes it.
-            None => {}
-            Some(storage) => {
-                let entry = Entry { prev, rev: revision, time_unix_ms: now_ms(), actor: actor.to_string(), change: update };
-                match storage.append(&entry) {
-                    Ok(()) => {}
-                    // Nothing was written: refuse this change only.
-                    Err(e @ StorageError::TooLarge { .. }) => return Err(Refused::TooLarge(e.to_string())),
-                    Err(e) => {
-                        let message = e.to_string();
-                        tracing::error!(error = %message, "cannot append to the log; refusing further changes");
-                        writer.failed = Some(message.clone());
-                        return Err(Refused::Failed(StorageFailed(message)));
-                    }
-                }
-            }
-        }
-        writer.head = next.clone();
-        writer.pending.push((next, events));
-        let commit = self.commit.clone();
-        if let Some(c) = &commit {
-            *lock(&c.wake) = true;
-            c.wake_cv.notify_one();
-        }
-        Ok(Ticket { revision, commit })
-    }
-
-    /// The kept events after `from` (none for 0) and a receiver for the live
-    /// ones, with no gap and no repeat between them.
-    pub fn watch(&self, from: u64) -> Result<Following, WatchGone> {
-        let log = lock(&self.events);
-        let rx = log.live.subscribe();
-        if from == 0 {
-            return Ok((Vec::new(), rx));
-        }
-        if from < log.dropped {
-            return Err(WatchGone { asked: from, dropped: log.dropped });
-        }
-        let backlog = log.kept.iter().filter(|e| e.revision > from).cloned().collect();
-        Ok((backlog, rx))
-    }
 }
 
-/// Why a data directory could not be opened.
+/// Why a store could not be opened.
 #[derive(Debug, Error)]
 pub enum OpenError {
     #[error(transparent)]
@@ -580,52 +645,63 @@ pub enum OpenError {
     World(String),
 }
 
-/// The committer: syncs what is pending (one sync for all of it), publishes
-/// it in order and wakes the tickets; starts compactions off the writer lock.
-fn committer(store: Weak<Store>, commit: Arc<Commit>) {
+/// The committer: syncs what is pending (one sync for all of it), writes
+/// the audit records, publishes it in order and wakes the tickets; starts
+/// compactions off the writer lock. Stops once the store is dropped and
+/// nothing is pending, or when storage fails.
+fn committer(inner: &Inner) {
+    let commit = &inner.commit;
+    // The newest snapshot being written (each waits for the one before),
+    // joined before the committer stops, so no snapshot writes into a
+    // backend after its store is gone (a directory whose lock is released).
+    let mut snapshotting: Option<std::thread::JoinHandle<()>> = None;
+    commit_loop(inner, commit, &mut snapshotting);
+    if let Some(handle) = snapshotting.take() {
+        let _ = handle.join();
+    }
+}
+
+fn commit_loop(inner: &Inner, commit: &Commit, snapshotting: &mut Option<std::thread::JoinHandle<()>>) {
     loop {
-        {
+        let stop = {
             let mut wake = lock(&commit.wake);
-            while !*wake {
-                let (guard, timeout) =
-                    commit.wake_cv.wait_timeout(wake, Duration::from_millis(500)).unwrap_or_else(|e| e.into_inner());
-                wake = guard;
-                if timeout.timed_out() && store.strong_count() == 0 {
+            while !wake.pending && !wake.stop {
+                wake = commit.wake_cv.wait(wake).unwrap_or_else(|e| e.into_inner());
+            }
+            wake.pending = false;
+            wake.stop
+        };
+        let (batch, sync, compaction) = {
+            let mut writer = lock(&inner.writer);
+            let batch = std::mem::take(&mut writer.pending);
+            if batch.is_empty() {
+                if stop {
                     return;
                 }
-            }
-            *wake = false;
-        }
-        let Some(store) = store.upgrade() else { return };
-        let (batch, sync, compaction) = {
-            let mut writer = lock(&store.writer);
-            if writer.pending.is_empty() {
                 continue;
             }
-            let batch = std::mem::take(&mut writer.pending);
             let head = writer.head.clone();
-            match writer.storage.as_mut() {
-                // Ephemeral with an audit log: nothing to sync, only the audit.
-                None => (batch, Ok(None), None),
-                Some(storage) => {
-                    let sync = storage.prepare_sync().map(Some);
-                    let compaction = match &sync {
-                        Ok(_) if storage.wants_compaction() => Some(storage.begin_compaction(head)),
-                        _ => None,
-                    };
-                    (batch, sync, compaction)
-                }
-            }
+            let sync = writer.backend.prepare_sync();
+            let compaction = match &sync {
+                Ok(_) if writer.backend.wants_compaction() => Some(
+                    writer
+                        .backend
+                        .begin_compaction(head.revision())
+                        .map(|job| (job, head, writer.backend.max_record(), writer.backend.place())),
+                ),
+                _ => None,
+            };
+            (batch, sync, compaction)
         };
-        let synced = sync.and_then(|s| s.map_or(Ok(()), |s| s.sync())).map_err(|e| e.to_string()).and_then(|()| {
+        let synced = sync.and_then(|s| s.sync()).map_err(|e| e.to_string()).and_then(|()| {
             let events: Vec<&Event> = batch.iter().flat_map(|(_, events)| events.iter()).collect();
-            store.audit(&events)
+            inner.audit(&events)
         });
         let last = batch.last().map(|(s, _)| s.revision()).unwrap_or(0);
         match synced {
             Ok(()) => {
                 for (state, events) in batch {
-                    store.publish(state, events);
+                    inner.publish(state, events);
                 }
                 let mut p = lock(&commit.progress);
                 p.durable = last;
@@ -634,7 +710,7 @@ fn committer(store: Weak<Store>, commit: Arc<Commit>) {
             }
             Err(message) => {
                 tracing::error!(error = %message, "cannot make changes durable; refusing further changes");
-                lock(&store.writer).failed = Some(message.clone());
+                lock(&inner.writer).failed = Some(message.clone());
                 let mut p = lock(&commit.progress);
                 p.failed = Some(message);
                 commit.watch.send_replace(p.clone());
@@ -643,13 +719,22 @@ fn committer(store: Weak<Store>, commit: Arc<Commit>) {
             }
         }
         match compaction {
-            Some(Ok(job)) => {
-                let spawned = std::thread::Builder::new().name("tagward-snapshot".into()).spawn(move || match job() {
-                    Ok(()) => tracing::info!("snapshot written; older log files removed"),
-                    Err(e) => tracing::warn!(error = %e, "the snapshot failed; the log keeps everything"),
+            Some(Ok((job, state, max_record, place))) => {
+                // Snapshots are written one after the other: this one waits
+                // for the one before it (never the committer).
+                let before = snapshotting.take();
+                let spawned = std::thread::Builder::new().name("tagward-snapshot".into()).spawn(move || {
+                    if let Some(before) = before {
+                        let _ = before.join();
+                    }
+                    match job.write(&mut snapshot_records(&state, max_record, place)) {
+                        Ok(()) => tracing::info!("snapshot written; older log files removed"),
+                        Err(e) => tracing::warn!(error = %e, "the snapshot failed; the log keeps everything"),
+                    }
                 });
-                if let Err(e) = spawned {
-                    tracing::warn!(error = %e, "cannot start the snapshot thread");
+                match spawned {
+                    Ok(handle) => *snapshotting = Some(handle),
+                    Err(e) => tracing::warn!(error = %e, "cannot start the snapshot thread"),
                 }
             }
             Some(Err(e)) => tracing::warn!(error = %e, "cannot start a new log for compaction"),
@@ -685,7 +770,7 @@ mod tests {
             Update::PutPolicy { name: "P".into(), document: json!({"Statement": {"Effect": "Permit"}}) },
         ]);
         let err = s.apply(&batch, "admin").unwrap_err();
-        assert_eq!(err.code, "MalformedPolicyDocumentException");
+        assert_eq!(err.code, ErrorCode::MalformedPolicyDocument);
         assert!(err.message.starts_with("batch.updates[1].put_policy.document.Statement.Effect: "), "{err}");
         assert_eq!(s.revision(), before);
         let tags = s.snapshot().target("arn:aws:kms:us-east-1:111122223333:key/k1").unwrap().tags().len();
@@ -757,7 +842,7 @@ mod tests {
     fn reopen(dir: &Path, seed: Option<&WorldSpec>, force: bool, audit: Option<AuditLog>) -> (Arc<Store>, Opened) {
         let mut audit = audit;
         for _ in 0..200 {
-            match Store::open(dir, seed, force, &options(), audit.take()) {
+            match Store::open_dir(dir, seed, force, &options(), audit.take()) {
                 Err(OpenError::Storage(StorageError::Locked(_))) => {
                     audit = None;
                     std::thread::sleep(Duration::from_millis(10));
@@ -838,12 +923,13 @@ mod tests {
     fn an_entry_over_the_record_limit_is_refused_and_the_store_carries_on() {
         let d = scratch("too-large");
         let key = "arn:aws:kms:us-east-1:111122223333:key/k1";
-        let (s, _) = Store::open_limited(&d, Some(&world("Alpha")), false, &options(), None, 4096).unwrap();
+        let backend = FileBackend::open(&d, u64::MAX).unwrap().limit_records(4096);
+        let (s, _) = Store::open(Box::new(backend), Some(&world("Alpha")), false, &options(), None).unwrap();
         let before = s.revision();
         let big: Vec<Value> =
             (0..200).map(|i| json!({"Effect": "Allow", "Action": format!("kms:Action{i:04}"), "Resource": "*"})).collect();
         let err = s.apply(&Update::PutPolicy { name: "Big".into(), document: json!({"Statement": big}) }, "admin").unwrap_err();
-        assert_eq!(err.code, "ValidationException");
+        assert_eq!(err.code, ErrorCode::Validation);
         assert!(err.message.starts_with("put_policy: "), "{err}");
         assert!(err.message.contains("more than the 4096-byte limit"), "{err}");
         assert_eq!(s.revision(), before, "the refused change left the state as it was");
@@ -869,7 +955,8 @@ mod tests {
                           {"arn": "arn:aws:kms:us-east-1:111122223333:key/big", "tags": tags}]
         }))
         .unwrap();
-        match Store::open_limited(&d, Some(&seed), false, &options(), None, 4096) {
+        let backend = FileBackend::open(&d, u64::MAX).unwrap().limit_records(4096);
+        match Store::open(Box::new(backend), Some(&seed), false, &options(), None) {
             Err(OpenError::Storage(StorageError::TooLarge { what, limit, .. })) => {
                 assert!(what.contains("key/big"), "{what}");
                 assert_eq!(limit, 4096);
@@ -887,8 +974,9 @@ mod tests {
         let d = scratch("ephemeral-audit");
         let path = d.join("audit.jsonl");
         let key = "arn:aws:kms:us-east-1:111122223333:key/k1";
-        let s = Store::ephemeral(world("Alpha").build().unwrap(), 16, Some(AuditLog::open(&path).unwrap())).unwrap();
-        assert!(s.commit.is_some(), "the audit is written by the committer thread, not the caller");
+        let opts = Durability { compact_after_bytes: u64::MAX, event_capacity: 16 };
+        let (s, opened) = Store::open_memory(Some(&world("Alpha")), &opts, Some(AuditLog::open(&path).unwrap())).unwrap();
+        assert!(opened.seeded && opened.restored.is_none());
         for i in 0..5 {
             let ticket =
                 s.apply(&Update::SetTags { resource: key.into(), tags: vec![("n".into(), i.to_string())] }, "admin").unwrap();
@@ -907,8 +995,6 @@ mod tests {
             .unwrap();
         ticket.durable().await.unwrap();
         assert_eq!(audit_names(&path).last().map(String::as_str), Some("TagResource"));
-        // Without an audit log nothing waits.
-        assert!(Store::ephemeral(State::default(), 16, None).unwrap().commit.is_none());
     }
 
     #[test]
@@ -970,5 +1056,38 @@ mod tests {
         assert!(ask(&s));
         let p = WorldSpec::from_state(&s.snapshot()).principals.into_iter().find(|p| p.arn == role).unwrap();
         assert_eq!((p.policies, p.pending_policies), (vec!["Exists".to_string(), "Later".to_string()], Vec::<String>::new()));
+    }
+
+    #[test]
+    fn a_log_written_before_records_held_effects_reads_back() {
+        let d = scratch("legacy-log");
+        let key = "arn:aws:kms:us-east-1:111122223333:key/k1";
+        let (s, _) = reopen(&d, Some(&world("Alpha")), false, None);
+        let start = s.revision();
+        drop(s);
+        let mut wals: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("wal-"))
+            .collect();
+        wals.sort();
+        // What an older version logged for an admin tag write and a batch.
+        let entries = [
+            json!({"prev": start, "rev": start + 1, "time_unix_ms": 0, "actor": "admin",
+                   "change": {"set_tags": {"resource": key, "tags": [["Owner", "me"]]}}}),
+            json!({"prev": start + 1, "rev": start + 2, "time_unix_ms": 0, "actor": "admin",
+                   "change": {"batch": [{"remove_tags": {"resource": key, "keys": ["Project"]}}]}}),
+            json!({"prev": start + 2, "rev": start + 3, "time_unix_ms": 0, "actor": "arn:aws:iam::111122223333:root",
+                   "change": {"replace_tags": {"resource": key, "tags": [["Owner", "you"]]}}}),
+        ];
+        let mut bytes = std::fs::read(wals.last().unwrap()).unwrap();
+        for e in &entries {
+            bytes.extend_from_slice(&crate::storage::frame(&serde_json::to_vec(e).unwrap()));
+        }
+        std::fs::write(wals.last().unwrap(), bytes).unwrap();
+        let (s, opened) = reopen(&d, None, false, None);
+        assert_eq!((opened.restored, opened.replayed), (Some(start + 3), 3));
+        let tags = tagward_core::change::pairs(s.snapshot().target(key).unwrap().tags());
+        assert_eq!(tags, vec![("Owner".to_string(), "you".to_string())]);
     }
 }
