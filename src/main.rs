@@ -434,8 +434,10 @@ fn serve(args: ServeArgs) -> Result<ExitCode, Failure> {
             info!(file = %path.display(), "decision log");
             config.decision_log = Some(log);
         }
+        // Before the listeners: a SIGTERM during start-up must stop us cleanly.
+        let stop = stop_signal();
         let running = server::start(config, store).await.map_err(|e| Failure::input(e.to_string()))?;
-        running.run_until(stop_signal()).await;
+        running.run_until(stop).await;
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -353,10 +353,11 @@ fn baseline_server(listen: SocketAddr, max_message_bytes: usize) -> ExitCode {
         }
     };
     runtime.block_on(async {
+        let stop = stop_signal();
         match tagward_bench::baseline::start(listen, max_message_bytes).await {
             Ok(b) => {
                 info!(addr = %b.addr, "serving the empty Authorizer (bench baseline: no decisions)");
-                b.run_until(stop_signal()).await;
+                b.run_until(stop).await;
                 ExitCode::SUCCESS
             }
             Err(e) => {
