@@ -63,8 +63,16 @@ impl Request {
         }
     }
 
-    /// Checks the request's shape; every error names the field.
+    /// Checks the request's shape; every error names the field. The context
+    /// is checked with [`ContextRules::TRUSTED`] (the clock keys allowed):
+    /// the in-process caller owns the clock. A server checks what its
+    /// callers send with [`Request::validate_with`].
     pub fn validate(&self) -> Result<Caller<'_>, RequestError> {
+        self.validate_with(&ContextRules::TRUSTED)
+    }
+
+    /// Checks the request's shape, and its context against `rules`.
+    pub fn validate_with(&self, rules: &ContextRules) -> Result<Caller<'_>, RequestError> {
         let caller = Caller::parse(&self.principal).map_err(|e| RequestError::new("principal", e.to_string()))?;
         let well_formed_action = self
             .action
@@ -75,17 +83,86 @@ impl Request {
         }
         check_resource(&self.resource).map_err(|e| RequestError::new("resource", e.to_string()))?;
         check_session_tags(&caller, &self.session_tags)?;
-        for (name, _) in &self.context {
-            let key = KeyRef::parse(name)
-                .map_err(|e| RequestError::new(FieldPath::field("context").key(name.as_str()), e.to_string()))?;
-            if key.filled_by_service() {
-                return Err(RequestError::new(
-                    FieldPath::field("context").key(name.as_str()),
-                    "this key is filled in by Tagward from its own state; give request tags, tag keys or session tags in their own fields",
-                ));
+        rules.check(&self.context)?;
+        Ok(caller)
+    }
+}
+
+/// What a caller may put in a request's context, beyond the keys Tagward
+/// fills in itself (which no caller may supply, whatever the rules).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContextRules {
+    /// Whether `aws:CurrentTime` and `aws:EpochTime` may override the clock.
+    /// A caller that may set them chooses the time that `DateLessThan` and
+    /// friends see, so a sidecar refuses them unless told otherwise.
+    pub clock_override: bool,
+    /// When set, the only other context keys a caller may supply, as
+    /// lowercased names (key names are case-insensitive).
+    pub allowed: Option<std::collections::BTreeSet<Box<str>>>,
+}
+
+impl ContextRules {
+    /// For a caller that owns the clock (the in-process runner, `tagward
+    /// test`, a library user): the clock keys allowed, every other key too.
+    pub const TRUSTED: ContextRules = ContextRules { clock_override: true, allowed: None };
+
+    /// A sidecar's default: the clock keys refused, every other key allowed.
+    pub const SERVER: ContextRules = ContextRules { clock_override: false, allowed: None };
+
+    /// The allow-list of [`ContextRules::allowed`] from key names (however
+    /// a file spelled them). Every name is checked like a condition key; a
+    /// key Tagward fills in, or a clock key (governed by
+    /// [`ContextRules::clock_override`] alone), is refused, naming it.
+    pub fn allow_list<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<std::collections::BTreeSet<Box<str>>, String> {
+        let mut out = std::collections::BTreeSet::new();
+        for name in names {
+            match KeyRef::parse(name).map_err(|e| e.to_string())? {
+                KeyRef::Context(lower) => {
+                    out.insert(lower);
+                }
+                key if key.is_clock() => {
+                    return Err(format!(
+                        "{name:?} is a clock key: whether callers may set it is --allow-clock-override's business, not the list's"
+                    ))
+                }
+                _ => return Err(format!("{name:?} is filled in by Tagward from its own state; no caller may supply it")),
             }
         }
-        Ok(caller)
+        Ok(out)
+    }
+
+    /// Checks every key of a request's context; the error names the key.
+    pub fn check(&self, context: &[(String, ContextValue)]) -> Result<(), RequestError> {
+        for (name, _) in context {
+            let field = || FieldPath::field("context").key(name.as_str());
+            let key = KeyRef::parse(name).map_err(|e| RequestError::new(field(), e.to_string()))?;
+            match &key {
+                k if k.is_clock() && !self.clock_override => {
+                    return Err(RequestError::new(
+                        field(),
+                        "the clock keys are Tagward's own: a caller may not choose the time its conditions see (a sidecar started with --allow-clock-override accepts them, for tests)",
+                    ));
+                }
+                k if k.is_clock() => {}
+                KeyRef::Context(lower) => {
+                    if let Some(allowed) = &self.allowed {
+                        if !allowed.contains(lower) {
+                            return Err(RequestError::new(
+                                field(),
+                                "this key is not on the sidecar's list of context keys callers may supply (--context-keys)",
+                            ));
+                        }
+                    }
+                }
+                _ => {
+                    return Err(RequestError::new(
+                        field(),
+                        "this key is filled in by Tagward from its own state; give request tags, tag keys or session tags in their own fields",
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -261,8 +338,16 @@ struct Eval<'a> {
 }
 
 /// Decides `req` against `state`. `explain` adds every statement looked at.
+/// The request's context is checked with [`ContextRules::TRUSTED`]; see
+/// [`authorize_with`].
 pub fn authorize(state: &State, req: &Request, explain: bool) -> Result<Decision, RequestError> {
-    let caller = req.validate()?;
+    authorize_with(state, req, explain, &ContextRules::TRUSTED)
+}
+
+/// Decides `req` against `state`, its context checked against `rules` (what
+/// a server's callers may supply).
+pub fn authorize_with(state: &State, req: &Request, explain: bool, rules: &ContextRules) -> Result<Decision, RequestError> {
+    let caller = req.validate_with(rules)?;
     let principal = match caller.kind {
         CallerKind::User { .. } | CallerKind::Role { .. } => state.principal(caller.arn).map(|p| &**p),
         CallerKind::Session { role, .. } => state.role_by_name(caller.account, role).map(|p| &**p),
@@ -633,6 +718,47 @@ mod tests {
         req.principal = "bob".into();
         assert_eq!(authorize(&state(), &req, false).unwrap_err().field, "principal");
     }
+    #[test]
+    fn a_server_refuses_the_clock_keys_unless_told_and_the_allow_list_names_the_key() {
+        let world: WorldSpec = serde_json::from_value(json!({
+            "policies": {"P": {"Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*",
+                "Condition": {"DateLessThan": {"aws:CurrentTime": "2020-01-01T00:00:00Z"}}}]}},
+            "principals": [{"arn": "arn:aws:iam::111122223333:role/App", "policies": ["P"]}]
+        }))
+        .unwrap();
+        let state = world.build().unwrap();
+        let mut req = Request {
+            principal: "arn:aws:iam::111122223333:role/App".into(),
+            action: "kms:ListKeys".into(),
+            resource: "*".into(),
+            context: vec![("AWS:currenttime".into(), ContextValue::One("2019-06-01T00:00:00Z".into()))],
+            ..Request::default()
+        };
+        // The expired grant: only a forged clock allows it.
+        assert!(authorize(&state, &req, false).unwrap().allowed());
+        let e = authorize_with(&state, &req, false, &ContextRules::SERVER).unwrap_err();
+        assert_eq!(e.field, "context[\"AWS:currenttime\"]");
+        assert!(e.reason.contains("--allow-clock-override"), "{}", e.reason);
+        let clock = ContextRules { clock_override: true, ..ContextRules::SERVER };
+        assert!(authorize_with(&state, &req, false, &clock).unwrap().allowed());
+        req.context = vec![("aws:EpochTime".into(), ContextValue::One("1".into()))];
+        assert_eq!(authorize_with(&state, &req, false, &ContextRules::SERVER).unwrap_err().field, "context[\"aws:EpochTime\"]");
+
+        let listed = ContextRules { allowed: Some(ContextRules::allow_list(["aws:SourceIp"]).unwrap()), ..ContextRules::SERVER };
+        req.context = vec![("AWS:SOURCEIP".into(), ContextValue::One("10.0.0.1".into()))];
+        assert!(authorize_with(&state, &req, false, &listed).is_ok());
+        req.context = vec![("kms:ViaService".into(), ContextValue::One("s3".into()))];
+        let e = authorize_with(&state, &req, false, &listed).unwrap_err();
+        assert_eq!(e.field, "context[\"kms:ViaService\"]");
+        assert!(e.reason.contains("--context-keys"), "{}", e.reason);
+        // Keys Tagward fills in stay refused, and cannot be listed.
+        req.context = vec![("aws:PrincipalTag/team".into(), ContextValue::One("x".into()))];
+        assert!(authorize_with(&state, &req, false, &ContextRules::TRUSTED).is_err());
+        assert!(ContextRules::allow_list(["aws:PrincipalTag/team"]).unwrap_err().contains("filled in by Tagward"));
+        assert!(ContextRules::allow_list(["aws:CurrentTime"]).unwrap_err().contains("--allow-clock-override"));
+        assert!(ContextRules::allow_list([" aws:SourceIp"]).is_err());
+    }
+
     #[test]
     fn kms_keys_are_set_only_for_kms_actions() {
         let world: WorldSpec = serde_json::from_value(json!({

@@ -86,9 +86,16 @@ impl KeyRef {
     }
 
     /// True for the keys that the service fills in from its own state; a
-    /// request context may not supply them (the time keys excepted).
+    /// request context may not supply them (the clock keys excepted, which
+    /// `engine::ContextRules` governs).
     pub fn filled_by_service(&self) -> bool {
         !matches!(self, KeyRef::Context(_) | KeyRef::CurrentTime | KeyRef::EpochTime)
+    }
+
+    /// True for `aws:CurrentTime` and `aws:EpochTime`: a context that sets
+    /// them overrides the clock.
+    pub fn is_clock(&self) -> bool {
+        matches!(self, KeyRef::CurrentTime | KeyRef::EpochTime)
     }
 }
 
@@ -112,5 +119,7 @@ mod tests {
         assert!(KeyRef::parse("aws:PrincipalTag/team").unwrap().filled_by_service());
         assert!(!KeyRef::parse("aws:SourceIp").unwrap().filled_by_service());
         assert!(!KeyRef::parse("aws:CurrentTime").unwrap().filled_by_service());
+        assert!(KeyRef::parse("AWS:epochtime").unwrap().is_clock());
+        assert!(!KeyRef::parse("aws:SourceIp").unwrap().is_clock());
     }
 }
