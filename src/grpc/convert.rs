@@ -7,7 +7,7 @@ use serde_json::Value;
 use tonic::Status;
 
 use super::{invalid, proto};
-use crate::engine::{ContextValue, Decision, Reason, Request};
+use crate::engine::{ContextRules, ContextValue, Decision, Reason, Request};
 use crate::policy::Effect;
 use crate::store::{Event, EventKind, Update, UpdateError};
 use crate::tagging::{TagOp, TagRequest};
@@ -42,7 +42,13 @@ fn number_text(n: f64) -> String {
     }
 }
 
-fn context(field: &str, map: &HashMap<String, proto::ContextValue>) -> Result<Vec<(String, ContextValue)>, Status> {
+/// A request's context, checked against what this server's callers may
+/// supply (`rules`: the clock keys, the allow-list).
+fn context(
+    field: &str,
+    map: &HashMap<String, proto::ContextValue>,
+    rules: &ContextRules,
+) -> Result<Vec<(String, ContextValue)>, Status> {
     let mut out: Vec<(String, ContextValue)> = Vec::with_capacity(map.len());
     for (k, v) in map {
         let value = match &v.kind {
@@ -59,6 +65,7 @@ fn context(field: &str, map: &HashMap<String, proto::ContextValue>) -> Result<Ve
     }
     // Deterministic order: a map's order is not.
     out.sort_by(|a, b| a.0.cmp(&b.0));
+    rules.check(&out).map_err(|e| invalid(&e.field.to_string(), e.reason))?;
     Ok(out)
 }
 
@@ -85,6 +92,7 @@ fn request(
     tag_keys: Option<&proto::StringList>,
     session_tags: &[proto::Tag],
     ctx: &HashMap<String, proto::ContextValue>,
+    rules: &ContextRules,
 ) -> Result<Request, Status> {
     required("principal", principal)?;
     required(&format!("{prefix}action"), action)?;
@@ -96,7 +104,7 @@ fn request(
         request_tags: unique_tags(&format!("{prefix}request_tags"), request_tags)?,
         tag_keys: tag_keys.map(|l| l.values.clone()),
         session_tags: unique_tags("session_tags", session_tags)?,
-        context: context("context", ctx)?,
+        context: context("context", ctx, rules)?,
     };
     if !req.request_tags.is_empty() {
         req.derive_tag_keys();
@@ -110,11 +118,22 @@ fn request(
     Ok(req)
 }
 
-pub fn authorize_request(r: &proto::AuthorizeRequest) -> Result<Request, Status> {
-    request(false, "", &r.principal, &r.action, &r.resource, &r.request_tags, r.tag_keys.as_ref(), &r.session_tags, &r.context)
+pub fn authorize_request(r: &proto::AuthorizeRequest, rules: &ContextRules) -> Result<Request, Status> {
+    request(
+        false,
+        "",
+        &r.principal,
+        &r.action,
+        &r.resource,
+        &r.request_tags,
+        r.tag_keys.as_ref(),
+        &r.session_tags,
+        &r.context,
+        rules,
+    )
 }
 
-pub fn batch_requests(r: &proto::BatchAuthorizeRequest, max_items: usize) -> Result<Vec<Request>, Status> {
+pub fn batch_requests(r: &proto::BatchAuthorizeRequest, max_items: usize, rules: &ContextRules) -> Result<Vec<Request>, Status> {
     if r.items.is_empty() {
         return Err(invalid("items", "at least one item is needed"));
     }
@@ -135,6 +154,7 @@ pub fn batch_requests(r: &proto::BatchAuthorizeRequest, max_items: usize) -> Res
                 item.tag_keys.as_ref(),
                 &r.session_tags,
                 &r.context,
+                rules,
             )
         })
         .collect()
@@ -198,6 +218,7 @@ fn tag_request(
     op: TagOp,
     session_tags: &[proto::Tag],
     ctx: &HashMap<String, proto::ContextValue>,
+    rules: &ContextRules,
 ) -> Result<TagRequest, Status> {
     required("principal", principal)?;
     required("resource", resource)?;
@@ -206,25 +227,25 @@ fn tag_request(
         resource: resource.to_string(),
         op,
         session_tags: unique_tags("session_tags", session_tags)?,
-        context: context("context", ctx)?,
+        context: context("context", ctx, rules)?,
     })
 }
 
-pub fn tag_resource(r: &proto::TagResourceRequest) -> Result<TagRequest, Status> {
-    tag_request(&r.principal, &r.resource, TagOp::Tag(pairs(&r.tags)), &r.session_tags, &r.context)
+pub fn tag_resource(r: &proto::TagResourceRequest, rules: &ContextRules) -> Result<TagRequest, Status> {
+    tag_request(&r.principal, &r.resource, TagOp::Tag(pairs(&r.tags)), &r.session_tags, &r.context, rules)
 }
 
-pub fn untag_resource(r: &proto::UntagResourceRequest) -> Result<TagRequest, Status> {
-    tag_request(&r.principal, &r.resource, TagOp::Untag(r.tag_keys.clone()), &r.session_tags, &r.context)
+pub fn untag_resource(r: &proto::UntagResourceRequest, rules: &ContextRules) -> Result<TagRequest, Status> {
+    tag_request(&r.principal, &r.resource, TagOp::Untag(r.tag_keys.clone()), &r.session_tags, &r.context, rules)
 }
 
-pub fn list_resource_tags(r: &proto::ListResourceTagsRequest) -> Result<TagRequest, Status> {
-    tag_request(&r.principal, &r.resource, TagOp::List, &r.session_tags, &r.context)
+pub fn list_resource_tags(r: &proto::ListResourceTagsRequest, rules: &ContextRules) -> Result<TagRequest, Status> {
+    tag_request(&r.principal, &r.resource, TagOp::List, &r.session_tags, &r.context, rules)
 }
 
 /// The authorization request behind `GetResources`.
-pub fn get_resources(r: &proto::GetResourcesRequest) -> Result<Request, Status> {
-    request(false, "", &r.principal, "tag:GetResources", "*", &[], None, &r.session_tags, &r.context)
+pub fn get_resources(r: &proto::GetResourcesRequest, rules: &ContextRules) -> Result<Request, Status> {
+    request(false, "", &r.principal, "tag:GetResources", "*", &[], None, &r.session_tags, &r.context, rules)
 }
 
 fn json(field: &str, text: &str) -> Result<Value, UpdateError> {

@@ -12,11 +12,12 @@ use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, field, warn, Instrument, Span};
 
+use super::auth::AdminCaller;
 use super::proto::admin_server::Admin;
 use super::proto::authorizer_server::Authorizer;
 use super::proto::tagging_server::Tagging;
 use super::{convert, invalid, proto, request_status, revision_status, status, tag_status, update_error};
-use crate::engine::{authorize, Decision};
+use crate::engine::{authorize, ContextRules, Decision};
 use crate::observe::{self, DecisionLog};
 use crate::state::State;
 use crate::store::{Store, Ticket, UpdateError};
@@ -36,6 +37,8 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// Where decisions are logged, when enabled.
     pub decision_log: Option<DecisionLog>,
+    /// What callers may put in a request's context.
+    pub context_rules: Arc<ContextRules>,
 }
 
 /// The codes Tagward answers with, labelled by their canonical name; any
@@ -106,7 +109,7 @@ impl Authorizer for AuthorizerService {
         let r = request.get_ref();
         observed("Authorize", &r.action, async {
             let started = Instant::now();
-            let req = convert::authorize_request(r)?;
+            let req = convert::authorize_request(r, &self.0.context_rules)?;
             let state = self.0.snapshot(r.min_revision).await?;
             let decision = authorize(&state, &req, r.explain).map_err(request_status)?;
             decided(&self.0, &req, &decision, state.revision(), started);
@@ -122,7 +125,7 @@ impl Authorizer for AuthorizerService {
         let r = request.get_ref();
         observed("BatchAuthorize", "batch", async {
             let started = Instant::now();
-            let reqs = convert::batch_requests(r, self.0.max_batch)?;
+            let reqs = convert::batch_requests(r, self.0.max_batch, &self.0.context_rules)?;
             let state = self.0.snapshot(r.min_revision).await?;
             let revision = state.revision();
             let results = reqs
@@ -152,7 +155,7 @@ impl Tagging for TaggingService {
         request: Request<proto::TagResourceRequest>,
     ) -> Result<Response<proto::TagResourceResponse>, Status> {
         observed("TagResource", "TagResource", async {
-            let req = convert::tag_resource(request.get_ref())?;
+            let req = convert::tag_resource(request.get_ref(), &self.0.context_rules)?;
             let (done, ticket) = self.0.store.tag(&req).map_err(tag_status)?;
             ticket.durable().await.map_err(|e| tag_status(TagError::Unavailable(e.to_string())))?;
             Span::current().record("decision", field::display(done.outcome.decision.reason.as_str()));
@@ -170,7 +173,7 @@ impl Tagging for TaggingService {
         request: Request<proto::UntagResourceRequest>,
     ) -> Result<Response<proto::UntagResourceResponse>, Status> {
         observed("UntagResource", "UntagResource", async {
-            let req = convert::untag_resource(request.get_ref())?;
+            let req = convert::untag_resource(request.get_ref(), &self.0.context_rules)?;
             let (done, ticket) = self.0.store.tag(&req).map_err(tag_status)?;
             ticket.durable().await.map_err(|e| tag_status(TagError::Unavailable(e.to_string())))?;
             Span::current().record("decision", field::display(done.outcome.decision.reason.as_str()));
@@ -189,7 +192,7 @@ impl Tagging for TaggingService {
     ) -> Result<Response<proto::ListResourceTagsResponse>, Status> {
         let r = request.get_ref();
         observed("ListResourceTags", "ListResourceTags", async {
-            let req = convert::list_resource_tags(r)?;
+            let req = convert::list_resource_tags(r, &self.0.context_rules)?;
             let state = self.0.snapshot(r.min_revision).await?;
             let outcome = perform(&state, &req).map_err(tag_status)?;
             Ok(Response::new(proto::ListResourceTagsResponse { tags: tags_of(&outcome.tags), revision: state.revision() }))
@@ -209,7 +212,7 @@ impl TaggingService {
     async fn get_resources_inner(&self, r: &proto::GetResourcesRequest) -> Result<Response<proto::GetResourcesResponse>, Status> {
         const DEFAULT_PAGE: usize = 100;
         const MAX_PAGE: usize = 1000;
-        let auth = convert::get_resources(r)?;
+        let auth = convert::get_resources(r, &self.0.context_rules)?;
         if r.tag_filters.is_empty() {
             return Err(invalid("tag_filters", "at least one filter is needed"));
         }
@@ -262,14 +265,15 @@ impl TaggingService {
 
 /// Applies one update from the stream; the ticket (or the refusal) goes to
 /// the task that acknowledges in order.
-fn accept_one(store: &Store, req: &proto::ApplyRequest) -> Result<Ticket, UpdateError> {
+/// `actor` is the authenticated admin caller's name, the change's actor.
+fn accept_one(store: &Store, req: &proto::ApplyRequest, actor: &str) -> Result<Ticket, UpdateError> {
     let converted = match &req.update {
         None => Err(UpdateError { code: ErrorCode::Validation, message: "required".into() }),
         Some(u) => convert::update(u, ""),
     };
     let result = match converted {
         // Store::apply counts what reaches it; refusals before it count here.
-        Ok(update) => store.apply(&update, "admin"),
+        Ok(update) => store.apply(&update, actor),
         Err(e) => {
             observe::admin_update(Some(e.code));
             Err(e)
@@ -309,6 +313,9 @@ impl Admin for AdminService {
 
 impl AdminService {
     async fn apply_stream(&self, request: Request<Streaming<proto::ApplyRequest>>) -> Result<Response<ApplyStream>, Status> {
+        let caller = AdminCaller::of(&request)?;
+        caller.require_writer("Admin.Apply")?;
+        let actor = caller.name;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         // Accepted updates wait here for their durability, in order: the
@@ -325,12 +332,14 @@ impl AdminService {
                 match next {
                     Ok(Some(req)) => {
                         let store = store.clone();
+                        let actor = actor.clone();
                         // Compiling a large world is CPU work: keep it off the
                         // async workers.
                         let id = req.id.clone();
-                        let result = tokio::task::spawn_blocking(move || accept_one(&store, &req)).await.unwrap_or_else(|e| {
-                            Err(UpdateError { code: ErrorCode::Internal, message: format!("the update task failed: {e}") })
-                        });
+                        let result =
+                            tokio::task::spawn_blocking(move || accept_one(&store, &req, &actor)).await.unwrap_or_else(|e| {
+                                Err(UpdateError { code: ErrorCode::Internal, message: format!("the update task failed: {e}") })
+                            });
                         if accepted_tx.send(Ok((id, result))).await.is_err() {
                             break;
                         }
