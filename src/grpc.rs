@@ -2,6 +2,7 @@
 //! thin (validate, convert, call the domain, convert back), and this file
 //! holds the one mapping from domain errors to `Status`.
 
+pub mod auth;
 pub mod client;
 pub mod convert;
 pub mod peer;

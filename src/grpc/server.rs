@@ -10,17 +10,17 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::metadata::MetadataValue;
 use tonic::transport::server::TcpIncoming;
-use tonic::{Request, Status};
 use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 
+use super::auth::{AdminAuth, TokensError};
 use super::proto::admin_server::AdminServer;
 use super::proto::authorizer_server::AuthorizerServer;
 use super::proto::tagging_server::TaggingServer;
 use super::proto::{DURATION_DESCRIPTOR_SET, FILE_DESCRIPTOR_SET};
 use super::service::{AdminService, AuthorizerService, Shared, TaggingService};
+use crate::engine::ContextRules;
 use crate::store::Store;
 
 /// How the server runs.
@@ -28,9 +28,17 @@ use crate::store::Store;
 pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    /// Required on every admin call when set; must be set when the admin
-    /// listener is not on loopback.
+    /// Required on every admin call when set (one writer named `admin`);
+    /// this or `admin_token_file` must be set when the admin listener is not
+    /// on loopback.
     pub admin_token: Option<String>,
+    /// Named admin tokens with roles (see `grpc::auth`), re-read when the
+    /// file changes; instead of `admin_token`.
+    pub admin_token_file: Option<std::path::PathBuf>,
+    /// How often `admin_token_file` is checked for changes.
+    pub admin_token_reload: Duration,
+    /// What callers may put in a request's context.
+    pub context_rules: ContextRules,
     pub min_revision_wait: Duration,
     pub max_message_bytes: usize,
     pub max_batch: usize,
@@ -46,6 +54,9 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
             admin_token: None,
+            admin_token_file: None,
+            admin_token_reload: Duration::from_secs(1),
+            context_rules: ContextRules::SERVER,
             min_revision_wait: Duration::from_secs(2),
             max_message_bytes: 4 * 1024 * 1024,
             max_batch: 1000,
@@ -58,11 +69,15 @@ impl Default for Config {
 #[derive(Debug, Error)]
 pub enum ServeError {
     #[error(
-        "the admin listener {0} is not on loopback; set an admin token (--admin-token or TAGWARD_ADMIN_TOKEN) to listen there"
+        "the admin listener {0} is not on loopback; set an admin token (--admin-token or --admin-token-file) to listen there"
     )]
     AdminWithoutToken(SocketAddr),
     #[error("the admin token is empty")]
     EmptyToken,
+    #[error("the admin token file {file}: {error}")]
+    TokenFile { file: String, error: TokensError },
+    #[error("give the admin token or the admin token file, not both")]
+    TwoTokenSources,
     #[error("cannot build the reflection service: {0}")]
     Reflection(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -78,21 +93,6 @@ pub struct Running {
     grace: Duration,
     data: JoinHandle<Result<(), tonic::transport::Error>>,
     admin: JoinHandle<Result<(), tonic::transport::Error>>,
-}
-
-fn check_token(expected: Option<Arc<str>>) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
-    move |req: Request<()>| {
-        let Some(expected) = &expected else { return Ok(req) };
-        let given = req.metadata().get("authorization").and_then(|v: &MetadataValue<_>| v.to_str().ok());
-        let ok = given.and_then(|v| v.strip_prefix("Bearer ")).is_some_and(|t| {
-            t.len() == expected.len() && t.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-        });
-        if ok {
-            Ok(req)
-        } else {
-            Err(Status::unauthenticated("the admin API needs `authorization: Bearer <token>` with the configured admin token"))
-        }
-    }
 }
 
 /// The reflection services themselves, listed on both listeners.
@@ -133,19 +133,30 @@ pub fn reflection(
     Ok((builder().build_v1().map_err(error)?, builder().build_v1alpha().map_err(error)?))
 }
 
+/// The admin plane's authentication; an admin listener beyond loopback
+/// needs a token.
+fn admin_auth(config: &Config) -> Result<AdminAuth, ServeError> {
+    let auth = match (&config.admin_token, &config.admin_token_file) {
+        (Some(_), Some(_)) => return Err(ServeError::TwoTokenSources),
+        (Some(token), None) => AdminAuth::token(token).map_err(|_| ServeError::EmptyToken)?,
+        (None, Some(file)) => {
+            AdminAuth::file(file).map_err(|error| ServeError::TokenFile { file: file.display().to_string(), error })?
+        }
+        (None, None) => AdminAuth::open(),
+    };
+    if !auth.required() && !config.admin_listen.ip().is_loopback() {
+        return Err(ServeError::AdminWithoutToken(config.admin_listen));
+    }
+    Ok(auth)
+}
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
     TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
 }
 
 /// Binds both listeners and starts serving `store`.
 pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeError> {
-    if let Some(token) = &config.admin_token {
-        if token.trim().is_empty() {
-            return Err(ServeError::EmptyToken);
-        }
-    } else if !config.admin_listen.ip().is_loopback() {
-        return Err(ServeError::AdminWithoutToken(config.admin_listen));
-    }
+    let admin_auth = admin_auth(&config)?;
     let data_listener = bind(config.listen).await?;
     let admin_listener = bind(config.admin_listen).await?;
     let data_addr = data_listener.local_addr().map_err(|source| ServeError::Bind { addr: config.listen, source })?;
@@ -158,6 +169,7 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
         max_batch: config.max_batch,
         shutdown: shutdown_rx.clone(),
         decision_log: config.decision_log.clone(),
+        context_rules: Arc::new(config.context_rules.clone()),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AuthorizerServer<AuthorizerService>>().await;
@@ -173,8 +185,9 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
         TaggingServer::new(TaggingService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max);
     let admin = tonic::service::interceptor::InterceptedService::new(
         AdminServer::new(AdminService(shared)).max_decoding_message_size(max).max_encoding_message_size(max),
-        check_token(config.admin_token.as_deref().map(Arc::from)),
+        admin_auth.interceptor(),
     );
+    admin_auth.watch(config.admin_token_reload);
 
     let signal = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|down| *down).await;
@@ -195,7 +208,8 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
             .add_service(admin)
             .serve_with_incoming_shutdown(TcpIncoming::from(admin_listener).with_nodelay(Some(true)), signal(shutdown_rx)),
     );
-    info!(%data_addr, %admin_addr, token = config.admin_token.is_some(), "serving");
+    let names: Vec<String> = admin_auth.names().iter().map(|(n, r)| format!("{n} ({r})")).collect();
+    info!(%data_addr, %admin_addr, token = admin_auth.required(), admin_names = %names.join(", "), "serving");
     Ok(Running { data_addr, admin_addr, shutdown, health, grace: config.shutdown_grace, data, admin })
 }
 
