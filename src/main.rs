@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info, warn};
 
 use tagward::audit::AuditLog;
+use tagward::engine;
 use tagward::grpc::client::GrpcBackend;
 use tagward::grpc::proto;
 use tagward::grpc::server::{self, stop_signal, Config};
@@ -74,6 +75,8 @@ struct ServeArgs {
     #[command(flatten)]
     listeners: Listeners,
     #[command(flatten)]
+    callers: Callers,
+    #[command(flatten)]
     storage: Storage,
     #[command(flatten)]
     limits: Limits,
@@ -87,15 +90,34 @@ struct Listeners {
     /// Data-plane address.
     #[arg(long, env = "TAGWARD_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
-    /// Admin address; beyond loopback it needs --admin-token.
+    /// Admin address; beyond loopback it needs --admin-token or
+    /// --admin-token-file.
     #[arg(long, env = "TAGWARD_ADMIN_LISTEN", default_value = "127.0.0.1:50052")]
     admin_listen: SocketAddr,
-    /// Bearer token every admin call must carry.
+    /// Bearer token every admin call must carry (one writer, named
+    /// `admin` in the audit trail).
     #[arg(long, env = "TAGWARD_ADMIN_TOKEN", hide_env_values = true, allow_hyphen_values = true)]
     admin_token: Option<String>,
-    /// A file holding the admin token (a mounted Secret).
+    /// Named admin tokens (a mounted Secret): `name: token` lines, `name
+    /// (reader): token` for Export and Watch only; `#` comments. Re-read
+    /// when it changes; the name is the actor of the changes it makes.
     #[arg(long, env = "TAGWARD_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
     admin_token_file: Option<PathBuf>,
+}
+
+/// What data-plane callers may put in a request's context.
+#[derive(clap::Args)]
+struct Callers {
+    /// Accept aws:CurrentTime and aws:EpochTime in a request's context
+    /// (they override the clock, so a caller chooses the time its
+    /// conditions see): for `tagward test --server`, never in production.
+    #[arg(long, env = "TAGWARD_ALLOW_CLOCK_OVERRIDE")]
+    allow_clock_override: bool,
+    /// The only context keys callers may supply: one per line (`#`
+    /// comments), or a JSON or YAML list. Key names are case-insensitive;
+    /// the keys Tagward fills in are refused whatever the list says.
+    #[arg(long, env = "TAGWARD_CONTEXT_KEYS", value_name = "FILE")]
+    context_keys: Option<PathBuf>,
 }
 
 /// Where `serve` keeps its state and what it starts from.
@@ -319,27 +341,50 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-/// The server's configuration; reads the admin token file.
+/// The context keys of a `--context-keys` file: a JSON or YAML list of
+/// strings, or one key per line (blank lines and `#` comments skipped).
+fn context_keys(text: &str) -> Result<std::collections::BTreeSet<Box<str>>, String> {
+    let first = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#'));
+    let names: Vec<String> = match first {
+        Some(l) if l.starts_with('[') || l.starts_with('-') => {
+            serde_norway::from_str(text).map_err(|e| format!("not a JSON or YAML list of key names: {e}"))?
+        }
+        _ => text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect(),
+    };
+    engine::ContextRules::allow_list(names.iter().map(String::as_str))
+}
+
+impl TryFrom<&Callers> for engine::ContextRules {
+    type Error = Failure;
+
+    fn try_from(c: &Callers) -> Result<engine::ContextRules, Failure> {
+        let allowed = match &c.context_keys {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| Failure::input("cannot read the context keys file").file(path).error(e))?;
+                Some(context_keys(&text).map_err(|e| Failure::input(format!("{}: {e}", path.display())))?)
+            }
+        };
+        Ok(engine::ContextRules { clock_override: c.allow_clock_override, allowed })
+    }
+}
+
+/// The server's configuration; reads the context keys file (the server
+/// reads the admin token file, and re-reads it).
 impl TryFrom<&ServeArgs> for Config {
     type Error = Failure;
 
     fn try_from(args: &ServeArgs) -> Result<Config, Failure> {
         let Listeners { listen, admin_listen, admin_token, admin_token_file } = &args.listeners;
-        let admin_token = match (admin_token, admin_token_file) {
-            (Some(t), _) => Some(t.clone()),
-            (None, Some(path)) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| Failure::input("cannot read the admin token file").file(path).error(e))?
-                    .trim()
-                    .to_string(),
-            ),
-            (None, None) => None,
-        };
         let limits = &args.limits;
         Ok(Config {
             listen: *listen,
             admin_listen: *admin_listen,
-            admin_token,
+            admin_token: admin_token.clone(),
+            admin_token_file: admin_token_file.clone(),
+            admin_token_reload: Duration::from_secs(1),
+            context_rules: engine::ContextRules::try_from(&args.callers)?,
             min_revision_wait: Duration::from_millis(limits.min_revision_wait_ms),
             max_message_bytes: limits.max_message_bytes,
             max_batch: limits.max_batch,
@@ -534,4 +579,24 @@ fn ask_request(args: &AskArgs) -> Result<proto::AuthorizeRequest, String> {
         min_revision: args.min_revision,
         explain: args.explain,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_context_keys_file_is_lines_or_a_json_or_yaml_list() {
+        let want: Vec<&str> = vec!["aws:sourceip", "kms:viaservice"];
+        for text in [
+            "# network\naws:SourceIp\n\nkms:ViaService\n",
+            "[\"aws:SourceIp\", \"KMS:ViaService\"]",
+            "# keys\n- aws:SourceIp\n- kms:ViaService\n",
+        ] {
+            let got = context_keys(text).unwrap();
+            assert_eq!(got.iter().map(|k| &**k).collect::<Vec<_>>(), want, "{text:?}");
+        }
+        assert!(context_keys("aws:PrincipalTag/team\n").unwrap_err().contains("aws:PrincipalTag/team"));
+        assert!(context_keys("[1, \"x\"").is_err());
+    }
 }
