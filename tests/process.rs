@@ -19,6 +19,7 @@ async fn serve_runs_the_scenarios_and_stops_cleanly_on_sigterm() {
     let scratch = Scratch::new("process");
     let data_dir = scratch.join("data").to_string_lossy().into_owned();
     let mut server = Serve::new()
+        .for_scenarios()
         .args(["--data-dir", &data_dir, "--world", "deploy/world/example.json", "--shutdown-grace-secs", "10"])
         .start(Duration::from_secs(20))
         .await

@@ -78,6 +78,14 @@ impl Serve {
         self
     }
 
+    /// A sidecar for the scenario corpora over gRPC (`tagward test
+    /// --server`): their time-key steps set `aws:CurrentTime` and
+    /// `aws:EpochTime`, which a sidecar refuses unless started with
+    /// `--allow-clock-override`.
+    pub fn for_scenarios(self) -> Serve {
+        self.args(["--allow-clock-override"])
+    }
+
     /// An environment variable for the process.
     pub fn env(mut self, key: &str, value: &str) -> Serve {
         self.env.push((key.to_string(), value.to_string()));
