@@ -5,7 +5,8 @@
 //! The token file holds one `name: token` line per caller; `name (reader):
 //! token` gives a read-only caller (Export and Watch), `name (writer): token`
 //! spells out the default. Blank lines and lines starting with `#` are
-//! skipped. A file that does not parse (at start: the server does not start;
+//! skipped; a file of one bare token (no `:`) is the writer `admin`. A file
+//! that does not parse (at start: the server does not start;
 //! later: the previous tokens stay) is reported by line number and reason,
 //! never with its text, since the text is secrets.
 //!
@@ -110,7 +111,16 @@ pub enum TokensError {
 }
 
 /// Parses a token file: `name: token` or `name (reader|writer): token` lines.
+/// A file whose one line is a bare token (no `:`, the format before names)
+/// is the writer `admin`, so that a mounted Secret holding only a token keeps
+/// working.
 fn parse(text: &str) -> Result<Vec<Entry>, TokensError> {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'));
+    if let (Some(only), None) = (lines.next(), lines.next()) {
+        if !only.contains(':') && !only.chars().any(char::is_whitespace) {
+            return Ok(vec![Entry { name: Arc::from(DEFAULT_NAME), role: Role::Writer, token: only.as_bytes().into() }]);
+        }
+    }
     let mut entries: Vec<Entry> = Vec::new();
     let mut names: HashSet<Arc<str>> = HashSet::new();
     for (i, raw) in text.lines().enumerate() {
@@ -345,7 +355,7 @@ mod tests {
     #[test]
     fn a_bad_file_is_refused_by_line_without_its_secrets() {
         for (text, line, why) in [
-            ("just-a-token\n", 1, "expected `name: token`"),
+            ("a: x\njust-a-token\n", 2, "expected `name: token`"),
             ("a: x\nb:\n", 2, "empty"),
             ("a: x\na: y\n", 2, "twice"),
             ("a: x\nb: x\n", 2, "own"),
@@ -360,6 +370,9 @@ mod tests {
             assert!(!e.to_string().contains("just-a-token") && !e.to_string().contains(": x"), "{e}");
         }
         assert_eq!(parse("# nothing\n\n").unwrap_err(), TokensError::Empty);
+        // The format before names: one bare token is the writer `admin`.
+        let old = parse("# a Secret\n0123abcd\n").unwrap();
+        assert_eq!((&*old[0].name, old[0].role, &*old[0].token), ("admin", Role::Writer, &b"0123abcd"[..]));
     }
 
     #[test]
