@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod convert;
+pub mod identity;
 pub mod peer;
 pub mod server;
 pub mod service;

@@ -15,8 +15,10 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info, warn};
 
+use tagward::audit::default_node_name;
 use tagward::audit::AuditLog;
 use tagward::grpc::client::GrpcBackend;
+use tagward::grpc::identity::{Callers, TaggingMode};
 use tagward::grpc::proto;
 use tagward::grpc::server::{self, stop_signal, Config};
 use tagward::observe::{self, DecisionLog, DecisionLogConfig, LogMode};
@@ -74,6 +76,8 @@ struct ServeArgs {
     #[command(flatten)]
     listeners: Listeners,
     #[command(flatten)]
+    identity: Identity,
+    #[command(flatten)]
     storage: Storage,
     #[command(flatten)]
     limits: Limits,
@@ -96,6 +100,38 @@ struct Listeners {
     /// A file holding the admin token (a mounted Secret).
     #[arg(long, env = "TAGWARD_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
     admin_token_file: Option<PathBuf>,
+}
+
+/// `--tagging`: how much of the Tagging API is served.
+#[derive(Clone, Copy, ValueEnum)]
+enum TaggingArg {
+    /// Not at all: Authorize only (Tagging calls are UNIMPLEMENTED).
+    Off,
+    /// ListResourceTags and GetResources only.
+    ReadOnly,
+    /// Everything; writes as a verified caller (see --identity-map).
+    On,
+}
+
+/// Who `serve` is, and who may write tags through it as which principal.
+#[derive(clap::Args)]
+struct Identity {
+    /// Maps verified caller identities (mTLS URI/DNS SANs, Unix socket
+    /// uids) to the principal ARNs they may write tags as (JSON or YAML;
+    /// reloaded when it changes). Without it, only local callers (loopback,
+    /// a Unix socket) may write, as any principal.
+    #[arg(long, env = "TAGWARD_IDENTITY_MAP")]
+    identity_map: Option<PathBuf>,
+    /// How often the identity map file is checked for changes, in
+    /// milliseconds.
+    #[arg(long, env = "TAGWARD_IDENTITY_MAP_POLL_MS", default_value_t = 2000)]
+    identity_map_poll_ms: u64,
+    /// How much of the Tagging API to serve.
+    #[arg(long, env = "TAGWARD_TAGGING", value_enum, default_value = "on")]
+    tagging: TaggingArg,
+    /// This sidecar's name in every audit record (default: the host name).
+    #[arg(long, env = "TAGWARD_NODE_NAME")]
+    node_name: Option<String>,
 }
 
 /// Where `serve` keeps its state and what it starts from.
@@ -345,6 +381,16 @@ impl TryFrom<&ServeArgs> for Config {
             max_batch: limits.max_batch,
             shutdown_grace: Duration::from_secs(limits.shutdown_grace_secs),
             decision_log: None,
+            callers: match &args.identity.identity_map {
+                Some(path) => Callers::watching(path, Duration::from_millis(args.identity.identity_map_poll_ms.max(10)))
+                    .map_err(|e| Failure::input("cannot use the identity map").file(path).error(e))?,
+                None => Callers::trusting_local(),
+            },
+            tagging: match args.identity.tagging {
+                TaggingArg::Off => TaggingMode::Off,
+                TaggingArg::ReadOnly => TaggingMode::ReadOnly,
+                TaggingArg::On => TaggingMode::On,
+            },
         })
     }
 }
@@ -358,6 +404,8 @@ struct StoragePlan {
     durability: Option<Durability>,
     event_capacity: usize,
     audit_log: Option<PathBuf>,
+    /// Named in every audit record.
+    node_name: String,
 }
 
 impl From<&ServeArgs> for StoragePlan {
@@ -371,6 +419,7 @@ impl From<&ServeArgs> for StoragePlan {
             durability: (!s.ephemeral).then_some(Durability { compact_after_bytes: s.compact_after_bytes, event_capacity }),
             event_capacity,
             audit_log: args.observability.audit_log.clone().or_else(|| (!s.ephemeral).then(|| s.data_dir.join("audit.jsonl"))),
+            node_name: args.identity.node_name.clone().filter(|n| !n.trim().is_empty()).unwrap_or_else(default_node_name),
         }
     }
 }
@@ -450,8 +499,10 @@ fn open_store(plan: &StoragePlan) -> Result<Arc<Store>, Failure> {
     // (a forced world file included).
     let audit = match &plan.audit_log {
         Some(path) => {
-            let log = AuditLog::open(path).map_err(|e| Failure::input("cannot open the audit log").file(path).error(e))?;
-            info!(file = %path.display(), "audit trail");
+            let log = AuditLog::open(path)
+                .map_err(|e| Failure::input("cannot open the audit log").file(path).error(e))?
+                .with_node(plan.node_name.clone());
+            info!(file = %path.display(), node = %plan.node_name, "audit trail");
             Some(log)
         }
         None => None,
