@@ -5,7 +5,7 @@
 //! as it: the caller's verified identity (the transport's [`Peer`]: mTLS
 //! certificate URI and DNS SANs, a Unix socket peer's uid) is looked up in
 //! the identity map (`--identity-map`), which lists the principal ARNs each
-//! identity may act as. Without a map, local callers (plain TCP on
+//! identity may act as. Without a map, local callers (plain TCP or TLS on
 //! loopback, a Unix socket) are trusted to name any principal, and any
 //! other caller is refused. Reads (ListResourceTags, GetResources) and
 //! Authorize are not checked here: they state the principal they ask about.
