@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod client;
 pub mod convert;
+pub mod identity;
 pub mod peer;
 pub mod server;
 pub mod service;

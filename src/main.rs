@@ -15,9 +15,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info, warn};
 
+use tagward::audit::default_node_name;
 use tagward::audit::AuditLog;
 use tagward::engine;
 use tagward::grpc::client::GrpcBackend;
+use tagward::grpc::identity::{Callers, TaggingMode};
 use tagward::grpc::proto;
 use tagward::grpc::server::{self, stop_signal, Config};
 use tagward::observe::{self, DecisionLog, DecisionLogConfig, LogMode};
@@ -53,7 +55,7 @@ enum LogFormat {
 enum Command {
     /// Run the sidecar: Authorizer and Tagging (plus health and reflection)
     /// on --listen, Admin on --admin-listen.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run scenario files (JSON or YAML; directories are searched
     /// recursively) and report every failing step. Exit code 0 when all
     /// steps pass, 1 when a step fails, 2 when a file cannot be loaded.
@@ -75,7 +77,9 @@ struct ServeArgs {
     #[command(flatten)]
     listeners: Listeners,
     #[command(flatten)]
-    callers: Callers,
+    callers: ContextArgs,
+    #[command(flatten)]
+    identity: Identity,
     #[command(flatten)]
     storage: Storage,
     #[command(flatten)]
@@ -107,7 +111,7 @@ struct Listeners {
 
 /// What data-plane callers may put in a request's context.
 #[derive(clap::Args)]
-struct Callers {
+struct ContextArgs {
     /// Accept aws:CurrentTime and aws:EpochTime in a request's context
     /// (they override the clock, so a caller chooses the time its
     /// conditions see): for `tagward test --server`, never in production.
@@ -118,6 +122,38 @@ struct Callers {
     /// the keys Tagward fills in are refused whatever the list says.
     #[arg(long, env = "TAGWARD_CONTEXT_KEYS", value_name = "FILE")]
     context_keys: Option<PathBuf>,
+}
+
+/// `--tagging`: how much of the Tagging API is served.
+#[derive(Clone, Copy, ValueEnum)]
+enum TaggingArg {
+    /// Not at all: Authorize only (Tagging calls are UNIMPLEMENTED).
+    Off,
+    /// ListResourceTags and GetResources only.
+    ReadOnly,
+    /// Everything; writes as a verified caller (see --identity-map).
+    On,
+}
+
+/// Who `serve` is, and who may write tags through it as which principal.
+#[derive(clap::Args)]
+struct Identity {
+    /// Maps verified caller identities (mTLS URI/DNS SANs, Unix socket
+    /// uids) to the principal ARNs they may write tags as (JSON or YAML;
+    /// reloaded when it changes). Without it, only local callers (loopback,
+    /// a Unix socket) may write, as any principal.
+    #[arg(long, env = "TAGWARD_IDENTITY_MAP")]
+    identity_map: Option<PathBuf>,
+    /// How often the identity map file is checked for changes, in
+    /// milliseconds.
+    #[arg(long, env = "TAGWARD_IDENTITY_MAP_POLL_MS", default_value_t = 2000)]
+    identity_map_poll_ms: u64,
+    /// How much of the Tagging API to serve.
+    #[arg(long, env = "TAGWARD_TAGGING", value_enum, default_value = "on")]
+    tagging: TaggingArg,
+    /// This sidecar's name in every audit record (default: the host name).
+    #[arg(long, env = "TAGWARD_NODE_NAME")]
+    node_name: Option<String>,
 }
 
 /// Where `serve` keeps its state and what it starts from.
@@ -305,7 +341,7 @@ fn report(failure: &Failure, logs: bool) {
 
 fn run(cli: Cli) -> Result<ExitCode, Failure> {
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Test(args) => {
             let summary = match (&args.server, &args.admin) {
                 (Some(server), Some(admin)) => {
@@ -354,10 +390,10 @@ fn context_keys(text: &str) -> Result<std::collections::BTreeSet<Box<str>>, Stri
     engine::ContextRules::allow_list(names.iter().map(String::as_str))
 }
 
-impl TryFrom<&Callers> for engine::ContextRules {
+impl TryFrom<&ContextArgs> for engine::ContextRules {
     type Error = Failure;
 
-    fn try_from(c: &Callers) -> Result<engine::ContextRules, Failure> {
+    fn try_from(c: &ContextArgs) -> Result<engine::ContextRules, Failure> {
         let allowed = match &c.context_keys {
             None => None,
             Some(path) => {
@@ -390,6 +426,16 @@ impl TryFrom<&ServeArgs> for Config {
             max_batch: limits.max_batch,
             shutdown_grace: Duration::from_secs(limits.shutdown_grace_secs),
             decision_log: None,
+            callers: match &args.identity.identity_map {
+                Some(path) => Callers::watching(path, Duration::from_millis(args.identity.identity_map_poll_ms.max(10)))
+                    .map_err(|e| Failure::input("cannot use the identity map").file(path).error(e))?,
+                None => Callers::trusting_local(),
+            },
+            tagging: match args.identity.tagging {
+                TaggingArg::Off => TaggingMode::Off,
+                TaggingArg::ReadOnly => TaggingMode::ReadOnly,
+                TaggingArg::On => TaggingMode::On,
+            },
         })
     }
 }
@@ -403,6 +449,8 @@ struct StoragePlan {
     durability: Option<Durability>,
     event_capacity: usize,
     audit_log: Option<PathBuf>,
+    /// Named in every audit record.
+    node_name: String,
 }
 
 impl From<&ServeArgs> for StoragePlan {
@@ -416,6 +464,7 @@ impl From<&ServeArgs> for StoragePlan {
             durability: (!s.ephemeral).then_some(Durability { compact_after_bytes: s.compact_after_bytes, event_capacity }),
             event_capacity,
             audit_log: args.observability.audit_log.clone().or_else(|| (!s.ephemeral).then(|| s.data_dir.join("audit.jsonl"))),
+            node_name: args.identity.node_name.clone().filter(|n| !n.trim().is_empty()).unwrap_or_else(default_node_name),
         }
     }
 }
@@ -495,8 +544,10 @@ fn open_store(plan: &StoragePlan) -> Result<Arc<Store>, Failure> {
     // (a forced world file included).
     let audit = match &plan.audit_log {
         Some(path) => {
-            let log = AuditLog::open(path).map_err(|e| Failure::input("cannot open the audit log").file(path).error(e))?;
-            info!(file = %path.display(), "audit trail");
+            let log = AuditLog::open(path)
+                .map_err(|e| Failure::input("cannot open the audit log").file(path).error(e))?
+                .with_node(plan.node_name.clone());
+            info!(file = %path.display(), node = %plan.node_name, "audit trail");
             Some(log)
         }
         None => None,

@@ -315,6 +315,19 @@ impl Metrics {
 
 /// The complete lines of a JSON-lines file, parsed (a torn last line, still
 /// being written, is left out; a missing file has none).
+/// The JSON lines of `path` once there are at least `n` (refusal records
+/// are written by the committer shortly after the refused call returns).
+async fn json_lines_at_least(path: &Path, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + CALL_LIMIT;
+    loop {
+        let lines = json_lines(path);
+        if lines.len() >= n || Instant::now() > deadline {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn json_lines(path: &Path) -> Vec<Value> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
@@ -428,6 +441,15 @@ fn tag_expect(
     Some(TagExpect { resource: resource.into(), action: action.into(), before, after, needs_allow })
 }
 
+/// An audit event id: UUID-shaped (8-4-4-4-12 hex digits), not derived
+/// from the revision.
+fn is_event_id(v: &Value) -> bool {
+    v.as_str().is_some_and(|id| {
+        id.split('-').map(str::len).collect::<Vec<_>>() == [8, 4, 4, 4, 12]
+            && id.chars().all(|c| c == '-' || c.is_ascii_hexdigit())
+    })
+}
+
 /// Checks the audit record of a tag change; returns its allowedBy.
 #[allow(clippy::too_many_arguments)]
 fn check_tag_record(
@@ -445,7 +467,7 @@ fn check_tag_record(
     assert_eq!(r["eventType"], "AwsApiCall", "{r:#}");
     assert_eq!(r["readOnly"], false, "{r:#}");
     assert_eq!(r["eventSource"], "kms.amazonaws.com", "{r:#}");
-    assert_eq!(r["eventID"], format!("rev-{revision:020}"), "{r:#}");
+    assert!(is_event_id(&r["eventID"]), "eventID: {r:#}");
     assert!(r["eventTime"].as_str().is_some_and(|t| t.ends_with('Z') && t.len() == 20), "eventTime: {r:#}");
     if actor == "admin" {
         assert_eq!(r["userIdentity"]["type"], "TagwardAdmin", "{r:#}");
@@ -537,13 +559,20 @@ async fn audit_and_watch_record_every_change() {
         entity: None,
     });
 
-    // 3. A denied TagResource (Owner is not among the allowed keys): no
-    //    record, no event, no revision.
+    // 3. A denied TagResource (Owner is not among the allowed keys): a
+    //    refusal record (written by the committer soon after), no event, no
+    //    revision.
     let denied = within("TagResource", tagging.tag_resource(tag_req(KEY_ADMIN, KEY_A, &[("Owner", "eve")])))
         .await
         .expect_err("KeyAdmin may not tag Owner");
     assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
-    assert_eq!(json_lines(&audit).len(), audited, "a denied tag operation leaves no audit record");
+    let lines = json_lines_at_least(&audit, audited + 1).await;
+    assert_eq!(lines.len(), audited + 1, "a denied tag operation leaves one audit record");
+    let rec = lines.last().unwrap();
+    assert_eq!((rec["errorCode"].as_str(), rec["eventName"].as_str()), (Some("AccessDenied"), Some("TagResource")), "{rec:#}");
+    assert_eq!(rec["additionalEventData"]["revision"].as_u64(), Some(rev0 + 2), "refused at the current revision: {rec:#}");
+    assert!(is_event_id(&rec["eventID"]), "eventID: {rec:#}");
+    audited += 1;
     assert_eq!(authorize(&mut authz, KEY_ADMIN, "kms:ListResourceTags", KEY_A).await.revision, rev0 + 2);
 
     // 4. The administrator sets a tag.
@@ -583,7 +612,7 @@ async fn audit_and_watch_record_every_change() {
     assert_eq!(rec["requestParameters"]["kind"], "policy", "{rec:#}");
     assert_eq!(rec["requestParameters"]["name"], "Observed", "{rec:#}");
     assert_eq!(rec["additionalEventData"]["revision"].as_u64(), Some(rev), "{rec:#}");
-    assert_eq!(rec["eventID"], format!("rev-{rev:020}"), "{rec:#}");
+    assert!(is_event_id(&rec["eventID"]), "eventID: {rec:#}");
     expected.push(Expected {
         revision: rev,
         actor: "admin".into(),
@@ -591,8 +620,9 @@ async fn audit_and_watch_record_every_change() {
         entity: Some(("policy".into(), "Observed".into(), "put".into())),
     });
 
-    // The whole trail: one record per acknowledged change, in revision order.
-    let all = json_lines(&audit);
+    // The whole trail: one record per acknowledged change, in revision order
+    // (and the refusal's record, which changed nothing).
+    let all: Vec<Value> = json_lines(&audit).into_iter().filter(|r| r.get("errorCode").is_none()).collect();
     assert_eq!(all.len(), seeded + expected.len());
     let revs: Vec<u64> = all[seeded..].iter().map(|r| r["additionalEventData"]["revision"].as_u64().unwrap()).collect();
     assert_eq!(revs, expected.iter().map(|e| e.revision).collect::<Vec<_>>());
@@ -992,14 +1022,16 @@ async fn ephemeral_with_audit_log_flag_writes_the_records() {
 
     let denied = within("TagResource", tagging.tag_resource(tag_req(KEY_ADMIN, KEY_A, &[("Owner", "eve")]))).await;
     assert_eq!(denied.expect_err("denied").code(), tonic::Code::PermissionDenied);
-    assert_eq!(json_lines(&audit).len(), 1, "no record for a denied call");
+    let lines = json_lines_at_least(&audit, 2).await;
+    assert_eq!(lines.len(), 2, "one record for a denied call");
+    assert_eq!(lines[1]["errorCode"], "AccessDenied", "{:#}", lines[1]);
 
     let acks = apply(&mut admin, vec![set_tags(KEY_B, &[("Owner", "ops")])]).await;
     let lines = json_lines(&audit);
     assert!(acks[0].error.is_none(), "{acks:?}");
-    assert_eq!(lines.len(), 2, "the record is on disk when set_tags is acknowledged");
+    assert_eq!(lines.len(), 3, "the record is on disk when set_tags is acknowledged");
     check_tag_record(
-        &lines[1],
+        &lines[2],
         "TagResource",
         "admin",
         KEY_B,

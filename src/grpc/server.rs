@@ -15,6 +15,7 @@ use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 
 use super::auth::{AdminAuth, TokensError};
+use super::identity::{Callers, TaggingMode};
 use super::proto::admin_server::AdminServer;
 use super::proto::authorizer_server::AuthorizerServer;
 use super::proto::tagging_server::TaggingServer;
@@ -46,6 +47,11 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Where decisions are logged, when enabled.
     pub decision_log: Option<crate::observe::DecisionLog>,
+    /// Who may write through the Tagging API as which principal
+    /// (`--identity-map`); by default, local callers.
+    pub callers: Arc<Callers>,
+    /// How much of the Tagging API is served (`--tagging`).
+    pub tagging: TaggingMode,
 }
 
 impl Default for Config {
@@ -62,6 +68,8 @@ impl Default for Config {
             max_batch: 1000,
             shutdown_grace: Duration::from_secs(10),
             decision_log: None,
+            callers: Callers::trusting_local(),
+            tagging: TaggingMode::On,
         }
     }
 }
@@ -170,19 +178,27 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
         shutdown: shutdown_rx.clone(),
         decision_log: config.decision_log.clone(),
         context_rules: Arc::new(config.context_rules.clone()),
+        callers: config.callers.clone(),
+        tagging: config.tagging,
     };
+    let serve_tagging = config.tagging != TaggingMode::Off;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AuthorizerServer<AuthorizerService>>().await;
-    health.set_serving::<TaggingServer<TaggingService>>().await;
+    if serve_tagging {
+        health.set_serving::<TaggingServer<TaggingService>>().await;
+    }
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    let data_reflection = reflection(DATA_SERVICES)?;
+    let data_services: Vec<&str> =
+        DATA_SERVICES.iter().copied().filter(|s| serve_tagging || *s != "tagward.v1.Tagging").collect();
+    let data_reflection = reflection(&data_services)?;
     let admin_reflection = reflection(ADMIN_SERVICES)?;
 
     let max = config.max_message_bytes;
     let authorizer =
         AuthorizerServer::new(AuthorizerService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max);
-    let tagging =
-        TaggingServer::new(TaggingService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max);
+    let tagging = serve_tagging.then(|| {
+        TaggingServer::new(TaggingService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max)
+    });
     let admin = tonic::service::interceptor::InterceptedService::new(
         AdminServer::new(AdminService(shared)).max_decoding_message_size(max).max_encoding_message_size(max),
         admin_auth.interceptor(),
@@ -198,7 +214,7 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
             .add_service(data_reflection.0)
             .add_service(data_reflection.1)
             .add_service(authorizer)
-            .add_service(tagging)
+            .add_optional_service(tagging)
             .serve_with_incoming_shutdown(TcpIncoming::from(data_listener).with_nodelay(Some(true)), signal(shutdown_rx.clone())),
     );
     let admin = tokio::spawn(

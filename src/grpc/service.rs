@@ -13,6 +13,8 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, field, warn, Instrument, Span};
 
 use super::auth::AdminCaller;
+use super::identity::{describe, Callers, TaggingMode};
+use super::peer::Peer;
 use super::proto::admin_server::Admin;
 use super::proto::authorizer_server::Authorizer;
 use super::proto::tagging_server::Tagging;
@@ -20,8 +22,9 @@ use super::{convert, invalid, proto, request_status, revision_status, status, ta
 use crate::engine::{authorize, ContextRules, Decision};
 use crate::observe::{self, DecisionLog};
 use crate::state::State;
+use crate::store::tag_refusal;
 use crate::store::{Store, Ticket, UpdateError};
-use crate::tagging::{perform, TagError};
+use crate::tagging::{perform, tag_actions, TagError, TagOp, TagRequest};
 use crate::world::WorldSpec;
 use tagward_core::ErrorCode;
 
@@ -39,6 +42,10 @@ pub struct Shared {
     pub decision_log: Option<DecisionLog>,
     /// What callers may put in a request's context.
     pub context_rules: Arc<ContextRules>,
+    /// Who may write through the Tagging API as which principal.
+    pub callers: Arc<Callers>,
+    /// How much of the Tagging API is served.
+    pub tagging: TaggingMode,
 }
 
 /// The codes Tagward answers with, labelled by their canonical name; any
@@ -148,6 +155,47 @@ fn tags_of(tags: &crate::tags::TagSet) -> Vec<proto::Tag> {
     convert::to_tags(tags.iter())
 }
 
+/// The caller's connection: the transport's [`Peer`], else the TCP address
+/// tonic recorded, else none (an unknown address).
+fn peer_of<T>(request: &Request<T>) -> Option<Peer> {
+    Peer::of(request).cloned().or_else(|| request.remote_addr().map(|addr| Peer::Tcp { addr }))
+}
+
+/// The action a tag operation is authorized as (`kms:TagResource`).
+fn tag_action(req: &TagRequest) -> String {
+    let i = match req.op {
+        TagOp::Tag(_) => 0,
+        TagOp::Untag(_) => 1,
+        TagOp::List => 2,
+    };
+    tag_actions(&req.resource).map_or_else(
+        || format!("{}:{}", crate::arn::Arn::parse(&req.resource).map_or("unknown", |a| a.service), req.op.name()),
+        |a| a[i].clone(),
+    )
+}
+
+impl TaggingService {
+    /// A Tagging write goes ahead only when it is served and its caller
+    /// may act as the principal it names; a caller refused is audited.
+    fn may_write(&self, peer: Option<&Peer>, req: &TagRequest) -> Result<(), Status> {
+        if self.0.tagging != TaggingMode::On {
+            return Err(Status::unimplemented(format!("{}: Tagging writes are not served (--tagging read-only)", req.op.name())));
+        }
+        let Err(refused) = self.0.callers.check(peer, &req.principal) else { return Ok(()) };
+        let message = refused.to_string();
+        let caller = peer.map_or_else(|| refused.caller.clone(), describe);
+        let store = &self.0.store;
+        let code = ErrorCode::CallerNotAllowed.as_str();
+        store.audit_refusal(tag_refusal(req, &tag_action(req), Some(caller.clone()), store.revision(), code, message.clone()));
+        let meta = std::collections::HashMap::from([
+            ("field".to_string(), "principal".to_string()),
+            ("caller".to_string(), caller),
+            ("principal".to_string(), req.principal.clone()),
+        ]);
+        Err(status(Code::PermissionDenied, code, message, meta))
+    }
+}
+
 #[tonic::async_trait]
 impl Tagging for TaggingService {
     async fn tag_resource(
@@ -156,6 +204,7 @@ impl Tagging for TaggingService {
     ) -> Result<Response<proto::TagResourceResponse>, Status> {
         observed("TagResource", "TagResource", async {
             let req = convert::tag_resource(request.get_ref(), &self.0.context_rules)?;
+            self.may_write(peer_of(&request).as_ref(), &req)?;
             let (done, ticket) = self.0.store.tag(&req).map_err(tag_status)?;
             ticket.durable().await.map_err(|e| tag_status(TagError::Unavailable(e.to_string())))?;
             Span::current().record("decision", field::display(done.outcome.decision.reason.as_str()));
@@ -174,6 +223,7 @@ impl Tagging for TaggingService {
     ) -> Result<Response<proto::UntagResourceResponse>, Status> {
         observed("UntagResource", "UntagResource", async {
             let req = convert::untag_resource(request.get_ref(), &self.0.context_rules)?;
+            self.may_write(peer_of(&request).as_ref(), &req)?;
             let (done, ticket) = self.0.store.tag(&req).map_err(tag_status)?;
             ticket.durable().await.map_err(|e| tag_status(TagError::Unavailable(e.to_string())))?;
             Span::current().record("decision", field::display(done.outcome.decision.reason.as_str()));
@@ -276,6 +326,15 @@ fn accept_one(store: &Store, req: &proto::ApplyRequest, actor: &str) -> Result<T
         Ok(update) => store.apply(&update, actor),
         Err(e) => {
             observe::admin_update(Some(e.code));
+            store.audit_refusal(crate::audit::Refusal {
+                time_unix_ms: crate::change::now_ms(),
+                actor: actor.to_string(),
+                caller: None,
+                revision: store.revision(),
+                what: crate::audit::Refused::Update { update: "update".to_string() },
+                error_code: e.code.as_str().to_string(),
+                error_message: e.message.clone(),
+            });
             Err(e)
         }
     };

@@ -36,6 +36,9 @@ pub enum ErrorCode {
     RevisionGone,
     /// Something failed inside Tagward.
     Internal,
+    /// The caller's verified identity may not act as the principal its
+    /// Tagging write names.
+    CallerNotAllowed,
 }
 
 impl ErrorCode {
@@ -55,6 +58,7 @@ impl ErrorCode {
         ErrorCode::RevisionNotReached,
         ErrorCode::RevisionGone,
         ErrorCode::Internal,
+        ErrorCode::CallerNotAllowed,
     ];
 
     /// The name as scenario files, status details and acknowledgements spell it.
@@ -74,6 +78,7 @@ impl ErrorCode {
             ErrorCode::RevisionNotReached => "RevisionNotReached",
             ErrorCode::RevisionGone => "RevisionGone",
             ErrorCode::Internal => "InternalError",
+            ErrorCode::CallerNotAllowed => "CallerNotAllowed",
         }
     }
 }

@@ -2,8 +2,22 @@
 //! JSON line shaped like a CloudTrail record, written (and synced) before
 //! the change is acknowledged, so a tag-operation audit event is never
 //! dropped. The same events stream through `Admin.Watch`.
+//!
+//! Refusals are records too ([`Refusal`]: a tag operation denied by policy
+//! or refused because the caller may not act as the principal it names, a
+//! refused admin update), with CloudTrail's `errorCode` and `errorMessage`
+//! and the revision they were refused at (they change no revision). The
+//! committer thread writes them with the next sync, so a refusal never
+//! waits for a file on an async worker.
+//!
+//! Every record carries the sidecar's name (`additionalEventData.node`,
+//! from `--node-name`) and an `eventID` formatted like a UUID: a random
+//! 64-bit prefix drawn when the trail is opened, and a counter, so that ids
+//! differ between sidecars and between runs of one sidecar even for the
+//! same revision.
 
 use std::fs::{File, OpenOptions};
+use std::hash::{BuildHasher, Hasher};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -15,6 +29,87 @@ use tagward_core::change::{ChangeKind, EntityKind, Event, EventKind};
 pub struct AuditLog {
     path: PathBuf,
     out: BufWriter<File>,
+    node: String,
+    ids: EventIds,
+}
+
+/// Event ids: a random prefix per opened trail, then a counter.
+#[derive(Debug)]
+pub struct EventIds {
+    prefix: u64,
+    next: u64,
+}
+
+impl EventIds {
+    /// A fresh random prefix (from the standard library's randomly keyed
+    /// hasher, mixed with the process id and the time).
+    pub fn new() -> EventIds {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.write_i64(chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default());
+        EventIds { prefix: h.finish(), next: 0 }
+    }
+
+    /// The next id, as a version-8 (custom) UUID.
+    pub fn next_id(&mut self) -> String {
+        let (hi, lo) = (self.prefix, self.next);
+        self.next = self.next.wrapping_add(1);
+        format!(
+            "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+            hi >> 32,
+            (hi >> 16) & 0xffff,
+            (hi & 0x0fff) | 0x8000,
+            ((lo >> 48) & 0x3fff) | 0x8000,
+            lo & 0xffff_ffff_ffff
+        )
+    }
+}
+
+impl Default for EventIds {
+    fn default() -> EventIds {
+        EventIds::new()
+    }
+}
+
+/// The name a sidecar gives itself when `--node-name` is not set: the
+/// host name (`HOSTNAME`, else the kernel's), else `tagward`.
+pub fn default_node_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "tagward".to_string())
+}
+
+/// A refused write, for the audit trail: it changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub time_unix_ms: i64,
+    /// The principal the request named (a tag operation), or the admin
+    /// caller's name (an admin update).
+    pub actor: String,
+    /// The verified identity of the caller, when the refusal is about it
+    /// (`spiffe://...`, `uid 1000`, `tcp 10.0.0.7:51234`).
+    pub caller: Option<String>,
+    /// The revision the request was refused at.
+    pub revision: u64,
+    pub what: Refused,
+    /// CloudTrail's `errorCode`: `AccessDenied`, `CallerNotAllowed`, or the
+    /// update's error name.
+    pub error_code: String,
+    pub error_message: String,
+}
+
+/// What was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// A tag operation: `action` as authorized (`kms:TagResource`), the
+    /// tags it would have set and the keys it would have removed.
+    Tags { resource: String, action: String, tags: Vec<(String, String)>, keys: Vec<String> },
+    /// An admin update, by its field name (`put_policy`, `set_tags`).
+    Update { update: String },
 }
 
 fn tags_json(tags: &[(String, String)]) -> Value {
@@ -25,23 +120,71 @@ fn service_of(arn: &str) -> &str {
     tagward_core::arn::Arn::parse(arn).map_or("tagward", |a| a.service)
 }
 
-/// The CloudTrail-shaped record of one event.
-pub fn record(e: &Event) -> Value {
-    let time = chrono::DateTime::from_timestamp_millis(e.time_unix_ms)
-        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-        .unwrap_or_default();
-    let identity = if e.actor.starts_with("arn:") {
-        let kind = match tagward_core::arn::Caller::parse(&e.actor).map(|c| c.principal_type()) {
+fn time_of(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default()
+}
+
+fn identity_of(actor: &str) -> Value {
+    if actor.starts_with("arn:") {
+        let kind = match tagward_core::arn::Caller::parse(actor).map(|c| c.principal_type()) {
             Ok("User") => "IAMUser",
             Ok("AssumedRole") => "AssumedRole",
             Ok(_) => "Root",
             Err(_) => "Unknown",
         };
-        json!({"type": kind, "arn": e.actor})
+        json!({"type": kind, "arn": actor})
     } else {
-        json!({"type": "TagwardAdmin", "principalId": e.actor})
+        json!({"type": "TagwardAdmin", "principalId": actor})
+    }
+}
+
+/// `put_policy` as an event name: `PutPolicy`.
+fn camel(field: &str) -> String {
+    field
+        .split('_')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+        })
+        .collect()
+}
+
+/// The CloudTrail-shaped record of one refusal.
+pub fn refusal_record(r: &Refusal, node: &str, event_id: &str) -> Value {
+    let mut extra = json!({"revision": r.revision, "node": node});
+    if let Some(caller) = &r.caller {
+        extra["caller"] = json!(caller);
+    }
+    let (source, name, params, resources) = match &r.what {
+        Refused::Tags { resource, action, tags, keys } => {
+            extra["action"] = json!(action);
+            let name = action.split_once(':').map_or(action.as_str(), |(_, n)| n).to_string();
+            let params = json!({"resourceArn": resource, "tags": tags_json(tags), "tagKeys": keys});
+            (format!("{}.amazonaws.com", service_of(resource)), name, params, json!([{"ARN": resource}]))
+        }
+        Refused::Update { update } => ("tagward".to_string(), camel(update), json!({"update": update}), json!([])),
     };
-    let event_id = format!("rev-{:020}", e.revision);
+    json!({
+        "eventVersion": "1.08",
+        "eventTime": time_of(r.time_unix_ms),
+        "eventSource": source,
+        "eventName": name,
+        "eventType": "AwsApiCall",
+        "eventID": event_id,
+        "readOnly": false,
+        "userIdentity": identity_of(&r.actor),
+        "errorCode": r.error_code,
+        "errorMessage": r.error_message,
+        "requestParameters": params,
+        "resources": resources,
+        "additionalEventData": extra,
+    })
+}
+
+/// The CloudTrail-shaped record of one event.
+pub fn record(e: &Event, node: &str, event_id: &str) -> Value {
+    let time = time_of(e.time_unix_ms);
+    let identity = identity_of(&e.actor);
     match &e.kind {
         EventKind::Tags { resource, action, before, after, allowed_by } => {
             let added: Vec<(String, String)> = after.iter().filter(|t| !before.contains(t)).cloned().collect();
@@ -75,6 +218,7 @@ pub fn record(e: &Event) -> Value {
                     "tagsBefore": tags_json(before),
                     "tagsAfter": tags_json(after),
                     "allowedBy": allowed_by,
+                    "node": node,
                 },
             })
         }
@@ -101,7 +245,7 @@ pub fn record(e: &Event) -> Value {
                 "readOnly": false,
                 "userIdentity": identity,
                 "requestParameters": {"kind": kind.as_str(), "name": name},
-                "additionalEventData": {"revision": e.revision},
+                "additionalEventData": {"revision": e.revision, "node": node},
             })
         }
     }
@@ -114,20 +258,36 @@ impl AuditLog {
             std::fs::create_dir_all(dir)?;
         }
         let file = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(AuditLog { path: path.to_path_buf(), out: BufWriter::new(file) })
+        Ok(AuditLog { path: path.to_path_buf(), out: BufWriter::new(file), node: default_node_name(), ids: EventIds::new() })
+    }
+
+    /// Names the sidecar in every record (`--node-name`).
+    pub fn with_node(mut self, node: impl Into<String>) -> AuditLog {
+        self.node = node.into();
+        self
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Writes the records of `events` and syncs them.
-    pub fn write(&mut self, events: &[&Event]) -> std::io::Result<()> {
-        if events.is_empty() {
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Writes the records of `events`, then of `refusals`, and syncs them.
+    pub fn write(&mut self, events: &[&Event], refusals: &[Refusal]) -> std::io::Result<()> {
+        if events.is_empty() && refusals.is_empty() {
             return Ok(());
         }
         for e in events {
-            serde_json::to_writer(&mut self.out, &record(e))?;
+            let id = self.ids.next_id();
+            serde_json::to_writer(&mut self.out, &record(e, &self.node, &id))?;
+            self.out.write_all(b"\n")?;
+        }
+        for r in refusals {
+            let id = self.ids.next_id();
+            serde_json::to_writer(&mut self.out, &refusal_record(r, &self.node, &id))?;
             self.out.write_all(b"\n")?;
         }
         self.out.flush()?;
@@ -153,8 +313,9 @@ mod tests {
                 allowed_by: vec!["KeyTagAdmin[0] \"ManageProjectTags\"".into()],
             },
         };
-        let r = record(&e);
+        let r = record(&e, "node-a", "id");
         assert_eq!(r["eventName"], "TagResource");
+        assert_eq!(r["additionalEventData"]["node"], "node-a");
         assert_eq!(r["eventSource"], "kms.amazonaws.com");
         assert_eq!(r["eventTime"], "2023-11-14T22:13:20Z");
         assert_eq!(r["userIdentity"]["type"], "AssumedRole");
@@ -172,11 +333,48 @@ mod tests {
                 actor: "admin".into(),
                 kind: EventKind::Entity { kind, name: "n".into(), change },
             };
-            record(&e)["eventName"].as_str().unwrap().to_string()
+            record(&e, "n", "id")["eventName"].as_str().unwrap().to_string()
         };
         assert_eq!(named(EntityKind::Policy, ChangeKind::Put), "PutPolicy");
         assert_eq!(named(EntityKind::Principal, ChangeKind::Delete), "DeletePrincipal");
         assert_eq!(named(EntityKind::Resource, ChangeKind::Put), "PutResource");
         assert_eq!(named(EntityKind::World, ChangeKind::Replace), "ReplaceWorld");
+    }
+
+    #[test]
+    fn refusals_carry_the_error_and_change_no_revision() {
+        let r = Refusal {
+            time_unix_ms: 0,
+            actor: "arn:aws:iam::111122223333:root".into(),
+            caller: Some("uid 1000".into()),
+            revision: 7,
+            what: Refused::Tags {
+                resource: "arn:aws:kms:us-east-1:111122223333:key/k1".into(),
+                action: "kms:TagResource".into(),
+                tags: vec![("Project".into(), "Beta".into())],
+                keys: Vec::new(),
+            },
+            error_code: "CallerNotAllowed".into(),
+            error_message: "principal: no".into(),
+        };
+        let v = refusal_record(&r, "node-a", "id-1");
+        assert_eq!((v["errorCode"].as_str(), v["eventName"].as_str()), (Some("CallerNotAllowed"), Some("TagResource")));
+        assert_eq!(v["errorMessage"], "principal: no");
+        assert_eq!(v["additionalEventData"]["revision"], 7);
+        assert_eq!(v["additionalEventData"]["caller"], "uid 1000");
+        assert_eq!(v["userIdentity"]["type"], "Root");
+        let u = Refusal { what: Refused::Update { update: "put_policy".into() }, caller: None, ..r };
+        assert_eq!(refusal_record(&u, "n", "i")["eventName"], "PutPolicy");
+    }
+
+    #[test]
+    fn event_ids_look_like_uuids_and_differ_between_trails() {
+        let (mut a, mut b) = (EventIds::new(), EventIds::new());
+        let (a0, a1, b0) = (a.next_id(), a.next_id(), b.next_id());
+        assert_ne!(a0, a1);
+        assert_ne!(a0, b0, "two trails (two sidecars, or two runs) give different ids for the same position");
+        let parts: Vec<usize> = a0.split('-').map(str::len).collect();
+        assert_eq!(parts, vec![8, 4, 4, 4, 12], "{a0}");
+        assert_eq!(a0.as_bytes()[14], b'8', "version 8: {a0}");
     }
 }

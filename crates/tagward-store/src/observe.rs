@@ -8,6 +8,7 @@ use tagward_core::state::State;
 pub const ADMIN_UPDATES: &str = "tagward_admin_updates_total";
 pub const TAG_CHANGES: &str = "tagward_tag_changes_total";
 pub const AUDIT_FAILURES: &str = "tagward_audit_write_failures_total";
+pub const AUDIT_REFUSALS_DROPPED: &str = "tagward_audit_refusals_dropped_total";
 pub const REVISION: &str = "tagward_snapshot_revision";
 pub const PUBLISHED_AT: &str = "tagward_snapshot_published_timestamp_seconds";
 pub const SNAPSHOT_AGE: &str = "tagward_snapshot_age_seconds";

@@ -36,7 +36,7 @@ use tagward_core::state::State;
 use tagward_core::tagging::{perform, TagError, TagOutcome, TagRequest};
 use tagward_core::world::{ResourceBuilder, WorldSpec};
 
-use crate::audit::AuditLog;
+use crate::audit::{AuditLog, Refusal, Refused as RefusedWrite};
 use crate::storage::{Backend, Cut, FileBackend, Loaded, LogRecord, MemoryBackend, StorageError};
 /// The vocabulary of changes, where the store's callers have always found it.
 pub use tagward_core::change::{ChangeKind, EntityKind, Event, EventKind, Update, UpdateError};
@@ -44,6 +44,10 @@ pub use tagward_core::change::{ChangeKind, EntityKind, Event, EventKind, Update,
 /// Log bytes after which an in-process store's memory backend drops its
 /// older log.
 pub const MEMORY_COMPACT_AFTER: u64 = 64 << 20;
+
+/// Refusal records that may wait for the committer; more are dropped (and
+/// counted), so a flood of refused calls cannot grow memory without bound.
+pub const MAX_PENDING_REFUSALS: usize = 65_536;
 
 /// A tag operation's result, as the store applied it.
 #[derive(Debug)]
@@ -127,6 +131,10 @@ struct Inner {
     commit: Arc<Commit>,
     /// Written before a change is acknowledged.
     audit: Mutex<Option<AuditLog>>,
+    /// An audit trail is attached (so refusals are worth queueing).
+    audited: bool,
+    /// Refusals waiting for the committer to write them (bounded).
+    refusals: Mutex<VecDeque<Refusal>>,
     /// When the current snapshot was published.
     published_at: Mutex<std::time::Instant>,
 }
@@ -254,6 +262,31 @@ pub fn write_snapshot(backend: &mut dyn Backend, state: &State) -> Result<(), St
     job.write(&mut snapshot_records(state, backend.max_record(), backend.place()))
 }
 
+/// The audit record of a refused tag operation.
+pub fn tag_refusal(
+    req: &TagRequest,
+    action: &str,
+    caller: Option<String>,
+    revision: u64,
+    error_code: &str,
+    error_message: String,
+) -> Refusal {
+    let (tags, keys) = match &req.op {
+        tagward_core::tagging::TagOp::Tag(tags) => (tags.clone(), Vec::new()),
+        tagward_core::tagging::TagOp::Untag(keys) => (Vec::new(), keys.clone()),
+        tagward_core::tagging::TagOp::List => (Vec::new(), Vec::new()),
+    };
+    Refusal {
+        time_unix_ms: now_ms(),
+        actor: req.principal.clone(),
+        caller,
+        revision,
+        what: RefusedWrite::Tags { resource: req.resource.clone(), action: action.to_string(), tags, keys },
+        error_code: error_code.to_string(),
+        error_message,
+    }
+}
+
 /// A log record as versions before [`Record`] wrote it: the admin command.
 #[derive(serde::Deserialize)]
 struct LegacyRecord {
@@ -343,7 +376,9 @@ impl Store {
             events: Mutex::new(EventLog { kept: VecDeque::new(), capacity: event_capacity.max(1), dropped: revision, live }),
             revision: watch::channel(revision).0,
             commit: commit.clone(),
+            audited: audit.is_some(),
             audit: Mutex::new(audit),
+            refusals: Mutex::new(VecDeque::new()),
             published_at: Mutex::new(std::time::Instant::now()),
         });
         let shared = inner.clone();
@@ -465,7 +500,39 @@ impl Store {
     pub fn apply(&self, update: &Update, actor: &str) -> Result<Ticket, UpdateError> {
         let result = self.apply_unmetered(update, actor);
         crate::observe::admin_update(result.as_ref().err().map(|e| e.code));
+        if let Err(e) = &result {
+            self.audit_refusal(Refusal {
+                time_unix_ms: now_ms(),
+                actor: actor.to_string(),
+                caller: None,
+                revision: self.revision(),
+                what: RefusedWrite::Update { update: update_field(update).to_string() },
+                error_code: e.code.as_str().to_string(),
+                error_message: e.message.clone(),
+            });
+        }
         result
+    }
+
+    /// Queues the audit record of a refused write; the committer thread
+    /// writes it (with the next sync), so the caller never waits for the
+    /// file. Without an audit trail, or with too many waiting, it is
+    /// dropped (and counted).
+    pub fn audit_refusal(&self, refusal: Refusal) {
+        if !self.inner.audited {
+            return;
+        }
+        {
+            let mut queue = lock(&self.inner.refusals);
+            if queue.len() >= MAX_PENDING_REFUSALS {
+                metrics::counter!(crate::observe::AUDIT_REFUSALS_DROPPED).increment(1);
+                return;
+            }
+            queue.push_back(refusal);
+        }
+        let commit = &self.inner.commit;
+        lock(&commit.wake).pending = true;
+        commit.wake_cv.notify_one();
     }
 
     fn apply_unmetered(&self, update: &Update, actor: &str) -> Result<Ticket, UpdateError> {
@@ -499,7 +566,16 @@ impl Store {
     pub fn tag(&self, req: &TagRequest) -> Result<(Tagged, Ticket), TagError> {
         let mut writer = lock(&self.inner.writer);
         let head = writer.head.clone();
-        let mut outcome = perform(&head, req)?;
+        let mut outcome = match perform(&head, req) {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                drop(writer);
+                if let TagError::AccessDenied { action, .. } = &e {
+                    self.audit_refusal(tag_refusal(req, action, None, head.revision(), "AccessDenied", e.to_string()));
+                }
+                return Err(e);
+            }
+        };
         let Some((next, change)) = outcome.change.take() else {
             return Ok((Tagged { outcome, revision: head.revision(), changed: false }, self.unchanged(head.revision())));
         };
@@ -599,11 +675,12 @@ impl Drop for Store {
 }
 
 impl Inner {
-    /// Writes the audit records of `events`; a failure refuses the change.
-    fn audit(&self, events: &[&Event]) -> Result<(), String> {
+    /// Writes the audit records of `events` and of `refusals`; a failure
+    /// refuses the changes.
+    fn audit(&self, events: &[&Event], refusals: &[Refusal]) -> Result<(), String> {
         let mut audit = lock(&self.audit);
         let Some(log) = audit.as_mut() else { return Ok(()) };
-        log.write(events).map_err(|e| {
+        log.write(events, refusals).map_err(|e| {
             metrics::counter!(crate::observe::AUDIT_FAILURES).increment(1);
             format!("{}: cannot write the audit log: {e}", log.path().display())
         })
@@ -675,6 +752,12 @@ fn commit_loop(inner: &Inner, commit: &Commit, snapshotting: &mut Option<std::th
             let mut writer = lock(&inner.writer);
             let batch = std::mem::take(&mut writer.pending);
             if batch.is_empty() {
+                // Refusals change nothing: write them, no log sync needed.
+                let refusals: Vec<Refusal> = lock(&inner.refusals).drain(..).collect();
+                drop(writer);
+                if let Err(message) = inner.audit(&[], &refusals) {
+                    tracing::error!(error = %message, dropped = refusals.len(), "cannot write refusal records");
+                }
                 if stop {
                     return;
                 }
@@ -693,9 +776,10 @@ fn commit_loop(inner: &Inner, commit: &Commit, snapshotting: &mut Option<std::th
             };
             (batch, sync, compaction)
         };
+        let refusals: Vec<Refusal> = lock(&inner.refusals).drain(..).collect();
         let synced = sync.and_then(|s| s.sync()).map_err(|e| e.to_string()).and_then(|()| {
             let events: Vec<&Event> = batch.iter().flat_map(|(_, events)| events.iter()).collect();
-            inner.audit(&events)
+            inner.audit(&events, &refusals)
         });
         let last = batch.last().map(|(s, _)| s.revision()).unwrap_or(0);
         match synced {
@@ -1089,5 +1173,62 @@ mod tests {
         assert_eq!((opened.restored, opened.replayed), (Some(start + 3), 3));
         let tags = tagward_core::change::pairs(s.snapshot().target(key).unwrap().tags());
         assert_eq!(tags, vec![("Owner".to_string(), "you".to_string())]);
+    }
+
+    /// Waits until the audit trail at `path` holds `n` records.
+    fn audit_records(path: &Path, n: usize) -> Vec<Value> {
+        for _ in 0..500 {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let records: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+            if records.len() >= n {
+                return records;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("{} never held {n} records", path.display());
+    }
+
+    #[test]
+    fn a_denied_tag_operation_and_a_refused_update_are_audited_without_a_revision() {
+        let d = scratch("refusal-audit");
+        let path = d.join("audit.jsonl");
+        let key = "arn:aws:kms:us-east-1:111122223333:key/k1";
+        let (s, _) =
+            Store::open_memory(Some(&world("Alpha")), &options(), Some(AuditLog::open(&path).unwrap().with_node("node-a")))
+                .unwrap();
+        let before = s.revision();
+        let denied = s.tag(&TagRequest {
+            principal: "arn:aws:iam::111122223333:role/Nobody".into(),
+            resource: key.into(),
+            op: tagward_core::tagging::TagOp::Tag(vec![("Project".into(), "Beta".into())]),
+            session_tags: Vec::new(),
+            context: Vec::new(),
+        });
+        assert!(matches!(denied, Err(TagError::AccessDenied { .. })), "{denied:?}");
+        let refused = s.apply(&Update::PutPolicy { name: "Bad".into(), document: json!({"Statement": 3}) }, "ops-admin");
+        assert!(refused.is_err());
+        let records = audit_records(&path, 2);
+        assert_eq!(records.len(), 2, "{records:?}");
+        assert_eq!(
+            (records[0]["eventName"].as_str(), records[0]["errorCode"].as_str()),
+            (Some("TagResource"), Some("AccessDenied"))
+        );
+        assert!(records[0]["errorMessage"].as_str().unwrap().contains("not authorized"), "{}", records[0]);
+        assert_eq!(records[0]["requestParameters"]["tags"][0]["tagValue"], "Beta");
+        assert_eq!(
+            (records[1]["eventName"].as_str(), records[1]["errorCode"].as_str()),
+            (Some("PutPolicy"), Some("MalformedPolicyDocumentException"))
+        );
+        assert_eq!(records[1]["userIdentity"]["principalId"], "ops-admin");
+        for r in &records {
+            assert_eq!(r["additionalEventData"]["revision"], before);
+            assert_eq!(r["additionalEventData"]["node"], "node-a");
+        }
+        assert_ne!(records[0]["eventID"], records[1]["eventID"]);
+        assert_eq!(s.revision(), before, "refusals change no revision");
+        assert_eq!(
+            tagward_core::change::pairs(s.snapshot().target(key).unwrap().tags()),
+            vec![("Project".to_string(), "Alpha".to_string())]
+        );
     }
 }
