@@ -7,6 +7,7 @@ pub mod convert;
 pub mod peer;
 pub mod server;
 pub mod service;
+pub mod transport;
 
 use std::collections::HashMap;
 
