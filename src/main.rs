@@ -53,7 +53,7 @@ enum LogFormat {
 enum Command {
     /// Run the sidecar: Authorizer and Tagging (plus health and reflection)
     /// on --listen, Admin on --admin-listen, health alone on --health-listen.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run scenario files (JSON or YAML; directories are searched
     /// recursively) and report every failing step. Exit code 0 when all
     /// steps pass, 1 when a step fails, 2 when a file cannot be loaded.
@@ -316,7 +316,7 @@ fn report(failure: &Failure, logs: bool) {
 
 fn run(cli: Cli) -> Result<ExitCode, Failure> {
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Test(args) => {
             let summary = match (&args.server, &args.admin) {
                 (Some(server), Some(admin)) => {
