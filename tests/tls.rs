@@ -205,3 +205,27 @@ fn a_certificate_without_its_key_is_a_start_up_error_naming_the_flag() {
         assert!(stderr.contains(missing), "{flag} without {missing}: {stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_rereads_the_certificate_at_once() {
+    let dir = Scratch::new("tls-hup");
+    let ca = Ca::new("test CA");
+    let (first, second) = (ca.server("first"), ca.server("second"));
+    let mut cfg = config();
+    // Far beyond the test: only the signal can make it reread.
+    cfg.tls_reload = Duration::from_secs(3600);
+    let files = pki::write_files(dir.path(), &first, None);
+    cfg.tls = Some(files.clone());
+    let running = start(cfg).await;
+    let addr = pki::tcp(&running.data_addr);
+    assert_eq!(presented(addr, &ca).await, first.der);
+    pki::replace(&files, &second);
+    let me = std::process::id().to_string();
+    assert!(std::process::Command::new("kill").args(["-HUP", &me]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while presented(addr, &ca).await != second.der {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload the certificate");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    running.shutdown().await;
+}

@@ -283,9 +283,14 @@ impl Running {
         self.health.set_not_serving::<TaggingServer<TaggingService>>().await;
         self.health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         let _ = self.shutdown.send(true);
-        let helpers = self.helpers;
+        let (helpers, servers) = (self.helpers, self.servers);
         let all = async move {
-            for (name, server) in self.servers {
+            // The accept loops stop at the signal (closing the listeners and
+            // removing Unix socket files); the servers once in-flight calls end.
+            for helper in helpers {
+                let _ = helper.await;
+            }
+            for (name, server) in servers {
                 match server.await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => warn!(listener = name, error = %e, "listener ended with an error"),
@@ -293,11 +298,6 @@ impl Running {
                 }
             }
         };
-        // The accept loops stop at the signal (closing the listeners and
-        // removing Unix socket files) whatever in-flight calls do.
-        for helper in helpers {
-            let _ = helper.await;
-        }
         if tokio::time::timeout(self.grace, all).await.is_err() {
             warn!(grace = ?self.grace, "in-flight calls did not finish within the grace period");
         }

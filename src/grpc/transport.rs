@@ -250,11 +250,15 @@ impl Tls {
         interval: Duration,
         mut shutdown: watch::Receiver<bool>,
     ) -> JoinHandle<()> {
+        // Installed before this returns: a SIGHUP from then on rereads the
+        // files (and no longer ends the process).
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| warn!(listener, error = %e, "cannot handle SIGHUP; the TLS files are still reread periodically"))
+            .ok();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval.max(Duration::from_millis(10)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
-            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
             let hangup = async |hup: &mut Option<tokio::signal::unix::Signal>| match hup {
                 Some(s) => {
                     s.recv().await;
@@ -409,6 +413,9 @@ pub async fn bind(addr: &ListenAddr) -> io::Result<(Bound, ListenAddr)> {
 /// How long a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// TLS handshakes in progress at once on one listener.
+const MAX_HANDSHAKES: usize = 256;
+
 /// Accepts connections on `bound` until `shutdown` (or until the server
 /// stops taking them), does the TLS handshake when `tls` is set, and yields
 /// each connection with its [`Peer`]. The returned task ends after the
@@ -420,6 +427,7 @@ pub fn incoming(
     mut shutdown: watch::Receiver<bool>,
 ) -> (ReceiverStream<Result<Connection, io::Error>>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel::<Result<Connection, io::Error>>(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     let task = tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -435,10 +443,14 @@ pub fn incoming(
                             let _ = tx.send(Ok(Connection { io: Io::Tcp(stream), peer: Peer::Tcp { addr } })).await;
                         }
                         Some(tls) => {
+                            // At most MAX_HANDSHAKES at a time: more wait to be accepted.
+                            let Ok(permit) = handshakes.clone().acquire_owned().await else { break };
                             let config = tls.current.load_full();
                             let tx = tx.clone();
                             tokio::spawn(async move {
-                                if let Some(conn) = handshake(listener, config, stream, addr).await {
+                                let conn = handshake(listener, config, stream, addr).await;
+                                drop(permit);
+                                if let Some(conn) = conn {
                                     let _ = tx.send(Ok(conn)).await;
                                 }
                             });
