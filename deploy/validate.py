@@ -164,12 +164,20 @@ LOOPBACK_DEFAULT = {"TAGWARD_LISTEN": "127.0.0.1:50051", "TAGWARD_ADMIN_LISTEN":
 
 
 def host_port(addr):
+    """(host, port) of HOST:PORT; ("unix", None) for unix:///PATH."""
+    if addr.startswith("unix://"):
+        if not addr.startswith("unix:///"):
+            raise ValueError(addr)
+        return "unix", None
     host, _, port = addr.rpartition(":")
     return host.strip("[]"), int(port)
 
 
 def is_loopback(addr):
-    host, _ = host_port(addr)
+    """Loopback, or a Unix socket: unreachable from outside the pod."""
+    host, port = host_port(addr)
+    if port is None:
+        return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -211,18 +219,30 @@ def policy(file):
         env = {e["name"]: e.get("value") for e in tw.get("env") or []}
         listen = env.get("TAGWARD_LISTEN") or LOOPBACK_DEFAULT["TAGWARD_LISTEN"]
         admin = env.get("TAGWARD_ADMIN_LISTEN") or LOOPBACK_DEFAULT["TAGWARD_ADMIN_LISTEN"]
+        health = env.get("TAGWARD_HEALTH_LISTEN")
         try:
-            host_port(listen), host_port(admin)
+            for a in (listen, admin) + ((health,) if health else ()):
+                host_port(a)
         except ValueError:
-            out(False, f"{where}: tagward's addresses", f"TAGWARD_LISTEN {listen!r} or TAGWARD_ADMIN_LISTEN {admin!r} is no HOST:PORT")
+            out(False, f"{where}: tagward's addresses",
+                f"TAGWARD_LISTEN {listen!r}, TAGWARD_ADMIN_LISTEN {admin!r} or TAGWARD_HEALTH_LISTEN {health!r}"
+                " is neither HOST:PORT nor unix:///PATH")
             continue
-        if is_loopback(listen):
-            problems.append(f"TAGWARD_LISTEN {listen} is loopback: the kubelet's probes cannot reach it")
-        data_port = host_port(listen)[1]
+        # The kubelet's gRPC probes dial the pod IP: the health listener when
+        # there is one (then the data plane may stay on loopback or a Unix
+        # socket), else the data listener.
+        probed = health or listen
+        probed_as = "TAGWARD_HEALTH_LISTEN" if health else "TAGWARD_LISTEN"
+        if is_loopback(probed):
+            problems.append(f"{probed_as} {probed} is loopback or a Unix socket: the kubelet's probes cannot reach it")
+        probe_port = host_port(probed)[1]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             grpc = (tw.get(probe) or {}).get("grpc") or {}
-            if grpc.get("port") != data_port:
-                problems.append(f"{probe} is not a gRPC probe on the data port {data_port}")
+            if grpc.get("port") != probe_port:
+                problems.append(f"{probe} is not a gRPC probe on the {'health' if health else 'data'} port {probe_port}")
+        if not is_loopback(admin) and not env.get("TAGWARD_ADMIN_TLS_CERT"):
+            problems.append(f"TAGWARD_ADMIN_LISTEN {admin} is beyond loopback without TLS (TAGWARD_ADMIN_TLS_CERT): "
+                            "the token would cross the network in the clear")
         mounts = {m["mountPath"]: m for m in tw.get("volumeMounts") or []}
         for var in ("TAGWARD_DATA_DIR", "TAGWARD_WORLD", "TAGWARD_ADMIN_TOKEN_FILE"):
             value = env.get(var)
@@ -235,6 +255,24 @@ def policy(file):
                 problems.append(f"{var} {value} is on no mounted volume")
             elif var == "TAGWARD_DATA_DIR" and mount.get("readOnly"):
                 problems.append(f"{var} {value} is mounted read-only")
+        # TLS files: in pairs, on mounted volumes, read-only.
+        for prefix in ("TAGWARD_TLS_", "TAGWARD_ADMIN_TLS_"):
+            cert, key, ca = (env.get(prefix + n) for n in ("CERT", "KEY", "CLIENT_CA"))
+            if bool(cert) != bool(key):
+                problems.append(f"{prefix}CERT and {prefix}KEY come together (only one is set)")
+            if ca and not cert:
+                problems.append(f"{prefix}CLIENT_CA is set without {prefix}CERT")
+            for var, value in ((prefix + "CERT", cert), (prefix + "KEY", key), (prefix + "CLIENT_CA", ca)):
+                if not value:
+                    continue
+                under = [m for m in mounts if value.startswith(m.rstrip("/") + "/")]
+                mount = mounts[max(under, key=len)] if under else None
+                if mount is None:
+                    problems.append(f"{var} {value} is on no mounted volume")
+                elif not mount.get("readOnly"):
+                    problems.append(f"{var} {value} is on a volume mounted read-write")
+                elif mount.get("subPath"):
+                    problems.append(f"{var} {value} is a subPath mount, which never sees a renewed certificate")
         known = [n for n in os.environ.get("TAGWARD_ENV_NAMES", "").split(",") if n]
         unknown = sorted(n for n in env if known and n not in known)
         if unknown:
@@ -245,7 +283,11 @@ def policy(file):
         admin_ports = [p for p in tw.get("ports") or [] if p.get("containerPort") == host_port(admin)[1]]
         if is_loopback(admin) and admin_ports:
             problems.append("a containerPort names the admin port, which listens on loopback")
-        out(not problems, f"{where}: tagward sidecar (native, gRPC probes, volumes, admin {admin})", "; ".join(problems))
+        data_ports = [p for p in tw.get("ports") or [] if p.get("containerPort") == host_port(listen)[1]]
+        if is_loopback(listen) and data_ports:
+            problems.append("a containerPort names the data port, which listens on loopback")
+        out(not problems, f"{where}: tagward sidecar (native, gRPC probes, volumes, TLS files, data {listen}, admin {admin})",
+            "; ".join(problems))
 
         for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
             sc = c.get("securityContext") or {}

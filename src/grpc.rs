@@ -9,6 +9,7 @@ pub mod identity;
 pub mod peer;
 pub mod server;
 pub mod service;
+pub mod transport;
 
 use std::collections::HashMap;
 

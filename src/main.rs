@@ -22,6 +22,7 @@ use tagward::grpc::client::GrpcBackend;
 use tagward::grpc::identity::{Callers, TaggingMode};
 use tagward::grpc::proto;
 use tagward::grpc::server::{self, stop_signal, Config};
+use tagward::grpc::transport::{ListenAddr, TlsFiles};
 use tagward::observe::{self, DecisionLog, DecisionLogConfig, LogMode};
 use tagward::ops::{self, Failure, Question};
 use tagward::scenario::InProcess;
@@ -54,7 +55,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the sidecar: Authorizer and Tagging (plus health and reflection)
-    /// on --listen, Admin on --admin-listen.
+    /// on --listen, Admin on --admin-listen, health alone on --health-listen.
     Serve(Box<ServeArgs>),
     /// Run scenario files (JSON or YAML; directories are searched
     /// recursively) and report every failing step. Exit code 0 when all
@@ -88,16 +89,47 @@ struct ServeArgs {
     observability: Observability,
 }
 
-/// Where `serve` listens, and the admin token.
+/// Where `serve` listens, TLS, and the admin token.
 #[derive(clap::Args)]
 struct Listeners {
-    /// Data-plane address.
+    /// Data-plane address: IP:PORT or unix:///PATH (a Unix socket, mode
+    /// 0660, whose callers are known by uid and gid).
     #[arg(long, env = "TAGWARD_LISTEN", default_value = "127.0.0.1:50051")]
-    listen: SocketAddr,
-    /// Admin address; beyond loopback it needs --admin-token or
-    /// --admin-token-file.
+    listen: ListenAddr,
+    /// Admin address (IP:PORT or unix:///PATH); beyond loopback it needs
+    /// --admin-token or --admin-token-file.
     #[arg(long, env = "TAGWARD_ADMIN_LISTEN", default_value = "127.0.0.1:50052")]
-    admin_listen: SocketAddr,
+    admin_listen: ListenAddr,
+    /// A plaintext listener serving grpc.health.v1 only, for probes (IP:PORT
+    /// or unix:///PATH); health is also served on --listen.
+    #[arg(long, env = "TAGWARD_HEALTH_LISTEN")]
+    health_listen: Option<ListenAddr>,
+    /// TLS on the data listener: the certificate chain (PEM); reloaded
+    /// when the file changes.
+    #[arg(long, env = "TAGWARD_TLS_CERT", requires = "tls_key", value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "TAGWARD_TLS_KEY", requires = "tls_cert", value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates issued by these CAs (PEM) on the data
+    /// listener (mTLS).
+    #[arg(long, env = "TAGWARD_TLS_CLIENT_CA", requires = "tls_cert", value_name = "PEM")]
+    tls_client_ca: Option<PathBuf>,
+    /// TLS on the admin listener: the certificate chain (PEM); reloaded
+    /// when the file changes.
+    #[arg(long, env = "TAGWARD_ADMIN_TLS_CERT", requires = "admin_tls_key", value_name = "PEM")]
+    admin_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --admin-tls-cert.
+    #[arg(long, env = "TAGWARD_ADMIN_TLS_KEY", requires = "admin_tls_cert", value_name = "PEM")]
+    admin_tls_key: Option<PathBuf>,
+    /// Require client certificates issued by these CAs (PEM) on the admin
+    /// listener (mTLS; beyond loopback the token is still required).
+    #[arg(long, env = "TAGWARD_ADMIN_TLS_CLIENT_CA", requires = "admin_tls_cert", value_name = "PEM")]
+    admin_tls_client_ca: Option<PathBuf>,
+    /// Seconds between checks of the TLS files for a rotated certificate
+    /// (SIGHUP checks at once).
+    #[arg(long, env = "TAGWARD_TLS_RELOAD_SECS", default_value_t = 5)]
+    tls_reload_secs: u64,
     /// Bearer token every admin call must carry (one writer, named
     /// `admin` in the audit trail).
     #[arg(long, env = "TAGWARD_ADMIN_TOKEN", hide_env_values = true, allow_hyphen_values = true)]
@@ -412,11 +444,32 @@ impl TryFrom<&ServeArgs> for Config {
     type Error = Failure;
 
     fn try_from(args: &ServeArgs) -> Result<Config, Failure> {
-        let Listeners { listen, admin_listen, admin_token, admin_token_file } = &args.listeners;
+        let Listeners {
+            listen,
+            admin_listen,
+            health_listen,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            admin_tls_cert,
+            admin_tls_key,
+            admin_tls_client_ca,
+            tls_reload_secs,
+            admin_token,
+            admin_token_file,
+        } = &args.listeners;
+        let tls = |cert: &Option<PathBuf>, key: &Option<PathBuf>, client_ca: &Option<PathBuf>| match (cert, key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: client_ca.clone() }),
+            _ => None,
+        };
         let limits = &args.limits;
         Ok(Config {
-            listen: *listen,
-            admin_listen: *admin_listen,
+            listen: listen.clone(),
+            admin_listen: admin_listen.clone(),
+            tls: tls(tls_cert, tls_key, tls_client_ca),
+            admin_tls: tls(admin_tls_cert, admin_tls_key, admin_tls_client_ca),
+            tls_reload: Duration::from_secs((*tls_reload_secs).max(1)),
+            health_listen: health_listen.clone(),
             admin_token: admin_token.clone(),
             admin_token_file: admin_token_file.clone(),
             admin_token_reload: Duration::from_secs(1),

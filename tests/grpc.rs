@@ -44,7 +44,7 @@ async fn concurrent_authorize_never_sees_a_half_applied_batch() {
     const FLIPS: usize = 300;
     const READERS: usize = 3;
     let running = start(config()).await;
-    let data_addr = running.data_addr;
+    let data_addr = running.data_addr.tcp().unwrap();
     let Clients { mut admin, mut authz, .. } = clients(&running).await;
     let initial = current_revision(&mut authz).await;
 
@@ -622,7 +622,7 @@ async fn get_resources_with_a_repeated_filter_value_lists_each_resource_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_no_op_tag_call_reports_unchanged_during_concurrent_updates() {
     let running = start(config()).await;
-    let data_addr = running.data_addr;
+    let data_addr = running.data_addr.tcp().unwrap();
     let Clients { mut admin, mut tagging, .. } = clients(&running).await;
     // From here on, tagging Project=Alpha and untagging Type change nothing.
     let u = tagging
@@ -1025,7 +1025,7 @@ async fn health_serves_until_shutdown() {
     }
     assert_eq!(health_check(&mut health, "no.such.Service").await.unwrap_err().code(), Code::NotFound);
 
-    let data_addr = running.data_addr;
+    let data_addr = running.data_addr.tcp().unwrap();
     let mut watch = admin.watch(proto::WatchRequest { from_revision: 0 }).await.unwrap().into_inner();
     let stopping = Instant::now();
     timeout(Duration::from_secs(4), running.shutdown()).await.expect("shutdown does not wait for open streams' grace");
@@ -1109,8 +1109,8 @@ async fn resolve_symbol(channel: tonic::transport::Channel, symbol: &str) -> Vec
 #[tokio::test(flavor = "multi_thread")]
 async fn reflection_lists_exactly_what_each_listener_serves() {
     let running = start(config()).await;
-    let data = channel(running.data_addr).await;
-    let admin = channel(running.admin_addr).await;
+    let data = channel(&running.data_addr).await;
+    let admin = channel(&running.admin_addr).await;
     let reflection = ["grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
     let mut want_data: Vec<String> = ["tagward.v1.Authorizer", "tagward.v1.Tagging", "grpc.health.v1.Health"]
         .iter()

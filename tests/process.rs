@@ -26,12 +26,12 @@ async fn serve_runs_the_scenarios_and_stops_cleanly_on_sigterm() {
         .unwrap_or_else(|e| panic!("tagward serve did not become SERVING: {e}"));
     let (data, admin_addr) = (server.data().to_string(), server.admin_addr().to_string());
     for service in ["tagward.v1.Authorizer", "tagward.v1.Tagging"] {
-        let mut health = HealthClient::new(channel(data.parse().unwrap()).await);
+        let mut health = HealthClient::new(channel(&data).await);
         assert_eq!(health_check(&mut health, service).await.unwrap(), SERVING, "{service}");
     }
 
     // The example world is loaded.
-    let mut authz = AuthorizerClient::new(channel(data.parse().unwrap()).await);
+    let mut authz = AuthorizerClient::new(channel(&data).await);
     let example_key = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
     let r = authz.authorize(authorize_req(ALPHA_APP, "kms:Decrypt", example_key)).await.unwrap().into_inner();
     assert!(allowed(&r), "{r:?}");
@@ -57,7 +57,7 @@ async fn serve_runs_the_scenarios_and_stops_cleanly_on_sigterm() {
     assert!(passed >= 504, "only {passed} steps ran:\n{stdout}");
 
     // SIGTERM with a Watch stream open and an Authorize loop running.
-    let mut admin = AdminClient::new(channel(admin_addr.parse().unwrap()).await);
+    let mut admin = AdminClient::new(channel(&admin_addr).await);
     let mut watch = admin.watch(proto::WatchRequest { from_revision: 0 }).await.unwrap().into_inner();
     let answered = Arc::new(AtomicUsize::new(0));
     let signalled = Arc::new(AtomicBool::new(false));

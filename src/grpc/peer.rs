@@ -28,3 +28,37 @@ impl Peer {
         matches!(self, Peer::Tcp { addr } if addr.ip().is_loopback())
     }
 }
+
+/// The URI SANs (e.g. SPIFFE IDs) and DNS SANs of a DER certificate, in
+/// the certificate's order.
+pub fn sans(der: &[u8]) -> Result<(Vec<String>, Vec<String>), String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let (mut uris, mut dns) = (Vec::new(), Vec::new());
+    let san = cert.subject_alternative_name().map_err(|e| format!("bad subjectAltName extension: {e}"))?;
+    for name in san.iter().flat_map(|ext| ext.value.general_names.iter()) {
+        match name {
+            GeneralName::URI(u) => uris.push((*u).to_string()),
+            GeneralName::DNSName(d) => dns.push((*d).to_string()),
+            _ => {}
+        }
+    }
+    Ok((uris, dns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sans_of_a_client_certificate() {
+        let mut params = rcgen::CertificateParams::new(vec!["app.default.svc".to_string()]).unwrap();
+        params.subject_alt_names.push(rcgen::SanType::URI("spiffe://example.org/ns/default/sa/app".try_into().unwrap()));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (uris, dns) = sans(cert.der()).unwrap();
+        assert_eq!(uris, ["spiffe://example.org/ns/default/sa/app"]);
+        assert_eq!(dns, ["app.default.svc"]);
+        assert!(sans(b"not a certificate").unwrap_err().contains("X.509"));
+    }
+}

@@ -1,5 +1,7 @@
-//! The two listeners: the data plane (Authorizer, Tagging, health,
-//! reflection) and the admin plane (Admin), and their graceful shutdown.
+//! The listeners: the data plane (Authorizer, Tagging, health,
+//! reflection), the admin plane (Admin) and, when asked for, a plaintext
+//! health-only listener for probes; and their graceful shutdown. Each is TCP
+//! or a Unix socket, the first two optionally TLS (see [`super::transport`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -7,10 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 
@@ -21,14 +21,23 @@ use super::proto::authorizer_server::AuthorizerServer;
 use super::proto::tagging_server::TaggingServer;
 use super::proto::{DURATION_DESCRIPTOR_SET, FILE_DESCRIPTOR_SET};
 use super::service::{AdminService, AuthorizerService, Shared, TaggingService};
+use super::transport::{self, ListenAddr, Tls, TlsError, TlsFiles};
 use crate::engine::ContextRules;
 use crate::store::Store;
 
 /// How the server runs.
 #[derive(Clone)]
 pub struct Config {
-    pub listen: SocketAddr,
-    pub admin_listen: SocketAddr,
+    pub listen: ListenAddr,
+    pub admin_listen: ListenAddr,
+    /// TLS on the data listener.
+    pub tls: Option<TlsFiles>,
+    /// TLS on the admin listener.
+    pub admin_tls: Option<TlsFiles>,
+    /// How often the TLS files are checked for a new certificate.
+    pub tls_reload: Duration,
+    /// A plaintext listener serving grpc.health.v1 only (for probes).
+    pub health_listen: Option<ListenAddr>,
     /// Required on every admin call when set (one writer named `admin`);
     /// this or `admin_token_file` must be set when the admin listener is not
     /// on loopback.
@@ -57,8 +66,12 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Config {
         Config {
-            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
-            admin_listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)).into(),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 50052)).into(),
+            tls: None,
+            admin_tls: None,
+            tls_reload: Duration::from_secs(5),
+            health_listen: None,
             admin_token: None,
             admin_token_file: None,
             admin_token_reload: Duration::from_secs(1),
@@ -79,7 +92,7 @@ pub enum ServeError {
     #[error(
         "the admin listener {0} is not on loopback; set an admin token (--admin-token or --admin-token-file) to listen there"
     )]
-    AdminWithoutToken(SocketAddr),
+    AdminWithoutToken(ListenAddr),
     #[error("the admin token is empty")]
     EmptyToken,
     #[error("the admin token file {file}: {error}")]
@@ -89,18 +102,24 @@ pub enum ServeError {
     #[error("cannot build the reflection service: {0}")]
     Reflection(String),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind { addr: ListenAddr, source: std::io::Error },
+    #[error("TLS on the {listener} listener: {source}")]
+    Tls { listener: &'static str, source: TlsError },
 }
 
 /// A running server.
 pub struct Running {
-    pub data_addr: SocketAddr,
-    pub admin_addr: SocketAddr,
+    pub data_addr: ListenAddr,
+    pub admin_addr: ListenAddr,
+    pub health_addr: Option<ListenAddr>,
     shutdown: watch::Sender<bool>,
     health: HealthReporter,
     grace: Duration,
-    data: JoinHandle<Result<(), tonic::transport::Error>>,
-    admin: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// The servers, by listener name.
+    servers: Vec<(&'static str, JoinHandle<Result<(), tonic::transport::Error>>)>,
+    /// The accept loops and certificate watchers: they end at shutdown (and
+    /// a Unix socket file is removed when its accept loop ends).
+    helpers: Vec<JoinHandle<()>>,
 }
 
 /// The reflection services themselves, listed on both listeners.
@@ -152,23 +171,31 @@ fn admin_auth(config: &Config) -> Result<AdminAuth, ServeError> {
         }
         (None, None) => AdminAuth::open(),
     };
-    if !auth.required() && !config.admin_listen.ip().is_loopback() {
-        return Err(ServeError::AdminWithoutToken(config.admin_listen));
+    if !auth.required() && !config.admin_listen.is_local() {
+        return Err(ServeError::AdminWithoutToken(config.admin_listen.clone()));
     }
     Ok(auth)
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
+async fn bind(addr: &ListenAddr) -> Result<(transport::Bound, ListenAddr), ServeError> {
+    transport::bind(addr).await.map_err(|source| ServeError::Bind { addr: addr.clone(), source })
 }
 
-/// Binds both listeners and starts serving `store`.
+fn load_tls(listener: &'static str, files: &Option<TlsFiles>) -> Result<Option<Arc<Tls>>, ServeError> {
+    files.clone().map(Tls::load).transpose().map_err(|source| ServeError::Tls { listener, source })
+}
+
+/// Binds the listeners and starts serving `store`.
 pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeError> {
     let admin_auth = admin_auth(&config)?;
-    let data_listener = bind(config.listen).await?;
-    let admin_listener = bind(config.admin_listen).await?;
-    let data_addr = data_listener.local_addr().map_err(|source| ServeError::Bind { addr: config.listen, source })?;
-    let admin_addr = admin_listener.local_addr().map_err(|source| ServeError::Bind { addr: config.admin_listen, source })?;
+    let data_tls = load_tls("data", &config.tls)?;
+    let admin_tls = load_tls("admin", &config.admin_tls)?;
+    let (data_listener, data_addr) = bind(&config.listen).await?;
+    let (admin_listener, admin_addr) = bind(&config.admin_listen).await?;
+    let health_listener = match &config.health_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let shared = Shared {
@@ -208,25 +235,75 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
     let signal = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|down| *down).await;
     };
-    let data = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(data_reflection.0)
-            .add_service(data_reflection.1)
-            .add_service(authorizer)
-            .add_optional_service(tagging)
-            .serve_with_incoming_shutdown(TcpIncoming::from(data_listener).with_nodelay(Some(true)), signal(shutdown_rx.clone())),
-    );
-    let admin = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(admin_reflection.0)
-            .add_service(admin_reflection.1)
-            .add_service(admin)
-            .serve_with_incoming_shutdown(TcpIncoming::from(admin_listener).with_nodelay(Some(true)), signal(shutdown_rx)),
-    );
+    let mut helpers = Vec::new();
+    for (name, tls) in [("data", &data_tls), ("admin", &admin_tls)] {
+        if let Some(tls) = tls {
+            helpers.push(tls.clone().watch(name, config.tls_reload, shutdown_rx.clone()));
+        }
+    }
+    let mut servers = Vec::new();
+    let (incoming, accept) = transport::incoming("data", data_listener, data_tls.clone(), shutdown_rx.clone());
+    helpers.push(accept);
+    servers.push((
+        "data",
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service.clone())
+                .add_service(data_reflection.0)
+                .add_service(data_reflection.1)
+                .add_service(authorizer)
+                .add_optional_service(tagging)
+                .serve_with_incoming_shutdown(incoming, signal(shutdown_rx.clone())),
+        ),
+    ));
+    let (incoming, accept) = transport::incoming("admin", admin_listener, admin_tls.clone(), shutdown_rx.clone());
+    helpers.push(accept);
+    servers.push((
+        "admin",
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(admin_reflection.0)
+                .add_service(admin_reflection.1)
+                .add_service(admin)
+                .serve_with_incoming_shutdown(incoming, signal(shutdown_rx.clone())),
+        ),
+    ));
+    let health_addr = match health_listener {
+        Some((listener, addr)) => {
+            let (incoming, accept) = transport::incoming("health", listener, None, shutdown_rx.clone());
+            helpers.push(accept);
+            servers.push((
+                "health",
+                tokio::spawn(
+                    tonic::transport::Server::builder()
+                        .add_service(health_service)
+                        .serve_with_incoming_shutdown(incoming, signal(shutdown_rx.clone())),
+                ),
+            ));
+            Some(addr)
+        }
+        None => None,
+    };
     let names: Vec<String> = admin_auth.names().iter().map(|(n, r)| format!("{n} ({r})")).collect();
-    info!(%data_addr, %admin_addr, token = admin_auth.required(), admin_names = %names.join(", "), "serving");
-    Ok(Running { data_addr, admin_addr, shutdown, health, grace: config.shutdown_grace, data, admin })
+    info!(
+        %data_addr,
+        %admin_addr,
+        token = admin_auth.required(),
+        admin_names = %names.join(", "),
+        tls = tls_mode(&data_tls),
+        admin_tls = tls_mode(&admin_tls),
+        health_addr = health_addr.as_ref().map(tracing::field::display),
+        "serving"
+    );
+    Ok(Running { data_addr, admin_addr, health_addr, shutdown, health, grace: config.shutdown_grace, servers, helpers })
+}
+
+fn tls_mode(tls: &Option<Arc<Tls>>) -> &'static str {
+    match tls {
+        None => "off",
+        Some(t) if t.mutual() => "mutual",
+        Some(_) => "on",
+    }
 }
 
 impl Running {
@@ -237,17 +314,22 @@ impl Running {
         self.health.set_not_serving::<TaggingServer<TaggingService>>().await;
         self.health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         let _ = self.shutdown.send(true);
-        let both = async {
-            let (d, a) = tokio::join!(self.data, self.admin);
-            for (name, r) in [("data", d), ("admin", a)] {
-                match r {
+        let (helpers, servers) = (self.helpers, self.servers);
+        let all = async move {
+            // The accept loops stop at the signal (closing the listeners and
+            // removing Unix socket files); the servers once in-flight calls end.
+            for helper in helpers {
+                let _ = helper.await;
+            }
+            for (name, server) in servers {
+                match server.await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => warn!(listener = name, error = %e, "listener ended with an error"),
                     Err(e) => warn!(listener = name, error = %e, "listener task failed"),
                 }
             }
         };
-        if tokio::time::timeout(self.grace, both).await.is_err() {
+        if tokio::time::timeout(self.grace, all).await.is_err() {
             warn!(grace = ?self.grace, "in-flight calls did not finish within the grace period");
         }
         info!("stopped");

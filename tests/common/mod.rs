@@ -23,6 +23,7 @@ pub use tagward::grpc::proto::authorizer_client::AuthorizerClient;
 pub use tagward::grpc::proto::tagging_client::TaggingClient;
 pub use tonic_health::pb::health_client::HealthClient;
 
+pub mod pki;
 pub mod process;
 #[allow(unused_imports)] // each test file uses its part
 pub use process::{command, manifest_dir, Serve, Tagward, BIN};
@@ -82,8 +83,8 @@ pub fn loopback() -> SocketAddr {
 /// A config on two free loopback ports with short timeouts.
 pub fn config() -> Config {
     Config {
-        listen: loopback(),
-        admin_listen: loopback(),
+        listen: loopback().into(),
+        admin_listen: loopback().into(),
         min_revision_wait: Duration::from_secs(2),
         shutdown_grace: Duration::from_secs(5),
         ..Config::default()
@@ -104,7 +105,9 @@ pub async fn start(config: Config) -> Running {
     start_with(WORLD, config).await
 }
 
-pub async fn channel(addr: SocketAddr) -> Channel {
+/// A plaintext channel to a TCP address (a `SocketAddr`, or a server's
+/// `ListenAddr`, which prints as `IP:PORT`).
+pub async fn channel(addr: impl std::fmt::Display) -> Channel {
     Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_timeout(Duration::from_secs(5))
@@ -122,8 +125,8 @@ pub struct Clients {
 }
 
 pub async fn clients(running: &Running) -> Clients {
-    let data = channel(running.data_addr).await;
-    let admin = channel(running.admin_addr).await;
+    let data = channel(&running.data_addr).await;
+    let admin = channel(&running.admin_addr).await;
     Clients {
         authz: AuthorizerClient::new(data.clone()),
         tagging: TaggingClient::new(data.clone()),

@@ -46,14 +46,14 @@ fn the_generator_is_reproducible_for_a_seed() {
 async fn serve(spec: &GenSpec) -> server::Running {
     let state = spec.build_state().unwrap();
     let config = Config {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)).into(),
+        admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)).into(),
         ..Config::default()
     };
     server::start(config, Arc::new(Store::new(state, 1024))).await.unwrap()
 }
 
-fn plan(target: SocketAddr, requests: Requests) -> Plan {
+fn plan(target: impl std::fmt::Display, requests: Requests) -> Plan {
     Plan {
         target: target.to_string(),
         requests,
@@ -73,7 +73,7 @@ async fn the_load_generator_reports_like_ghz_against_a_real_server() {
     let baseline = tagward_bench::baseline::start(SocketAddr::from(([127, 0, 0, 1], 0)), 4 << 20).await.unwrap();
 
     let mix = spec.mix(200);
-    let mut p = plan(running.data_addr, Requests::Authorize(Arc::new(load::authorize_requests(&mix))));
+    let mut p = plan(&running.data_addr, Requests::Authorize(Arc::new(load::authorize_requests(&mix))));
     p.baseline = Some(baseline.addr.to_string());
     p.rounds = 2;
     p.half_peak = true;
@@ -130,14 +130,14 @@ async fn batch_load_from_ghz_data_and_errors_are_counted() {
     let running = serve(&spec).await;
     let data = Value::Array(spec.batches(10, 4).iter().map(|(p, items)| gen::batch_json(p, items)).collect());
     let batches = load::batch_requests_from_json(&data).unwrap();
-    let report = load::run(&plan(running.data_addr, Requests::Batch(Arc::new(batches)))).await.unwrap();
+    let report = load::run(&plan(&running.data_addr, Requests::Batch(Arc::new(batches)))).await.unwrap();
     assert_eq!(report.count, 300);
     assert_eq!(report.tagward.decisions.values().sum::<u64>(), 1200, "four answers per call");
     assert_eq!(report.options.call, "tagward.v1.Authorizer.BatchAuthorize");
 
     // A bad request is a counted InvalidArgument, as ghz counts it.
     let bad = vec![tagward::grpc::proto::AuthorizeRequest { principal: "nope".into(), ..Default::default() }];
-    let mut p = plan(running.data_addr, Requests::Authorize(Arc::new(bad)));
+    let mut p = plan(&running.data_addr, Requests::Authorize(Arc::new(bad)));
     p.options.total = Some(10);
     p.options.duration = Some(Duration::from_secs(5));
     let report = load::run(&p).await.unwrap();
