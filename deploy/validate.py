@@ -273,6 +273,14 @@ def policy(file):
                     problems.append(f"{var} {value} is on a volume mounted read-write")
                 elif mount.get("subPath"):
                     problems.append(f"{var} {value} is a subPath mount, which never sees a renewed certificate")
+        # The application beside the sidecar reaches it on loopback, which a
+        # sidecar without an identity map trusts to name any principal: a
+        # shipped manifest either serves no Tagging writes or says who may
+        # write as whom.
+        tagging = env.get("TAGWARD_TAGGING") or "on"
+        if tagging not in ("off", "read-only") and not env.get("TAGWARD_IDENTITY_MAP"):
+            problems.append(f"TAGWARD_TAGGING is {tagging!r} without TAGWARD_IDENTITY_MAP: the application could "
+                            "write tags as any principal it names (set read-only/off, or map verified identities)")
         known = [n for n in os.environ.get("TAGWARD_ENV_NAMES", "").split(",") if n]
         unknown = sorted(n for n in env if known and n not in known)
         if unknown:
