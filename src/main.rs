@@ -419,7 +419,7 @@ fn context_keys(text: &str) -> Result<std::collections::BTreeSet<Box<str>>, Stri
         }
         _ => text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect(),
     };
-    engine::ContextRules::allow_list(names.iter().map(String::as_str))
+    engine::ContextRules::allow_list(names.iter().map(String::as_str)).map_err(|e| e.to_string())
 }
 
 impl TryFrom<&ContextArgs> for engine::ContextRules {
@@ -563,7 +563,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode, Failure> {
         .map_err(|e| Failure::internal("cannot start the runtime").error(e))?;
     runtime.block_on(async {
         if let Some(addr) = settings.metrics_listen {
-            observe::install_exporter(addr).map_err(Failure::input)?;
+            observe::install_exporter(addr).map_err(|e| Failure::input(e.to_string()))?;
             info!(%addr, "metrics at /metrics");
             observe::published(&store.snapshot());
             let ages = store.clone();

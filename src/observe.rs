@@ -137,14 +137,23 @@ impl DecisionLog {
     }
 }
 
+/// Why the Prometheus exporter could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ExporterError {
+    #[error("the latency buckets: {0}")]
+    Buckets(metrics_exporter_prometheus::BuildError),
+    #[error("cannot serve metrics on {addr}: {error}")]
+    Install { addr: std::net::SocketAddr, error: metrics_exporter_prometheus::BuildError },
+}
+
 /// Installs the Prometheus exporter with its own HTTP listener (`/metrics`).
-pub fn install_exporter(addr: std::net::SocketAddr) -> Result<(), String> {
+pub fn install_exporter(addr: std::net::SocketAddr) -> Result<(), ExporterError> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Full(RPC_DURATION.to_string()), RPC_BUCKETS)
-        .map_err(|e| e.to_string())?
+        .map_err(ExporterError::Buckets)?
         .install()
-        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+        .map_err(|error| ExporterError::Install { addr, error })?;
     metrics::describe_counter!(DECISIONS, "Authorization decisions by result and reason");
     metrics::describe_histogram!(RPC_DURATION, metrics::Unit::Seconds, "Latency of each gRPC call");
     metrics::describe_counter!(RPCS, "gRPC calls by method and status code");

@@ -31,7 +31,8 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use serde::Deserialize;
-use tagward_core::document;
+use tagward_core::document::{self, DocumentError};
+use thiserror::Error;
 use tracing::{info, warn};
 
 use super::peer::Peer;
@@ -121,11 +122,30 @@ fn glob(pattern: &[u8], text: &[u8]) -> bool {
     pattern[p..].iter().all(|&c| c == b'*')
 }
 
+/// Why an identity map was refused: where in the file, and why.
+#[derive(Debug, Error)]
+pub enum IdentityMapError {
+    #[error(transparent)]
+    Document(#[from] DocumentError),
+    #[error("{path}: {reason}")]
+    Entry { path: String, reason: String },
+    #[error("cannot read it: {0}")]
+    Read(std::io::Error),
+    #[error("cannot start the thread that reloads it: {0}")]
+    Thread(std::io::Error),
+}
+
+impl IdentityMapError {
+    fn entry(path: impl Into<String>, reason: impl Into<String>) -> IdentityMapError {
+        IdentityMapError::Entry { path: path.into(), reason: reason.into() }
+    }
+}
+
 impl IdentityMap {
     /// Parses a map document (JSON, or YAML when `yaml`); the error names
     /// the path in the document and the reason.
-    pub fn parse(text: &str, yaml: bool) -> Result<IdentityMap, String> {
-        let file: MapFile = document::parse(text, yaml).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str, yaml: bool) -> Result<IdentityMap, IdentityMapError> {
+        let file: MapFile = document::parse(text, yaml)?;
         let mut entries = Vec::with_capacity(file.identities.len());
         for (i, e) in file.identities.into_iter().enumerate() {
             let at = format!("identities[{i}]");
@@ -133,16 +153,21 @@ impl IdentityMap {
                 (Some(u), None, None) if !u.is_empty() => Identity::Uri(u),
                 (None, Some(d), None) if !d.is_empty() => Identity::Dns(d.to_ascii_lowercase()),
                 (None, None, Some(u)) => Identity::Uid(u),
-                (None, None, None) => return Err(format!("{at}: one of uri, dns or uid is required")),
-                (Some(_), None, None) | (None, Some(_), None) => return Err(format!("{at}: the identity is empty")),
-                _ => return Err(format!("{at}: exactly one of uri, dns or uid, not several")),
+                (None, None, None) => return Err(IdentityMapError::entry(at, "one of uri, dns or uid is required")),
+                (Some(_), None, None) | (None, Some(_), None) => {
+                    return Err(IdentityMapError::entry(at, "the identity is empty"))
+                }
+                _ => return Err(IdentityMapError::entry(at, "exactly one of uri, dns or uid, not several")),
             };
             if e.principals.is_empty() {
-                return Err(format!("{at}.principals: at least one principal ARN is required"));
+                return Err(IdentityMapError::entry(format!("{at}.principals"), "at least one principal ARN is required"));
             }
             for (j, p) in e.principals.iter().enumerate() {
                 if !p.starts_with("arn:") {
-                    return Err(format!("{at}.principals[{j}]: {p:?} is not an ARN (arn:...)"));
+                    return Err(IdentityMapError::entry(
+                        format!("{at}.principals[{j}]"),
+                        format!("{p:?} is not an ARN (arn:...)"),
+                    ));
                 }
             }
             entries.push((identity, e.principals));
@@ -151,8 +176,8 @@ impl IdentityMap {
     }
 
     /// Reads a map file (YAML by its extension, else JSON).
-    pub fn load(path: &Path) -> Result<IdentityMap, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
+    pub fn load(path: &Path) -> Result<IdentityMap, IdentityMapError> {
+        let text = std::fs::read_to_string(path).map_err(IdentityMapError::Read)?;
         IdentityMap::parse(&text, document::is_yaml(path))
     }
 
@@ -238,7 +263,7 @@ impl Callers {
     /// `every`) for as long as the returned value lives: a changed file
     /// that reads is the new map; one that does not is logged, and the old
     /// map stays.
-    pub fn watching(path: &Path, every: Duration) -> Result<Arc<Callers>, String> {
+    pub fn watching(path: &Path, every: Duration) -> Result<Arc<Callers>, IdentityMapError> {
         let map = IdentityMap::load(path)?;
         info!(file = %path.display(), identities = map.len(), "identity map");
         let callers = Callers::with_map(map);
@@ -248,7 +273,7 @@ impl Callers {
         std::thread::Builder::new()
             .name("tagward-identity".into())
             .spawn(move || reload_loop(&weak, &path, every, seen))
-            .map_err(|e| format!("cannot start the thread that reloads it: {e}"))?;
+            .map_err(IdentityMapError::Thread)?;
         Ok(callers)
     }
 
@@ -380,7 +405,7 @@ mod tests {
 
     #[test]
     fn bad_maps_name_the_field() {
-        let bad = |text: &str| IdentityMap::parse(text, false).unwrap_err();
+        let bad = |text: &str| IdentityMap::parse(text, false).unwrap_err().to_string();
         assert_eq!(bad(r#"{"identities": [{"principals": ["arn:x"]}]}"#), "identities[0]: one of uri, dns or uid is required");
         assert_eq!(
             bad(r#"{"identities": [{"uid": 1, "uri": "spiffe://a", "principals": ["arn:x"]}]}"#),

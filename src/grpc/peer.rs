@@ -29,13 +29,22 @@ impl Peer {
     }
 }
 
+/// A client certificate whose names cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SanError {
+    #[error("not an X.509 certificate: {0}")]
+    NotX509(String),
+    #[error("bad subjectAltName extension: {0}")]
+    BadSan(String),
+}
+
 /// The URI SANs (e.g. SPIFFE IDs) and DNS SANs of a DER certificate, in
 /// the certificate's order.
-pub fn sans(der: &[u8]) -> Result<(Vec<String>, Vec<String>), String> {
+pub fn sans(der: &[u8]) -> Result<(Vec<String>, Vec<String>), SanError> {
     use x509_parser::extensions::GeneralName;
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| SanError::NotX509(e.to_string()))?;
     let (mut uris, mut dns) = (Vec::new(), Vec::new());
-    let san = cert.subject_alternative_name().map_err(|e| format!("bad subjectAltName extension: {e}"))?;
+    let san = cert.subject_alternative_name().map_err(|e| SanError::BadSan(e.to_string()))?;
     for name in san.iter().flat_map(|ext| ext.value.general_names.iter()) {
         match name {
             GeneralName::URI(u) => uris.push((*u).to_string()),
@@ -59,6 +68,6 @@ mod tests {
         let (uris, dns) = sans(cert.der()).unwrap();
         assert_eq!(uris, ["spiffe://example.org/ns/default/sa/app"]);
         assert_eq!(dns, ["app.default.svc"]);
-        assert!(sans(b"not a certificate").unwrap_err().contains("X.509"));
+        assert!(sans(b"not a certificate").unwrap_err().to_string().contains("X.509"));
     }
 }

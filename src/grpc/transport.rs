@@ -78,19 +78,26 @@ impl fmt::Display for ListenAddr {
     }
 }
 
-impl FromStr for ListenAddr {
-    type Err = String;
+/// An address that is neither `IP:PORT` nor `unix:///PATH`.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ListenAddrError {
+    #[error("{0:?}: a Unix socket is unix:///ABSOLUTE/PATH (three slashes)")]
+    RelativeUnix(String),
+    #[error("{0:?}: expected IP:PORT (e.g. 127.0.0.1:50051, [::1]:50051; port 0 picks a free one) or unix:///PATH")]
+    NotAnAddress(String),
+}
 
-    fn from_str(s: &str) -> Result<ListenAddr, String> {
+impl FromStr for ListenAddr {
+    type Err = ListenAddrError;
+
+    fn from_str(s: &str) -> Result<ListenAddr, ListenAddrError> {
         if let Some(path) = s.strip_prefix("unix://") {
             if !path.starts_with('/') {
-                return Err(format!("{s:?}: a Unix socket is unix:///ABSOLUTE/PATH (three slashes)"));
+                return Err(ListenAddrError::RelativeUnix(s.to_string()));
             }
             return Ok(ListenAddr::Unix(PathBuf::from(path)));
         }
-        s.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|_| {
-            format!("{s:?}: expected IP:PORT (e.g. 127.0.0.1:50051, [::1]:50051; port 0 picks a free one) or unix:///PATH")
-        })
+        s.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|_| ListenAddrError::NotAnAddress(s.to_string()))
     }
 }
 
@@ -529,7 +536,7 @@ mod tests {
         assert_eq!(unix.to_string(), "unix:///run/tagward/data.sock");
         assert!(unix.is_local());
         assert!(!"0.0.0.0:1".parse::<ListenAddr>().unwrap().is_local());
-        assert!("unix://relative.sock".parse::<ListenAddr>().unwrap_err().contains("three slashes"));
-        assert!("localhost".parse::<ListenAddr>().unwrap_err().contains("IP:PORT"));
+        assert!("unix://relative.sock".parse::<ListenAddr>().unwrap_err().to_string().contains("three slashes"));
+        assert!("localhost".parse::<ListenAddr>().unwrap_err().to_string().contains("IP:PORT"));
     }
 }

@@ -101,6 +101,17 @@ pub struct ContextRules {
     pub allowed: Option<std::collections::BTreeSet<Box<str>>>,
 }
 
+/// A key that may not be on a context-key allow-list.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum AllowListError {
+    #[error(transparent)]
+    Key(#[from] crate::policy::keys::KeyError),
+    #[error("{0:?} is a clock key: whether callers may set it is --allow-clock-override's business, not the list's")]
+    Clock(String),
+    #[error("{0:?} is filled in by Tagward from its own state; no caller may supply it")]
+    FilledIn(String),
+}
+
 impl ContextRules {
     /// For a caller that owns the clock (the in-process runner, `tagward
     /// test`, a library user): the clock keys allowed, every other key too.
@@ -113,19 +124,17 @@ impl ContextRules {
     /// a file spelled them). Every name is checked like a condition key; a
     /// key Tagward fills in, or a clock key (governed by
     /// [`ContextRules::clock_override`] alone), is refused, naming it.
-    pub fn allow_list<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<std::collections::BTreeSet<Box<str>>, String> {
+    pub fn allow_list<'a>(
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<std::collections::BTreeSet<Box<str>>, AllowListError> {
         let mut out = std::collections::BTreeSet::new();
         for name in names {
-            match KeyRef::parse(name).map_err(|e| e.to_string())? {
+            match KeyRef::parse(name).map_err(AllowListError::Key)? {
                 KeyRef::Context(lower) => {
                     out.insert(lower);
                 }
-                key if key.is_clock() => {
-                    return Err(format!(
-                        "{name:?} is a clock key: whether callers may set it is --allow-clock-override's business, not the list's"
-                    ))
-                }
-                _ => return Err(format!("{name:?} is filled in by Tagward from its own state; no caller may supply it")),
+                key if key.is_clock() => return Err(AllowListError::Clock(name.to_string())),
+                _ => return Err(AllowListError::FilledIn(name.to_string())),
             }
         }
         Ok(out)
@@ -754,8 +763,8 @@ mod tests {
         // Keys Tagward fills in stay refused, and cannot be listed.
         req.context = vec![("aws:PrincipalTag/team".into(), ContextValue::One("x".into()))];
         assert!(authorize_with(&state, &req, false, &ContextRules::TRUSTED).is_err());
-        assert!(ContextRules::allow_list(["aws:PrincipalTag/team"]).unwrap_err().contains("filled in by Tagward"));
-        assert!(ContextRules::allow_list(["aws:CurrentTime"]).unwrap_err().contains("--allow-clock-override"));
+        assert!(ContextRules::allow_list(["aws:PrincipalTag/team"]).unwrap_err().to_string().contains("filled in by Tagward"));
+        assert!(ContextRules::allow_list(["aws:CurrentTime"]).unwrap_err().to_string().contains("--allow-clock-override"));
         assert!(ContextRules::allow_list([" aws:SourceIp"]).is_err());
     }
 
