@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod client;
 pub mod convert;
+pub mod dial;
 pub mod identity;
 pub mod peer;
 pub mod server;
@@ -32,17 +33,6 @@ pub mod proto {
     /// `google/protobuf/duration.proto`, imported by the `google.rpc` error
     /// details, for reflection.
     pub const DURATION_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/duration_descriptor.bin"));
-}
-
-/// The URI of a gRPC address: `host:port` is reached over `http://`; an
-/// address with a scheme is kept as given. Every client (the scenario
-/// runner's backend, `tagward authorize`, the load tool) goes through here.
-pub fn uri(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
 }
 
 /// Every gRPC status code, in the order of its number, with its two
@@ -171,11 +161,5 @@ mod tests {
             assert_eq!(Code::from(i as i32), *code);
             assert_eq!((code_name(*code), go_code_name(*code)), (*canonical, *go));
         }
-    }
-
-    #[test]
-    fn addresses_without_a_scheme_get_http() {
-        assert_eq!(uri("127.0.0.1:50051"), "http://127.0.0.1:50051");
-        assert_eq!(uri("https://sidecar:443"), "https://sidecar:443");
     }
 }

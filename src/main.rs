@@ -19,6 +19,7 @@ use tagward::audit::default_node_name;
 use tagward::audit::AuditLog;
 use tagward::engine;
 use tagward::grpc::client::GrpcBackend;
+use tagward::grpc::dial::ClientTls;
 use tagward::grpc::identity::{Callers, TaggingMode};
 use tagward::grpc::proto;
 use tagward::grpc::server::{self, stop_signal, Config};
@@ -281,6 +282,36 @@ struct TestArgs {
     /// The admin token, with --server.
     #[arg(long, env = "TAGWARD_ADMIN_TOKEN", hide_env_values = true, allow_hyphen_values = true)]
     token: Option<String>,
+    /// TLS to both addresses (each TCP one; a Unix socket is plaintext).
+    #[command(flatten)]
+    tls: ClientTlsArgs,
+}
+
+/// A client's TLS settings (`tagward test --server`, `tagward authorize`):
+/// any of them, or an `https://` address, means TLS. The environment names
+/// differ from `serve`'s TAGWARD_TLS_CERT/KEY, the server's certificate.
+#[derive(clap::Args)]
+struct ClientTlsArgs {
+    /// Trust the server certificates these CAs issued (PEM); without it,
+    /// the system's CA bundle.
+    #[arg(long, env = "TAGWARD_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+    /// The client certificate chain (PEM) for mTLS, with --tls-key.
+    #[arg(long, env = "TAGWARD_CLIENT_TLS_CERT", requires = "tls_key", value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "TAGWARD_CLIENT_TLS_KEY", requires = "tls_cert", value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// The name the server certificate must carry, when it is not the
+    /// address's host (e.g. connecting to an IP address).
+    #[arg(long, env = "TAGWARD_TLS_SERVER_NAME", value_name = "NAME")]
+    tls_server_name: Option<String>,
+}
+
+impl From<ClientTlsArgs> for ClientTls {
+    fn from(a: ClientTlsArgs) -> ClientTls {
+        ClientTls { ca: a.tls_ca, cert: a.tls_cert, key: a.tls_key, server_name: a.tls_server_name }
+    }
 }
 
 /// `tagward export`.
@@ -306,9 +337,12 @@ struct ImportArgs {
 /// `tagward authorize`: one Authorize call.
 #[derive(clap::Args)]
 struct AskArgs {
-    /// The sidecar's data-plane address.
+    /// The sidecar's data-plane address: HOST:PORT, http://HOST:PORT,
+    /// https://HOST:PORT or unix:///PATH.
     #[arg(long, env = "TAGWARD_ADDR", default_value = "127.0.0.1:50051")]
     server: String,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
     /// An IAM user, role, assumed-role session or account-root ARN.
     #[arg(long)]
     principal: String,
@@ -377,7 +411,8 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Test(args) => {
             let summary = match (&args.server, &args.admin) {
                 (Some(server), Some(admin)) => {
-                    let mut backend = GrpcBackend::connect(server, admin, args.token).map_err(Failure::input)?;
+                    let mut backend =
+                        GrpcBackend::connect(server, admin, &args.tls.into(), args.token).map_err(Failure::input)?;
                     ops::run_tests(&args.paths, &mut backend)
                 }
                 _ => ops::run_tests(&args.paths, &mut InProcess::default()),
@@ -545,7 +580,7 @@ impl TryFrom<AskArgs> for Question {
 
     fn try_from(args: AskArgs) -> Result<Question, Failure> {
         let request = ask_request(&args).map_err(Failure::input)?;
-        Ok(Question { server: args.server, request, json: args.json })
+        Ok(Question { server: args.server, tls: args.tls.into(), request, json: args.json })
     }
 }
 

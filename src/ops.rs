@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 
 use crate::audit::AuditLog;
 use crate::grpc::convert::reason_wire_name;
+use crate::grpc::dial::{ClientTls, Target};
+use crate::grpc::error_name;
 use crate::grpc::proto::authorizer_client::AuthorizerClient;
 use crate::grpc::proto::{self, Decision};
-use crate::grpc::{error_name, uri};
 use crate::scenario::{self, Backend};
 use crate::store::{Durability, Store};
 use crate::world::WorldSpec;
@@ -173,8 +174,11 @@ pub fn run_tests(paths: &[PathBuf], backend: &mut dyn Backend) -> TestSummary {
 /// `tagward authorize`: one question for a running sidecar.
 #[derive(Debug, Clone)]
 pub struct Question {
-    /// The data-plane address (`host:port` or a URI).
+    /// The data-plane address (`HOST:PORT`, `http://`, `https://` or
+    /// `unix:///PATH`).
     pub server: String,
+    /// The client's TLS settings (any of them asks for TLS).
+    pub tls: ClientTls,
     pub request: proto::AuthorizeRequest,
     /// Print the answer as one JSON object.
     pub json: bool,
@@ -182,14 +186,15 @@ pub struct Question {
 
 /// Asks the question, prints the answer, and says whether it was Allow.
 pub fn authorize(question: Question) -> Result<bool, Failure> {
-    let Question { server, request, json } = question;
+    let Question { server, tls, request, json } = question;
+    let target = Target::new(&server, &tls).map_err(Failure::input)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::input(format!("cannot start a runtime: {e}")))?;
     let r = runtime
         .block_on(async {
-            let mut client = AuthorizerClient::connect(uri(&server)).await.map_err(|e| format!("cannot reach {server}: {e}"))?;
+            let mut client = AuthorizerClient::new(target.connect().await?);
             client.authorize(request).await.map(|r| r.into_inner()).map_err(|s| {
                 let name = error_name(&s).map(|n| format!(" {n}")).unwrap_or_default();
                 format!("{:?}{name}: {}", s.code(), s.message())

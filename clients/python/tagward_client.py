@@ -53,6 +53,7 @@ __all__ = [
     "pb",
     "pb_grpc",
     "TagwardClient",
+    "ClientTls",
     "ApplySession",
     "WatchStream",
     "ErrorInfo",
@@ -314,15 +315,97 @@ class WatchStream:
 # ------------------------------------------------------------------ client
 
 
+Pem = Union[str, bytes, "os.PathLike[str]"]
+
+
+class ClientTls:
+    """A client's TLS settings (see :class:`TagwardClient`); every error
+    names the argument and its CLI flag."""
+
+    _FLAGS = (("tls_ca", "--tls-ca"), ("tls_cert", "--tls-cert"), ("tls_key", "--tls-key"), ("tls_server_name", "--tls-server-name"))
+
+    def __init__(
+        self,
+        ca: Optional[Pem] = None,
+        cert: Optional[Pem] = None,
+        key: Optional[Pem] = None,
+        server_name: Optional[str] = None,
+    ):
+        self.ca, self.cert, self.key, self.server_name = ca, cert, key, server_name
+        if (cert is None) != (key is None):
+            given, missing = ("tls_cert (--tls-cert)", "tls_key (--tls-key)") if key is None else ("tls_key (--tls-key)", "tls_cert (--tls-cert)")
+            raise ValueError(f"{given}: needs {missing}, the other half of the client certificate")
+
+    def flag(self) -> Optional[str]:
+        """The first TLS argument given, as ``name (--flag)``."""
+        for (name, flag), value in zip(self._FLAGS, (self.ca, self.cert, self.key, self.server_name)):
+            if value is not None:
+                return f"{name} ({flag})"
+        return None
+
+    @staticmethod
+    def _pem(name: str, value: Optional[Pem]) -> Optional[bytes]:
+        if value is None or isinstance(value, bytes):
+            return value
+        try:
+            with open(value, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ValueError(f"{name}: cannot read {os.fspath(value)}: {e.strerror or e}") from e
+        if b"-----BEGIN " not in data:
+            raise ValueError(f"{name}: {os.fspath(value)} is not PEM")
+        return data
+
+    def channel(self, addr: str, only_unix: bool = True) -> grpc.Channel:
+        """A channel to ``addr`` (``HOST:PORT``, ``http://``, ``https://`` or
+        ``unix:///PATH``), with TLS when asked for."""
+        flag = self.flag()
+        if addr.startswith("unix:"):
+            if not addr.startswith("unix:///"):
+                raise ValueError(f"{addr!r}: a Unix socket is unix:///ABSOLUTE/PATH (three slashes)")
+            if flag and only_unix:
+                raise ValueError(f"{flag}: {addr} is a Unix socket, which the sidecar serves without TLS")
+            # grpcio's default :authority for a Unix socket is the escaped
+            # path, which the sidecar's HTTP/2 stack refuses (RST_STREAM
+            # PROTOCOL_ERROR): send "localhost", as the Rust clients do.
+            return grpc.insecure_channel(addr, options=[("grpc.default_authority", "localhost")])
+        if addr.startswith("http://"):
+            if flag:
+                raise ValueError(f"{flag}: {addr} is plaintext (http://); give https://HOST:PORT or HOST:PORT for TLS")
+            return grpc.insecure_channel(addr[len("http://"):].rstrip("/"))
+        if "://" in addr and not addr.startswith("https://"):
+            raise ValueError(f"{addr!r}: expected HOST:PORT, http://HOST:PORT, https://HOST:PORT or unix:///PATH")
+        https = addr.startswith("https://")
+        target = addr[len("https://"):].rstrip("/") if https else addr
+        if not (https or flag):
+            return grpc.insecure_channel(target)
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=self._pem("tls_ca (--tls-ca)", self.ca),
+            private_key=self._pem("tls_key (--tls-key)", self.key),
+            certificate_chain=self._pem("tls_cert (--tls-cert)", self.cert),
+        )
+        options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+        return grpc.secure_channel(target, creds, options=options)
+
+
 class TagwardClient:
     """A client of one Tagward sidecar.
 
     ``data_addr`` serves Authorizer, Tagging, health and reflection;
     ``admin_addr`` serves Admin (optional when no admin call is made). With
     ``token`` every Admin call carries ``authorization: Bearer <token>``.
-    Addresses are ``host:port`` (insecure channels: Tagward is a sidecar on
-    loopback or a pod network). ``timeout`` is the default deadline of every
-    unary call and of :meth:`apply`, in seconds.
+    ``timeout`` is the default deadline of every unary call and of
+    :meth:`apply`, in seconds.
+
+    An address is ``HOST:PORT``, ``http://HOST:PORT``, ``https://HOST:PORT``
+    or ``unix:///PATH`` (a Unix socket, always plaintext: the sidecar serves
+    no TLS there). ``https://`` or any TLS argument means TLS on each TCP
+    address: ``tls_ca`` is the CA bundle to trust (grpcio's default roots
+    without it), ``tls_cert`` and ``tls_key`` the client certificate and key
+    for mTLS, ``tls_server_name`` the name the server certificate must carry
+    when it is not the host. Each is a PEM file's path, or the PEM as bytes.
+    A TLS argument with only Unix-socket (or ``http://``) addresses is a
+    ``ValueError`` naming the argument.
     """
 
     def __init__(
@@ -332,12 +415,21 @@ class TagwardClient:
         token: Optional[str] = None,
         *,
         timeout: Optional[float] = DEFAULT_TIMEOUT,
+        tls_ca: Optional[Pem] = None,
+        tls_cert: Optional[Pem] = None,
+        tls_key: Optional[Pem] = None,
+        tls_server_name: Optional[str] = None,
     ):
         self.data_addr = data_addr
         self.admin_addr = admin_addr
         self.timeout = timeout
-        self._data = grpc.insecure_channel(data_addr)
-        self._admin = grpc.insecure_channel(admin_addr) if admin_addr else None
+        tls = ClientTls(tls_ca, tls_cert, tls_key, tls_server_name)
+        addrs = [a for a in (data_addr, admin_addr) if a]
+        both_unix = all(a.startswith("unix:") for a in addrs)
+        # TLS settings apply to each TCP address; a Unix socket is plaintext,
+        # unless every address is one (then the settings apply to nothing).
+        self._data = tls.channel(data_addr, both_unix)
+        self._admin = tls.channel(admin_addr, both_unix) if admin_addr else None
         self._admin_metadata: list = [("authorization", f"Bearer {token}")] if token is not None else []
         self.authorizer = pb_grpc.AuthorizerStub(self._data)
         self.tagging = pb_grpc.TaggingStub(self._data)
@@ -682,6 +774,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--server", default=os.environ.get("TAGWARD_ADDR", "127.0.0.1:50051"), help="data address (env TAGWARD_ADDR)")
     p.add_argument("--admin", default=os.environ.get("TAGWARD_ADMIN_ADDR", "127.0.0.1:50052"), help="admin address (env TAGWARD_ADMIN_ADDR)")
     p.add_argument("--token", default=os.environ.get("TAGWARD_ADMIN_TOKEN"), help="admin bearer token (env TAGWARD_ADMIN_TOKEN)")
+    env = os.environ.get
+    p.add_argument("--tls-ca", default=env("TAGWARD_TLS_CA"), metavar="PEM", help="TLS: trust these CAs (env TAGWARD_TLS_CA)")
+    p.add_argument("--tls-cert", default=env("TAGWARD_CLIENT_TLS_CERT"), metavar="PEM", help="mTLS: the client certificate (env TAGWARD_CLIENT_TLS_CERT)")
+    p.add_argument("--tls-key", default=env("TAGWARD_CLIENT_TLS_KEY"), metavar="PEM", help="mTLS: its private key (env TAGWARD_CLIENT_TLS_KEY)")
+    p.add_argument("--tls-server-name", default=env("TAGWARD_TLS_SERVER_NAME"), metavar="NAME", help="the name the server certificate must carry (env TAGWARD_TLS_SERVER_NAME)")
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("authorize", help="may PRINCIPAL do ACTION on RESOURCE?")
@@ -699,7 +796,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     w.add_argument("--from-revision", type=int, default=0)
 
     args = p.parse_args(argv)
-    with TagwardClient(args.server, args.admin, args.token) as tw:
+    try:
+        tw = TagwardClient(
+            args.server,
+            args.admin,
+            args.token,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_server_name=args.tls_server_name,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with tw:
         try:
             if args.command == "authorize":
                 r = tw.authorize(args.principal, args.action, args.resource, request_tags=args.tag, explain=args.explain)

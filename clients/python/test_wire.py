@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +28,7 @@ import tempfile
 import threading
 import time
 import traceback
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -84,9 +85,26 @@ def free_ports(n: int) -> List[int]:
 class Server:
     """The tagward binary, running `serve` on free loopback ports."""
 
-    def __init__(self, binary: str, token: str):
+    def __init__(
+        self,
+        binary: str,
+        token: str,
+        *,
+        args: Sequence[str] = (),
+        data_scheme: str = "",
+        admin_listen: Optional[str] = None,
+        client: Optional[Dict[str, Any]] = None,
+    ):
+        """``args`` are more serve flags (TLS), ``data_scheme`` prefixes the
+        data address clients use (``https://``), ``admin_listen`` replaces
+        the admin port (a ``unix:///PATH``), ``client`` are the
+        :class:`TagwardClient` TLS arguments the readiness probe needs."""
         self.binary = binary
         self.token = token
+        self.args = list(args)
+        self.data_scheme = data_scheme
+        self.admin_listen = admin_listen
+        self.client = client or {}
         self.proc: Optional[subprocess.Popen] = None
         self.log = tempfile.NamedTemporaryFile(prefix="tagward-wire-", suffix=".log", delete=False)
         self.data_addr = self.admin_addr = ""
@@ -95,15 +113,17 @@ class Server:
         last = ""
         for _ in range(attempts):
             data_port, admin_port = free_ports(2)
-            self.data_addr, self.admin_addr = f"127.0.0.1:{data_port}", f"127.0.0.1:{admin_port}"
+            self.data_addr = f"{self.data_scheme}127.0.0.1:{data_port}"
+            self.admin_addr = self.admin_listen or f"127.0.0.1:{admin_port}"
             cmd = [
                 self.binary, "serve",
-                "--listen", self.data_addr,
+                "--listen", f"127.0.0.1:{data_port}",
                 "--admin-listen", self.admin_addr,
                 "--world", WORLD,
                 "--data-dir", tempfile.mkdtemp(prefix="tagward-wire-data-"),
                 f"--admin-token={self.token}",  # one argument: a token may start with '-'
                 "--min-revision-wait-ms", str(MIN_REVISION_WAIT_MS),
+                *self.args,
             ]
             self.log.seek(0)
             self.log.truncate()
@@ -120,7 +140,7 @@ class Server:
                     break
                 except OSError:
                     time.sleep(0.02)
-            with TagwardClient(self.data_addr) as probe:
+            with TagwardClient(self.data_addr, **self.client) as probe:
                 while time.monotonic() < end and self.proc.poll() is None:
                     try:
                         if probe.health(timeout=1.0) == health_pb2.HealthCheckResponse.SERVING:
@@ -632,6 +652,126 @@ def _():
     assert kinds.count("put_policy") == len(world["policies"]) + 1  # + TagAnything
 
 
+def make_pki(dirname: str) -> Dict[str, str]:
+    """A throwaway CA, a server certificate for 127.0.0.1/localhost and a
+    client certificate (a SPIFFE URI SAN), as PEM files in ``dirname``."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def build(subject: str, key, issuer: str, issuer_key, ca: bool, sans, usage):
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(name(issuer))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        if usage:
+            b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    import ipaddress
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = build("wire test CA", ca_key, "wire test CA", ca_key, True, None, None)
+    files: Dict[str, str] = {}
+
+    def write(label: str, data: bytes) -> None:
+        files[label] = os.path.join(dirname, f"{label}.pem")
+        with open(files[label], "wb") as f:
+            f.write(data)
+
+    def key_pem(key) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+    write("ca", ca.public_bytes(serialization.Encoding.PEM))
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    server = build("tagward", server_key, "wire test CA", ca_key, False, sans, ExtendedKeyUsageOID.SERVER_AUTH)
+    write("server", server.public_bytes(serialization.Encoding.PEM))
+    write("server-key", key_pem(server_key))
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    spiffe = [x509.UniformResourceIdentifier("spiffe://example.org/ns/default/sa/wire")]
+    client = build("wire client", client_key, "wire test CA", ca_key, False, spiffe, ExtendedKeyUsageOID.CLIENT_AUTH)
+    write("client", client.public_bytes(serialization.Encoding.PEM))
+    write("client-key", key_pem(client_key))
+    return files
+
+
+def transport_check(binary: str) -> Tuple[bool, str]:
+    """A second server: mTLS on the data listener, the admin listener on a
+    Unix socket. The client reaches both (https:// with the CA and its
+    certificate; unix:///PATH), is refused without its certificate, and a
+    TLS argument for a Unix socket alone is a ValueError naming it."""
+    tmp = tempfile.mkdtemp(prefix="tagward-wire-tls-")
+    pki = make_pki(tmp)
+    sock = f"unix://{os.path.join(tmp, 'admin.sock')}"
+    tls = {"tls_ca": pki["ca"], "tls_cert": pki["client"], "tls_key": pki["client-key"]}
+    srv = Server(
+        binary,
+        token=secrets.token_urlsafe(24),
+        args=["--tls-cert", pki["server"], "--tls-key", pki["server-key"], "--tls-client-ca", pki["ca"]],
+        data_scheme="https://",
+        admin_listen=sock,
+        client=tls,
+    )
+    try:
+        srv.start()
+        with TagwardClient(srv.data_addr, srv.admin_addr, srv.token, **tls) as tw:
+            r = tw.authorize(ALPHA, "kms:Decrypt", K_ALPHA)
+            assert r.decision == pb.ALLOW, r
+            # The admin plane over the Unix socket (plaintext, with the token).
+            [ack] = tw.apply([set_tags(K_RESERVED, {"Via": "unix"})])
+            assert tw.authorize(ALPHA, "kms:Decrypt", K_ALPHA, min_revision=ack.revision).revision >= ack.revision
+        # The CA given as bytes and the name overridden: the same server.
+        with open(pki["ca"], "rb") as f:
+            ca_pem = f.read()
+        with TagwardClient(srv.data_addr, tls_ca=ca_pem, tls_cert=pki["client"], tls_key=pki["client-key"], tls_server_name="localhost") as tw:
+            assert tw.authorize(ALPHA, "kms:Decrypt", K_ALPHA).decision == pb.ALLOW
+        # No client certificate: the sidecar refuses the connection.
+        with TagwardClient(srv.data_addr, tls_ca=pki["ca"], timeout=3) as tw:
+            try:
+                tw.authorize(ALPHA, "kms:Decrypt", K_ALPHA)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE, e.code()
+            else:
+                raise AssertionError("served without a client certificate")
+        for kwargs, want in (
+            ({"tls_ca": pki["ca"]}, "tls_ca (--tls-ca): unix://"),
+            ({"tls_cert": pki["client"]}, "tls_cert (--tls-cert): needs tls_key (--tls-key)"),
+        ):
+            try:
+                TagwardClient(sock, **kwargs)
+            except ValueError as e:
+                assert str(e).startswith(want), e
+            else:
+                raise AssertionError(f"{kwargs}: accepted")
+        try:
+            TagwardClient("127.0.0.1:1", tls_ca=os.path.join(tmp, "missing.pem"))
+        except ValueError as e:
+            assert str(e).startswith("tls_ca (--tls-ca): cannot read"), e
+        else:
+            raise AssertionError("a missing CA file was accepted")
+        return True, f"mTLS data ({srv.data_addr}) and a Unix-socket admin listener ({srv.admin_addr})"
+    finally:
+        srv.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def stop_server_check(srv: Server) -> Tuple[bool, str]:
     """SIGTERM: an open Watch ends, exit code 0 within 15 s."""
     assert srv.proc is not None
@@ -703,6 +843,17 @@ def main() -> int:
             else:
                 passed += 1
                 print(f"ok   {name}")
+        try:
+            ok, detail = transport_check(binary)
+        except Exception as e:  # noqa: BLE001
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            ok, detail = False, f"line {where.lineno}: {type(e).__name__}: {e}"
+        if ok:
+            passed += 1
+            print(f"ok   TLS and Unix sockets: {detail}")
+        else:
+            failed += 1
+            print(f"FAIL TLS and Unix sockets: {detail}")
         try:
             ok, detail = stop_server_check(SRV)
         except Exception as e:  # noqa: BLE001

@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use tokio::runtime::Runtime;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Status};
 
+use super::dial::{ClientTls, Target};
 use super::proto::admin_client::AdminClient;
 use super::proto::authorizer_client::AuthorizerClient;
 use super::proto::tagging_client::TaggingClient;
@@ -30,8 +31,14 @@ pub struct GrpcBackend {
     admin: AdminClient<InterceptedService<Channel, TokenInterceptor>>,
 }
 
-fn endpoint(addr: &str) -> Result<Endpoint, String> {
-    Endpoint::from_shared(super::uri(addr)).map_err(|e| format!("{addr:?} is not an address: {e}"))
+/// The two addresses with the TLS settings: they apply to each TCP address;
+/// a Unix socket is plaintext, and TLS settings with two Unix sockets are
+/// refused (they would apply to nothing).
+fn targets(server: &str, admin: &str, tls: &ClientTls) -> Result<(Target, Target), String> {
+    let is_unix = |a: &str| a.starts_with("unix://");
+    let none = ClientTls::default();
+    let for_addr = |a: &str| if is_unix(a) && !(is_unix(server) && is_unix(admin)) { &none } else { tls };
+    Ok((Target::new(server, for_addr(server))?, Target::new(admin, for_addr(admin))?))
 }
 
 fn observed_error(status: &Status) -> Observed {
@@ -42,15 +49,18 @@ fn observed_error(status: &Status) -> Observed {
 }
 
 impl GrpcBackend {
-    /// Connects to the data-plane and admin addresses.
-    pub fn connect(server: &str, admin: &str, token: Option<String>) -> Result<GrpcBackend, String> {
+    /// Connects to the data-plane and admin addresses (`HOST:PORT`,
+    /// `http://`, `https://` or `unix:///PATH`), with the TLS settings on
+    /// each TCP address.
+    pub fn connect(server: &str, admin: &str, tls: &ClientTls, token: Option<String>) -> Result<GrpcBackend, String> {
+        let (server, admin) = targets(server, admin, tls)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| format!("cannot start a runtime: {e}"))?;
         let (data, admin_channel) = runtime.block_on(async {
-            let data = endpoint(server)?.connect().await.map_err(|e| format!("cannot reach {server}: {e}"))?;
-            let admin_channel = endpoint(admin)?.connect().await.map_err(|e| format!("cannot reach {admin}: {e}"))?;
+            let data = server.connect().await?;
+            let admin_channel = admin.connect().await?;
             Ok::<_, String>((data, admin_channel))
         })?;
         let header = match token {

@@ -26,9 +26,10 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::Value;
+use tagward::grpc::dial::{ClientTls, Target};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Request;
 
 use crate::gen::{self, MixItem};
@@ -666,14 +667,15 @@ pub fn batch_requests_from_json(data: &Value) -> Result<Vec<proto::BatchAuthoriz
 
 // ------------------------------------------------------------------ running
 
+/// `connections` connections to `addr` (`HOST:PORT`, `http://`, `https://`
+/// trusting the system's CA bundle, or `unix:///PATH`), the way every
+/// Tagward client reaches a sidecar.
 async fn connect(addr: &str, connections: usize) -> Result<Vec<Channel>, String> {
+    let target = Target::new(addr, &ClientTls::default())?;
     let mut out = Vec::with_capacity(connections);
     for _ in 0..connections.max(1) {
-        let endpoint = Endpoint::from_shared(tagward::grpc::uri(addr))
-            .map_err(|e| format!("{addr}: {e}"))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5));
-        out.push(endpoint.connect().await.map_err(|e| format!("cannot reach {addr}: {e}"))?);
+        let endpoint = target.endpoint().tcp_nodelay(true).connect_timeout(Duration::from_secs(5));
+        out.push(target.connect_endpoint(endpoint).await?);
     }
     Ok(out)
 }
