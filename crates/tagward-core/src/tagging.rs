@@ -191,7 +191,10 @@ pub fn tag_actions(resource: &str) -> Option<[String; 3]> {
     let names =
         |tag: &str, untag: &str, list: &str| Some([format!("{svc}:{tag}"), format!("{svc}:{untag}"), format!("{svc}:{list}")]);
     match svc {
-        "kms" => names("TagResource", "UntagResource", "ListResourceTags"),
+        // Only keys: "you cannot tag ... a custom key store, or an alias"
+        // (AWS KMS API Reference, TagResource).
+        "kms" if arn.resource_type() == "key" => names("TagResource", "UntagResource", "ListResourceTags"),
+        "kms" => None,
         "ec2" => names("CreateTags", "DeleteTags", "DescribeTags"),
         "sqs" => names("TagQueue", "UntagQueue", "ListQueueTags"),
         "dynamodb" => names("TagResource", "UntagResource", "ListTagsOfResource"),
@@ -243,7 +246,15 @@ pub fn perform(state: &State, req: &TagRequest) -> Result<TagOutcome, TagError> 
         TagOp::Untag(keys) => request.tag_keys = Some(keys.clone()),
         TagOp::List => {}
     }
-    let decision = authorize(state, &request, false)?;
+    let mut decision = authorize(state, &request, false)?;
+    // "Cross-account use: No. You cannot perform this operation on a KMS key
+    // in a different AWS account" (AWS KMS API Reference, TagResource,
+    // UntagResource, ListResourceTags): a grant to another account has no
+    // effect for these operations, so they are not allowed.
+    let caller_account = crate::arn::Caller::parse(&req.principal).ok().map(|c| c.account);
+    if decision.allowed() && target.key().is_some() && target.account() != caller_account {
+        decision = Decision { reason: crate::engine::Reason::ImplicitDeny, matched: Vec::new(), ..decision };
+    }
     if !decision.allowed() {
         return Err(TagError::AccessDenied {
             principal: req.principal.clone(),
