@@ -175,12 +175,6 @@ impl IdentityMap {
         Ok(IdentityMap { entries })
     }
 
-    /// Reads a map file (YAML by its extension, else JSON).
-    pub fn load(path: &Path) -> Result<IdentityMap, IdentityMapError> {
-        let text = std::fs::read_to_string(path).map_err(IdentityMapError::Read)?;
-        IdentityMap::parse(&text, document::is_yaml(path))
-    }
-
     /// The identities of a peer that the map could name.
     fn identities(peer: &Peer) -> Vec<Identity> {
         match peer {
@@ -264,12 +258,15 @@ impl Callers {
     /// that reads is the new map; one that does not is logged, and the old
     /// map stays.
     pub fn watching(path: &Path, every: Duration) -> Result<Arc<Callers>, IdentityMapError> {
-        let map = IdentityMap::load(path)?;
+        // One read: the map and the version the reload loop compares with
+        // come from the same text.
+        let (modified, text) = stamp(path).map_err(IdentityMapError::Read)?;
+        let map = IdentityMap::parse(&text, document::is_yaml(path))?;
         info!(file = %path.display(), identities = map.len(), "identity map");
         let callers = Callers::with_map(map);
         let weak = Arc::downgrade(&callers);
         let path = path.to_path_buf();
-        let seen = stamp(&path);
+        let seen = Some((modified, text));
         std::thread::Builder::new()
             .name("tagward-identity".into())
             .spawn(move || reload_loop(&weak, &path, every, seen))
@@ -312,9 +309,9 @@ impl Callers {
 
 /// What identifies a version of the file: its modification time, length
 /// and text.
-fn stamp(path: &Path) -> Option<(Option<SystemTime>, String)> {
+fn stamp(path: &Path) -> std::io::Result<(Option<SystemTime>, String)> {
     let modified = std::fs::metadata(path).ok().and_then(|m| m.modified().ok());
-    std::fs::read_to_string(path).ok().map(|text| (modified, text))
+    std::fs::read_to_string(path).map(|text| (modified, text))
 }
 
 fn reload_loop(callers: &Weak<Callers>, path: &Path, every: Duration, mut seen: Option<(Option<SystemTime>, String)>) {
@@ -322,17 +319,21 @@ fn reload_loop(callers: &Weak<Callers>, path: &Path, every: Duration, mut seen: 
         std::thread::sleep(every);
         let Some(callers) = callers.upgrade() else { return };
         let now = stamp(path);
-        if now == seen {
+        let version = now.as_ref().ok().cloned();
+        if version == seen {
             continue;
         }
-        match IdentityMap::load(path) {
+        // The text just read is the one parsed: no second read that could
+        // see a newer file than the version remembered.
+        let parsed = now.map_err(IdentityMapError::Read).and_then(|(_, text)| IdentityMap::parse(&text, document::is_yaml(path)));
+        match parsed {
             Ok(map) => {
                 info!(file = %path.display(), identities = map.len(), "identity map reloaded");
                 callers.replace(map);
             }
             Err(e) => warn!(file = %path.display(), error = %e, "identity map not reloaded; the previous one stays"),
         }
-        seen = now;
+        seen = version;
     }
 }
 
