@@ -17,5 +17,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let duration = protox::compile(["google/protobuf/duration.proto"], ["proto"])?;
     std::fs::write(out_dir.join("duration_descriptor.bin"), duration.encode_to_vec())?;
     tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(descriptors)?;
+    // The subset of etcd's v3 API that fleet mode uses (`--store etcd://`),
+    // declared in proto/etcd/ with etcd's names and field numbers: a client
+    // only, and not served by reflection.
+    let etcd = protox::compile(["etcd/etcd.proto"], ["proto"])?;
+    tonic_prost_build::configure().build_client(true).build_server(false).compile_fds(etcd)?;
     Ok(())
 }

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod client;
 pub mod convert;
 pub mod dial;
+pub mod etcd;
 pub mod identity;
 pub mod peer;
 pub mod server;

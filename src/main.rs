@@ -18,8 +18,10 @@ use tracing::{error, info, warn};
 use tagward::audit::default_node_name;
 use tagward::audit::AuditLog;
 use tagward::engine;
+use tagward::grpc;
 use tagward::grpc::client::GrpcBackend;
 use tagward::grpc::dial::ClientTls;
+use tagward::grpc::etcd::EtcdUrl;
 use tagward::grpc::identity::{Callers, TaggingMode};
 use tagward::grpc::proto;
 use tagward::grpc::server::{self, stop_signal, Config};
@@ -211,6 +213,20 @@ struct Storage {
     /// Log bytes after which a snapshot is written and older files removed.
     #[arg(long, env = "TAGWARD_COMPACT_AFTER_BYTES", default_value_t = 64 * 1024 * 1024)]
     compact_after_bytes: u64,
+    /// Fleet mode: keep the state in etcd under a key prefix, shared by
+    /// every sidecar started with the same URL
+    /// (etcd://HOST:PORT[,HOST:PORT...]/PREFIX). --world then seeds an
+    /// empty prefix only, once.
+    #[arg(long, env = "TAGWARD_STORE", conflicts_with_all = ["ephemeral", "force_world"])]
+    store: Option<EtcdUrl>,
+    /// Fleet mode: health reports NOT_SERVING once the snapshot has not been
+    /// known to be etcd's newest state for this many seconds (answers go on,
+    /// from the last snapshot, with its revision).
+    #[arg(long, env = "TAGWARD_MAX_STALENESS", default_value_t = 5.0)]
+    max_staleness: f64,
+    /// Fleet mode: how long one etcd request may take, in milliseconds.
+    #[arg(long, env = "TAGWARD_ETCD_TIMEOUT_MS", default_value_t = 2000)]
+    etcd_timeout_ms: u64,
 }
 
 /// How much `serve` accepts, keeps and waits.
@@ -589,13 +605,21 @@ fn serve(args: ServeArgs) -> Result<ExitCode, Failure> {
     let mut config = Config::try_from(&args)?;
     let plan = StoragePlan::from(&args);
     let settings = observe::Settings::from(&args.observability);
-    let store = open_store(&plan)?;
-    let (policies, principals, resources) = store.snapshot().counts();
-    info!(policies, principals, resources, revision = store.revision(), "state ready");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::internal("cannot start the runtime").error(e))?;
+    let fleet = args.storage.store.as_ref().map(|url| Fleet {
+        url: url.clone(),
+        timeout: Duration::from_millis(args.storage.etcd_timeout_ms.max(1)),
+        max_staleness: Duration::from_secs_f64(args.storage.max_staleness.clamp(0.05, 86_400.0)),
+    });
+    let store = match &fleet {
+        Some(fleet) => runtime.block_on(open_fleet(&plan, fleet))?,
+        None => open_store(&plan)?,
+    };
+    let (policies, principals, resources) = store.snapshot().counts();
+    info!(policies, principals, resources, revision = store.revision(), "state ready");
     runtime.block_on(async {
         if let Some(addr) = settings.metrics_listen {
             observe::install_exporter(addr).map_err(|e| Failure::input(e.to_string()))?;
@@ -618,10 +642,77 @@ fn serve(args: ServeArgs) -> Result<ExitCode, Failure> {
         }
         // Before the listeners: a SIGTERM during start-up must stop us cleanly.
         let stop = stop_signal();
-        let running = server::start(config, store).await.map_err(|e| Failure::input(e.to_string()))?;
+        let running = server::start(config, store.clone()).await.map_err(|e| Failure::input(e.to_string()))?;
+        let staleness = fleet.map(|f| tokio::spawn(fleet_health(store, running.health_reporter(), f.max_staleness)));
+        let stop = async move {
+            stop.await;
+            // Shutdown's NOT_SERVING must not be turned back.
+            if let Some(task) = staleness {
+                task.abort();
+            }
+        };
         running.run_until(stop).await;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Fleet mode's settings (`--store etcd://...`).
+struct Fleet {
+    url: EtcdUrl,
+    timeout: Duration,
+    max_staleness: Duration,
+}
+
+/// Connects to etcd, seeds an empty prefix from the world file (once, for
+/// the whole fleet), loads the prefix and follows it.
+async fn open_fleet(plan: &StoragePlan, fleet: &Fleet) -> Result<Arc<Store>, Failure> {
+    let seed = plan.world.as_deref().map(ops::load_world).transpose()?;
+    let audit = open_audit(plan)?;
+    let (etcd, loaded) =
+        grpc::etcd::connect(&fleet.url, fleet.timeout, seed.as_ref(), &plan.node_name).await.map_err(Failure::internal)?;
+    let options = Durability { compact_after_bytes: MEMORY_COMPACT_AFTER, event_capacity: plan.event_capacity };
+    let store = Store::open_shared(Arc::new(etcd.clone()), &loaded.entries, loaded.revision, &options, audit, &plan.node_name)
+        .map_err(|e| Failure::input(format!("{}: {e}", fleet.url)))?;
+    info!(store = %fleet.url, revision = loaded.revision, read_at = loaded.read_at, "fleet mode: loaded the prefix, following it");
+    let probe = (fleet.max_staleness / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    grpc::etcd::follow(etcd, store.clone(), loaded.read_at + 1, probe);
+    Ok(store)
+}
+
+/// Fleet mode's health: NOT_SERVING while the snapshot is older than
+/// --max-staleness (etcd unreachable, or the watch behind) or the store
+/// stopped following; SERVING again once it is current.
+async fn fleet_health(store: Arc<Store>, health: tonic_health::server::HealthReporter, max_staleness: Duration) {
+    let mut serving = true;
+    let mut tick = tokio::time::interval((max_staleness / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)));
+    loop {
+        tick.tick().await;
+        let age = store.snapshot_age();
+        let now = age <= max_staleness && store.stuck().is_none();
+        if now != serving {
+            serving = now;
+            if serving {
+                info!(revision = store.revision(), "the snapshot is current again: SERVING");
+            } else {
+                warn!(age_secs = age.as_secs_f64(), revision = store.revision(), stuck = ?store.stuck(),
+                    "the snapshot is older than --max-staleness: NOT_SERVING (answers go on from it)");
+            }
+            server::set_health(&health, serving).await;
+        }
+    }
+}
+
+fn open_audit(plan: &StoragePlan) -> Result<Option<AuditLog>, Failure> {
+    match &plan.audit_log {
+        Some(path) => {
+            let log = AuditLog::open(path)
+                .map_err(|e| Failure::input("cannot open the audit log").file(path).error(e))?
+                .with_node(plan.node_name.clone());
+            info!(file = %path.display(), node = %plan.node_name, "audit trail");
+            Ok(Some(log))
+        }
+        None => Ok(None),
+    }
 }
 
 /// Loads the world file, opens the audit trail, then the store (in memory,
@@ -630,16 +721,7 @@ fn open_store(plan: &StoragePlan) -> Result<Arc<Store>, Failure> {
     let seed = plan.world.as_deref().map(ops::load_world).transpose()?;
     // Opened first: the store writes to it from the first change it makes
     // (a forced world file included).
-    let audit = match &plan.audit_log {
-        Some(path) => {
-            let log = AuditLog::open(path)
-                .map_err(|e| Failure::input("cannot open the audit log").file(path).error(e))?
-                .with_node(plan.node_name.clone());
-            info!(file = %path.display(), node = %plan.node_name, "audit trail");
-            Some(log)
-        }
-        None => None,
-    };
+    let audit = open_audit(plan)?;
     match &plan.durability {
         None => {
             let options = Durability { compact_after_bytes: MEMORY_COMPACT_AFTER, event_capacity: plan.event_capacity };

@@ -163,7 +163,12 @@ pub fn install_exporter(addr: std::net::SocketAddr) -> Result<(), ExporterError>
     metrics::describe_counter!(AUDIT_FAILURES, "Audit writes that failed (the change was refused)");
     metrics::describe_gauge!(REVISION, "Revision of the published snapshot");
     metrics::describe_gauge!(PUBLISHED_AT, metrics::Unit::Seconds, "When the current snapshot was published (Unix time)");
-    metrics::describe_gauge!(SNAPSHOT_AGE, metrics::Unit::Seconds, "Seconds since the current snapshot was published");
+    metrics::describe_gauge!(
+        SNAPSHOT_AGE,
+        metrics::Unit::Seconds,
+        "Seconds since the current snapshot was published (fleet mode: since it was last known to be etcd's newest state)"
+    );
+    metrics::describe_gauge!(REVISION_LAG, "Fleet mode: revisions the snapshot was behind etcd when last looked at");
     metrics::describe_gauge!(POLICIES, "Managed policies");
     metrics::describe_gauge!(PRINCIPALS, "Principals");
     metrics::describe_gauge!(RESOURCES, "Resources");

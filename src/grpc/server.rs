@@ -306,7 +306,20 @@ fn tls_mode(tls: &Option<Arc<Tls>>) -> &'static str {
     }
 }
 
+/// Sets the data plane's health (the Authorizer and the server as a whole).
+pub async fn set_health(health: &HealthReporter, serving: bool) {
+    let status = if serving { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+    health.set_service_status("tagward.v1.Authorizer", status).await;
+    health.set_service_status("", status).await;
+}
+
 impl Running {
+    /// The health reporter, for whatever else decides health (fleet mode's
+    /// staleness).
+    pub fn health_reporter(&self) -> HealthReporter {
+        self.health.clone()
+    }
+
     /// Health goes NOT_SERVING, streams end, listeners stop accepting, and
     /// in-flight calls get up to the grace period to finish.
     pub async fn shutdown(self) {

@@ -205,8 +205,7 @@ impl Tagging for TaggingService {
         observed("TagResource", "TagResource", async {
             let req = convert::tag_resource(request.get_ref(), &self.0.context_rules)?;
             self.may_write(peer_of(&request).as_ref(), &req)?;
-            let (done, ticket) = self.0.store.tag(&req).map_err(tag_status)?;
-            ticket.durable().await.map_err(|e| tag_status(TagError::Unavailable(e.to_string())))?;
+            let done = self.0.store.tag_acked(&req).await.map_err(tag_status)?;
             Span::current().record("decision", field::display(done.outcome.decision.reason.as_str()));
             Ok(Response::new(proto::TagResourceResponse {
                 revision: done.revision,
@@ -224,8 +223,7 @@ impl Tagging for TaggingService {
         observed("UntagResource", "UntagResource", async {
             let req = convert::untag_resource(request.get_ref(), &self.0.context_rules)?;
             self.may_write(peer_of(&request).as_ref(), &req)?;
-            let (done, ticket) = self.0.store.tag(&req).map_err(tag_status)?;
-            ticket.durable().await.map_err(|e| tag_status(TagError::Unavailable(e.to_string())))?;
+            let done = self.0.store.tag_acked(&req).await.map_err(tag_status)?;
             Span::current().record("decision", field::display(done.outcome.decision.reason.as_str()));
             Ok(Response::new(proto::UntagResourceResponse {
                 revision: done.revision,
@@ -346,6 +344,34 @@ fn accept_one(store: &Store, req: &proto::ApplyRequest, actor: &str) -> Result<T
     })
 }
 
+/// An update from the stream as accepted: a ticket to wait for (a local
+/// store), or the answer already (a fleet store).
+enum Accepted {
+    Ticket(Result<Ticket, UpdateError>),
+    Done(Result<u64, UpdateError>),
+}
+
+/// A fleet store's update from the stream: converted, committed through
+/// etcd and held here; errors name the path inside the update.
+async fn accept_shared(store: &Store, req: &proto::ApplyRequest, actor: &str) -> Result<u64, UpdateError> {
+    let converted = match &req.update {
+        None => Err(UpdateError { code: ErrorCode::Validation, message: "required".into() }),
+        Some(u) => convert::update(u, ""),
+    };
+    let result = match converted {
+        Ok(update) => store.apply_acked(&update, actor).await,
+        Err(e) => {
+            observe::admin_update(Some(e.code));
+            Err(e)
+        }
+    };
+    result.map_err(|mut e| {
+        e.message =
+            if e.message.starts_with("required") { format!("update: {}", e.message) } else { format!("update.{}", e.message) };
+        e
+    })
+}
+
 type ApplyStream = ReceiverStream<Result<proto::ApplyResponse, Status>>;
 type WatchStream = ReceiverStream<Result<proto::WatchEvent, Status>>;
 
@@ -379,7 +405,7 @@ impl AdminService {
         let (tx, rx) = mpsc::channel(64);
         // Accepted updates wait here for their durability, in order: the
         // reader keeps accepting meanwhile, so one sync covers many updates.
-        let (accepted_tx, mut accepted) = mpsc::channel::<Result<(String, Result<Ticket, UpdateError>), Status>>(1024);
+        let (accepted_tx, mut accepted) = mpsc::channel::<Result<(String, Accepted), Status>>(1024);
         let store = self.0.store.clone();
         let mut shutdown = self.0.shutdown.clone();
         tokio::spawn(async move {
@@ -389,6 +415,18 @@ impl AdminService {
                     _ = shutdown.wait_for(|down| *down) => break,
                 };
                 match next {
+                    // A fleet store commits each update through etcd and
+                    // answers it once this sidecar holds it, in order.
+                    Ok(Some(req)) if store.is_shared() => {
+                        let id = req.id.clone();
+                        let result = match accept_shared(&store, &req, &actor).await {
+                            Ok(revision) => Accepted::Done(Ok(revision)),
+                            Err(e) => Accepted::Done(Err(e)),
+                        };
+                        if accepted_tx.send(Ok((id, result))).await.is_err() {
+                            break;
+                        }
+                    }
                     Ok(Some(req)) => {
                         let store = store.clone();
                         let actor = actor.clone();
@@ -399,7 +437,7 @@ impl AdminService {
                             tokio::task::spawn_blocking(move || accept_one(&store, &req, &actor)).await.unwrap_or_else(|e| {
                                 Err(UpdateError { code: ErrorCode::Internal, message: format!("the update task failed: {e}") })
                             });
-                        if accepted_tx.send(Ok((id, result))).await.is_err() {
+                        if accepted_tx.send(Ok((id, Accepted::Ticket(result)))).await.is_err() {
                             break;
                         }
                     }
@@ -422,6 +460,16 @@ impl AdminService {
                         let _ = tx.send(Err(status)).await;
                         break;
                     }
+                };
+                let result = match result {
+                    Accepted::Ticket(result) => result,
+                    Accepted::Done(Ok(revision)) => {
+                        if tx.send(Ok(proto::ApplyResponse { id, revision, error: None })).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                    Accepted::Done(Err(e)) => Err(e),
                 };
                 let response = match result {
                     Ok(ticket) => match ticket.durable().await {

@@ -12,6 +12,9 @@ pub const AUDIT_REFUSALS_DROPPED: &str = "tagward_audit_refusals_dropped_total";
 pub const REVISION: &str = "tagward_snapshot_revision";
 pub const PUBLISHED_AT: &str = "tagward_snapshot_published_timestamp_seconds";
 pub const SNAPSHOT_AGE: &str = "tagward_snapshot_age_seconds";
+/// Fleet mode: revisions the snapshot was behind the shared store (etcd)
+/// when last looked at.
+pub const REVISION_LAG: &str = "tagward_snapshot_revision_lag";
 pub const POLICIES: &str = "tagward_policies";
 pub const PRINCIPALS: &str = "tagward_principals";
 pub const RESOURCES: &str = "tagward_resources";

@@ -37,7 +37,12 @@ use tagward_core::tagging::{perform, TagError, TagOutcome, TagRequest};
 use tagward_core::world::{ResourceBuilder, WorldSpec};
 
 use crate::audit::{AuditLog, Refusal, Refused as RefusedWrite};
+mod shared;
 use crate::storage::{Backend, Cut, FileBackend, Loaded, LogRecord, MemoryBackend, StorageError};
+pub use shared::{
+    entities, load_state, seed_transaction, CommitError, CommitFuture, Delivered, EntityKey, Guard, LogEntry, Op, Shared, Txn,
+    ENTITY_DIR, LOG_KEY,
+};
 /// The vocabulary of changes, where the store's callers have always found it.
 pub use tagward_core::change::{ChangeKind, EntityKind, Event, EventKind, Update, UpdateError};
 
@@ -137,6 +142,9 @@ struct Inner {
     refusals: Mutex<VecDeque<Refusal>>,
     /// When the current snapshot was published.
     published_at: Mutex<std::time::Instant>,
+    /// Set for a fleet store (`shared.rs`): its changes go through a shared
+    /// store.
+    fleet: shared::FleetCell,
 }
 
 /// The live world.
@@ -380,6 +388,7 @@ impl Store {
             audit: Mutex::new(audit),
             refusals: Mutex::new(VecDeque::new()),
             published_at: Mutex::new(std::time::Instant::now()),
+            fleet: shared::FleetCell::new(),
         });
         let shared = inner.clone();
         let spawned = std::thread::Builder::new().name("tagward-commit".into()).spawn(move || committer(&shared));
@@ -475,8 +484,12 @@ impl Store {
         self.inner.current.load().revision()
     }
 
-    /// How long ago the current snapshot was published.
+    /// How long ago the current snapshot was published; for a fleet store,
+    /// how long ago it was last known to be the newest state of the prefix.
     pub fn snapshot_age(&self) -> Duration {
+        if let Some(age) = self.fleet_age() {
+            return age;
+        }
         lock(&self.inner.published_at).elapsed()
     }
 
@@ -536,6 +549,9 @@ impl Store {
     }
 
     fn apply_unmetered(&self, update: &Update, actor: &str) -> Result<Ticket, UpdateError> {
+        if self.is_shared() {
+            return Err(UpdateError::new(ErrorCode::StorageFailed, "a fleet store takes changes through apply_acked"));
+        }
         let mut writer = lock(&self.inner.writer);
         if let Some(failed) = &writer.failed {
             return Err(UpdateError::new(ErrorCode::StorageFailed, StorageFailed(failed.clone()).to_string()));
@@ -564,6 +580,9 @@ impl Store {
     /// Performs a tag operation as a principal, on the newest accepted
     /// state. The ticket says when the change is durable and visible.
     pub fn tag(&self, req: &TagRequest) -> Result<(Tagged, Ticket), TagError> {
+        if self.is_shared() {
+            return Err(TagError::Unavailable("a fleet store takes changes through tag_acked".into()));
+        }
         let mut writer = lock(&self.inner.writer);
         let head = writer.head.clone();
         let mut outcome = match perform(&head, req) {

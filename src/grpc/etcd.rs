@@ -1,0 +1,422 @@
+//! Fleet mode's shared store: etcd's v3 API over gRPC, with the client
+//! generated from `proto/etcd/etcd.proto` (our own declaration of the part
+//! of etcd's API we use, compiled by protox: no system `protoc`).
+//!
+//! [`Etcd`] implements the store's [`Shared`] trait (transactions guarded by
+//! `mod_revision` compares), loads a prefix page by page at one revision,
+//! and [`follow`] keeps a fleet store current: a watch from the revision
+//! after the load, each transaction delivered whole, resumed from the last
+//! applied revision after a disconnect, and a whole reload when etcd has
+//! compacted past it; a probe reads the prefix's newest revision to measure
+//! the lag and confirm the snapshot is current (its age is what health
+//! compares with `--max-staleness`).
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+use tracing::{info, warn};
+
+use crate::store::{CommitError, CommitFuture, Delivered, Guard, Op, Shared, Store, Txn, LOG_KEY};
+
+/// The generated etcd client (`proto/etcd/etcd.proto`).
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("etcdserverpb");
+}
+
+use pb::kv_client::KvClient;
+use pb::watch_client::WatchClient;
+
+/// Keys read per page when loading a prefix.
+const PAGE: i64 = 1000;
+/// Largest etcd response accepted (a page of entities).
+const MAX_RESPONSE: usize = 256 << 20;
+
+/// `etcd://HOST:PORT[,HOST:PORT...]/PREFIX`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdUrl {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+}
+
+impl FromStr for EtcdUrl {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<EtcdUrl, String> {
+        let rest = text
+            .strip_prefix("etcd://")
+            .ok_or_else(|| format!("--store {text:?}: expected etcd://HOST:PORT[,HOST:PORT...]/PREFIX"))?;
+        let (hosts, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let prefix = prefix.trim_matches('/');
+        if prefix.is_empty() {
+            return Err(format!("--store {text:?}: the key prefix is missing (etcd://HOST:PORT/PREFIX)"));
+        }
+        let mut endpoints = Vec::new();
+        for host in hosts.split(',') {
+            let valid = host.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !valid {
+                return Err(format!("--store {text:?}: {host:?} is not HOST:PORT"));
+            }
+            endpoints.push(host.to_string());
+        }
+        Ok(EtcdUrl { endpoints, prefix: prefix.to_string() })
+    }
+}
+
+impl std::fmt::Display for EtcdUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "etcd://{}/{}", self.endpoints.join(","), self.prefix)
+    }
+}
+
+/// The key after every key that starts with `key`.
+fn range_end(key: &[u8]) -> Vec<u8> {
+    let mut end = key.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// A connection to etcd, for one prefix.
+#[derive(Clone)]
+pub struct Etcd {
+    kv: KvClient<Channel>,
+    watch: WatchClient<Channel>,
+    /// `PREFIX/`: every key of this fleet starts with it.
+    root: String,
+    place: String,
+    timeout: Duration,
+}
+
+/// A prefix as loaded: its keys (relative), the revision of its newest
+/// change and the etcd revision it was read at.
+pub struct Loaded {
+    pub entries: Vec<(String, Vec<u8>)>,
+    pub revision: u64,
+    pub read_at: u64,
+}
+
+fn unavailable(what: &str, status: &tonic::Status) -> String {
+    format!("etcd {what}: {}: {}", crate::grpc::code_name(status.code()), status.message())
+}
+
+impl Etcd {
+    /// A client for `url` (connecting lazily: etcd may come later).
+    pub fn new(url: &EtcdUrl, timeout: Duration) -> Result<Etcd, String> {
+        let mut endpoints = Vec::new();
+        for e in &url.endpoints {
+            let endpoint = Endpoint::from_shared(format!("http://{e}"))
+                .map_err(|err| format!("--store: {e:?}: {err}"))?
+                .connect_timeout(timeout)
+                .http2_keep_alive_interval(Duration::from_secs(1))
+                .keep_alive_timeout(timeout)
+                .keep_alive_while_idle(true);
+            endpoints.push(endpoint);
+        }
+        let channel =
+            if endpoints.len() == 1 { endpoints.remove(0).connect_lazy() } else { Channel::balance_list(endpoints.into_iter()) };
+        Ok(Etcd {
+            kv: KvClient::new(channel.clone()).max_decoding_message_size(MAX_RESPONSE),
+            watch: WatchClient::new(channel).max_decoding_message_size(MAX_RESPONSE),
+            root: format!("{}/", url.prefix),
+            place: url.to_string(),
+            timeout,
+        })
+    }
+
+    fn key(&self, rel: &str) -> Vec<u8> {
+        format!("{}{rel}", self.root).into_bytes()
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        r.set_timeout(self.timeout);
+        r
+    }
+
+    /// The whole prefix at one revision, page by page.
+    pub async fn load(&self) -> Result<Loaded, String> {
+        let root = self.root.as_bytes().to_vec();
+        let end = range_end(&root);
+        let mut entries = Vec::new();
+        let mut from = root.clone();
+        let mut read_at = 0i64;
+        let mut revision = 0u64;
+        loop {
+            let req = pb::RangeRequest {
+                key: from.clone(),
+                range_end: end.clone(),
+                limit: PAGE,
+                revision: read_at,
+                ..Default::default()
+            };
+            let resp = self.kv.clone().range(self.request(req)).await.map_err(|s| unavailable("range", &s))?.into_inner();
+            if read_at == 0 {
+                read_at = resp.header.as_ref().map_or(0, |h| h.revision);
+            }
+            let last = resp.kvs.last().map(|kv| kv.key.clone());
+            for kv in resp.kvs {
+                let rel = String::from_utf8_lossy(&kv.key[root.len().min(kv.key.len())..]).into_owned();
+                if rel == LOG_KEY {
+                    revision = kv.mod_revision.max(0) as u64;
+                }
+                entries.push((rel, kv.value));
+            }
+            match (resp.more, last) {
+                (true, Some(mut key)) => {
+                    key.push(0);
+                    from = key;
+                }
+                _ => break,
+            }
+        }
+        Ok(Loaded { entries, revision, read_at: read_at.max(0) as u64 })
+    }
+
+    /// The revision of the newest change on the prefix (0: none yet).
+    pub async fn newest(&self) -> Result<u64, String> {
+        let req = pb::RangeRequest { key: self.key(LOG_KEY), ..Default::default() };
+        let resp = self.kv.clone().range(self.request(req)).await.map_err(|s| unavailable("range", &s))?.into_inner();
+        Ok(resp.kvs.first().map_or(0, |kv| kv.mod_revision.max(0) as u64))
+    }
+
+    /// Compacts etcd's history up to `revision` (tests, tools).
+    pub async fn compact(&self, revision: u64) -> Result<(), String> {
+        let req = pb::CompactionRequest { revision: revision as i64, physical: true };
+        self.kv.clone().compact(self.request(req)).await.map_err(|s| unavailable("compact", &s))?;
+        Ok(())
+    }
+
+    fn compare(&self, guard: &Guard) -> pb::Compare {
+        use pb::compare::{CompareResult, CompareTarget, TargetUnion};
+        let (result, target, key, union, range) = match guard {
+            Guard::Unchanged { key, since } => {
+                (CompareResult::Less, CompareTarget::Mod, self.key(key), TargetUnion::ModRevision(*since as i64 + 1), Vec::new())
+            }
+            Guard::DirUnchanged { dir, since } => {
+                let key = self.key(dir);
+                let end = range_end(&key);
+                (CompareResult::Less, CompareTarget::Mod, key, TargetUnion::ModRevision(*since as i64 + 1), end)
+            }
+            Guard::Exists { key } => {
+                (CompareResult::Greater, CompareTarget::Version, self.key(key), TargetUnion::Version(0), Vec::new())
+            }
+            Guard::Missing { key } => {
+                (CompareResult::Equal, CompareTarget::Create, self.key(key), TargetUnion::CreateRevision(0), Vec::new())
+            }
+        };
+        pb::Compare { result: result as i32, target: target as i32, key, target_union: Some(union), range_end: range }
+    }
+
+    fn txn_request(&self, txn: &Txn) -> pb::TxnRequest {
+        use pb::request_op::Request;
+        let success = txn
+            .ops
+            .iter()
+            .map(|op| pb::RequestOp {
+                request: Some(match op {
+                    Op::Put { key, value } => {
+                        Request::RequestPut(pb::PutRequest { key: self.key(key), value: value.clone(), ..Default::default() })
+                    }
+                    Op::Delete { key } => {
+                        Request::RequestDeleteRange(pb::DeleteRangeRequest { key: self.key(key), ..Default::default() })
+                    }
+                }),
+            })
+            .collect();
+        // When a guard fails: the prefix's newest revision, to catch up to.
+        let failure = vec![pb::RequestOp {
+            request: Some(Request::RequestRange(pb::RangeRequest { key: self.key(LOG_KEY), ..Default::default() })),
+        }];
+        pb::TxnRequest { compare: txn.guards.iter().map(|g| self.compare(g)).collect(), success, failure }
+    }
+}
+
+impl Shared for Etcd {
+    fn commit(&self, txn: Txn) -> CommitFuture {
+        let request = self.request(self.txn_request(&txn));
+        let mut kv = self.kv.clone();
+        Box::pin(async move {
+            let resp = match kv.txn(request).await {
+                Ok(r) => r.into_inner(),
+                // etcd's "too many operations" and "request too large".
+                Err(s) if s.code() == Code::InvalidArgument => return Err(CommitError::Refused(s.message().to_string())),
+                Err(s) => return Err(CommitError::Unavailable(unavailable("txn", &s))),
+            };
+            let revision = resp.header.as_ref().map_or(0, |h| h.revision.max(0) as u64);
+            if resp.succeeded {
+                return Ok(revision);
+            }
+            let current = resp
+                .responses
+                .first()
+                .and_then(|r| match &r.response {
+                    Some(pb::response_op::Response::ResponseRange(range)) => range.kvs.first().map(|kv| kv.mod_revision),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            Err(CommitError::Conflict { current: current.max(0) as u64 })
+        })
+    }
+
+    fn place(&self) -> String {
+        self.place.clone()
+    }
+}
+
+/// Keeps `store` current from `etcd`: the watch from `from` (the revision
+/// after the load), and the probe every `probe`.
+pub fn follow(etcd: Etcd, store: Arc<Store>, from: u64, probe: Duration) {
+    let (watcher, watched) = (etcd.clone(), store.clone());
+    tokio::spawn(async move { watch_loop(watcher, watched, from).await });
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(probe);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Ok(newest) = etcd.newest().await {
+                store.confirm(newest);
+            }
+            metrics::gauge!(crate::observe::REVISION_LAG).set(store.revision_lag() as f64);
+        }
+    });
+}
+
+/// Why one watch stream ended.
+enum Ended {
+    /// etcd no longer has the history after the last applied revision.
+    Compacted(i64),
+    Failed(String),
+}
+
+async fn watch_loop(etcd: Etcd, store: Arc<Store>, mut from: u64) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match watch_once(&etcd, &store, &mut from).await {
+            Ended::Compacted(oldest) => {
+                warn!(from, oldest, "etcd compacted past the last applied revision: reloading the prefix");
+                match etcd.load().await {
+                    Ok(loaded) => match store.reload(&loaded.entries, loaded.revision) {
+                        Ok(()) => {
+                            info!(revision = loaded.revision, "reloaded the prefix");
+                            from = loaded.read_at + 1;
+                            backoff = Duration::from_millis(50);
+                            continue;
+                        }
+                        Err(e) => warn!(error = %e, "the reloaded prefix does not load"),
+                    },
+                    Err(e) => warn!(error = %e, "cannot reload the prefix"),
+                }
+            }
+            Ended::Failed(e) => {
+                if store.stuck().is_some() {
+                    // Serving the last whole state; nothing more to follow.
+                    return;
+                }
+                warn!(error = %e, from, "the etcd watch ended; resuming from the last applied revision");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+async fn watch_once(etcd: &Etcd, store: &Store, from: &mut u64) -> Ended {
+    let root = etcd.root.as_bytes().to_vec();
+    let create = pb::WatchCreateRequest {
+        key: root.clone(),
+        range_end: range_end(&root),
+        start_revision: *from as i64,
+        ..Default::default()
+    };
+    let (tx, rx) = mpsc::channel(1);
+    let first = pb::WatchRequest { request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)) };
+    if tx.send(first).await.is_err() {
+        return Ended::Failed("cannot start the watch".into());
+    }
+    let mut stream = match etcd.watch.clone().watch(ReceiverStream::new(rx)).await {
+        Ok(s) => s.into_inner(),
+        Err(s) => return Ended::Failed(unavailable("watch", &s)),
+    };
+    // `tx` stays open while the watch runs: etcd ends a watch whose
+    // request stream is closed.
+    let _requests = tx;
+    loop {
+        let resp = match stream.message().await {
+            Ok(Some(resp)) => resp,
+            Ok(None) => return Ended::Failed("etcd closed the watch".into()),
+            Err(s) => return Ended::Failed(unavailable("watch", &s)),
+        };
+        if resp.compact_revision > 0 {
+            return Ended::Compacted(resp.compact_revision);
+        }
+        if resp.canceled {
+            return Ended::Failed(format!("etcd canceled the watch: {}", resp.cancel_reason));
+        }
+        // Events of one revision are one transaction: deliver each whole.
+        let mut batch: Option<Delivered> = None;
+        for event in resp.events {
+            let Some(kv) = event.kv else { continue };
+            let revision = kv.mod_revision.max(0) as u64;
+            if batch.as_ref().is_some_and(|b| b.revision != revision) {
+                if let Some(done) = batch.take() {
+                    if let Err(e) = deliver(store, done, from) {
+                        return Ended::Failed(e);
+                    }
+                }
+            }
+            let b = batch.get_or_insert_with(|| Delivered { revision, ..Delivered::default() });
+            let rel = String::from_utf8_lossy(&kv.key[root.len().min(kv.key.len())..]).into_owned();
+            if event.r#type == pb::event::EventType::Delete as i32 {
+                b.deletes.push(rel);
+            } else {
+                b.puts.push((rel, kv.value));
+            }
+        }
+        if let Some(done) = batch.take() {
+            if let Err(e) = deliver(store, done, from) {
+                return Ended::Failed(e);
+            }
+        }
+    }
+}
+
+fn deliver(store: &Store, delivered: Delivered, from: &mut u64) -> Result<(), String> {
+    let revision = delivered.revision;
+    store.deliver(delivered)?;
+    *from = revision + 1;
+    Ok(())
+}
+
+/// Connects, seeds an empty prefix from `seed` (one transaction: the first
+/// sidecar to commit it seeds, the others find it seeded), loads the
+/// prefix and returns what to open the store with.
+pub async fn connect(
+    url: &EtcdUrl,
+    timeout: Duration,
+    seed: Option<&crate::world::WorldSpec>,
+    node: &str,
+) -> Result<(Etcd, Loaded), String> {
+    let etcd = Etcd::new(url, timeout)?;
+    if let Some(world) = seed {
+        let txn = crate::store::seed_transaction(world, "world-file", node).map_err(|e| format!("the world file: {e}"))?;
+        match etcd.commit(txn).await {
+            Ok(revision) => info!(revision, store = %url, "seeded the empty prefix from the world file"),
+            Err(CommitError::Conflict { current }) => {
+                info!(revision = current, store = %url, "the prefix already holds state, so the world file is not applied")
+            }
+            Err(e) => return Err(format!("{url}: cannot seed the prefix: {e}")),
+        }
+    }
+    let loaded = etcd.load().await.map_err(|e| format!("{url}: cannot load the prefix: {e}"))?;
+    Ok((etcd, loaded))
+}
