@@ -23,6 +23,7 @@ pub use tagward::grpc::proto::authorizer_client::AuthorizerClient;
 pub use tagward::grpc::proto::tagging_client::TaggingClient;
 pub use tonic_health::pb::health_client::HealthClient;
 
+pub mod etcd;
 pub mod pki;
 pub mod process;
 #[allow(unused_imports)] // each test file uses its part

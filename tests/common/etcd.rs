@@ -1,0 +1,113 @@
+//! A real etcd for the fleet tests: `etcd` (Debian's `etcd-server`) on
+//! loopback ports of its own, its data in the test's scratch directory,
+//! killed when dropped. Where `etcd` is not on the PATH, [`Etcd::available`]
+//! says so loudly and the test returns; with `CI=true` that is a failure.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tagward::grpc::etcd::{Etcd as Client, EtcdUrl};
+
+pub struct Etcd {
+    child: Option<Child>,
+    dir: PathBuf,
+    client: u16,
+    peer: u16,
+}
+
+/// Is `etcd` on the PATH? If not, prints why the test did not run (and
+/// fails under `CI=true`, where `.ci/run` installs it).
+pub fn available(test: &str) -> bool {
+    let found = Command::new("etcd").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
+    if !found {
+        let message = format!(
+            "\n!!!!! FLEET TEST {test} DID NOT RUN: `etcd` is not on the PATH.\n!!!!! Install it with deploy/install-etcd.sh (Debian's etcd-server package).\n"
+        );
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{message}(CI=true: a fleet test that cannot run is a failure)");
+        }
+        eprintln!("{message}");
+    }
+    found
+}
+
+impl Etcd {
+    /// Starts etcd with its data under `scratch` and waits until it answers.
+    pub async fn start(scratch: &Path) -> Etcd {
+        let mut etcd =
+            Etcd { child: None, dir: scratch.join("etcd"), client: super::free_port(), peer: super::free_port() };
+        etcd.spawn();
+        etcd.wait_ready().await;
+        etcd
+    }
+
+    fn spawn(&mut self) {
+        let client = format!("http://127.0.0.1:{}", self.client);
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.with_extension("log"))
+            .expect("open the etcd log");
+        let child = Command::new("etcd")
+            .args(["--name", "fleet-test", "--data-dir"])
+            .arg(&self.dir)
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("fleet-test={peer}")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd");
+        self.child = Some(child);
+    }
+
+    async fn wait_ready(&self) {
+        let client = self.client();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if client.newest().await.is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "etcd did not answer within 30 s; see {}", self.dir.with_extension("log").display());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `etcd://127.0.0.1:PORT/PREFIX`.
+    pub fn url(&self, prefix: &str) -> String {
+        format!("etcd://127.0.0.1:{}/{prefix}", self.client)
+    }
+
+    /// A client of this etcd (for a prefix that does not matter).
+    pub fn client(&self) -> Client {
+        self.client_for("fleet")
+    }
+
+    pub fn client_for(&self, prefix: &str) -> Client {
+        let url: EtcdUrl = self.url(prefix).parse().expect("an etcd URL");
+        Client::new(&url, Duration::from_secs(2)).expect("an etcd client")
+    }
+
+    /// SIGKILL, and wait for the exit.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same ports and data.
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+        self.wait_ready().await;
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
