@@ -60,7 +60,9 @@ async fn history(server: &Tagward, from: u64, until: u64) -> Vec<(u64, Vec<(Stri
     if until <= from {
         return out;
     }
-    while let Some(event) = tokio::time::timeout(Duration::from_secs(20), stream.message()).await.expect("the watch stalled").unwrap() {
+    while let Some(event) =
+        tokio::time::timeout(Duration::from_secs(20), stream.message()).await.expect("the watch stalled").unwrap()
+    {
         if let Some(proto::watch_event::Event::TagChange(change)) = &event.event {
             out.push((event.revision, tags_of(&change.after)));
         }
@@ -227,17 +229,15 @@ async fn etcd_killed_and_restarted_under_load() {
     assert!(!allowed(&r));
 
     // Authorize keeps going on both sidecars through the outage.
-    let load = |mut client: AuthorizerClient<tonic::transport::Channel>| {
-        async move {
-            let mut answers = Vec::new();
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while answers.len() < 400 && Instant::now() < deadline {
-                let r = client.authorize(decrypt(0)).await.expect("Authorize answers during the outage").into_inner();
-                answers.push((r.revision, allowed(&r)));
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            answers
+    let load = |mut client: AuthorizerClient<tonic::transport::Channel>| async move {
+        let mut answers = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while answers.len() < 400 && Instant::now() < deadline {
+            let r = client.authorize(decrypt(0)).await.expect("Authorize answers during the outage").into_inner();
+            answers.push((r.revision, allowed(&r)));
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        answers
     };
     let (load_a, load_b) = (tokio::spawn(load(a.authz().await)), tokio::spawn(load(b.authz().await)));
     etcd.kill9();
@@ -386,7 +386,12 @@ async fn the_scenario_corpus_runs_against_an_etcd_backed_sidecar() {
     .await
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "tagward test --server against etcd failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "tagward test --server against etcd failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let last = stdout.lines().last().unwrap_or_default();
     let re = regex::Regex::new(r"^(\d+) passed, 0 failed$").unwrap();
     let passed: usize = re.captures(last).unwrap_or_else(|| panic!("last line {last:?}\n{stdout}"))[1].parse().unwrap();

@@ -35,8 +35,7 @@ pub fn available(test: &str) -> bool {
 impl Etcd {
     /// Starts etcd with its data under `scratch` and waits until it answers.
     pub async fn start(scratch: &Path) -> Etcd {
-        let mut etcd =
-            Etcd { child: None, dir: scratch.join("etcd"), client: super::free_port(), peer: super::free_port() };
+        let mut etcd = Etcd { child: None, dir: scratch.join("etcd"), client: super::free_port(), peer: super::free_port() };
         etcd.spawn();
         etcd.wait_ready().await;
         etcd
@@ -70,7 +69,11 @@ impl Etcd {
             if client.newest().await.is_ok() {
                 return;
             }
-            assert!(Instant::now() < deadline, "etcd did not answer within 30 s; see {}", self.dir.with_extension("log").display());
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not answer within 30 s; see {}",
+                self.dir.with_extension("log").display()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
