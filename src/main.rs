@@ -336,6 +336,9 @@ struct ExportArgs {
     /// The data directory.
     #[arg(long, env = "TAGWARD_DATA_DIR", default_value = "tagward-data")]
     data_dir: PathBuf,
+    /// Read a fleet's state from etcd instead (etcd://HOST:PORT/PREFIX).
+    #[arg(long, env = "TAGWARD_STORE")]
+    store: Option<EtcdUrl>,
     /// Where to write (JSON); standard output when not given.
     #[arg(long)]
     output: Option<PathBuf>,
@@ -346,6 +349,10 @@ struct ExportArgs {
 struct ImportArgs {
     #[arg(long, env = "TAGWARD_DATA_DIR", default_value = "tagward-data")]
     data_dir: PathBuf,
+    /// Load the world into an empty etcd prefix instead
+    /// (etcd://HOST:PORT/PREFIX); a prefix that holds state is refused.
+    #[arg(long, env = "TAGWARD_STORE")]
+    store: Option<EtcdUrl>,
     /// The world file (JSON or YAML), e.g. from `tagward export`.
     world: PathBuf,
 }
@@ -441,13 +448,32 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 ExitCode::SUCCESS
             })
         }
-        Command::Export(args) => ops::export(&args.data_dir, args.output.as_deref()).map(|()| ExitCode::SUCCESS),
-        Command::Import(args) => ops::import(&args.data_dir, &args.world).map(|()| ExitCode::SUCCESS),
+        Command::Export(args) => match &args.store {
+            Some(url) => offline(grpc::etcd::export(url, args.output.as_deref())),
+            None => ops::export(&args.data_dir, args.output.as_deref()).map(|()| ExitCode::SUCCESS),
+        },
+        Command::Import(args) => match &args.store {
+            Some(url) => {
+                let world = ops::load_world(&args.world)?;
+                offline(grpc::etcd::import(url, &world, &args.world))
+            }
+            None => ops::import(&args.data_dir, &args.world).map(|()| ExitCode::SUCCESS),
+        },
         Command::Authorize(args) => {
             let allowed = ops::authorize(Question::try_from(args)?)?;
             Ok(if allowed { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
     }
+}
+
+/// Runs an offline command against etcd on a runtime of its own.
+fn offline(work: impl std::future::Future<Output = Result<(), String>>) -> Result<ExitCode, Failure> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::internal("cannot start the runtime").error(e))?;
+    runtime.block_on(work).map_err(Failure::input)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_logs(format: LogFormat) {

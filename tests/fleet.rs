@@ -397,3 +397,36 @@ async fn the_scenario_corpus_runs_against_an_etcd_backed_sidecar() {
     let passed: usize = re.captures(last).unwrap_or_else(|| panic!("last line {last:?}\n{stdout}"))[1].parse().unwrap();
     assert!(passed >= 504, "only {passed} steps ran:\n{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn import_fills_an_empty_prefix_once_and_export_reads_it_back() {
+    if !etcd::available("import_fills_an_empty_prefix_once") {
+        return;
+    }
+    let scratch = Scratch::new("fleet-import");
+    let etcd = Etcd::start(scratch.path()).await;
+    let url = etcd.url("imported");
+    let world = scratch.join("world.json");
+    std::fs::write(&world, WORLD).unwrap();
+    let run = |args: Vec<String>| tokio::task::spawn_blocking(move || command(&args).output().expect("run tagward"));
+    let import = vec!["import".to_string(), "--store".into(), url.clone(), world.to_string_lossy().into_owned()];
+    let first = run(import.clone()).await.unwrap();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let again = run(import).await.unwrap();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("already holds state"), "{stderr}");
+
+    let out = scratch.join("export.json");
+    let export = vec!["export".to_string(), "--store".into(), url.clone(), "--output".into(), out.to_string_lossy().into_owned()];
+    let exported = run(export).await.unwrap();
+    assert!(exported.status.success(), "{}", String::from_utf8_lossy(&exported.stderr));
+    let back: tagward::world::WorldSpec = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let want = tagward::world::WorldSpec::from_state(&common::world(WORLD).build().unwrap());
+    assert_eq!(serde_json::to_value(&back).unwrap(), serde_json::to_value(&want).unwrap());
+
+    // A sidecar without a world file serves what was imported.
+    let server = Serve::new().args(["--store", &url]).start(START).await.unwrap();
+    let r = server.authz().await.authorize(decrypt(0)).await.unwrap().into_inner();
+    assert!(allowed(&r), "{r:?}");
+}

@@ -420,3 +420,69 @@ pub async fn connect(
     let loaded = etcd.load().await.map_err(|e| format!("{url}: cannot load the prefix: {e}"))?;
     Ok((etcd, loaded))
 }
+
+/// `tagward export --store`: the prefix's state as a world file, to
+/// `output` or standard output.
+pub async fn export(url: &EtcdUrl, output: Option<&std::path::Path>) -> Result<(), String> {
+    let etcd = Etcd::new(url, Duration::from_secs(5))?;
+    let loaded = etcd.load().await.map_err(|e| format!("{url}: {e}"))?;
+    let state = crate::store::load_state(&loaded.entries, loaded.revision).map_err(|e| format!("{url}: {e}"))?;
+    let text = serde_json::to_string_pretty(&crate::world::WorldSpec::from_state(&state))
+        .map_err(|e| format!("cannot encode the state: {e}"))?
+        + "\n";
+    match output {
+        Some(path) => std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?,
+        None => std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes()).map_err(|e| e.to_string())?,
+    }
+    eprintln!("exported revision {} of {url}", state.revision());
+    Ok(())
+}
+
+/// `tagward import --store`: loads `world` into an empty prefix (one
+/// transaction that commits only if no change was ever made there).
+pub async fn import(url: &EtcdUrl, world: &crate::world::WorldSpec, file: &std::path::Path) -> Result<(), String> {
+    let etcd = Etcd::new(url, Duration::from_secs(5))?;
+    let txn =
+        crate::store::seed_transaction(world, "import", "tagward-import").map_err(|e| format!("{}: {e}", file.display()))?;
+    match etcd.commit(txn).await {
+        Ok(revision) => {
+            eprintln!("imported {} into {url} at revision {revision}", file.display());
+            Ok(())
+        }
+        Err(CommitError::Conflict { current }) => Err(format!(
+            "{url}: the prefix already holds state (its newest change is revision {current}); import loads an empty prefix only"
+        )),
+        Err(e) => Err(format!("{url}: cannot import: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls_name_endpoints_and_a_prefix() {
+        let url: EtcdUrl = "etcd://10.0.0.1:2379,etcd-1.etcd:2379/fleet/prod".parse().unwrap();
+        assert_eq!(url.endpoints, vec!["10.0.0.1:2379".to_string(), "etcd-1.etcd:2379".to_string()]);
+        assert_eq!(url.prefix, "fleet/prod");
+        assert_eq!(url.to_string(), "etcd://10.0.0.1:2379,etcd-1.etcd:2379/fleet/prod");
+        for (bad, says) in [
+            ("http://127.0.0.1:2379/x", "expected etcd://"),
+            ("etcd://127.0.0.1:2379", "prefix is missing"),
+            ("etcd://127.0.0.1:2379/", "prefix is missing"),
+            ("etcd://127.0.0.1/x", "is not HOST:PORT"),
+            ("etcd://127.0.0.1:99999/x", "is not HOST:PORT"),
+            ("etcd://a:1,,b:2/x", "is not HOST:PORT"),
+        ] {
+            let err = bad.parse::<EtcdUrl>().unwrap_err();
+            assert!(err.contains(says) && err.starts_with("--store"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_range_end_covers_exactly_the_prefix() {
+        assert_eq!(range_end(b"fleet/"), b"fleet0".to_vec());
+        assert_eq!(range_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(range_end(b"\xff\xff"), vec![0]);
+    }
+}

@@ -781,3 +781,108 @@ fn apply_delivered(state: &mut State, resources: &mut ResourceBuilder, d: &Deliv
 
 /// Fleet state hidden behind a `OnceLock` in the store's shared part.
 pub(super) type FleetCell = OnceLock<Fleet>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tagward_core::world::ResourceSpec;
+
+    fn world() -> WorldSpec {
+        serde_json::from_value(json!({
+            "policies": {"P": {"Statement": {"Effect": "Allow", "Action": "kms:*", "Resource": "*"}}},
+            "principals": [{"arn": "arn:aws:iam::111122223333:role/R", "policies": ["P"], "tags": {"team": "a"}}],
+            "resources": [{"arn": "arn:aws:kms:us-east-1:111122223333:key/k1", "tags": {"Project": "Alpha"}}]
+        }))
+        .unwrap()
+    }
+
+    fn entries(state: &State) -> Vec<(String, Vec<u8>)> {
+        entities(state).unwrap().into_iter().map(|(k, v)| (k.path(), v)).collect()
+    }
+
+    #[test]
+    fn every_entity_has_one_key_that_reads_back() {
+        let state = world().build().unwrap();
+        let keys: Vec<String> = entries(&state).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "e/policy/P".to_string(),
+                "e/principal/arn:aws:iam::111122223333:role/R".to_string(),
+                "e/resource/arn:aws:kms:us-east-1:111122223333:key/k1".to_string()
+            ]
+        );
+        for k in &keys {
+            assert_eq!(EntityKey::parse(k).unwrap().path(), *k);
+        }
+        assert_eq!(EntityKey::parse("log"), None);
+        assert_eq!(EntityKey::parse("e/other/x"), None);
+        let rebuilt = load_state(&entries(&state), 42).unwrap();
+        assert_eq!(rebuilt.revision(), 42);
+        assert_eq!(WorldSpec::from_state(&rebuilt).principals.len(), 1);
+        assert_eq!(entries(&rebuilt), entries(&state), "the same records come back");
+    }
+
+    #[test]
+    fn a_tag_change_writes_one_key_and_a_replaced_world_every_changed_one() {
+        let mut t = Touched::default();
+        touched(&Change::ReplaceTags { resource: "arn:r".into(), tags: vec![] }, &mut t);
+        touched(&Change::Batch(vec![Change::DeletePolicy { name: "P".into() }]), &mut t);
+        assert_eq!(
+            t.keys.into_iter().collect::<Vec<_>>(),
+            vec![EntityKey::Policy("P".into()), EntityKey::Resource("arn:r".into())]
+        );
+        let before = world().build().unwrap();
+        let mut after = State::clone(&before);
+        let mut applied = Applied::default();
+        let mut resources = ResourceBuilder::default();
+        let replacement: WorldSpec =
+            serde_json::from_value(json!({"resources": [{"arn": "arn:aws:kms:us-east-1:111122223333:key/k1"}]})).unwrap();
+        apply(&mut after, &mut resources, &Update::ReplaceWorld(replacement), "admin", &mut applied).unwrap();
+        let mut t = Touched::default();
+        applied.changes.iter().for_each(|c| touched(c, &mut t));
+        assert!(t.everything);
+        let txn = transaction(&before, &after, &t, vec![], "admin", "n", &applied.events).unwrap();
+        let deletes = txn.ops.iter().filter(|o| matches!(o, Op::Delete { .. })).count();
+        let puts: Vec<&String> =
+            txn.ops.iter().filter_map(|o| if let Op::Put { key, .. } = o { Some(key) } else { None }).collect();
+        assert_eq!(deletes, 2, "the policy and the principal go: {:?}", txn.ops);
+        assert_eq!(puts, vec!["e/resource/arn:aws:kms:us-east-1:111122223333:key/k1", LOG_KEY], "the key lost its tags");
+    }
+
+    #[test]
+    fn a_delivered_change_applies_whole_or_not_at_all() {
+        let mut state = world().build().unwrap();
+        let before = WorldSpec::from_state(&state);
+        let good = serde_json::to_vec(&Change::PutResource(ResourceSpec {
+            arn: "arn:aws:kms:us-east-1:111122223333:key/k2".into(),
+            ..ResourceSpec::default()
+        }))
+        .unwrap();
+        let bad = Delivered {
+            revision: 9,
+            puts: vec![
+                ("e/resource/arn:aws:kms:us-east-1:111122223333:key/k2".into(), good.clone()),
+                ("e/policy/Q".into(), b"{not json".to_vec()),
+            ],
+            deletes: vec![],
+        };
+        let mut copy = State::clone(&state);
+        let err = apply_delivered(&mut copy, &mut ResourceBuilder::default(), &bad).unwrap_err();
+        assert!(err.contains("e/policy/Q"), "{err}");
+        // A key holding another entity's record is refused too.
+        let misplaced = Delivered { revision: 9, puts: vec![("e/resource/arn:other".into(), good.clone())], deletes: vec![] };
+        assert!(apply_delivered(&mut State::clone(&state), &mut ResourceBuilder::default(), &misplaced).is_err());
+        assert_eq!(serde_json::to_value(WorldSpec::from_state(&state)).unwrap(), serde_json::to_value(&before).unwrap());
+        let ok = Delivered {
+            revision: 9,
+            puts: vec![("e/resource/arn:aws:kms:us-east-1:111122223333:key/k2".into(), good)],
+            deletes: vec!["e/policy/P".into()],
+        };
+        let events = apply_delivered(&mut state, &mut ResourceBuilder::default(), &ok).unwrap();
+        assert!(state.policy("P").is_none() && state.resource("arn:aws:kms:us-east-1:111122223333:key/k2").is_some());
+        assert_eq!(events.len(), 2, "without a log entry the keys say what changed: {events:?}");
+        assert!(events.iter().all(|e| e.revision == 9));
+    }
+}
