@@ -195,6 +195,31 @@ def pod_template(d):
     return None
 
 
+def check_containers(where, spec, pod_sc):
+    """Every container of a pod: non-root, read-only, no privileges, limits."""
+    for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
+        sc = c.get("securityContext") or {}
+        res = c.get("resources") or {}
+        problems = []
+        if not sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")):
+            problems.append("runAsNonRoot is not true")
+        if sc.get("runAsUser", pod_sc.get("runAsUser")) in (None, 0):
+            problems.append("no non-zero runAsUser")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append("allowPrivilegeEscalation is not false")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            problems.append("readOnlyRootFilesystem is not true")
+        if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+            problems.append("capabilities do not drop ALL")
+        seccomp = sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}
+        if seccomp.get("type") != "RuntimeDefault":
+            problems.append("seccompProfile is not RuntimeDefault")
+        for part in ("requests", "limits"):
+            if not {"cpu", "memory"} <= set(res.get(part) or {}):
+                problems.append(f"no cpu and memory {part}")
+        out(not problems, f"{where} container {c['name']}: securityContext and resources", "; ".join(problems))
+
+
 def policy(file):
     rel = shown(file)
     docs = load_yaml_docs(file)
@@ -208,6 +233,12 @@ def policy(file):
         pod_sc = spec.get("securityContext") or {}
         tagwards = [c for c in spec.get("initContainers") or [] if c.get("name") == "tagward"]
         where = f"{rel} {d['kind']}/{d['metadata']['name']}"
+        # Something Tagward depends on (the fleet overlay's example etcd):
+        # no sidecar to check, but the same container rules.
+        annotations = (d.get("metadata") or {}).get("annotations") or {}
+        if annotations.get("tagward.dev/validate") == "dependency":
+            check_containers(where, spec, pod_sc)
+            continue
         if [c for c in spec.get("containers") or [] if c.get("name") == "tagward"] or len(tagwards) != 1:
             out(False, f"{where}: tagward is one native sidecar",
                 "expected exactly one initContainer named tagward (and no regular container of that name)")
@@ -244,7 +275,17 @@ def policy(file):
             problems.append(f"TAGWARD_ADMIN_LISTEN {admin} is beyond loopback without TLS (TAGWARD_ADMIN_TLS_CERT): "
                             "the token would cross the network in the clear")
         mounts = {m["mountPath"]: m for m in tw.get("volumeMounts") or []}
-        for var in ("TAGWARD_DATA_DIR", "TAGWARD_WORLD", "TAGWARD_ADMIN_TOKEN_FILE"):
+        # Fleet mode keeps the state in etcd (no data directory); the URL
+        # comes from a Secret.
+        fleet = any(e["name"] == "TAGWARD_STORE" for e in tw.get("env") or [])
+        if fleet:
+            store = next(e for e in tw.get("env") or [] if e["name"] == "TAGWARD_STORE")
+            if not ((store.get("valueFrom") or {}).get("secretKeyRef")):
+                problems.append("TAGWARD_STORE is not taken from a Secret (secretKeyRef)")
+            if "TAGWARD_DATA_DIR" in env:
+                problems.append("TAGWARD_DATA_DIR is set beside TAGWARD_STORE (fleet mode keeps no data directory)")
+        required = ("TAGWARD_WORLD", "TAGWARD_ADMIN_TOKEN_FILE") if fleet else ("TAGWARD_DATA_DIR", "TAGWARD_WORLD", "TAGWARD_ADMIN_TOKEN_FILE")
+        for var in required:
             value = env.get(var)
             if not value:
                 problems.append(f"{var} is not set")
@@ -297,27 +338,7 @@ def policy(file):
         out(not problems, f"{where}: tagward sidecar (native, gRPC probes, volumes, TLS files, data {listen}, admin {admin})",
             "; ".join(problems))
 
-        for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
-            sc = c.get("securityContext") or {}
-            res = c.get("resources") or {}
-            problems = []
-            if not sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")):
-                problems.append("runAsNonRoot is not true")
-            if sc.get("runAsUser", pod_sc.get("runAsUser")) in (None, 0):
-                problems.append("no non-zero runAsUser")
-            if sc.get("allowPrivilegeEscalation") is not False:
-                problems.append("allowPrivilegeEscalation is not false")
-            if sc.get("readOnlyRootFilesystem") is not True:
-                problems.append("readOnlyRootFilesystem is not true")
-            if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
-                problems.append("capabilities do not drop ALL")
-            seccomp = sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}
-            if seccomp.get("type") != "RuntimeDefault":
-                problems.append("seccompProfile is not RuntimeDefault")
-            for part in ("requests", "limits"):
-                if not {"cpu", "memory"} <= set(res.get(part) or {}):
-                    problems.append(f"no cpu and memory {part}")
-            out(not problems, f"{where} container {c['name']}: securityContext and resources", "; ".join(problems))
+        check_containers(where, spec, pod_sc)
 
         # Services selecting these pods: each port they target is one the pod
         # declares (kustomize silently drops a patched list item whose merge
