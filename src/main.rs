@@ -21,7 +21,7 @@ use tagward::engine;
 use tagward::grpc;
 use tagward::grpc::client::GrpcBackend;
 use tagward::grpc::dial::ClientTls;
-use tagward::grpc::etcd::EtcdUrl;
+use tagward::grpc::etcd::{EtcdTls, EtcdUrl};
 use tagward::grpc::identity::{Callers, TaggingMode};
 use tagward::grpc::proto;
 use tagward::grpc::server::{self, stop_signal, Config};
@@ -227,6 +227,29 @@ struct Storage {
     /// Fleet mode: how long one etcd request may take, in milliseconds.
     #[arg(long, env = "TAGWARD_ETCD_TIMEOUT_MS", default_value_t = 2000)]
     etcd_timeout_ms: u64,
+    #[command(flatten)]
+    etcd_tls: EtcdTlsArgs,
+}
+
+/// TLS to etcd (fleet mode, import and export with --store).
+#[derive(clap::Args, Clone)]
+struct EtcdTlsArgs {
+    /// The CA bundle (PEM) that signed etcd's certificate: talk to etcd over
+    /// TLS.
+    #[arg(long, env = "TAGWARD_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for etcd's --client-cert-auth; with --etcd-key.
+    #[arg(long, env = "TAGWARD_ETCD_CERT")]
+    etcd_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "TAGWARD_ETCD_KEY")]
+    etcd_key: Option<PathBuf>,
+}
+
+impl From<&EtcdTlsArgs> for EtcdTls {
+    fn from(a: &EtcdTlsArgs) -> EtcdTls {
+        EtcdTls { ca: a.etcd_ca.clone(), cert: a.etcd_cert.clone(), key: a.etcd_key.clone() }
+    }
 }
 
 /// How much `serve` accepts, keeps and waits.
@@ -339,6 +362,8 @@ struct ExportArgs {
     /// Read a fleet's state from etcd instead (etcd://HOST:PORT/PREFIX).
     #[arg(long, env = "TAGWARD_STORE")]
     store: Option<EtcdUrl>,
+    #[command(flatten)]
+    etcd_tls: EtcdTlsArgs,
     /// Where to write (JSON); standard output when not given.
     #[arg(long)]
     output: Option<PathBuf>,
@@ -353,6 +378,8 @@ struct ImportArgs {
     /// (etcd://HOST:PORT/PREFIX); a prefix that holds state is refused.
     #[arg(long, env = "TAGWARD_STORE")]
     store: Option<EtcdUrl>,
+    #[command(flatten)]
+    etcd_tls: EtcdTlsArgs,
     /// The world file (JSON or YAML), e.g. from `tagward export`.
     world: PathBuf,
 }
@@ -449,13 +476,13 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             })
         }
         Command::Export(args) => match &args.store {
-            Some(url) => offline(grpc::etcd::export(url, args.output.as_deref())),
+            Some(url) => offline(grpc::etcd::export(url, &EtcdTls::from(&args.etcd_tls), args.output.as_deref())),
             None => ops::export(&args.data_dir, args.output.as_deref()).map(|()| ExitCode::SUCCESS),
         },
         Command::Import(args) => match &args.store {
             Some(url) => {
                 let world = ops::load_world(&args.world)?;
-                offline(grpc::etcd::import(url, &world, &args.world))
+                offline(grpc::etcd::import(url, &EtcdTls::from(&args.etcd_tls), &world, &args.world))
             }
             None => ops::import(&args.data_dir, &args.world).map(|()| ExitCode::SUCCESS),
         },
@@ -637,6 +664,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode, Failure> {
         .map_err(|e| Failure::internal("cannot start the runtime").error(e))?;
     let fleet = args.storage.store.as_ref().map(|url| Fleet {
         url: url.clone(),
+        tls: EtcdTls::from(&args.storage.etcd_tls),
         timeout: Duration::from_millis(args.storage.etcd_timeout_ms.max(1)),
         max_staleness: Duration::from_secs_f64(args.storage.max_staleness.clamp(0.05, 86_400.0)),
     });
@@ -685,6 +713,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode, Failure> {
 /// Fleet mode's settings (`--store etcd://...`).
 struct Fleet {
     url: EtcdUrl,
+    tls: EtcdTls,
     timeout: Duration,
     max_staleness: Duration,
 }
@@ -694,8 +723,9 @@ struct Fleet {
 async fn open_fleet(plan: &StoragePlan, fleet: &Fleet) -> Result<Arc<Store>, Failure> {
     let seed = plan.world.as_deref().map(ops::load_world).transpose()?;
     let audit = open_audit(plan)?;
-    let (etcd, loaded) =
-        grpc::etcd::connect(&fleet.url, fleet.timeout, seed.as_ref(), &plan.node_name).await.map_err(Failure::internal)?;
+    let (etcd, loaded) = grpc::etcd::connect(&fleet.url, fleet.timeout, &fleet.tls, seed.as_ref(), &plan.node_name)
+        .await
+        .map_err(Failure::internal)?;
     let options = Durability { compact_after_bytes: MEMORY_COMPACT_AFTER, event_capacity: plan.event_capacity };
     let store = Store::open_shared(Arc::new(etcd.clone()), &loaded.entries, loaded.revision, &options, audit, &plan.node_name)
         .map_err(|e| Failure::input(format!("{}: {e}", fleet.url)))?;

@@ -430,3 +430,51 @@ async fn import_fills_an_empty_prefix_once_and_export_reads_it_back() {
     let r = server.authz().await.authorize(decrypt(0)).await.unwrap().into_inner();
     assert!(allowed(&r), "{r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fleet_mode_reaches_etcd_over_tls_with_a_client_certificate() {
+    if !etcd::available("fleet_mode_reaches_etcd_over_tls") {
+        return;
+    }
+    let scratch = Scratch::new("fleet-tls");
+    let ca = common::pki::Ca::new("etcd test CA");
+    let (server, client) = (ca.server("etcd"), ca.client("spiffe://test/tagward"));
+    let file = |name: &str, text: &str| {
+        let path = scratch.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let tls = tagward::grpc::etcd::EtcdTls {
+        ca: Some(file("ca.pem", &ca.pem)),
+        cert: Some(file("client.pem", &client.cert)),
+        key: Some(file("client.key", &client.key)),
+    };
+    let etcd =
+        Etcd::start_tls(scratch.path(), file("server.pem", &server.cert), file("server.key", &server.key), tls.clone()).await;
+    let url = etcd.url("tls");
+    let flags = |with_cert: bool| {
+        let mut args = vec!["--etcd-ca".to_string(), tls.ca.as_ref().unwrap().to_string_lossy().into_owned()];
+        if with_cert {
+            args.extend(["--etcd-cert".into(), tls.cert.as_ref().unwrap().to_string_lossy().into_owned()]);
+            args.extend(["--etcd-key".into(), tls.key.as_ref().unwrap().to_string_lossy().into_owned()]);
+        }
+        args
+    };
+    let a = sidecar(&scratch, &url, "a").args(flags(true)).start(START).await.unwrap();
+    let done = a.tagging().await.tag_resource(retag("Beta")).await.unwrap().into_inner();
+    let r = a.authz().await.authorize(decrypt(done.revision)).await.unwrap().into_inner();
+    assert!(!allowed(&r) && r.revision >= done.revision, "{r:?}");
+
+    // Without the client certificate etcd refuses the connection: the
+    // sidecar does not start, and says why.
+    let mut refused = sidecar(&scratch, &url, "b").args(flags(false)).args(["--etcd-timeout-ms", "1000"]).spawn();
+    let status = tokio::task::block_in_place(|| refused.wait_for_exit(Duration::from_secs(30))).expect("it exits");
+    let stderr = refused.stderr();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("cannot seed the prefix") || stderr.contains("cannot load the prefix"), "{stderr}");
+    // A half-given client identity is refused before anything is dialled.
+    let mut half = sidecar(&scratch, &url, "c").args(flags(false)).args(["--etcd-cert", "x.pem"]).spawn();
+    let status = tokio::task::block_in_place(|| half.wait_for_exit(Duration::from_secs(30))).expect("it exits");
+    let stderr = half.stderr();
+    assert!(!status.success() && stderr.contains("--etcd-cert"), "{stderr}");
+}

@@ -15,9 +15,11 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::path::PathBuf;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
 use tracing::{info, warn};
 
@@ -74,6 +76,46 @@ impl std::fmt::Display for EtcdUrl {
     }
 }
 
+/// TLS to etcd: the CA that signed etcd's certificate and, for etcd's
+/// `--client-cert-auth`, a client certificate and key (all PEM files).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl EtcdTls {
+    /// Any TLS flag was given.
+    pub fn enabled(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+
+    fn config(&self) -> Result<ClientTlsConfig, String> {
+        let read = |flag: &str, path: &PathBuf| std::fs::read(path).map_err(|e| format!("{flag}: {}: {e}", path.display()));
+        let mut config = ClientTlsConfig::new();
+        match &self.ca {
+            Some(ca) => {
+                let pem = read("--etcd-ca", ca)?;
+                if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(format!("--etcd-ca: {} holds no PEM certificate", ca.display()));
+                }
+                config = config.ca_certificate(Certificate::from_pem(pem));
+            }
+            None => return Err("--etcd-cert/--etcd-key: needs --etcd-ca (the CA bundle that signed etcd's certificate)".into()),
+        }
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                config = config.identity(Identity::from_pem(read("--etcd-cert", cert)?, read("--etcd-key", key)?))
+            }
+            (Some(_), None) => return Err("--etcd-cert: needs --etcd-key (the client certificate's private key)".into()),
+            (None, Some(_)) => return Err("--etcd-key: needs --etcd-cert (the client certificate it belongs to)".into()),
+            (None, None) => {}
+        }
+        Ok(config)
+    }
+}
+
 /// The key after every key that starts with `key`.
 fn range_end(key: &[u8]) -> Vec<u8> {
     let mut end = key.to_vec();
@@ -110,12 +152,23 @@ fn unavailable(what: &str, status: &tonic::Status) -> String {
 }
 
 impl Etcd {
-    /// A client for `url` (connecting lazily: etcd may come later).
+    /// A plaintext client for `url` (connecting lazily: etcd may come later).
     pub fn new(url: &EtcdUrl, timeout: Duration) -> Result<Etcd, String> {
+        Etcd::with_tls(url, timeout, &EtcdTls::default())
+    }
+
+    /// A client for `url`, over TLS when `tls` says so.
+    pub fn with_tls(url: &EtcdUrl, timeout: Duration, tls: &EtcdTls) -> Result<Etcd, String> {
+        let config = tls.enabled().then(|| tls.config()).transpose()?;
+        let scheme = if config.is_some() { "https" } else { "http" };
         let mut endpoints = Vec::new();
         for e in &url.endpoints {
-            let endpoint = Endpoint::from_shared(format!("http://{e}"))
-                .map_err(|err| format!("--store: {e:?}: {err}"))?
+            let mut endpoint =
+                Endpoint::from_shared(format!("{scheme}://{e}")).map_err(|err| format!("--store: {e:?}: {err}"))?;
+            if let Some(config) = &config {
+                endpoint = endpoint.tls_config(config.clone()).map_err(|err| format!("--etcd-ca/--etcd-cert: {err}"))?;
+            }
+            let endpoint = endpoint
                 .connect_timeout(timeout)
                 .http2_keep_alive_interval(Duration::from_secs(1))
                 .keep_alive_timeout(timeout)
@@ -403,10 +456,11 @@ fn deliver(store: &Store, delivered: Delivered, from: &mut u64) -> Result<(), St
 pub async fn connect(
     url: &EtcdUrl,
     timeout: Duration,
+    tls: &EtcdTls,
     seed: Option<&crate::world::WorldSpec>,
     node: &str,
 ) -> Result<(Etcd, Loaded), String> {
-    let etcd = Etcd::new(url, timeout)?;
+    let etcd = Etcd::with_tls(url, timeout, tls)?;
     if let Some(world) = seed {
         let txn = crate::store::seed_transaction(world, "world-file", node).map_err(|e| format!("the world file: {e}"))?;
         match etcd.commit(txn).await {
@@ -423,8 +477,8 @@ pub async fn connect(
 
 /// `tagward export --store`: the prefix's state as a world file, to
 /// `output` or standard output.
-pub async fn export(url: &EtcdUrl, output: Option<&std::path::Path>) -> Result<(), String> {
-    let etcd = Etcd::new(url, Duration::from_secs(5))?;
+pub async fn export(url: &EtcdUrl, tls: &EtcdTls, output: Option<&std::path::Path>) -> Result<(), String> {
+    let etcd = Etcd::with_tls(url, Duration::from_secs(5), tls)?;
     let loaded = etcd.load().await.map_err(|e| format!("{url}: {e}"))?;
     let state = crate::store::load_state(&loaded.entries, loaded.revision).map_err(|e| format!("{url}: {e}"))?;
     let text = serde_json::to_string_pretty(&crate::world::WorldSpec::from_state(&state))
@@ -440,8 +494,8 @@ pub async fn export(url: &EtcdUrl, output: Option<&std::path::Path>) -> Result<(
 
 /// `tagward import --store`: loads `world` into an empty prefix (one
 /// transaction that commits only if no change was ever made there).
-pub async fn import(url: &EtcdUrl, world: &crate::world::WorldSpec, file: &std::path::Path) -> Result<(), String> {
-    let etcd = Etcd::new(url, Duration::from_secs(5))?;
+pub async fn import(url: &EtcdUrl, tls: &EtcdTls, world: &crate::world::WorldSpec, file: &std::path::Path) -> Result<(), String> {
+    let etcd = Etcd::with_tls(url, Duration::from_secs(5), tls)?;
     let txn =
         crate::store::seed_transaction(world, "import", "tagward-import").map_err(|e| format!("{}: {e}", file.display()))?;
     match etcd.commit(txn).await {

@@ -7,13 +7,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tagward::grpc::etcd::{Etcd as Client, EtcdUrl};
+use tagward::grpc::etcd::{Etcd as Client, EtcdTls, EtcdUrl};
 
 pub struct Etcd {
     child: Option<Child>,
     dir: PathBuf,
     client: u16,
     peer: u16,
+    /// Served over TLS with client certificates required: the server's
+    /// (cert, key) and the files a client needs.
+    tls: Option<(PathBuf, PathBuf, EtcdTls)>,
 }
 
 /// Is `etcd` on the PATH? If not, prints why the test did not run (and
@@ -35,21 +38,37 @@ pub fn available(test: &str) -> bool {
 impl Etcd {
     /// Starts etcd with its data under `scratch` and waits until it answers.
     pub async fn start(scratch: &Path) -> Etcd {
-        let mut etcd = Etcd { child: None, dir: scratch.join("etcd"), client: super::free_port(), peer: super::free_port() };
+        Etcd::start_with(scratch, None).await
+    }
+
+    /// Starts etcd serving clients over TLS only, requiring a client
+    /// certificate from `client.ca` (`--client-cert-auth`).
+    pub async fn start_tls(scratch: &Path, server_cert: PathBuf, server_key: PathBuf, client: EtcdTls) -> Etcd {
+        Etcd::start_with(scratch, Some((server_cert, server_key, client))).await
+    }
+
+    async fn start_with(scratch: &Path, tls: Option<(PathBuf, PathBuf, EtcdTls)>) -> Etcd {
+        let mut etcd = Etcd { child: None, dir: scratch.join("etcd"), client: super::free_port(), peer: super::free_port(), tls };
         etcd.spawn();
         etcd.wait_ready().await;
         etcd
     }
 
     fn spawn(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.client);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client);
         let peer = format!("http://127.0.0.1:{}", self.peer);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.with_extension("log"))
             .expect("open the etcd log");
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some((cert, key, client)) = &self.tls {
+            cmd.arg("--cert-file").arg(cert).arg("--key-file").arg(key);
+            cmd.arg("--trusted-ca-file").arg(client.ca.as_ref().expect("a client CA")).arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", "fleet-test", "--data-dir"])
             .arg(&self.dir)
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
@@ -90,7 +109,8 @@ impl Etcd {
 
     pub fn client_for(&self, prefix: &str) -> Client {
         let url: EtcdUrl = self.url(prefix).parse().expect("an etcd URL");
-        Client::new(&url, Duration::from_secs(2)).expect("an etcd client")
+        let tls = self.tls.as_ref().map(|(_, _, c)| c.clone()).unwrap_or_default();
+        Client::with_tls(&url, Duration::from_secs(2), &tls).expect("an etcd client")
     }
 
     /// SIGKILL, and wait for the exit.

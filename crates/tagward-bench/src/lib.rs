@@ -4,5 +4,6 @@
 //! [`baseline`] (the empty Authorizer the load tool compares against).
 
 pub mod baseline;
+pub mod fleet;
 pub mod gen;
 pub mod load;

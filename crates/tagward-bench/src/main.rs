@@ -52,6 +52,27 @@ enum Command {
     /// empty handler (`tagward-bench baseline-server`), at half of the measured
     /// peak, and with admin tag changes under load (see BENCHMARKS.md).
     Load(Box<LoadArgs>),
+    /// Fleet mode on loopback: starts etcd and three `tagward serve --store
+    /// etcd://...`, then measures how soon a change acknowledged by one
+    /// sidecar is visible on the others, and write throughput through one
+    /// and three sidecars (see BENCHMARKS.md).
+    Fleet {
+        /// The tagward binary (default: beside this one).
+        #[arg(long)]
+        tagward: Option<PathBuf>,
+        /// The etcd binary.
+        #[arg(long, default_value = "etcd")]
+        etcd: String,
+        /// Changes measured for visibility.
+        #[arg(long, default_value_t = 1000)]
+        changes: usize,
+        /// Concurrent writers for the throughput runs (each on a key of its own).
+        #[arg(long, default_value_t = 16)]
+        writers: usize,
+        /// Writes per throughput run.
+        #[arg(long, default_value_t = 4000)]
+        writes: usize,
+    },
     /// Bench only: serve `tagward.v1.Authorizer` with empty handlers (the
     /// same messages, no decision), the baseline for `tagward-bench load`.
     BaselineServer {
@@ -199,6 +220,28 @@ fn main() -> ExitCode {
         }
         Command::Load(args) => load(*args),
         Command::BaselineServer { listen, max_message_bytes } => baseline_server(listen, max_message_bytes),
+        Command::Fleet { tagward, etcd, changes, writers, writes } => fleet(tagward, etcd, changes, writers, writes),
+    }
+}
+
+fn fleet(tagward: Option<PathBuf>, etcd: String, changes: usize, writers: usize, writes: usize) -> ExitCode {
+    let tagward = tagward.unwrap_or_else(|| {
+        std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("tagward"))).unwrap_or_else(|| "tagward".into())
+    });
+    let bench = tagward_bench::fleet::FleetBench { tagward, etcd, changes, writers, writes };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tagward-bench fleet: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(tagward_bench::fleet::run(&bench)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tagward-bench fleet: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 
