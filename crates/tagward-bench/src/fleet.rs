@@ -31,6 +31,9 @@ pub struct FleetBench {
     pub changes: usize,
     pub writers: usize,
     pub writes: usize,
+    /// Where etcd keeps its data (default: a temporary directory); a tmpfs
+    /// such as /dev/shm takes the disk's fsync out of the figures.
+    pub etcd_dir: Option<PathBuf>,
 }
 
 const ADMIN: &str = "arn:aws:iam::111122223333:role/BenchTagger";
@@ -135,6 +138,9 @@ pub async fn run(bench: &FleetBench) -> Result<(), String> {
     std::fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
     let result = run_in(bench, &scratch).await;
     let _ = std::fs::remove_dir_all(&scratch);
+    if let Some(d) = &bench.etcd_dir {
+        let _ = std::fs::remove_dir_all(d.join(format!("tagward-bench-etcd-{}", std::process::id())));
+    }
     result
 }
 
@@ -144,7 +150,12 @@ async fn run_in(bench: &FleetBench, scratch: &Path) -> Result<(), String> {
     let (client_url, peer_url) = (format!("http://127.0.0.1:{client}"), format!("http://127.0.0.1:{peer}"));
     let etcd = Command::new(&bench.etcd)
         .args(["--name", "bench", "--data-dir"])
-        .arg(scratch.join("etcd"))
+        .arg(
+            bench
+                .etcd_dir
+                .as_ref()
+                .map_or_else(|| scratch.join("etcd"), |d| d.join(format!("tagward-bench-etcd-{}", std::process::id()))),
+        )
         .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
         .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
         .args(["--initial-cluster", &format!("bench={peer_url}")])

@@ -72,6 +72,10 @@ enum Command {
         /// Writes per throughput run.
         #[arg(long, default_value_t = 4000)]
         writes: usize,
+        /// Where etcd keeps its data (default: a temporary directory); a
+        /// tmpfs such as /dev/shm takes the disk's fsync out of the figures.
+        #[arg(long)]
+        etcd_data: Option<PathBuf>,
     },
     /// Bench only: serve `tagward.v1.Authorizer` with empty handlers (the
     /// same messages, no decision), the baseline for `tagward-bench load`.
@@ -220,15 +224,19 @@ fn main() -> ExitCode {
         }
         Command::Load(args) => load(*args),
         Command::BaselineServer { listen, max_message_bytes } => baseline_server(listen, max_message_bytes),
-        Command::Fleet { tagward, etcd, changes, writers, writes } => fleet(tagward, etcd, changes, writers, writes),
+        Command::Fleet { tagward, etcd, changes, writers, writes, etcd_data } => {
+            let tagward = tagward.unwrap_or_else(|| {
+                std::env::current_exe()
+                    .ok()
+                    .and_then(|p| p.parent().map(|d| d.join("tagward")))
+                    .unwrap_or_else(|| "tagward".into())
+            });
+            fleet(tagward_bench::fleet::FleetBench { tagward, etcd, changes, writers, writes, etcd_dir: etcd_data })
+        }
     }
 }
 
-fn fleet(tagward: Option<PathBuf>, etcd: String, changes: usize, writers: usize, writes: usize) -> ExitCode {
-    let tagward = tagward.unwrap_or_else(|| {
-        std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("tagward"))).unwrap_or_else(|| "tagward".into())
-    });
-    let bench = tagward_bench::fleet::FleetBench { tagward, etcd, changes, writers, writes };
+fn fleet(bench: tagward_bench::fleet::FleetBench) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
