@@ -231,6 +231,28 @@ struct Limits {
     /// Seconds in-flight calls get to finish at shutdown.
     #[arg(long, env = "TAGWARD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     shutdown_grace_secs: u64,
+    /// Connections open at once on each listener; more are closed as they
+    /// arrive (logged when the limit is reached).
+    #[arg(long, env = "TAGWARD_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// HTTP/2 MAX_CONCURRENT_STREAMS: calls in flight on one connection.
+    #[arg(long, env = "TAGWARD_MAX_CONCURRENT_STREAMS", default_value_t = 100)]
+    max_concurrent_streams: u32,
+    /// Seconds a call may take until its response starts (a unary call's
+    /// request body included); then it ends CANCELLED.
+    #[arg(long, env = "TAGWARD_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    request_timeout_secs: u64,
+    /// Seconds between the server's HTTP/2 keepalive pings (0: none).
+    #[arg(long, env = "TAGWARD_KEEPALIVE_SECS", default_value_t = 20)]
+    keepalive_secs: u64,
+    /// Seconds a keepalive ping waits for its answer before the
+    /// connection is closed.
+    #[arg(long, env = "TAGWARD_KEEPALIVE_TIMEOUT_SECS", default_value_t = 10)]
+    keepalive_timeout_secs: u64,
+    /// Seconds a connection may send nothing at all (no preface, no
+    /// headers, no ping answer) before it is closed.
+    #[arg(long, env = "TAGWARD_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    idle_timeout_secs: u64,
 }
 
 /// What `serve` logs, audits and measures.
@@ -523,6 +545,16 @@ impl TryFrom<&ServeArgs> for Config {
                 TaggingArg::Off => TaggingMode::Off,
                 TaggingArg::ReadOnly => TaggingMode::ReadOnly,
                 TaggingArg::On => TaggingMode::On,
+            },
+            limits: tagward::grpc::server::Limits {
+                connections: tagward::grpc::transport::ConnLimits {
+                    max_connections: limits.max_connections.max(1),
+                    idle_timeout: Duration::from_secs(limits.idle_timeout_secs.max(1)),
+                },
+                max_concurrent_streams: limits.max_concurrent_streams.max(1),
+                request_timeout: Duration::from_secs(limits.request_timeout_secs.max(1)),
+                keepalive_interval: Duration::from_secs(limits.keepalive_secs),
+                keepalive_timeout: Duration::from_secs(limits.keepalive_timeout_secs.max(1)),
             },
         })
     }

@@ -61,6 +61,65 @@ pub struct Config {
     pub callers: Arc<Callers>,
     /// How much of the Tagging API is served (`--tagging`).
     pub tagging: TaggingMode,
+    /// Connections, streams, timeouts and keepalive on every listener.
+    pub limits: Limits,
+}
+
+/// What every listener holds its connections and calls to.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections per listener, and how long a silent one stays open.
+    pub connections: transport::ConnLimits,
+    /// HTTP/2 `MAX_CONCURRENT_STREAMS`: calls in flight on one connection.
+    pub max_concurrent_streams: u32,
+    /// How long a call may take until its response starts (for a unary
+    /// call, its whole request, body included); then it ends `CANCELLED`.
+    /// A stream's later messages are not bounded by it.
+    pub request_timeout: Duration,
+    /// How often the server pings each connection (zero: never), and how
+    /// long it waits for the answer before closing it.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            connections: transport::ConnLimits::default(),
+            max_concurrent_streams: 100,
+            request_timeout: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// HTTP/2 flow control. h2 closes a connection with `GOAWAY
+/// ENHANCE_YOUR_CALM "too_many_data_frames"` when the small DATA frames it
+/// holds unread cost more than half the connection window (each frame of
+/// under 256 bytes costs 256 minus its length, given back once the frame
+/// is read). hyper's default windows (1 MiB per stream) let one fast
+/// `Admin.Apply` producer park thousands of small frames and trip it. A
+/// 64 KiB stream window bounds what one stream can have unread, and a
+/// 16 MiB connection window makes the budget 8 MiB: messages of 30 bytes
+/// or more on a stream cost at most 64 KiB / 30 × 226 ≈ 0.5 MiB of it.
+const STREAM_WINDOW: u32 = 64 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// The largest header block a request may send.
+const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+
+/// A tonic server builder with `limits` and the flow control above.
+fn builder(limits: &Limits) -> tonic::transport::Server {
+    let keepalive = |d: Duration| (!d.is_zero()).then_some(d);
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams.max(1))
+        .timeout(limits.request_timeout)
+        .http2_keepalive_interval(keepalive(limits.keepalive_interval))
+        .http2_keepalive_timeout(keepalive(limits.keepalive_timeout))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
 }
 
 impl Default for Config {
@@ -83,6 +142,7 @@ impl Default for Config {
             decision_log: None,
             callers: Callers::trusting_local(),
             tagging: TaggingMode::On,
+            limits: Limits::default(),
         }
     }
 }
@@ -207,6 +267,7 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
         context_rules: Arc::new(config.context_rules.clone()),
         callers: config.callers.clone(),
         tagging: config.tagging,
+        evaluations: super::service::evaluation_slots(),
     };
     let serve_tagging = config.tagging != TaggingMode::Off;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -242,12 +303,13 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
         }
     }
     let mut servers = Vec::new();
-    let (incoming, accept) = transport::incoming("data", data_listener, data_tls.clone(), shutdown_rx.clone());
+    let (incoming, accept) =
+        transport::incoming("data", data_listener, data_tls.clone(), config.limits.connections, shutdown_rx.clone());
     helpers.push(accept);
     servers.push((
         "data",
         tokio::spawn(
-            tonic::transport::Server::builder()
+            builder(&config.limits)
                 .add_service(health_service.clone())
                 .add_service(data_reflection.0)
                 .add_service(data_reflection.1)
@@ -256,12 +318,13 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
                 .serve_with_incoming_shutdown(incoming, signal(shutdown_rx.clone())),
         ),
     ));
-    let (incoming, accept) = transport::incoming("admin", admin_listener, admin_tls.clone(), shutdown_rx.clone());
+    let (incoming, accept) =
+        transport::incoming("admin", admin_listener, admin_tls.clone(), config.limits.connections, shutdown_rx.clone());
     helpers.push(accept);
     servers.push((
         "admin",
         tokio::spawn(
-            tonic::transport::Server::builder()
+            builder(&config.limits)
                 .add_service(admin_reflection.0)
                 .add_service(admin_reflection.1)
                 .add_service(admin)
@@ -270,12 +333,13 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
     ));
     let health_addr = match health_listener {
         Some((listener, addr)) => {
-            let (incoming, accept) = transport::incoming("health", listener, None, shutdown_rx.clone());
+            let (incoming, accept) =
+                transport::incoming("health", listener, None, config.limits.connections, shutdown_rx.clone());
             helpers.push(accept);
             servers.push((
                 "health",
                 tokio::spawn(
-                    tonic::transport::Server::builder()
+                    builder(&config.limits)
                         .add_service(health_service)
                         .serve_with_incoming_shutdown(incoming, signal(shutdown_rx.clone())),
                 ),

@@ -46,6 +46,25 @@ pub struct Shared {
     pub callers: Arc<Callers>,
     /// How much of the Tagging API is served.
     pub tagging: TaggingMode,
+    /// Batch evaluations running at once on the blocking pool (see
+    /// [`Shared::offload`]).
+    pub evaluations: Arc<tokio::sync::Semaphore>,
+}
+
+/// Batch evaluations at once: one per core, so that batches queue for
+/// each other rather than crowd out the async workers.
+pub fn evaluation_slots() -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())))
+}
+
+/// Runs `work` on tokio's blocking pool in the current span: work that may
+/// take long (evaluating a batch, waiting for the writer lock) never runs on
+/// the async workers, which serve every other caller.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+    let span = Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(work))
+        .await
+        .map_err(|e| Status::internal(format!("the request's task failed: {e}")))?
 }
 
 /// The codes Tagward answers with, labelled by their canonical name; any
@@ -129,23 +148,30 @@ impl Authorizer for AuthorizerService {
         &self,
         request: Request<proto::BatchAuthorizeRequest>,
     ) -> Result<Response<proto::BatchAuthorizeResponse>, Status> {
-        let r = request.get_ref();
+        let r = request.into_inner();
         observed("BatchAuthorize", "batch", async {
             let started = Instant::now();
-            let reqs = convert::batch_requests(r, self.0.max_batch, &self.0.context_rules)?;
             let state = self.0.snapshot(r.min_revision).await?;
-            let revision = state.revision();
-            let results = reqs
-                .iter()
-                .enumerate()
-                .map(|(i, req)| {
-                    let d =
-                        authorize(&state, req, r.explain).map_err(|e| invalid(&format!("items[{i}].{}", e.field), e.reason))?;
-                    decided(&self.0, req, &d, revision, started);
-                    Ok(convert::decision(d, revision))
-                })
-                .collect::<Result<Vec<_>, Status>>()?;
-            Ok(Response::new(proto::BatchAuthorizeResponse { results, revision }))
+            // A batch can be long (many items, large policies): it runs off
+            // the async workers, at most one per core at once.
+            let _slot = self.0.evaluations.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
+            let shared = self.0.clone();
+            blocking(move || {
+                let reqs = convert::batch_requests(&r, shared.max_batch, &shared.context_rules)?;
+                let revision = state.revision();
+                let results = reqs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, req)| {
+                        let d = authorize(&state, req, r.explain)
+                            .map_err(|e| invalid(&format!("items[{i}].{}", e.field), e.reason))?;
+                        decided(&shared, req, &d, revision, started);
+                        Ok(convert::decision(d, revision))
+                    })
+                    .collect::<Result<Vec<_>, Status>>()?;
+                Ok(Response::new(proto::BatchAuthorizeResponse { results, revision }))
+            })
+            .await
         })
         .await
     }
@@ -203,9 +229,16 @@ impl Tagging for TaggingService {
         request: Request<proto::TagResourceRequest>,
     ) -> Result<Response<proto::TagResourceResponse>, Status> {
         observed("TagResource", "TagResource", async {
-            let req = convert::tag_resource(request.get_ref(), &self.0.context_rules)?;
-            self.may_write(peer_of(&request).as_ref(), &req)?;
-            let (done, ticket) = self.0.store.tag(&req).map_err(tag_status)?;
+            let peer = peer_of(&request);
+            let this = TaggingService(self.0.clone());
+            // Converting a large request and waiting for the writer lock
+            // happen off the async workers.
+            let (done, ticket) = blocking(move || {
+                let req = convert::tag_resource(request.get_ref(), &this.0.context_rules)?;
+                this.may_write(peer.as_ref(), &req)?;
+                this.0.store.tag(&req).map_err(tag_status)
+            })
+            .await?;
             ticket.durable().await.map_err(|e| tag_status(TagError::Unavailable(e.to_string())))?;
             Span::current().record("decision", field::display(done.outcome.decision.reason.as_str()));
             Ok(Response::new(proto::TagResourceResponse {
@@ -222,9 +255,16 @@ impl Tagging for TaggingService {
         request: Request<proto::UntagResourceRequest>,
     ) -> Result<Response<proto::UntagResourceResponse>, Status> {
         observed("UntagResource", "UntagResource", async {
-            let req = convert::untag_resource(request.get_ref(), &self.0.context_rules)?;
-            self.may_write(peer_of(&request).as_ref(), &req)?;
-            let (done, ticket) = self.0.store.tag(&req).map_err(tag_status)?;
+            let peer = peer_of(&request);
+            let this = TaggingService(self.0.clone());
+            // Converting a large request and waiting for the writer lock
+            // happen off the async workers.
+            let (done, ticket) = blocking(move || {
+                let req = convert::untag_resource(request.get_ref(), &this.0.context_rules)?;
+                this.may_write(peer.as_ref(), &req)?;
+                this.0.store.tag(&req).map_err(tag_status)
+            })
+            .await?;
             ticket.durable().await.map_err(|e| tag_status(TagError::Unavailable(e.to_string())))?;
             Span::current().record("decision", field::display(done.outcome.decision.reason.as_str()));
             Ok(Response::new(proto::UntagResourceResponse {
@@ -385,8 +425,19 @@ impl AdminService {
         tokio::spawn(async move {
             loop {
                 let next = tokio::select! {
-                    next = inbound.message() => next,
-                    _ = shutdown.wait_for(|down| *down) => break,
+                    next = inbound.message() => Some(next),
+                    _ = shutdown.wait_for(|down| *down) => None,
+                };
+                let Some(next) = next else {
+                    // Every update read so far is answered first; the stream
+                    // then ends UNAVAILABLE, never OK, since the client may
+                    // have sent updates that were not read.
+                    let _ = accepted_tx
+                        .send(Err(Status::unavailable(
+                            "the sidecar is shutting down: updates after the last one answered on this stream were not read; send them again",
+                        )))
+                        .await;
+                    break;
                 };
                 match next {
                     Ok(Some(req)) => {
