@@ -98,11 +98,13 @@ impl Default for Limits {
 /// ENHANCE_YOUR_CALM "too_many_data_frames"` when the small DATA frames it
 /// holds unread cost more than half the connection window (each frame of
 /// under 256 bytes costs 256 minus its length, given back once the frame
-/// is read). hyper's default windows (1 MiB per stream) let one fast
-/// `Admin.Apply` producer park thousands of small frames and trip it. A
-/// 64 KiB stream window bounds what one stream can have unread, and a
-/// 16 MiB connection window makes the budget 8 MiB: messages of 30 bytes
-/// or more on a stream cost at most 64 KiB / 30 × 226 ≈ 0.5 MiB of it.
+/// is read). hyper's default windows (1 MiB per stream and connection) let
+/// a client that sends each `Admin.Apply` update in a frame of its own park
+/// thousands of them unread and trip it. A 64 KiB stream window bounds what
+/// one stream can have unread, and a 16 MiB connection window makes the
+/// budget 8 MiB: messages of 30 bytes or more on a stream cost at most
+/// 64 KiB / 30 × 226 ≈ 0.5 MiB of it. (The same guard in the client's h2
+/// is why the acknowledgements are batched: see `service::Acks`.)
 const STREAM_WINDOW: u32 = 64 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 

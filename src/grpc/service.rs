@@ -386,7 +386,64 @@ fn accept_one(store: &Store, req: &proto::ApplyRequest, actor: &str) -> Result<T
     })
 }
 
-type ApplyStream = ReceiverStream<Result<proto::ApplyResponse, Status>>;
+type ApplyStream = Acks;
+
+/// Answers that go out together at most: about 2 KiB of acknowledgements.
+const MAX_ACK_BATCH: usize = 64;
+
+/// How long answers ready to go wait for the next one while the reader is
+/// still handling it.
+const ACK_BATCH_WAIT: Duration = Duration::from_millis(2);
+
+/// An update's answer once its change is durable (or refused).
+async fn answer(store: &Store, id: String, result: Result<Ticket, UpdateError>) -> proto::ApplyResponse {
+    match result {
+        Ok(ticket) => match ticket.durable().await {
+            Ok(revision) => proto::ApplyResponse { id, revision, error: None },
+            Err(e) => proto::ApplyResponse {
+                id,
+                revision: store.revision(),
+                error: Some(proto::UpdateError { code: ErrorCode::StorageFailed.to_string(), message: e.to_string() }),
+            },
+        },
+        Err(e) => {
+            debug!(id = %id, code = e.code.as_str(), "admin update refused");
+            proto::ApplyResponse { id, revision: store.revision(), error: Some(update_error(e)) }
+        }
+    }
+}
+
+/// `Admin.Apply`'s answers, handed over in batches: tonic encodes every
+/// answer a stream has ready into one chunk (one DATA frame where the
+/// window allows), so a producer that sends many small updates before
+/// reading gets its acknowledgements in frames of several hundred bytes
+/// rather than one tiny frame each. h2 on the client counts unread DATA
+/// frames under 256 bytes against half its connection window and closes
+/// the connection (`GOAWAY ENHANCE_YOUR_CALM "too_many_data_frames"`) when
+/// they exceed it.
+pub struct Acks {
+    rx: mpsc::Receiver<Result<Vec<proto::ApplyResponse>, Status>>,
+    ready: std::vec::IntoIter<proto::ApplyResponse>,
+}
+
+impl Stream for Acks {
+    type Item = Result<proto::ApplyResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        loop {
+            if let Some(ack) = self.ready.next() {
+                return Poll::Ready(Some(Ok(ack)));
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(batch))) => self.ready = batch.into_iter(),
+                Poll::Ready(Some(Err(status))) => return Poll::Ready(Some(Err(status))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
 type WatchStream = ReceiverStream<Result<proto::WatchEvent, Status>>;
 
 /// The admin RPCs are observed like the others (counted, timed until the
@@ -422,6 +479,10 @@ impl AdminService {
         let (accepted_tx, mut accepted) = mpsc::channel::<Result<(String, Result<Ticket, UpdateError>), Status>>(1024);
         let store = self.0.store.clone();
         let mut shutdown = self.0.shutdown.clone();
+        // Whether the reader holds an update it has not handed on yet: the
+        // acknowledger then waits a little for it, to send both together.
+        let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reading = busy.clone();
         tokio::spawn(async move {
             loop {
                 let next = tokio::select! {
@@ -441,6 +502,7 @@ impl AdminService {
                 };
                 match next {
                     Ok(Some(req)) => {
+                        reading.store(true, std::sync::atomic::Ordering::SeqCst);
                         let store = store.clone();
                         let actor = actor.clone();
                         // Compiling a large world is CPU work: keep it off the
@@ -450,7 +512,9 @@ impl AdminService {
                             tokio::task::spawn_blocking(move || accept_one(&store, &req, &actor)).await.unwrap_or_else(|e| {
                                 Err(UpdateError { code: ErrorCode::Internal, message: format!("the update task failed: {e}") })
                             });
-                        if accepted_tx.send(Ok((id, result))).await.is_err() {
+                        let sent = accepted_tx.send(Ok((id, result))).await;
+                        reading.store(false, std::sync::atomic::Ordering::SeqCst);
+                        if sent.is_err() {
                             break;
                         }
                     }
@@ -466,37 +530,43 @@ impl AdminService {
         });
         let store = self.0.store.clone();
         tokio::spawn(async move {
-            while let Some(item) = accepted.recv().await {
-                let (id, result) = match item {
-                    Ok(accepted) => accepted,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
+            while let Some(first) = accepted.recv().await {
+                // The answers of every update already read go out together,
+                // so that they share DATA frames (see `Acks`).
+                let mut batch = Vec::new();
+                let mut next = Some(first);
+                loop {
+                    let item = match next.take().or_else(|| accepted.try_recv().ok()) {
+                        Some(item) => item,
+                        // More is coming (the reader holds an update, or the
+                        // channel was just refilled): wait a moment for it
+                        // rather than send a lone small frame.
+                        None if batch.len() < MAX_ACK_BATCH && busy.load(std::sync::atomic::Ordering::SeqCst) => {
+                            match tokio::time::timeout(ACK_BATCH_WAIT, accepted.recv()).await {
+                                Ok(Some(item)) => item,
+                                Ok(None) | Err(_) => break,
+                            }
+                        }
+                        None => break,
+                    };
+                    match item {
+                        Ok((id, result)) => batch.push(answer(&store, id, result).await),
+                        Err(status) => {
+                            let _ = tx.send(Ok(batch)).await;
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                    }
+                    if batch.len() >= MAX_ACK_BATCH {
                         break;
                     }
-                };
-                let response = match result {
-                    Ok(ticket) => match ticket.durable().await {
-                        Ok(revision) => proto::ApplyResponse { id, revision, error: None },
-                        Err(e) => proto::ApplyResponse {
-                            id,
-                            revision: store.revision(),
-                            error: Some(proto::UpdateError {
-                                code: ErrorCode::StorageFailed.to_string(),
-                                message: e.to_string(),
-                            }),
-                        },
-                    },
-                    Err(e) => {
-                        debug!(id = %id, code = e.code.as_str(), "admin update refused");
-                        proto::ApplyResponse { id, revision: store.revision(), error: Some(update_error(e)) }
-                    }
-                };
-                if tx.send(Ok(response)).await.is_err() {
-                    break;
+                }
+                if tx.send(Ok(batch)).await.is_err() {
+                    return;
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Acks { rx, ready: Vec::new().into_iter() }))
     }
 
     async fn export_stream(&self) -> Result<Response<BoxStream<proto::ExportItem>>, Status> {
