@@ -268,6 +268,13 @@ struct Observability {
     /// directory; none with --ephemeral unless given.
     #[arg(long, env = "TAGWARD_AUDIT_LOG")]
     audit_log: Option<PathBuf>,
+    /// Bytes after which the audit trail moves to a new file (the full one
+    /// becomes NAME.1, older ones NAME.2, ...); 0 never rotates.
+    #[arg(long, env = "TAGWARD_AUDIT_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    audit_max_bytes: u64,
+    /// Rotated audit files kept; the oldest beyond them is removed.
+    #[arg(long, env = "TAGWARD_AUDIT_KEEP", default_value_t = 5)]
+    audit_keep: usize,
     /// Log decisions (JSON lines) to this file; off when not given.
     #[arg(long, env = "TAGWARD_DECISION_LOG")]
     decision_log: Option<PathBuf>,
@@ -569,6 +576,7 @@ struct StoragePlan {
     durability: Option<Durability>,
     event_capacity: usize,
     audit_log: Option<PathBuf>,
+    audit_rotation: tagward::audit::Rotation,
     /// Named in every audit record.
     node_name: String,
 }
@@ -584,6 +592,10 @@ impl From<&ServeArgs> for StoragePlan {
             durability: (!s.ephemeral).then_some(Durability { compact_after_bytes: s.compact_after_bytes, event_capacity }),
             event_capacity,
             audit_log: args.observability.audit_log.clone().or_else(|| (!s.ephemeral).then(|| s.data_dir.join("audit.jsonl"))),
+            audit_rotation: tagward::audit::Rotation {
+                max_bytes: args.observability.audit_max_bytes,
+                keep: args.observability.audit_keep,
+            },
             node_name: args.identity.node_name.clone().filter(|n| !n.trim().is_empty()).unwrap_or_else(default_node_name),
         }
     }
@@ -666,7 +678,11 @@ fn open_store(plan: &StoragePlan) -> Result<Arc<Store>, Failure> {
         Some(path) => {
             let log = AuditLog::open(path)
                 .map_err(|e| Failure::input("cannot open the audit log").file(path).error(e))?
-                .with_node(plan.node_name.clone());
+                .with_node(plan.node_name.clone())
+                .with_rotation(plan.audit_rotation);
+            if log.cut_bytes() > 0 {
+                warn!(file = %path.display(), bytes = log.cut_bytes(), "cut a torn last line off the audit trail (a write interrupted by a crash)");
+            }
             info!(file = %path.display(), node = %plan.node_name, "audit trail");
             Some(log)
         }

@@ -424,3 +424,187 @@ async fn a_fast_producer_of_one_frame_per_update_is_not_cut_off() {
     assert_eq!(acks, n);
     server_stops_cleanly(server);
 }
+
+/// A memory backend whose syncs fail (a full disk) once `full` is set.
+struct FullDisk {
+    inner: tagward::storage::MemoryBackend,
+    full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct NoSpace(std::path::PathBuf);
+
+impl tagward::storage::DurableSync for NoSpace {
+    fn sync(self: Box<Self>) -> Result<(), tagward::storage::StorageError> {
+        Err(tagward::storage::StorageError::Io { path: self.0, source: std::io::Error::from_raw_os_error(28) })
+    }
+}
+
+impl tagward::storage::Backend for FullDisk {
+    fn place(&self) -> std::path::PathBuf {
+        self.inner.place()
+    }
+    fn max_record(&self) -> u32 {
+        self.inner.max_record()
+    }
+    fn recover(
+        &mut self,
+        load: &mut dyn FnMut(tagward::storage::Loaded<'_>) -> Result<(), String>,
+    ) -> Result<tagward::storage::Recovered, tagward::storage::StorageError> {
+        self.inner.recover(load)
+    }
+    fn append(&mut self, record: &tagward::storage::LogRecord) -> Result<(), tagward::storage::StorageError> {
+        self.inner.append(record)
+    }
+    fn prepare_sync(&mut self) -> Result<Box<dyn tagward::storage::DurableSync>, tagward::storage::StorageError> {
+        if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(Box::new(NoSpace(self.inner.place())));
+        }
+        self.inner.prepare_sync()
+    }
+    fn wants_compaction(&self) -> bool {
+        false
+    }
+    fn begin_compaction(
+        &mut self,
+        revision: u64,
+    ) -> Result<Box<dyn tagward::storage::SnapshotJob>, tagward::storage::StorageError> {
+        self.inner.begin_compaction(revision)
+    }
+    fn follow(&self, from: u64) -> Result<tagward::storage::Follow, tagward::storage::StorageError> {
+        self.inner.follow(from)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_says_not_serving_for_writers_once_the_store_fails() {
+    let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let backend = FullDisk { inner: tagward::storage::MemoryBackend::new(u64::MAX), full: full.clone() };
+    let options = tagward::store::Durability { compact_after_bytes: u64::MAX, event_capacity: 100 };
+    let (store, _) = tagward::store::Store::open(Box::new(backend), Some(&world(WORLD)), false, &options, None).unwrap();
+    let running = tagward::grpc::server::start(config(), store).await.unwrap();
+    let mut c = clients(&running).await;
+    let status = |name: &'static str| {
+        let mut health = c.health.clone();
+        async move { health_check(&mut health, name).await.unwrap() }
+    };
+    assert_eq!(status("").await, SERVING);
+    apply_ok(&mut c.admin, set_tags(KEY_BETA, &[("Project", "Beta")])).await;
+    full.store(true, std::sync::atomic::Ordering::SeqCst);
+    let answers = apply_all(&mut c.admin, vec![set_tags(KEY_BETA, &[("Project", "Gamma")])]).await;
+    assert_eq!(answers[0].error.as_ref().map(|e| e.code.as_str()), Some("StorageFailed"), "{answers:?}");
+    // The health task follows the store's failure as it is announced.
+    let mut waited = 0;
+    while status("").await == SERVING {
+        assert!(waited < 500, "health still SERVING after the store failed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        waited += 1;
+    }
+    assert_ne!(status("tagward.v1.Tagging").await, SERVING);
+    assert_ne!(status("tagward.v1.Admin").await, SERVING);
+    assert_eq!(status("tagward.v1.Authorizer").await, SERVING, "decisions still work");
+    assert!(allowed(c.authz.authorize(authorize_req(ALPHA_APP, "kms:Decrypt", KEY_ALPHA)).await.unwrap().get_ref()));
+    running.shutdown().await;
+}
+
+/// The revisions of the change records in an audit trail (every line must
+/// parse), and how many are marked recovered.
+fn audited(path: &Path) -> (std::collections::BTreeSet<u64>, usize) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut revisions = std::collections::BTreeSet::new();
+    let mut recovered = 0;
+    for (i, line) in text.lines().enumerate() {
+        let r: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("audit line {} does not parse ({e}): {line:?}", i + 1));
+        if r.get("errorCode").is_none() {
+            revisions.insert(r["additionalEventData"]["revision"].as_u64().unwrap());
+            recovered += usize::from(r["additionalEventData"]["recovered"] == true);
+        }
+    }
+    assert!(text.is_empty() || text.ends_with('\n'), "the trail ends with a whole line");
+    (revisions, recovered)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigkill_every_replayed_revision_is_audited_and_every_line_parses() {
+    let rounds = if long() { 25 } else { 3 };
+    let dir = Scratch::new("chaos-kill");
+    let data_dir = dir.join("data");
+    let world = write_world(dir.path(), WORLD);
+    let args = ["--data-dir", data_dir.to_str().unwrap(), "--world", world.as_str(), "--audit-max-bytes", "200000"];
+    let mut recovered_total = 0;
+    for round in 0..rounds {
+        let mut server = Serve::new().args(args).start(START).await.unwrap();
+        let mut admin = server.admin().await;
+        let reqs: Vec<proto::ApplyRequest> =
+            (0..5000).map(|i| apply_request(&i.to_string(), set_tags(KEY_BETA, &[("n", &format!("{round}-{i}"))]))).collect();
+        let mut stream = admin.apply(tokio_stream::iter(reqs)).await.unwrap().into_inner();
+        let mut acked = 0;
+        while let Ok(Some(_)) = stream.message().await {
+            acked += 1;
+            if acked == 300 + 97 * round {
+                server.signal("-9");
+            }
+        }
+        let _ = tokio::task::block_in_place(|| server.wait_for_exit(Duration::from_secs(20)));
+        // The start after the kill audits what the log holds and the trail lacks.
+        let mut server = Serve::new().args(args).start(START).await.unwrap();
+        let mut tagging = server.tagging().await;
+        let listed = tagging
+            .list_resource_tags(proto::ListResourceTagsRequest {
+                principal: KEY_ADMIN.into(),
+                resource: KEY_BETA.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let revision = listed.get_ref().revision;
+        let stderr = server.term(Duration::from_secs(20));
+        let mut all = std::collections::BTreeSet::new();
+        for name in ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2", "audit.jsonl.3", "audit.jsonl.4", "audit.jsonl.5"] {
+            let (revs, recovered) = audited(&data_dir.join(name));
+            all.extend(revs);
+            recovered_total += recovered;
+        }
+        // Every revision since the oldest kept file is in the trail.
+        let oldest = *all.first().unwrap();
+        let missing: Vec<u64> = (oldest..=revision).filter(|r| !all.contains(r)).collect();
+        assert!(missing.is_empty(), "round {round}: revisions {missing:?} have no audit record\n{stderr}");
+    }
+    println!("SIGKILL: {rounds} rounds, {recovered_total} records written as recovered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_filled_log_tail_is_cut_and_the_sidecar_starts() {
+    let dir = Scratch::new("chaos-zeros");
+    let data_dir = dir.join("data");
+    let world = write_world(dir.path(), WORLD);
+    let args = ["--data-dir", data_dir.to_str().unwrap(), "--world", world.as_str()];
+    let server = Serve::new().args(args).start(START).await.unwrap();
+    let mut admin = server.admin().await;
+    let revision = apply_ok(&mut admin, set_tags(KEY_BETA, &[("Project", "Zero")])).await;
+    server_stops_cleanly(server);
+    let mut logs: Vec<std::path::PathBuf> = std::fs::read_dir(&data_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "twl"))
+        .collect();
+    logs.sort();
+    let newest = logs.last().unwrap();
+    use std::io::Write as _;
+    std::fs::OpenOptions::new().append(true).open(newest).unwrap().write_all(&[0u8; 4096]).unwrap();
+    std::fs::write(data_dir.join("snap-00000000000000000001.tws.tmp"), b"unfinished").unwrap();
+    let server = Serve::new().args(args).start(START).await.unwrap();
+    let listed = server
+        .tagging()
+        .await
+        .list_resource_tags(proto::ListResourceTagsRequest {
+            principal: KEY_ADMIN.into(),
+            resource: KEY_BETA.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.get_ref().revision, revision);
+    assert!(!data_dir.join("snap-00000000000000000001.tws.tmp").exists());
+    server_stops_cleanly(server);
+}

@@ -260,6 +260,7 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
     };
 
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let failures = store.failures();
     let shared = Shared {
         store,
         min_revision_wait: config.min_revision_wait,
@@ -278,6 +279,7 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
         health.set_serving::<TaggingServer<TaggingService>>().await;
     }
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health.set_service_status(ADMIN_SERVICES[0], tonic_health::ServingStatus::Serving).await;
     let data_services: Vec<&str> =
         DATA_SERVICES.iter().copied().filter(|s| serve_tagging || *s != "tagward.v1.Tagging").collect();
     let data_reflection = reflection(&data_services)?;
@@ -299,6 +301,7 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
         let _ = rx.wait_for(|down| *down).await;
     };
     let mut helpers = Vec::new();
+    helpers.push(follow_store_health(failures, health.clone(), serve_tagging, shutdown_rx.clone()));
     for (name, tls) in [("data", &data_tls), ("admin", &admin_tls)] {
         if let Some(tls) = tls {
             helpers.push(tls.clone().watch(name, config.tls_reload, shutdown_rx.clone()));
@@ -364,6 +367,52 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
     Ok(Running { data_addr, admin_addr, health_addr, shutdown, health, grace: config.shutdown_grace, servers, helpers })
 }
 
+/// Health follows the store: while it refuses every change (a storage
+/// failure such as a full disk), the overall status (`""`), Tagging and
+/// `tagward.v1.Admin` are `NOT_SERVING` (reads still work, so Authorizer
+/// stays `SERVING`), the reason is logged and `tagward_store_failed` is 1;
+/// when the store takes changes again, they are `SERVING` again.
+fn follow_store_health(
+    mut failures: watch::Receiver<Option<String>>,
+    health: HealthReporter,
+    tagging: bool,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut failed = false;
+        loop {
+            let now = failures.borrow_and_update().clone();
+            match (&now, failed) {
+                (Some(reason), false) => {
+                    tracing::error!(reason = %reason, "the store refuses every change: health is NOT_SERVING for writers (\"\", Tagging, Admin)");
+                    metrics::gauge!(crate::observe::STORE_FAILED).set(1.0);
+                    set_writers(&health, tagging, tonic_health::ServingStatus::NotServing).await;
+                    failed = true;
+                }
+                (None, true) => {
+                    info!("the store takes changes again: health is SERVING");
+                    metrics::gauge!(crate::observe::STORE_FAILED).set(0.0);
+                    set_writers(&health, tagging, tonic_health::ServingStatus::Serving).await;
+                    failed = false;
+                }
+                _ => {}
+            }
+            tokio::select! {
+                changed = failures.changed() => if changed.is_err() { return },
+                _ = shutdown.wait_for(|down| *down) => return,
+            }
+        }
+    })
+}
+
+async fn set_writers(health: &HealthReporter, tagging: bool, status: tonic_health::ServingStatus) {
+    health.set_service_status("", status).await;
+    health.set_service_status(ADMIN_SERVICES[0], status).await;
+    if tagging {
+        health.set_service_status("tagward.v1.Tagging", status).await;
+    }
+}
+
 fn tls_mode(tls: &Option<Arc<Tls>>) -> &'static str {
     match tls {
         None => "off",
@@ -379,6 +428,7 @@ impl Running {
         self.health.set_not_serving::<AuthorizerServer<AuthorizerService>>().await;
         self.health.set_not_serving::<TaggingServer<TaggingService>>().await;
         self.health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        self.health.set_service_status(ADMIN_SERVICES[0], tonic_health::ServingStatus::NotServing).await;
         let _ = self.shutdown.send(true);
         let (helpers, servers) = (self.helpers, self.servers);
         let all = async move {
