@@ -9,6 +9,9 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::Status;
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
+/// The first decode buffer of a call, in bytes.
+const DECODE_BUFFER_BYTES: usize = 512;
+
 /// prost's codec with decode errors as `INVALID_ARGUMENT`.
 #[derive(Debug, Clone)]
 pub struct Checked<T, U> {
@@ -55,7 +58,11 @@ impl<U: Message + Default> Decoder for CheckedDecoder<U> {
         self.inner.decode(buf).map_err(|s| Status::invalid_argument(format!("the message does not decode: {}", s.message())))
     }
 
+    /// A small first buffer (it grows as a message needs): tonic allocates
+    /// it when a call starts, so with prost's 8 KiB a flood of calls that
+    /// never send their body would cost 8 KiB each, memory the allocator
+    /// keeps after they end.
     fn buffer_settings(&self) -> BufferSettings {
-        self.inner.buffer_settings()
+        BufferSettings::new(DECODE_BUFFER_BYTES, 32 * 1024)
     }
 }

@@ -501,6 +501,62 @@ impl AuditLog {
 mod tests {
     use super::*;
 
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tagward-audit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn policy_event(revision: u64) -> Event {
+        Event {
+            revision,
+            time_unix_ms: 1_700_000_000_000,
+            actor: "admin".into(),
+            kind: EventKind::Entity { kind: EntityKind::Policy, name: format!("p{revision}"), change: ChangeKind::Put },
+        }
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_and_the_newest_revision_is_found() {
+        let d = scratch("torn");
+        let path = d.join("audit.jsonl");
+        let mut log = AuditLog::open(&path).unwrap();
+        log.write(&[&policy_event(1), &policy_event(2)], &[]).unwrap();
+        drop(log);
+        let whole = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"eventVersion\": \"1.0").unwrap();
+        let mut log = AuditLog::open(&path).unwrap();
+        assert_eq!((log.cut_bytes(), log.last_revision()), (21, Some(2)));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), whole);
+        log.write_recovered(&[policy_event(3)]).unwrap();
+        drop(log);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[2]["additionalEventData"]["recovered"], true);
+        assert_eq!(lines[2]["additionalEventData"]["revision"], 3);
+        assert_eq!(AuditLog::open(&path).unwrap().last_revision(), Some(3));
+    }
+
+    #[test]
+    fn the_trail_rotates_by_size_and_keeps_what_it_is_told() {
+        let d = scratch("rotate");
+        let path = d.join("audit.jsonl");
+        let mut log = AuditLog::open(&path).unwrap().with_rotation(Rotation { max_bytes: 1, keep: 2 });
+        for rev in 1..=4 {
+            log.write(&[&policy_event(rev)], &[]).unwrap();
+        }
+        drop(log);
+        let revision_in = |p: PathBuf| last_revision_in(&p).unwrap();
+        assert_eq!(revision_in(rotated(&path, 1)), Some(4), "the newest full file is NAME.1");
+        assert_eq!(revision_in(rotated(&path, 2)), Some(3));
+        assert!(!rotated(&path, 3).exists(), "only two are kept");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "a new file was started");
+        // Reopened, the trail finds its newest revision in NAME.1.
+        assert_eq!(AuditLog::open(&path).unwrap().last_revision(), Some(4));
+    }
+
     #[test]
     fn tag_changes_look_like_cloudtrail_records() {
         let e = Event {
