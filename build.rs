@@ -16,7 +16,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // reflection must be able to hand it to clients such as grpcurl.
     let duration = protox::compile(["google/protobuf/duration.proto"], ["proto"])?;
     std::fs::write(out_dir.join("duration_descriptor.bin"), duration.encode_to_vec())?;
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(descriptors)?;
+    // A message that does not decode is INVALID_ARGUMENT (src/grpc/codec.rs).
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .codec_path("crate::grpc::codec::Checked")
+        .compile_fds(descriptors)?;
     // The subset of etcd's v3 API that fleet mode uses (`--store etcd://`),
     // declared in proto/etcd/ with etcd's names and field numbers: a client
     // only, and not served by reflection.

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod codec;
 pub mod convert;
 pub mod dial;
 pub mod etcd;

@@ -270,6 +270,28 @@ struct Limits {
     /// Seconds in-flight calls get to finish at shutdown.
     #[arg(long, env = "TAGWARD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     shutdown_grace_secs: u64,
+    /// Connections open at once on each listener; more are closed as they
+    /// arrive (logged when the limit is reached).
+    #[arg(long, env = "TAGWARD_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// HTTP/2 MAX_CONCURRENT_STREAMS: calls in flight on one connection.
+    #[arg(long, env = "TAGWARD_MAX_CONCURRENT_STREAMS", default_value_t = 100)]
+    max_concurrent_streams: u32,
+    /// Seconds a call may take until its response starts (a unary call's
+    /// request body included); then it ends CANCELLED.
+    #[arg(long, env = "TAGWARD_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    request_timeout_secs: u64,
+    /// Seconds between the server's HTTP/2 keepalive pings (0: none).
+    #[arg(long, env = "TAGWARD_KEEPALIVE_SECS", default_value_t = 20)]
+    keepalive_secs: u64,
+    /// Seconds a keepalive ping waits for its answer before the
+    /// connection is closed.
+    #[arg(long, env = "TAGWARD_KEEPALIVE_TIMEOUT_SECS", default_value_t = 10)]
+    keepalive_timeout_secs: u64,
+    /// Seconds a connection may send nothing at all (no preface, no
+    /// headers, no ping answer) before it is closed.
+    #[arg(long, env = "TAGWARD_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    idle_timeout_secs: u64,
 }
 
 /// What `serve` logs, audits and measures.
@@ -285,6 +307,13 @@ struct Observability {
     /// directory; none with --ephemeral unless given.
     #[arg(long, env = "TAGWARD_AUDIT_LOG")]
     audit_log: Option<PathBuf>,
+    /// Bytes after which the audit trail moves to a new file (the full one
+    /// becomes NAME.1, older ones NAME.2, ...); 0 never rotates.
+    #[arg(long, env = "TAGWARD_AUDIT_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    audit_max_bytes: u64,
+    /// Rotated audit files kept; the oldest beyond them is removed.
+    #[arg(long, env = "TAGWARD_AUDIT_KEEP", default_value_t = 5)]
+    audit_keep: usize,
     /// Log decisions (JSON lines) to this file; off when not given.
     #[arg(long, env = "TAGWARD_DECISION_LOG")]
     decision_log: Option<PathBuf>,
@@ -593,6 +622,16 @@ impl TryFrom<&ServeArgs> for Config {
                 TaggingArg::ReadOnly => TaggingMode::ReadOnly,
                 TaggingArg::On => TaggingMode::On,
             },
+            limits: tagward::grpc::server::Limits {
+                connections: tagward::grpc::transport::ConnLimits {
+                    max_connections: limits.max_connections.max(1),
+                    idle_timeout: Duration::from_secs(limits.idle_timeout_secs.max(1)),
+                },
+                max_concurrent_streams: limits.max_concurrent_streams.max(1),
+                request_timeout: Duration::from_secs(limits.request_timeout_secs.max(1)),
+                keepalive_interval: Duration::from_secs(limits.keepalive_secs),
+                keepalive_timeout: Duration::from_secs(limits.keepalive_timeout_secs.max(1)),
+            },
         })
     }
 }
@@ -606,6 +645,7 @@ struct StoragePlan {
     durability: Option<Durability>,
     event_capacity: usize,
     audit_log: Option<PathBuf>,
+    audit_rotation: tagward::audit::Rotation,
     /// Named in every audit record.
     node_name: String,
 }
@@ -621,6 +661,10 @@ impl From<&ServeArgs> for StoragePlan {
             durability: (!s.ephemeral).then_some(Durability { compact_after_bytes: s.compact_after_bytes, event_capacity }),
             event_capacity,
             audit_log: args.observability.audit_log.clone().or_else(|| (!s.ephemeral).then(|| s.data_dir.join("audit.jsonl"))),
+            audit_rotation: tagward::audit::Rotation {
+                max_bytes: args.observability.audit_max_bytes,
+                keep: args.observability.audit_keep,
+            },
             node_name: args.identity.node_name.clone().filter(|n| !n.trim().is_empty()).unwrap_or_else(default_node_name),
         }
     }
@@ -763,7 +807,11 @@ fn open_audit(plan: &StoragePlan) -> Result<Option<AuditLog>, Failure> {
         Some(path) => {
             let log = AuditLog::open(path)
                 .map_err(|e| Failure::input("cannot open the audit log").file(path).error(e))?
-                .with_node(plan.node_name.clone());
+                .with_node(plan.node_name.clone())
+                .with_rotation(plan.audit_rotation);
+            if log.cut_bytes() > 0 {
+                warn!(file = %path.display(), bytes = log.cut_bytes(), "cut a torn last line off the audit trail (a write interrupted by a crash)");
+            }
             info!(file = %path.display(), node = %plan.node_name, "audit trail");
             Ok(Some(log))
         }

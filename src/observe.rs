@@ -174,6 +174,7 @@ pub fn install_exporter(addr: std::net::SocketAddr) -> Result<(), ExporterError>
     metrics::describe_gauge!(RESOURCES, "Resources");
     metrics::describe_gauge!(TAGS, "Tags on resources and principals");
     metrics::describe_gauge!(BUILD_INFO, "Always 1; the labels carry the version");
+    metrics::describe_gauge!(STORE_FAILED, "1 while the store refuses every change after a storage failure");
     register_at_zero();
     Ok(())
 }
@@ -197,4 +198,5 @@ fn register_at_zero() {
     }
     metrics::counter!(DECISION_LOG_DROPPED).absolute(0);
     metrics::counter!(AUDIT_FAILURES).absolute(0);
+    metrics::gauge!(STORE_FAILED).set(0.0);
 }

@@ -77,6 +77,7 @@ async fn tagging_with_peers(store: Arc<Store>, callers: Arc<Callers>) -> (Socket
         context_rules: Arc::new(tagward::engine::ContextRules::SERVER),
         callers,
         tagging: TaggingMode::On,
+        evaluations: tagward::grpc::service::evaluation_slots(),
     };
     let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
     let addr = listener.local_addr().unwrap();

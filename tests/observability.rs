@@ -808,6 +808,7 @@ async fn every_documented_series_exists_from_the_start() {
     zero("tagward_tag_changes_total", &[("origin", "admin")]);
     zero("tagward_decision_log_dropped_total", &[]);
     zero("tagward_audit_write_failures_total", &[]);
+    zero("tagward_store_failed", &[]);
     assert_eq!(first.get("tagward_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0), "{}", first.text);
 
     // One tag change through the Tagging API (KeyAdmin may set Project),

@@ -14,6 +14,57 @@ use crate::tagging::{TagOp, TagRequest};
 use crate::world::{PrincipalSpec, ResourceSpec, WorldSpec};
 use tagward_core::ErrorCode;
 
+/// The longest string a request field may hold (a principal, action or
+/// resource, a tag key or value, a context value or list element), in bytes.
+/// Checked before any other work on the request, so that one caller cannot
+/// make matching or hashing take long.
+pub const MAX_FIELD_BYTES: usize = 16 * 1024;
+
+/// The most entries a list in one request may hold (request tags, tag keys,
+/// session tags, a context key's values, the tags of a tag or untag request,
+/// and of an admin `set_tags`, `remove_tags` or entity put).
+pub const MAX_LIST_ITEMS: usize = 1000;
+
+/// Refuses a list over [`MAX_LIST_ITEMS`].
+fn list_limit(field: &str, len: usize) -> Result<(), Status> {
+    if len > MAX_LIST_ITEMS {
+        return Err(invalid(field, format!("{len} entries; at most {MAX_LIST_ITEMS} are allowed in one request")));
+    }
+    Ok(())
+}
+
+/// Refuses a string over [`MAX_FIELD_BYTES`].
+fn text_limit(field: &str, text: &str) -> Result<(), Status> {
+    if text.len() > MAX_FIELD_BYTES {
+        return Err(invalid(field, format!("{} bytes; at most {MAX_FIELD_BYTES} are allowed", text.len())));
+    }
+    Ok(())
+}
+
+/// Refuses a list of tags over the limits (count, then each key and value).
+fn tags_limit(field: &str, tags: &[proto::Tag]) -> Result<(), Status> {
+    list_limit(field, tags.len())?;
+    for (i, t) in tags.iter().enumerate() {
+        text_limit(&format!("{field}[{i}].key"), &t.key)?;
+        text_limit(&format!("{field}[{i}].value"), &t.value)?;
+    }
+    Ok(())
+}
+
+/// Refuses a list of strings over the limits.
+fn strings_limit(field: &str, values: &[String]) -> Result<(), Status> {
+    list_limit(field, values.len())?;
+    for (i, v) in values.iter().enumerate() {
+        text_limit(&format!("{field}[{i}]"), v)?;
+    }
+    Ok(())
+}
+
+/// The limits as an admin update's error (a `Validation` refusal).
+fn update_limit(check: Result<(), Status>) -> Result<(), UpdateError> {
+    check.map_err(|s| bad(s.message().to_string()))
+}
+
 pub fn pairs(tags: &[proto::Tag]) -> Vec<(String, String)> {
     tags.iter().map(|t| (t.key.clone(), t.value.clone())).collect()
 }
@@ -49,6 +100,15 @@ fn context(
     map: &HashMap<String, proto::ContextValue>,
     rules: &ContextRules,
 ) -> Result<Vec<(String, ContextValue)>, Status> {
+    list_limit(field, map.len())?;
+    for (k, v) in map {
+        text_limit(&format!("{field}[{k:?}] (the key)"), k)?;
+        match &v.kind {
+            Some(proto::context_value::Kind::StringValue(s)) => text_limit(&format!("{field}[{k:?}]"), s)?,
+            Some(proto::context_value::Kind::ListValue(l)) => strings_limit(&format!("{field}[{k:?}]"), &l.values)?,
+            _ => {}
+        }
+    }
     let mut out: Vec<(String, ContextValue)> = Vec::with_capacity(map.len());
     for (k, v) in map {
         let value = match &v.kind {
@@ -97,6 +157,14 @@ fn request(
     required("principal", principal)?;
     required(&format!("{prefix}action"), action)?;
     required(&format!("{prefix}resource"), resource)?;
+    text_limit("principal", principal)?;
+    text_limit(&format!("{prefix}action"), action)?;
+    text_limit(&format!("{prefix}resource"), resource)?;
+    tags_limit(&format!("{prefix}request_tags"), request_tags)?;
+    if let Some(keys) = tag_keys {
+        strings_limit(&format!("{prefix}tag_keys"), &keys.values)?;
+    }
+    tags_limit("session_tags", session_tags)?;
     let mut req = Request {
         principal: principal.to_string(),
         action: action.to_string(),
@@ -222,6 +290,9 @@ fn tag_request(
 ) -> Result<TagRequest, Status> {
     required("principal", principal)?;
     required("resource", resource)?;
+    text_limit("principal", principal)?;
+    text_limit("resource", resource)?;
+    tags_limit("session_tags", session_tags)?;
     Ok(TagRequest {
         principal: principal.to_string(),
         resource: resource.to_string(),
@@ -232,10 +303,12 @@ fn tag_request(
 }
 
 pub fn tag_resource(r: &proto::TagResourceRequest, rules: &ContextRules) -> Result<TagRequest, Status> {
+    tags_limit("tags", &r.tags)?;
     tag_request(&r.principal, &r.resource, TagOp::Tag(pairs(&r.tags)), &r.session_tags, &r.context, rules)
 }
 
 pub fn untag_resource(r: &proto::UntagResourceRequest, rules: &ContextRules) -> Result<TagRequest, Status> {
+    strings_limit("tag_keys", &r.tag_keys)?;
     tag_request(&r.principal, &r.resource, TagOp::Untag(r.tag_keys.clone()), &r.session_tags, &r.context, rules)
 }
 
@@ -260,6 +333,7 @@ fn bad(message: impl Into<String>) -> UpdateError {
 }
 
 fn tag_map(field: &str, tags: &[proto::Tag]) -> Result<BTreeMap<String, String>, UpdateError> {
+    update_limit(tags_limit(field, tags))?;
     let mut map = BTreeMap::new();
     for (i, t) in tags.iter().enumerate() {
         if map.insert(t.key.clone(), t.value.clone()).is_some() {
@@ -318,8 +392,14 @@ pub fn update(u: &proto::Update, path: &str) -> Result<Update, UpdateError> {
             },
         }),
         Op::DeleteResource(d) => Update::DeleteResource { arn: d.arn.clone() },
-        Op::SetTags(s) => Update::SetTags { resource: s.resource.clone(), tags: pairs(&s.tags) },
-        Op::RemoveTags(r) => Update::RemoveTags { resource: r.resource.clone(), keys: r.tag_keys.clone() },
+        Op::SetTags(s) => {
+            update_limit(tags_limit(&format!("{path}set_tags.tags"), &s.tags))?;
+            Update::SetTags { resource: s.resource.clone(), tags: pairs(&s.tags) }
+        }
+        Op::RemoveTags(r) => {
+            update_limit(strings_limit(&format!("{path}remove_tags.tag_keys"), &r.tag_keys))?;
+            Update::RemoveTags { resource: r.resource.clone(), keys: r.tag_keys.clone() }
+        }
         Op::Batch(b) => Update::Batch(
             b.updates
                 .iter()

@@ -61,6 +61,67 @@ pub struct Config {
     pub callers: Arc<Callers>,
     /// How much of the Tagging API is served (`--tagging`).
     pub tagging: TaggingMode,
+    /// Connections, streams, timeouts and keepalive on every listener.
+    pub limits: Limits,
+}
+
+/// What every listener holds its connections and calls to.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections per listener, and how long a silent one stays open.
+    pub connections: transport::ConnLimits,
+    /// HTTP/2 `MAX_CONCURRENT_STREAMS`: calls in flight on one connection.
+    pub max_concurrent_streams: u32,
+    /// How long a call may take until its response starts (for a unary
+    /// call, its whole request, body included); then it ends `CANCELLED`.
+    /// A stream's later messages are not bounded by it.
+    pub request_timeout: Duration,
+    /// How often the server pings each connection (zero: never), and how
+    /// long it waits for the answer before closing it.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            connections: transport::ConnLimits::default(),
+            max_concurrent_streams: 100,
+            request_timeout: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// HTTP/2 flow control. h2 closes a connection with `GOAWAY
+/// ENHANCE_YOUR_CALM "too_many_data_frames"` when the small DATA frames it
+/// holds unread cost more than half the connection window (each frame of
+/// under 256 bytes costs 256 minus its length, given back once the frame
+/// is read). hyper's default windows (1 MiB per stream and connection) let
+/// a client that sends each `Admin.Apply` update in a frame of its own park
+/// thousands of them unread and trip it. A 64 KiB stream window bounds what
+/// one stream can have unread, and a 16 MiB connection window makes the
+/// budget 8 MiB: messages of 30 bytes or more on a stream cost at most
+/// 64 KiB / 30 × 226 ≈ 0.5 MiB of it. (The same guard in the client's h2
+/// is why the acknowledgements are batched: see `service::Acks`.)
+const STREAM_WINDOW: u32 = 64 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// The largest header block a request may send.
+const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+
+/// A tonic server builder with `limits` and the flow control above.
+fn builder(limits: &Limits) -> tonic::transport::Server {
+    let keepalive = |d: Duration| (!d.is_zero()).then_some(d);
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams.max(1))
+        .timeout(limits.request_timeout)
+        .http2_keepalive_interval(keepalive(limits.keepalive_interval))
+        .http2_keepalive_timeout(keepalive(limits.keepalive_timeout))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
 }
 
 impl Default for Config {
@@ -83,6 +144,7 @@ impl Default for Config {
             decision_log: None,
             callers: Callers::trusting_local(),
             tagging: TaggingMode::On,
+            limits: Limits::default(),
         }
     }
 }
@@ -198,6 +260,7 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
     };
 
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let failures = store.failures();
     let shared = Shared {
         store,
         min_revision_wait: config.min_revision_wait,
@@ -207,6 +270,7 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
         context_rules: Arc::new(config.context_rules.clone()),
         callers: config.callers.clone(),
         tagging: config.tagging,
+        evaluations: super::service::evaluation_slots(),
     };
     let serve_tagging = config.tagging != TaggingMode::Off;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -215,6 +279,7 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
         health.set_serving::<TaggingServer<TaggingService>>().await;
     }
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health.set_service_status(ADMIN_SERVICES[0], tonic_health::ServingStatus::Serving).await;
     let data_services: Vec<&str> =
         DATA_SERVICES.iter().copied().filter(|s| serve_tagging || *s != "tagward.v1.Tagging").collect();
     let data_reflection = reflection(&data_services)?;
@@ -236,18 +301,20 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
         let _ = rx.wait_for(|down| *down).await;
     };
     let mut helpers = Vec::new();
+    helpers.push(follow_store_health(failures, health.clone(), serve_tagging, shutdown_rx.clone()));
     for (name, tls) in [("data", &data_tls), ("admin", &admin_tls)] {
         if let Some(tls) = tls {
             helpers.push(tls.clone().watch(name, config.tls_reload, shutdown_rx.clone()));
         }
     }
     let mut servers = Vec::new();
-    let (incoming, accept) = transport::incoming("data", data_listener, data_tls.clone(), shutdown_rx.clone());
+    let (incoming, accept) =
+        transport::incoming("data", data_listener, data_tls.clone(), config.limits.connections, shutdown_rx.clone());
     helpers.push(accept);
     servers.push((
         "data",
         tokio::spawn(
-            tonic::transport::Server::builder()
+            builder(&config.limits)
                 .add_service(health_service.clone())
                 .add_service(data_reflection.0)
                 .add_service(data_reflection.1)
@@ -256,12 +323,13 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
                 .serve_with_incoming_shutdown(incoming, signal(shutdown_rx.clone())),
         ),
     ));
-    let (incoming, accept) = transport::incoming("admin", admin_listener, admin_tls.clone(), shutdown_rx.clone());
+    let (incoming, accept) =
+        transport::incoming("admin", admin_listener, admin_tls.clone(), config.limits.connections, shutdown_rx.clone());
     helpers.push(accept);
     servers.push((
         "admin",
         tokio::spawn(
-            tonic::transport::Server::builder()
+            builder(&config.limits)
                 .add_service(admin_reflection.0)
                 .add_service(admin_reflection.1)
                 .add_service(admin)
@@ -270,12 +338,13 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
     ));
     let health_addr = match health_listener {
         Some((listener, addr)) => {
-            let (incoming, accept) = transport::incoming("health", listener, None, shutdown_rx.clone());
+            let (incoming, accept) =
+                transport::incoming("health", listener, None, config.limits.connections, shutdown_rx.clone());
             helpers.push(accept);
             servers.push((
                 "health",
                 tokio::spawn(
-                    tonic::transport::Server::builder()
+                    builder(&config.limits)
                         .add_service(health_service)
                         .serve_with_incoming_shutdown(incoming, signal(shutdown_rx.clone())),
                 ),
@@ -296,6 +365,52 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
         "serving"
     );
     Ok(Running { data_addr, admin_addr, health_addr, shutdown, health, grace: config.shutdown_grace, servers, helpers })
+}
+
+/// Health follows the store: while it refuses every change (a storage
+/// failure such as a full disk), the overall status (`""`), Tagging and
+/// `tagward.v1.Admin` are `NOT_SERVING` (reads still work, so Authorizer
+/// stays `SERVING`), the reason is logged and `tagward_store_failed` is 1;
+/// when the store takes changes again, they are `SERVING` again.
+fn follow_store_health(
+    mut failures: watch::Receiver<Option<String>>,
+    health: HealthReporter,
+    tagging: bool,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut failed = false;
+        loop {
+            let now = failures.borrow_and_update().clone();
+            match (&now, failed) {
+                (Some(reason), false) => {
+                    tracing::error!(reason = %reason, "the store refuses every change: health is NOT_SERVING for writers (\"\", Tagging, Admin)");
+                    metrics::gauge!(crate::observe::STORE_FAILED).set(1.0);
+                    set_writers(&health, tagging, tonic_health::ServingStatus::NotServing).await;
+                    failed = true;
+                }
+                (None, true) => {
+                    info!("the store takes changes again: health is SERVING");
+                    metrics::gauge!(crate::observe::STORE_FAILED).set(0.0);
+                    set_writers(&health, tagging, tonic_health::ServingStatus::Serving).await;
+                    failed = false;
+                }
+                _ => {}
+            }
+            tokio::select! {
+                changed = failures.changed() => if changed.is_err() { return },
+                _ = shutdown.wait_for(|down| *down) => return,
+            }
+        }
+    })
+}
+
+async fn set_writers(health: &HealthReporter, tagging: bool, status: tonic_health::ServingStatus) {
+    health.set_service_status("", status).await;
+    health.set_service_status(ADMIN_SERVICES[0], status).await;
+    if tagging {
+        health.set_service_status("tagward.v1.Tagging", status).await;
+    }
 }
 
 fn tls_mode(tls: &Option<Arc<Tls>>) -> &'static str {
@@ -326,6 +441,7 @@ impl Running {
         self.health.set_not_serving::<AuthorizerServer<AuthorizerService>>().await;
         self.health.set_not_serving::<TaggingServer<TaggingService>>().await;
         self.health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        self.health.set_service_status(ADMIN_SERVICES[0], tonic_health::ServingStatus::NotServing).await;
         let _ = self.shutdown.send(true);
         let (helpers, servers) = (self.helpers, self.servers);
         let all = async move {

@@ -46,6 +46,25 @@ pub struct Shared {
     pub callers: Arc<Callers>,
     /// How much of the Tagging API is served.
     pub tagging: TaggingMode,
+    /// Batch evaluations running at once on the blocking pool (see
+    /// [`Shared::offload`]).
+    pub evaluations: Arc<tokio::sync::Semaphore>,
+}
+
+/// Batch evaluations at once: one per core, so that batches queue for
+/// each other rather than crowd out the async workers.
+pub fn evaluation_slots() -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())))
+}
+
+/// Runs `work` on tokio's blocking pool in the current span: work that may
+/// take long (evaluating a batch, waiting for the writer lock) never runs on
+/// the async workers, which serve every other caller.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+    let span = Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(work))
+        .await
+        .map_err(|e| Status::internal(format!("the request's task failed: {e}")))?
 }
 
 /// The codes Tagward answers with, labelled by their canonical name; any
@@ -129,23 +148,30 @@ impl Authorizer for AuthorizerService {
         &self,
         request: Request<proto::BatchAuthorizeRequest>,
     ) -> Result<Response<proto::BatchAuthorizeResponse>, Status> {
-        let r = request.get_ref();
+        let r = request.into_inner();
         observed("BatchAuthorize", "batch", async {
             let started = Instant::now();
-            let reqs = convert::batch_requests(r, self.0.max_batch, &self.0.context_rules)?;
             let state = self.0.snapshot(r.min_revision).await?;
-            let revision = state.revision();
-            let results = reqs
-                .iter()
-                .enumerate()
-                .map(|(i, req)| {
-                    let d =
-                        authorize(&state, req, r.explain).map_err(|e| invalid(&format!("items[{i}].{}", e.field), e.reason))?;
-                    decided(&self.0, req, &d, revision, started);
-                    Ok(convert::decision(d, revision))
-                })
-                .collect::<Result<Vec<_>, Status>>()?;
-            Ok(Response::new(proto::BatchAuthorizeResponse { results, revision }))
+            // A batch can be long (many items, large policies): it runs off
+            // the async workers, at most one per core at once.
+            let _slot = self.0.evaluations.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
+            let shared = self.0.clone();
+            blocking(move || {
+                let reqs = convert::batch_requests(&r, shared.max_batch, &shared.context_rules)?;
+                let revision = state.revision();
+                let results = reqs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, req)| {
+                        let d = authorize(&state, req, r.explain)
+                            .map_err(|e| invalid(&format!("items[{i}].{}", e.field), e.reason))?;
+                        decided(&shared, req, &d, revision, started);
+                        Ok(convert::decision(d, revision))
+                    })
+                    .collect::<Result<Vec<_>, Status>>()?;
+                Ok(Response::new(proto::BatchAuthorizeResponse { results, revision }))
+            })
+            .await
         })
         .await
     }
@@ -203,9 +229,26 @@ impl Tagging for TaggingService {
         request: Request<proto::TagResourceRequest>,
     ) -> Result<Response<proto::TagResourceResponse>, Status> {
         observed("TagResource", "TagResource", async {
-            let req = convert::tag_resource(request.get_ref(), &self.0.context_rules)?;
-            self.may_write(peer_of(&request).as_ref(), &req)?;
-            let done = self.0.store.tag_acked(&req).await.map_err(tag_status)?;
+            let peer = peer_of(&request);
+            let this = TaggingService(self.0.clone());
+            let shared = self.0.store.is_shared();
+            // Converting a large request and waiting for the writer lock
+            // happen off the async workers; a fleet store commits through
+            // etcd below, without holding a worker either.
+            let (req, local) = blocking(move || {
+                let req = convert::tag_resource(request.get_ref(), &this.0.context_rules)?;
+                this.may_write(peer.as_ref(), &req)?;
+                let local = if shared { None } else { Some(this.0.store.tag(&req).map_err(tag_status)?) };
+                Ok((req, local))
+            })
+            .await?;
+            let done = match local {
+                Some((done, ticket)) => {
+                    ticket.durable().await.map_err(|e| tag_status(TagError::Unavailable(e.to_string())))?;
+                    done
+                }
+                None => self.0.store.tag_acked(&req).await.map_err(tag_status)?,
+            };
             Span::current().record("decision", field::display(done.outcome.decision.reason.as_str()));
             Ok(Response::new(proto::TagResourceResponse {
                 revision: done.revision,
@@ -221,9 +264,26 @@ impl Tagging for TaggingService {
         request: Request<proto::UntagResourceRequest>,
     ) -> Result<Response<proto::UntagResourceResponse>, Status> {
         observed("UntagResource", "UntagResource", async {
-            let req = convert::untag_resource(request.get_ref(), &self.0.context_rules)?;
-            self.may_write(peer_of(&request).as_ref(), &req)?;
-            let done = self.0.store.tag_acked(&req).await.map_err(tag_status)?;
+            let peer = peer_of(&request);
+            let this = TaggingService(self.0.clone());
+            let shared = self.0.store.is_shared();
+            // Converting a large request and waiting for the writer lock
+            // happen off the async workers; a fleet store commits through
+            // etcd below, without holding a worker either.
+            let (req, local) = blocking(move || {
+                let req = convert::untag_resource(request.get_ref(), &this.0.context_rules)?;
+                this.may_write(peer.as_ref(), &req)?;
+                let local = if shared { None } else { Some(this.0.store.tag(&req).map_err(tag_status)?) };
+                Ok((req, local))
+            })
+            .await?;
+            let done = match local {
+                Some((done, ticket)) => {
+                    ticket.durable().await.map_err(|e| tag_status(TagError::Unavailable(e.to_string())))?;
+                    done
+                }
+                None => self.0.store.tag_acked(&req).await.map_err(tag_status)?,
+            };
             Span::current().record("decision", field::display(done.outcome.decision.reason.as_str()));
             Ok(Response::new(proto::UntagResourceResponse {
                 revision: done.revision,
@@ -372,7 +432,69 @@ async fn accept_shared(store: &Store, req: &proto::ApplyRequest, actor: &str) ->
     })
 }
 
-type ApplyStream = ReceiverStream<Result<proto::ApplyResponse, Status>>;
+type ApplyStream = Acks;
+
+/// Answers that go out together at most: about 2 KiB of acknowledgements.
+const MAX_ACK_BATCH: usize = 64;
+
+/// How long answers ready to go wait for the next one while the reader is
+/// still handling it.
+const ACK_BATCH_WAIT: Duration = Duration::from_millis(2);
+
+/// An update's answer once its change is durable (or refused).
+async fn answer(store: &Store, id: String, accepted: Accepted) -> proto::ApplyResponse {
+    let result = match accepted {
+        Accepted::Ticket(result) => result,
+        Accepted::Done(Ok(revision)) => return proto::ApplyResponse { id, revision, error: None },
+        Accepted::Done(Err(e)) => Err(e),
+    };
+    match result {
+        Ok(ticket) => match ticket.durable().await {
+            Ok(revision) => proto::ApplyResponse { id, revision, error: None },
+            Err(e) => proto::ApplyResponse {
+                id,
+                revision: store.revision(),
+                error: Some(proto::UpdateError { code: ErrorCode::StorageFailed.to_string(), message: e.to_string() }),
+            },
+        },
+        Err(e) => {
+            debug!(id = %id, code = e.code.as_str(), "admin update refused");
+            proto::ApplyResponse { id, revision: store.revision(), error: Some(update_error(e)) }
+        }
+    }
+}
+
+/// `Admin.Apply`'s answers, handed over in batches: tonic encodes every
+/// answer a stream has ready into one chunk (one DATA frame where the
+/// window allows), so a producer that sends many small updates before
+/// reading gets its acknowledgements in frames of several hundred bytes
+/// rather than one tiny frame each. h2 on the client counts unread DATA
+/// frames under 256 bytes against half its connection window and closes
+/// the connection (`GOAWAY ENHANCE_YOUR_CALM "too_many_data_frames"`) when
+/// they exceed it.
+pub struct Acks {
+    rx: mpsc::Receiver<Result<Vec<proto::ApplyResponse>, Status>>,
+    ready: std::vec::IntoIter<proto::ApplyResponse>,
+}
+
+impl Stream for Acks {
+    type Item = Result<proto::ApplyResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        loop {
+            if let Some(ack) = self.ready.next() {
+                return Poll::Ready(Some(Ok(ack)));
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(batch))) => self.ready = batch.into_iter(),
+                Poll::Ready(Some(Err(status))) => return Poll::Ready(Some(Err(status))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
 type WatchStream = ReceiverStream<Result<proto::WatchEvent, Status>>;
 
 /// The admin RPCs are observed like the others (counted, timed until the
@@ -408,26 +530,42 @@ impl AdminService {
         let (accepted_tx, mut accepted) = mpsc::channel::<Result<(String, Accepted), Status>>(1024);
         let store = self.0.store.clone();
         let mut shutdown = self.0.shutdown.clone();
+        // Whether the reader holds an update it has not handed on yet: the
+        // acknowledger then waits a little for it, to send both together.
+        let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reading = busy.clone();
         tokio::spawn(async move {
             loop {
                 let next = tokio::select! {
-                    next = inbound.message() => next,
-                    _ = shutdown.wait_for(|down| *down) => break,
+                    next = inbound.message() => Some(next),
+                    _ = shutdown.wait_for(|down| *down) => None,
+                };
+                let Some(next) = next else {
+                    // Every update read so far is answered first; the stream
+                    // then ends UNAVAILABLE, never OK, since the client may
+                    // have sent updates that were not read.
+                    let _ = accepted_tx
+                        .send(Err(Status::unavailable(
+                            "the sidecar is shutting down: updates after the last one answered on this stream were not read; send them again",
+                        )))
+                        .await;
+                    break;
                 };
                 match next {
                     // A fleet store commits each update through etcd and
                     // answers it once this sidecar holds it, in order.
                     Ok(Some(req)) if store.is_shared() => {
+                        reading.store(true, std::sync::atomic::Ordering::SeqCst);
                         let id = req.id.clone();
-                        let result = match accept_shared(&store, &req, &actor).await {
-                            Ok(revision) => Accepted::Done(Ok(revision)),
-                            Err(e) => Accepted::Done(Err(e)),
-                        };
-                        if accepted_tx.send(Ok((id, result))).await.is_err() {
+                        let result = Accepted::Done(accept_shared(&store, &req, &actor).await);
+                        let sent = accepted_tx.send(Ok((id, result))).await;
+                        reading.store(false, std::sync::atomic::Ordering::SeqCst);
+                        if sent.is_err() {
                             break;
                         }
                     }
                     Ok(Some(req)) => {
+                        reading.store(true, std::sync::atomic::Ordering::SeqCst);
                         let store = store.clone();
                         let actor = actor.clone();
                         // Compiling a large world is CPU work: keep it off the
@@ -437,7 +575,9 @@ impl AdminService {
                             tokio::task::spawn_blocking(move || accept_one(&store, &req, &actor)).await.unwrap_or_else(|e| {
                                 Err(UpdateError { code: ErrorCode::Internal, message: format!("the update task failed: {e}") })
                             });
-                        if accepted_tx.send(Ok((id, Accepted::Ticket(result)))).await.is_err() {
+                        let sent = accepted_tx.send(Ok((id, Accepted::Ticket(result)))).await;
+                        reading.store(false, std::sync::atomic::Ordering::SeqCst);
+                        if sent.is_err() {
                             break;
                         }
                     }
@@ -453,47 +593,43 @@ impl AdminService {
         });
         let store = self.0.store.clone();
         tokio::spawn(async move {
-            while let Some(item) = accepted.recv().await {
-                let (id, result) = match item {
-                    Ok(accepted) => accepted,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
+            while let Some(first) = accepted.recv().await {
+                // The answers of every update already read go out together,
+                // so that they share DATA frames (see `Acks`).
+                let mut batch = Vec::new();
+                let mut next = Some(first);
+                loop {
+                    let item = match next.take().or_else(|| accepted.try_recv().ok()) {
+                        Some(item) => item,
+                        // More is coming (the reader holds an update, or the
+                        // channel was just refilled): wait a moment for it
+                        // rather than send a lone small frame.
+                        None if batch.len() < MAX_ACK_BATCH && busy.load(std::sync::atomic::Ordering::SeqCst) => {
+                            match tokio::time::timeout(ACK_BATCH_WAIT, accepted.recv()).await {
+                                Ok(Some(item)) => item,
+                                Ok(None) | Err(_) => break,
+                            }
+                        }
+                        None => break,
+                    };
+                    match item {
+                        Ok((id, result)) => batch.push(answer(&store, id, result).await),
+                        Err(status) => {
+                            let _ = tx.send(Ok(batch)).await;
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                    }
+                    if batch.len() >= MAX_ACK_BATCH {
                         break;
                     }
-                };
-                let result = match result {
-                    Accepted::Ticket(result) => result,
-                    Accepted::Done(Ok(revision)) => {
-                        if tx.send(Ok(proto::ApplyResponse { id, revision, error: None })).await.is_err() {
-                            break;
-                        }
-                        continue;
-                    }
-                    Accepted::Done(Err(e)) => Err(e),
-                };
-                let response = match result {
-                    Ok(ticket) => match ticket.durable().await {
-                        Ok(revision) => proto::ApplyResponse { id, revision, error: None },
-                        Err(e) => proto::ApplyResponse {
-                            id,
-                            revision: store.revision(),
-                            error: Some(proto::UpdateError {
-                                code: ErrorCode::StorageFailed.to_string(),
-                                message: e.to_string(),
-                            }),
-                        },
-                    },
-                    Err(e) => {
-                        debug!(id = %id, code = e.code.as_str(), "admin update refused");
-                        proto::ApplyResponse { id, revision: store.revision(), error: Some(update_error(e)) }
-                    }
-                };
-                if tx.send(Ok(response)).await.is_err() {
-                    break;
+                }
+                if tx.send(Ok(batch)).await.is_err() {
+                    return;
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Acks { rx, ready: Vec::new().into_iter() }))
     }
 
     async fn export_stream(&self) -> Result<Response<BoxStream<proto::ExportItem>>, Status> {

@@ -10,6 +10,7 @@
 //! never reaches tonic and never stops the listener.
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -284,10 +285,63 @@ impl Tls {
     }
 }
 
+/// What a listener's connections are held to.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Connections open at once; one more is accepted and closed at once,
+    /// with a log line when the limit is first reached.
+    pub max_connections: usize,
+    /// A connection from which nothing was read for this long is closed: a
+    /// client that never finishes its preface or headers, or one gone
+    /// silent. A live HTTP/2 client answers the server's keepalive pings,
+    /// so it is never idle this long while the keepalive interval is
+    /// shorter.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> ConnLimits {
+        ConnLimits { max_connections: 1024, idle_timeout: Duration::from_secs(60) }
+    }
+}
+
+/// Closes a connection that has been silent for too long.
+struct Idle {
+    limit: Duration,
+    last_read: tokio::time::Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Idle {
+    fn new(limit: Duration) -> Idle {
+        let now = tokio::time::Instant::now();
+        Idle { limit, last_read: now, timer: Box::pin(tokio::time::sleep_until(now + limit)) }
+    }
+
+    /// Called when a read is pending: an error once the connection has been
+    /// silent for the limit.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        loop {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let deadline = self.last_read + self.limit;
+            if deadline <= tokio::time::Instant::now() {
+                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "nothing read from the connection for too long"));
+            }
+            self.timer.as_mut().reset(deadline);
+        }
+    }
+}
+
 /// An accepted connection and who is on the other end.
 pub struct Connection {
     io: Io,
     peer: Peer,
+    idle: Idle,
+    /// Its place under the listener's connection limit, given back when
+    /// the connection is dropped.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 enum Io {
@@ -306,7 +360,7 @@ impl Connected for Connection {
 
 macro_rules! delegate {
     ($self:ident, $io:ident => $e:expr) => {
-        match &mut $self.get_mut().io {
+        match &mut $self.io {
             Io::Tcp($io) => {
                 let $io = Pin::new($io);
                 $e
@@ -325,25 +379,45 @@ macro_rules! delegate {
 
 impl AsyncRead for Connection {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, io => io.poll_read(cx, buf))
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match delegate!(this, io => io.poll_read(cx, buf)) {
+            Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    this.idle.last_read = tokio::time::Instant::now();
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => match this.idle.poll_expired(cx) {
+                Poll::Ready(e) => {
+                    debug!(peer = ?this.peer, "closing a connection: nothing read for {:?}", this.idle.limit);
+                    Poll::Ready(Err(e))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 }
 
 impl AsyncWrite for Connection {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        delegate!(self, io => io.poll_write(cx, buf))
+        let this = self.get_mut();
+        delegate!(this, io => io.poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, io => io.poll_flush(cx))
+        let this = self.get_mut();
+        delegate!(this, io => io.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, io => io.poll_shutdown(cx))
+        let this = self.get_mut();
+        delegate!(this, io => io.poll_shutdown(cx))
     }
 
     fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        delegate!(self, io => io.poll_write_vectored(cx, bufs))
+        let this = self.get_mut();
+        delegate!(this, io => io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -431,23 +505,77 @@ pub fn incoming(
     listener: &'static str,
     bound: Bound,
     tls: Option<Arc<Tls>>,
+    limits: ConnLimits,
     mut shutdown: watch::Receiver<bool>,
 ) -> (ReceiverStream<Result<Connection, io::Error>>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel::<Result<Connection, io::Error>>(64);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let task = tokio::spawn(async move {
+        // Whether the connection limit is reached (logged once per episode),
+        // and how many accepts in a row failed.
+        let mut full = false;
+        let mut failures = 0u32;
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.wait_for(|down| *down) => break,
                 _ = tx.closed() => break,
                 accepted = accept(&bound) => accepted,
             };
+            let accepted = match accepted {
+                Ok(accepted) => {
+                    if failures > 0 {
+                        info!(listener, failures, "accepting connections again");
+                        failures = 0;
+                    }
+                    accepted
+                }
+                Err(e) => {
+                    // EMFILE, ENFILE, ENOBUFS and the like: the pending
+                    // connection stays queued, so back off (5 ms doubling
+                    // to 1 s) rather than spin, and say so once.
+                    failures = failures.saturating_add(1);
+                    if failures == 1 {
+                        warn!(listener, error = %e, "cannot accept connections (out of file descriptors?); backing off until it works again");
+                    }
+                    let delay = Duration::from_millis(5u64 << failures.min(8)).min(Duration::from_secs(1));
+                    tokio::select! {
+                        _ = shutdown.wait_for(|down| *down) => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
+                }
+            };
+            let slot = match slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    if full && slots.available_permits() * 10 >= limits.max_connections {
+                        info!(listener, "below the connection limit again");
+                        full = false;
+                    }
+                    slot
+                }
+                Err(_) => {
+                    if !full {
+                        warn!(
+                            listener,
+                            limit = limits.max_connections,
+                            "connection limit reached: new connections are closed until some of the open ones end (--max-connections)"
+                        );
+                        full = true;
+                    }
+                    drop(accepted);
+                    continue;
+                }
+            };
+            let idle = limits.idle_timeout;
             match accepted {
-                Ok(Accepted::Tcp(stream, addr)) => {
+                Accepted::Tcp(stream, addr) => {
                     let _ = stream.set_nodelay(true);
                     match &tls {
                         None => {
-                            let _ = tx.send(Ok(Connection { io: Io::Tcp(stream), peer: Peer::Tcp { addr } })).await;
+                            let conn =
+                                Connection { io: Io::Tcp(stream), peer: Peer::Tcp { addr }, idle: Idle::new(idle), _slot: slot };
+                            let _ = tx.send(Ok(conn)).await;
                         }
                         Some(tls) => {
                             // At most MAX_HANDSHAKES at a time: more wait to be accepted.
@@ -457,25 +585,20 @@ pub fn incoming(
                             tokio::spawn(async move {
                                 let conn = handshake(listener, config, stream, addr).await;
                                 drop(permit);
-                                if let Some(conn) = conn {
-                                    let _ = tx.send(Ok(conn)).await;
+                                if let Some((io, peer)) = conn {
+                                    let _ = tx.send(Ok(Connection { io, peer, idle: Idle::new(idle), _slot: slot })).await;
                                 }
                             });
                         }
                     }
                 }
-                Ok(Accepted::Unix(stream)) => match stream.peer_cred() {
+                Accepted::Unix(stream) => match stream.peer_cred() {
                     Ok(cred) => {
                         let peer = Peer::Unix { uid: cred.uid(), gid: cred.gid() };
-                        let _ = tx.send(Ok(Connection { io: Io::Unix(stream), peer })).await;
+                        let _ = tx.send(Ok(Connection { io: Io::Unix(stream), peer, idle: Idle::new(idle), _slot: slot })).await;
                     }
                     Err(e) => warn!(listener, error = %e, "refused a Unix socket connection: cannot read its peer credentials"),
                 },
-                Err(e) => {
-                    // EMFILE and the like: back off a little rather than spin.
-                    warn!(listener, error = %e, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
             }
         }
         drop(bound);
@@ -495,7 +618,7 @@ async fn accept(bound: &Bound) -> io::Result<Accepted> {
     }
 }
 
-async fn handshake(listener: &'static str, config: Arc<ServerConfig>, stream: TcpStream, addr: SocketAddr) -> Option<Connection> {
+async fn handshake(listener: &'static str, config: Arc<ServerConfig>, stream: TcpStream, addr: SocketAddr) -> Option<(Io, Peer)> {
     let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(stream)) => stream,
@@ -518,7 +641,7 @@ async fn handshake(listener: &'static str, config: Arc<ServerConfig>, stream: Tc
             }
         },
     };
-    Some(Connection { io: Io::Tls(Box::new(stream)), peer: Peer::Tls { addr, uris, dns } })
+    Some((Io::Tls(Box::new(stream)), Peer::Tls { addr, uris, dns }))
 }
 
 #[cfg(test)]

@@ -108,7 +108,7 @@ pub async fn peer_probe(addr: ListenAddr, tls: Option<TlsFiles>) -> PeerProbe {
     let tls = tls.map(|files| Tls::load(files).unwrap());
     let (bound, addr) = transport::bind(&addr).await.unwrap();
     let (stop, stop_rx) = watch::channel(false);
-    let (incoming, _accept) = transport::incoming("probe", bound, tls, stop_rx.clone());
+    let (incoming, _accept) = transport::incoming("probe", bound, tls, transport::ConnLimits::default(), stop_rx.clone());
     let (_reporter, health) = tonic_health::server::health_reporter();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let record = seen.clone();

@@ -393,6 +393,14 @@ pub fn replay(state: &mut State, resources: &mut ResourceBuilder, change: &Chang
     replay_into(state, resources, change, &mut out)
 }
 
+/// [`replay`], returning the events the change makes (for the audit
+/// records of changes recovered at start).
+pub fn replay_events(state: &mut State, resources: &mut ResourceBuilder, change: &Change) -> Result<Vec<Event>, UpdateError> {
+    let mut out = Applied::default();
+    replay_into(state, resources, change, &mut out)?;
+    Ok(out.events)
+}
+
 fn replay_into(
     state: &mut State,
     resources: &mut ResourceBuilder,

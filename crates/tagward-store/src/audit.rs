@@ -25,12 +25,102 @@ use serde_json::{json, Value};
 
 use tagward_core::change::{ChangeKind, EntityKind, Event, EventKind};
 
-/// An append-only file of audit records.
+/// An append-only file of audit records, rotated by size.
 pub struct AuditLog {
     path: PathBuf,
     out: BufWriter<File>,
     node: String,
     ids: EventIds,
+    /// Bytes in the current file.
+    size: u64,
+    rotation: Rotation,
+    /// The newest revision a change record in the trail holds, when the
+    /// trail was opened.
+    last_revision: Option<u64>,
+    /// Bytes of a torn last line cut off when the trail was opened.
+    cut: u64,
+}
+
+/// When the trail moves to a new file and how many old ones it keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    /// The current file is renamed `NAME.1` (older ones `NAME.2`, ...)
+    /// once it holds this many bytes; 0 never rotates.
+    pub max_bytes: u64,
+    /// Rotated files kept; the oldest beyond them is removed.
+    pub keep: usize,
+}
+
+impl Default for Rotation {
+    fn default() -> Rotation {
+        Rotation { max_bytes: 64 << 20, keep: 5 }
+    }
+}
+
+/// How much of the end of a trail file is read at open to find the newest
+/// audited revision.
+const TAIL_BYTES: u64 = 1 << 20;
+
+/// The newest revision in the change records of the last `TAIL_BYTES` of
+/// `path` (records are written in revision order).
+fn last_revision_in(path: &Path) -> std::io::Result<Option<u64>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail)?;
+    let newest = tail.split(|b| *b == b'\n').rev().filter_map(|line| serde_json::from_slice::<Value>(line).ok()).find_map(|r| {
+        if r.get("errorCode").is_some() {
+            None
+        } else {
+            r["additionalEventData"]["revision"].as_u64()
+        }
+    });
+    Ok(newest)
+}
+
+/// Cuts a torn last line (a write a crash interrupted: no newline at the
+/// end) off `file`; returns the bytes cut.
+fn cut_torn_line(file: &mut File) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(0);
+    }
+    let mut at = len;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let start = at.saturating_sub(chunk.len() as u64);
+        let n = (at - start) as usize;
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut chunk[..n])?;
+        if let Some(i) = chunk[..n].iter().rposition(|b| *b == b'\n') {
+            let keep = start + i as u64 + 1;
+            if keep < len {
+                file.set_len(keep)?;
+                file.sync_data()?;
+            }
+            return Ok(len - keep);
+        }
+        if start == 0 {
+            file.set_len(0)?;
+            file.sync_data()?;
+            return Ok(len);
+        }
+        at = start;
+    }
+}
+
+/// `NAME.N` beside `path`.
+fn rotated(path: &Path, n: usize) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
 }
 
 /// Event ids: a random prefix per opened trail, then a counter.
@@ -252,13 +342,114 @@ pub fn record(e: &Event, node: &str, event_id: &str) -> Value {
 }
 
 impl AuditLog {
-    /// Opens (creating) the file for appending.
+    /// Opens (creating) the file for appending. A torn last line, left by
+    /// a crash in the middle of a write, is cut off first, so the next
+    /// record starts on a line of its own; the newest audited revision is
+    /// read from the end of the trail (the rotated file when the current
+    /// one holds no change record yet).
     pub fn open(path: &Path) -> std::io::Result<AuditLog> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(AuditLog { path: path.to_path_buf(), out: BufWriter::new(file), node: default_node_name(), ids: EventIds::new() })
+        let mut file = OpenOptions::new().create(true).read(true).append(true).open(path)?;
+        let cut = cut_torn_line(&mut file)?;
+        let size = file.metadata()?.len();
+        let last_revision = match last_revision_in(path)? {
+            Some(rev) => Some(rev),
+            None => last_revision_in(&rotated(path, 1))?,
+        };
+        Ok(AuditLog {
+            path: path.to_path_buf(),
+            out: BufWriter::new(file),
+            node: default_node_name(),
+            ids: EventIds::new(),
+            size,
+            rotation: Rotation { max_bytes: 0, keep: 0 },
+            last_revision,
+            cut,
+        })
+    }
+
+    /// Rotates the trail by size (`--audit-max-bytes`, `--audit-keep`).
+    pub fn with_rotation(mut self, rotation: Rotation) -> AuditLog {
+        self.rotation = rotation;
+        self
+    }
+
+    /// The newest revision the trail held a change record of when opened.
+    pub fn last_revision(&self) -> Option<u64> {
+        self.last_revision
+    }
+
+    /// Bytes of a torn last line cut off at open (0 when none).
+    pub fn cut_bytes(&self) -> u64 {
+        self.cut
+    }
+
+    /// Writes the records of changes replayed from the log at start that
+    /// the trail lacks (the process died between the log's sync and the
+    /// audit write), marked `"recovered": true`, and syncs them.
+    pub fn write_recovered(&mut self, events: &[Event]) -> std::io::Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        for e in events {
+            let id = self.ids.next_id();
+            let mut r = record(e, &self.node, &id);
+            r["additionalEventData"]["recovered"] = Value::Bool(true);
+            self.line(&r)?;
+        }
+        self.out.flush()?;
+        self.out.get_ref().sync_data()?;
+        if let Some(rev) = events.last().map(|e| e.revision) {
+            self.last_revision = Some(rev);
+        }
+        self.rotate_quietly();
+        Ok(())
+    }
+
+    fn line(&mut self, r: &Value) -> std::io::Result<()> {
+        let mut text = serde_json::to_vec(r)?;
+        text.push(b'\n');
+        self.out.write_all(&text)?;
+        self.size += text.len() as u64;
+        Ok(())
+    }
+
+    /// Once the current file is full: it becomes `NAME.1` (after its
+    /// records are synced, so none is lost), older ones move up, the one
+    /// beyond the retention count is removed, and a new file starts.
+    fn rotate_if_full(&mut self) -> std::io::Result<()> {
+        let Rotation { max_bytes, keep } = self.rotation;
+        if max_bytes == 0 || self.size < max_bytes {
+            return Ok(());
+        }
+        self.out.flush()?;
+        self.out.get_ref().sync_data()?;
+        if keep == 0 {
+            std::fs::remove_file(&self.path)?;
+        } else {
+            match std::fs::remove_file(rotated(&self.path, keep)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            for n in (1..keep).rev() {
+                match std::fs::rename(rotated(&self.path, n), rotated(&self.path, n + 1)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            std::fs::rename(&self.path, rotated(&self.path, 1))?;
+        }
+        let file = OpenOptions::new().create(true).read(true).append(true).open(&self.path)?;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
+        self.out = BufWriter::new(file);
+        self.size = 0;
+        Ok(())
     }
 
     /// Names the sidecar in every record (`--node-name`).
@@ -282,22 +473,89 @@ impl AuditLog {
         }
         for e in events {
             let id = self.ids.next_id();
-            serde_json::to_writer(&mut self.out, &record(e, &self.node, &id))?;
-            self.out.write_all(b"\n")?;
+            let r = record(e, &self.node, &id);
+            self.line(&r)?;
         }
         for r in refusals {
             let id = self.ids.next_id();
-            serde_json::to_writer(&mut self.out, &refusal_record(r, &self.node, &id))?;
-            self.out.write_all(b"\n")?;
+            let r = refusal_record(r, &self.node, &id);
+            self.line(&r)?;
         }
         self.out.flush()?;
-        self.out.get_ref().sync_data()
+        self.out.get_ref().sync_data()?;
+        self.rotate_quietly();
+        Ok(())
+    }
+
+    /// Rotation happens after the records are synced: a failure to rotate
+    /// loses nothing and refuses nothing (the file keeps growing), so it
+    /// is logged rather than returned.
+    fn rotate_quietly(&mut self) {
+        if let Err(e) = self.rotate_if_full() {
+            tracing::warn!(file = %self.path.display(), error = %e, "cannot rotate the audit trail; it keeps growing");
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tagward-audit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn policy_event(revision: u64) -> Event {
+        Event {
+            revision,
+            time_unix_ms: 1_700_000_000_000,
+            actor: "admin".into(),
+            kind: EventKind::Entity { kind: EntityKind::Policy, name: format!("p{revision}"), change: ChangeKind::Put },
+        }
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_and_the_newest_revision_is_found() {
+        let d = scratch("torn");
+        let path = d.join("audit.jsonl");
+        let mut log = AuditLog::open(&path).unwrap();
+        log.write(&[&policy_event(1), &policy_event(2)], &[]).unwrap();
+        drop(log);
+        let whole = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"eventVersion\": \"1.0").unwrap();
+        let mut log = AuditLog::open(&path).unwrap();
+        assert_eq!((log.cut_bytes(), log.last_revision()), (21, Some(2)));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), whole);
+        log.write_recovered(&[policy_event(3)]).unwrap();
+        drop(log);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[2]["additionalEventData"]["recovered"], true);
+        assert_eq!(lines[2]["additionalEventData"]["revision"], 3);
+        assert_eq!(AuditLog::open(&path).unwrap().last_revision(), Some(3));
+    }
+
+    #[test]
+    fn the_trail_rotates_by_size_and_keeps_what_it_is_told() {
+        let d = scratch("rotate");
+        let path = d.join("audit.jsonl");
+        let mut log = AuditLog::open(&path).unwrap().with_rotation(Rotation { max_bytes: 1, keep: 2 });
+        for rev in 1..=4 {
+            log.write(&[&policy_event(rev)], &[]).unwrap();
+        }
+        drop(log);
+        let revision_in = |p: PathBuf| last_revision_in(&p).unwrap();
+        assert_eq!(revision_in(rotated(&path, 1)), Some(4), "the newest full file is NAME.1");
+        assert_eq!(revision_in(rotated(&path, 2)), Some(3));
+        assert!(!rotated(&path, 3).exists(), "only two are kept");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "a new file was started");
+        // Reopened, the trail finds its newest revision in NAME.1.
+        assert_eq!(AuditLog::open(&path).unwrap().last_revision(), Some(4));
+    }
 
     #[test]
     fn tag_changes_look_like_cloudtrail_records() {

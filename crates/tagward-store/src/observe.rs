@@ -19,6 +19,8 @@ pub const POLICIES: &str = "tagward_policies";
 pub const PRINCIPALS: &str = "tagward_principals";
 pub const RESOURCES: &str = "tagward_resources";
 pub const TAGS: &str = "tagward_tags";
+/// 1 while the store refuses every change (a storage failure), else 0.
+pub const STORE_FAILED: &str = "tagward_store_failed";
 
 /// Counts published tag changes by origin: `tagging` (the Tagging API,
 /// authorized as a principal) or `admin` (the admin stream).

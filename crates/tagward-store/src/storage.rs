@@ -238,6 +238,16 @@ pub(crate) fn read_frames(
         if size > MAX_RECORD {
             return Ok((offset, Some((offset, format!("a record length of {size} bytes"))), len));
         }
+        // No record is empty, and an empty one would pass its checksum: a
+        // header of zeros is a zero-filled tail (some filesystems leave one
+        // after a crash), never a record.
+        if size == 0 {
+            return Ok((
+                offset,
+                Some((offset, "zero bytes where a record header belongs (a zero-filled tail)".to_string())),
+                len,
+            ));
+        }
         if len - offset - 8 < size as u64 {
             let left = len - offset - 8;
             return Ok((offset, Some((offset, format!("a record of {size} bytes with only {left} left in the file"))), len));

@@ -29,7 +29,7 @@ use arc_swap::ArcSwap;
 use thiserror::Error;
 use tokio::sync::{broadcast, watch};
 
-use tagward_core::change::{apply, now_ms, replay, state_changes, tag_event, tag_record, update_field, Applied};
+use tagward_core::change::{apply, now_ms, replay, replay_events, state_changes, tag_event, tag_record, update_field, Applied};
 use tagward_core::change::{Change, Record};
 use tagward_core::error::ErrorCode;
 use tagward_core::state::State;
@@ -145,6 +145,8 @@ struct Inner {
     /// Set for a fleet store (`shared.rs`): its changes go through a shared
     /// store.
     fleet: shared::FleetCell,
+    /// Why the store refuses every change, when it does (for health).
+    failure: watch::Sender<Option<String>>,
 }
 
 /// The live world.
@@ -302,8 +304,36 @@ struct LegacyRecord {
     change: Update,
 }
 
+/// What replaying the log found for the audit trail: the events of the
+/// replayed changes after `audited` (the trail's newest revision).
+struct Unaudited {
+    audited: u64,
+    events: Vec<Event>,
+}
+
+impl Unaudited {
+    /// Keeps the events of the change to `rev` when the trail lacks it,
+    /// with the record's actor and time.
+    fn note(&mut self, rev: u64, actor: &str, time_unix_ms: i64, events: Vec<Event>) {
+        if rev > self.audited {
+            self.events.extend(events.into_iter().map(|mut e| {
+                e.revision = rev;
+                e.actor = actor.to_string();
+                e.time_unix_ms = time_unix_ms;
+                e
+            }));
+        }
+    }
+}
+
 /// Replays one recovered item onto `state`.
-fn load(state: &mut State, resources: &mut ResourceBuilder, replayed: &mut u64, item: Loaded<'_>) -> Result<(), String> {
+fn load(
+    state: &mut State,
+    resources: &mut ResourceBuilder,
+    replayed: &mut u64,
+    unaudited: &mut Option<Unaudited>,
+    item: Loaded<'_>,
+) -> Result<(), String> {
     match item {
         Loaded::SnapshotBegin { .. } => *state = State::default(),
         Loaded::SnapshotRecord(bytes) => {
@@ -319,7 +349,11 @@ fn load(state: &mut State, resources: &mut ResourceBuilder, replayed: &mut u64, 
             }
             match serde_json::from_slice::<Record>(&record.bytes) {
                 Ok(record) => {
-                    replay(state, resources, &record.change).map_err(|e| format!("the logged change does not apply: {e}"))?
+                    let events = replay_events(state, resources, &record.change)
+                        .map_err(|e| format!("the logged change does not apply: {e}"))?;
+                    if let Some(u) = unaudited.as_mut() {
+                        u.note(rev, &record.actor, record.time_unix_ms, events);
+                    }
                 }
                 // Logs written before records held effects hold the admin
                 // command itself (`set_tags`, `remove_tags`, a batch of
@@ -327,8 +361,12 @@ fn load(state: &mut State, resources: &mut ResourceBuilder, replayed: &mut u64, 
                 Err(e) => {
                     let legacy: LegacyRecord =
                         serde_json::from_slice(&record.bytes).map_err(|_| format!("the record is not a log entry: {e}"))?;
-                    apply(state, resources, &legacy.change, &legacy.actor, &mut Applied::default())
+                    let mut applied = Applied::default();
+                    apply(state, resources, &legacy.change, &legacy.actor, &mut applied)
                         .map_err(|e| format!("the logged change does not apply: {e}"))?;
+                    if let Some(u) = unaudited.as_mut() {
+                        u.note(rev, &legacy.actor, now_ms(), applied.events);
+                    }
                 }
             }
             if state.revision() != rev {
@@ -351,6 +389,7 @@ impl Store {
         let (store, started) = Store::start(state, ResourceBuilder::default(), backend, event_capacity, None);
         if let Err(e) = recovered.map_err(|e| e.to_string()).and(started) {
             // Reads work; every change is refused with the reason.
+            store.inner.failure.send_replace(Some(e.clone()));
             lock(&store.inner.writer).failed = Some(e);
         }
         store
@@ -389,6 +428,7 @@ impl Store {
             refusals: Mutex::new(VecDeque::new()),
             published_at: Mutex::new(std::time::Instant::now()),
             fleet: shared::FleetCell::new(),
+            failure: watch::channel(None).0,
         });
         let shared = inner.clone();
         let spawned = std::thread::Builder::new().name("tagward-commit".into()).spawn(move || committer(&shared));
@@ -440,7 +480,23 @@ impl Store {
         let mut state = State::default();
         let mut resources = ResourceBuilder::default();
         let mut replayed = 0u64;
-        let recovered = backend.recover(&mut |item| load(&mut state, &mut resources, &mut replayed, item))?;
+        let mut audit = audit;
+        let mut unaudited = audit.as_ref().map(|a| Unaudited { audited: a.last_revision().unwrap_or(0), events: Vec::new() });
+        let recovered = backend.recover(&mut |item| load(&mut state, &mut resources, &mut replayed, &mut unaudited, item))?;
+        // Changes synced to the log whose audit write a crash prevented:
+        // their records now, marked recovered, before anything new.
+        if let (Some(log), Some(u)) = (audit.as_mut(), unaudited) {
+            if !u.events.is_empty() {
+                log.write_recovered(&u.events).map_err(|e| {
+                    OpenError::Audit(format!("{}: cannot write the recovered records: {e}", log.path().display()))
+                })?;
+                tracing::warn!(
+                    records = u.events.len(),
+                    after = u.audited,
+                    "audited changes the log held but the audit trail lacked (a crash between the two writes); they are marked recovered"
+                );
+            }
+        }
         let mut opened = Opened {
             restored: recovered.found.then(|| state.revision()),
             seeded: false,
@@ -482,6 +538,12 @@ impl Store {
 
     pub fn revision(&self) -> u64 {
         self.inner.current.load().revision()
+    }
+
+    /// Why the store refuses every change (`None` while it takes them),
+    /// as it changes: what health reports for the writers.
+    pub fn failures(&self) -> watch::Receiver<Option<String>> {
+        self.inner.failure.subscribe()
     }
 
     /// How long ago the current snapshot was published; for a fleet store,
@@ -632,6 +694,7 @@ impl Store {
                 let message = e.to_string();
                 tracing::error!(error = %message, "cannot append to the log; refusing further changes");
                 writer.failed = Some(message.clone());
+                self.inner.failure.send_replace(Some(message.clone()));
                 return Err(Refused::Failed(StorageFailed(message)));
             }
         }
@@ -739,6 +802,8 @@ pub enum OpenError {
     Storage(#[from] StorageError),
     #[error("the world file: {0}")]
     World(String),
+    #[error("the audit trail: {0}")]
+    Audit(String),
 }
 
 /// The committer: syncs what is pending (one sync for all of it), writes
@@ -814,6 +879,7 @@ fn commit_loop(inner: &Inner, commit: &Commit, snapshotting: &mut Option<std::th
             Err(message) => {
                 tracing::error!(error = %message, "cannot make changes durable; refusing further changes");
                 lock(&inner.writer).failed = Some(message.clone());
+                inner.failure.send_replace(Some(message.clone()));
                 let mut p = lock(&commit.progress);
                 p.failed = Some(message);
                 commit.watch.send_replace(p.clone());

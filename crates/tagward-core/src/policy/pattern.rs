@@ -290,9 +290,73 @@ fn same_char(a: char, b: char, fold: bool) -> bool {
     a == b || (fold && fold_char(a) == fold_char(b))
 }
 
-/// Glob matching with backtracking to the last `*`: linear in the common
-/// case, never exponential.
+/// Texts up to this many bytes are matched by [`glob_backtracking`] with no
+/// allocation; longer ones by [`glob_stars`] when the pattern has no `?`.
+const SHORT_TEXT: usize = 256;
+
+/// Glob matching. A short text, or a pattern with `?`, takes the two-pointer
+/// match with backtracking to the last `*` (no allocation; its worst case is
+/// the text's length times the pattern's, bounded by the request limits).
+/// A long text against a pattern of literals and `*` takes a linear match:
+/// each literal run found by substring search.
 fn glob(pieces: &[Piece<'_>], text: &str, fold: bool) -> bool {
+    if text.len() > SHORT_TEXT && !pieces.iter().any(|p| matches!(p, Piece::One)) {
+        glob_stars(pieces, text, fold)
+    } else {
+        glob_backtracking(pieces, text, fold)
+    }
+}
+
+/// A pattern of literals and `*` only: the first literal run is a prefix,
+/// the last a suffix, and each run between stars is found (leftmost, which
+/// never loses a match) after the previous one; every search is linear
+/// (`str::find` is the two-way algorithm), so the whole match is linear in
+/// the text plus the pattern.
+fn glob_stars(pieces: &[Piece<'_>], text: &str, fold: bool) -> bool {
+    let folded = |s: &str| -> String { s.chars().map(fold_char).collect() };
+    let original = text;
+    let text: Cow<'_, str> = if fold { Cow::Owned(folded(text)) } else { Cow::Borrowed(text) };
+    // The literal runs between stars (adjacent literals, from variables, joined).
+    let mut runs: Vec<String> = vec![String::new()];
+    for piece in pieces {
+        match piece {
+            Piece::Star => runs.push(String::new()),
+            Piece::Lit(s) => {
+                if let Some(run) = runs.last_mut() {
+                    if fold {
+                        run.extend(s.chars().map(fold_char));
+                    } else {
+                        run.push_str(s);
+                    }
+                }
+            }
+            Piece::One => return glob_backtracking(pieces, original, fold),
+        }
+    }
+    let (first, rest) = match runs.split_first() {
+        Some(split) => split,
+        None => return text.is_empty(),
+    };
+    let Some((last, middle)) = rest.split_last() else {
+        // No star at all.
+        return *text == **first;
+    };
+    if text.len() < first.len() + last.len() || !text.starts_with(first.as_str()) || !text.ends_with(last.as_str()) {
+        return false;
+    }
+    let end = text.len() - last.len();
+    let mut at = first.len();
+    for run in middle.iter().filter(|r| !r.is_empty()) {
+        match text[at..end].find(run.as_str()) {
+            Some(i) => at += i + run.len(),
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Glob matching with backtracking to the last `*`: never exponential.
+fn glob_backtracking(pieces: &[Piece<'_>], text: &str, fold: bool) -> bool {
     #[derive(Clone, Copy)]
     struct Pos {
         piece: usize,
@@ -411,6 +475,30 @@ mod tests {
         assert!(!m("a*", EQUALS, "ab"));
         let literal = Syntax { wildcards: true, variables: false, fold_case: false };
         assert!(m("${aws:username}", literal, "${aws:username}"));
+    }
+
+    #[test]
+    fn long_texts_match_in_linear_time_and_agree_with_the_short_path() {
+        // The shape that took seconds: a long run of `a`s then `*b`.
+        let pattern = format!("*{}*b", "a".repeat(2000));
+        let text = "a".repeat(3_000_000);
+        let compiled = Pattern::compile(&pattern, LIKE).unwrap();
+        assert!(!compiled.matches(&text, &NoValues));
+        assert!(compiled.matches(&format!("{text}b"), &NoValues));
+        // Both paths agree on texts just past the short limit.
+        let long = |s: &str| format!("{}{s}", "x".repeat(SHORT_TEXT));
+        for (p, t, want) in [
+            ("*a*b*c*", long("aXbXc"), true),
+            ("*a*b*c", long("aXbXcX"), false),
+            ("x*abc", long("abc"), true),
+            ("x*ab*ab", long("ab"), false),
+            ("*éX*", long("éx"), false),
+            ("${aws:username}*", format!("a*b{}", "y".repeat(300)), true),
+        ] {
+            assert_eq!(m(p, LIKE, &t), want, "{p} against {t}");
+        }
+        assert!(m("X*ÄRGER*", ACTION, &long("ärger")), "folding holds on the long path");
+        assert!(!m("x*", ACTION, &format!("y{}", "x".repeat(400))));
     }
 
     #[test]

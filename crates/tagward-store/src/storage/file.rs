@@ -31,6 +31,9 @@ pub struct FileBackend {
     max_record: u32,
     /// The revision of the last record appended (or recovered).
     last: Option<u64>,
+    /// Bytes in every log file since the newest snapshot began: what the
+    /// compaction threshold is measured against, across restarts.
+    log_bytes: u64,
 }
 
 struct Wal {
@@ -131,7 +134,37 @@ impl FileBackend {
             Err(std::fs::TryLockError::WouldBlock) => return Err(StorageError::Locked(dir.to_path_buf())),
             Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
         }
-        Ok(FileBackend { dir: dir.to_path_buf(), _lock: lock, wal: None, compact_after, max_record: MAX_RECORD, last: None })
+        let backend = FileBackend {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+            wal: None,
+            compact_after,
+            max_record: MAX_RECORD,
+            last: None,
+            log_bytes: 0,
+        };
+        backend.remove_stale_snapshots()?;
+        Ok(backend)
+    }
+
+    /// Removes `snap-*.tws.tmp` files: snapshots a crash interrupted before
+    /// their rename (a complete snapshot is never a `.tmp`).
+    fn remove_stale_snapshots(&self) -> Result<(), StorageError> {
+        let mut removed = false;
+        for entry in fs::read_dir(&self.dir).map_err(io(&self.dir))? {
+            let entry = entry.map_err(io(&self.dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("snap-") && name.ends_with(".tws.tmp") {
+                let path = entry.path();
+                fs::remove_file(&path).map_err(io(&path))?;
+                tracing::info!(file = %path.display(), "removed an unfinished snapshot left by an interrupted run");
+                removed = true;
+            }
+        }
+        if removed {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
     }
 
     /// Lowers the size limit of the records written from now on (tests);
@@ -214,8 +247,13 @@ impl Backend for FileBackend {
         }
         self.last = found.then_some(last);
         // A new log after what was found.
-        self.wal = Some(new_log(&self.dir.join(format!("wal-{last:020}.twl")))?);
+        let path = self.dir.join(format!("wal-{last:020}.twl"));
+        self.wal = Some(new_log(&path)?);
         sync_dir(&self.dir)?;
+        // The threshold counts every log kept since the snapshot, so that
+        // restarts (each starting a new log) do not reset it.
+        let (_, wals) = listing(&self.dir)?;
+        self.log_bytes = wals.iter().filter_map(|(_, p)| fs::metadata(p).ok()).map(|m| m.len()).sum();
         Ok(Recovered { found, revision: last, cut })
     }
 
@@ -231,6 +269,7 @@ impl Backend for FileBackend {
         let framed = frame(&record.bytes);
         wal.out.write_all(&framed).map_err(io(&wal.path))?;
         wal.bytes += framed.len() as u64;
+        self.log_bytes += framed.len() as u64;
         self.last = Some(record.rev);
         Ok(())
     }
@@ -243,7 +282,7 @@ impl Backend for FileBackend {
     }
 
     fn wants_compaction(&self) -> bool {
-        self.wal.as_ref().is_some_and(|w| w.bytes >= self.compact_after)
+        self.wal.is_some() && self.log_bytes >= self.compact_after
     }
 
     fn begin_compaction(&mut self, revision: u64) -> Result<Box<dyn SnapshotJob>, StorageError> {
@@ -254,6 +293,7 @@ impl Backend for FileBackend {
         wal.out.get_ref().sync_data().map_err(io(&wal.path))?;
         self.wal = Some(new_log(&self.dir.join(format!("wal-{revision:020}.twl")))?);
         self.last = Some(revision);
+        self.log_bytes = 8;
         sync_dir(&self.dir)?;
         Ok(Box::new(FileSnapshot { dir: self.dir.clone(), revision, max_record: self.max_record }))
     }
@@ -403,6 +443,38 @@ mod tests {
         assert_eq!(fs::metadata(&log).unwrap().len(), whole, "the file ends at the last complete record");
         let (again, cut) = recover(&d).unwrap();
         assert_eq!((again.len(), cut.is_none()), (5, true), "a second start finds nothing to cut");
+    }
+
+    #[test]
+    fn a_zero_filled_tail_is_torn_and_stale_snapshot_files_are_removed() {
+        let d = dir("zeros");
+        let log = write_log(&d, 5);
+        let whole = fs::metadata(&log).unwrap().len();
+        let mut f = OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(&[0u8; 4096]).unwrap();
+        drop(f);
+        fs::write(d.join("snap-00000000000000000003.tws.tmp"), b"half a snapshot").unwrap();
+        let (revs, cut) = recover(&d).unwrap();
+        assert_eq!(revs, vec![1, 2, 3, 4, 5]);
+        let cut = cut.expect("the zeros were cut");
+        assert_eq!((cut.offset, cut.bytes), (whole, 4096), "{}", cut.reason);
+        assert!(!d.join("snap-00000000000000000003.tws.tmp").exists(), "the unfinished snapshot is gone");
+    }
+
+    #[test]
+    fn the_compaction_threshold_counts_the_logs_of_earlier_runs() {
+        let d = dir("threshold");
+        write_log(&d, 5);
+        let size = {
+            let (_, wals) = listing(&d).unwrap();
+            wals.iter().map(|(_, p)| fs::metadata(p).unwrap().len()).sum::<u64>()
+        };
+        // A restart starts a new log; the old one still counts.
+        let mut b = FileBackend::open(&d, size).unwrap();
+        b.recover(&mut |_| Ok(())).unwrap();
+        assert!(b.wants_compaction(), "{size} bytes of logs reach the threshold");
+        b.begin_compaction(5).unwrap();
+        assert!(!b.wants_compaction(), "after a snapshot begins, only the new log counts");
     }
 
     #[test]
