@@ -121,7 +121,10 @@ async fn the_canary_is_answered_under_each_hostile_request() {
     let dir = Scratch::new("chaos-canary");
     let statements = if long() { 20_000 } else { 3_000 };
     let world = write_world(dir.path(), &big_world(statements));
-    let server = Serve::new().args(["--ephemeral", "--world", world.as_str()]).start(START).await.unwrap();
+    // A debug build evaluates the full-size batch for longer than the
+    // default request timeout.
+    let args = ["--ephemeral", "--world", world.as_str(), "--request-timeout-secs", "600"];
+    let server = Serve::new().args(args).start(START).await.unwrap();
     let canary = Canary::start(&server).await;
     let data = channel(server.data()).await;
     let mut authz = AuthorizerClient::new(data.clone());

@@ -51,10 +51,12 @@ pub struct Shared {
     pub evaluations: Arc<tokio::sync::Semaphore>,
 }
 
-/// Batch evaluations at once: one per core, so that batches queue for
-/// each other rather than crowd out the async workers.
+/// Batch evaluations at once: one fewer than the cores (at least one), so
+/// that batches queue for each other and a core stays for the async
+/// workers that serve everyone else.
 pub fn evaluation_slots() -> Arc<tokio::sync::Semaphore> {
-    Arc::new(tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())))
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    Arc::new(tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1)))
 }
 
 /// Runs `work` on tokio's blocking pool in the current span: work that may
@@ -153,7 +155,7 @@ impl Authorizer for AuthorizerService {
             let started = Instant::now();
             let state = self.0.snapshot(r.min_revision).await?;
             // A batch can be long (many items, large policies): it runs off
-            // the async workers, at most one per core at once.
+            // the async workers, a bounded number at once.
             let _slot = self.0.evaluations.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
             let shared = self.0.clone();
             blocking(move || {
