@@ -296,6 +296,7 @@ pub fn update(u: &proto::Update, path: &str) -> Result<Update, UpdateError> {
                 policies: p.policies.clone(),
                 pending_policies: p.pending_policies.clone(),
                 inline_policies: inline,
+                ..PrincipalSpec::default()
             })
         }
         Op::DeletePrincipal(d) => Update::DeletePrincipal { arn: d.arn.clone() },
