@@ -449,7 +449,8 @@ pub fn authorize_with(state: &State, req: &Request, explain: bool, rules: &Conte
         Some(t) => t.account(),
         None => Arn::parse(&req.resource).map(|a| a.account).filter(|a| !a.is_empty()),
     };
-    let trust = TRUST_ACTIONS.contains(&action_lower)
+    let trust = action_lower.starts_with("sts:")
+        && TRUST_ACTIONS.contains(&action_lower)
         && Arn::parse(&req.resource).is_some_and(|a| a.service == "iam" && a.resource_type() == "role");
     let session = if state.has_sessions() && matches!(caller.kind, CallerKind::Session { .. }) {
         state.session(caller.arn).map(|s| &**s)
