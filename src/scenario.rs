@@ -21,6 +21,7 @@ use crate::state::State;
 use crate::store::{Store, Ticket, Update};
 use crate::tagging::{TagError, TagOp, TagRequest};
 use crate::world::{PrincipalSpec, ResourceSpec, WorldSpec};
+use tagward_core::chain::{EndpointSpec, OrganizationSpec, SessionSpec};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,6 +34,12 @@ pub struct ScenarioFile {
     pub principals: Vec<PrincipalSpec>,
     #[serde(default)]
     pub resources: Vec<ResourceSpec>,
+    #[serde(default)]
+    pub organization: Option<OrganizationSpec>,
+    #[serde(default)]
+    pub sessions: Vec<SessionSpec>,
+    #[serde(default)]
+    pub vpc_endpoints: Vec<EndpointSpec>,
     #[serde(default)]
     pub steps: Vec<Step>,
 }
@@ -455,7 +462,14 @@ impl Step {
 pub fn parse(file: &str, text: &str, yaml: bool) -> Result<Scenario, LoadError> {
     let fail = |path: &str, message: String| LoadError { file: file.to_string(), path: path.to_string(), message };
     let parsed: ScenarioFile = document::parse(text, yaml).map_err(|e| fail(&e.path, e.message))?;
-    let world = WorldSpec { policies: parsed.policies, principals: parsed.principals, resources: parsed.resources };
+    let world = WorldSpec {
+        policies: parsed.policies,
+        principals: parsed.principals,
+        resources: parsed.resources,
+        organization: parsed.organization,
+        sessions: parsed.sessions,
+        vpc_endpoints: parsed.vpc_endpoints,
+    };
     // Check the world now, so a broken policy fails the load, not step 1.
     world.build().map_err(|e| fail(&e.path.to_string(), e.message))?;
     let steps = parsed

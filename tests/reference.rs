@@ -9,6 +9,11 @@
 //! with the engine. The two must give the same reason and name the same
 //! statements.
 //!
+//! The model also covers two layers of the wider chain (docs/semantics.md,
+//! "The whole chain"): a permissions boundary on a principal, and an
+//! organization whose SCPs (root, one unit, account A) bound account A's
+//! callers. Account B is outside the organization.
+//!
 //! A few hand-written tests at the bottom pin the trickiest rules with the
 //! reference and the engine together.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failing test or bench stops loudly
@@ -131,6 +136,8 @@ struct PrincipalModel {
     short: &'static str,
     team: Option<&'static str>,
     policies: Vec<Vec<Stmt>>,
+    /// The permissions boundary, a managed policy named `{short}-boundary`.
+    boundary: Option<Vec<Stmt>>,
 }
 
 impl PrincipalModel {
@@ -153,6 +160,16 @@ struct ResourceModel {
 struct World {
     principals: Vec<PrincipalModel>,
     resources: Vec<ResourceModel>,
+    /// The SCPs of account A's path (root, unit, account), each level one or
+    /// more policies; `None`: no organization.
+    scps: Option<Vec<Vec<Vec<Stmt>>>>,
+}
+
+/// The unit ids of account A's path, root first.
+const ORG_LEVELS: [&str; 2] = ["r-ab12", "ou-ab12-11111111"];
+
+fn scp_name(level: usize, i: usize) -> String {
+    format!("scp-{level}-{i}")
 }
 
 #[derive(Clone, Debug)]
@@ -293,7 +310,13 @@ fn world_json(w: &World) -> Value {
             Some(t) => json!({ "team": t }),
             None => json!({}),
         };
-        principals.push(json!({ "arn": p.arn, "tags": tags, "policies": names }));
+        let mut spec = json!({ "arn": p.arn, "tags": tags, "policies": names });
+        if let Some(doc) = &p.boundary {
+            let name = format!("{}-boundary", p.short);
+            policies.insert(name.clone(), policy_json(doc));
+            spec["permissions_boundary"] = json!(name);
+        }
+        principals.push(spec);
     }
     let mut resources = Vec::new();
     for r in &w.resources {
@@ -311,7 +334,27 @@ fn world_json(w: &World) -> Value {
         }
         resources.push(spec);
     }
-    json!({ "policies": policies, "principals": principals, "resources": resources })
+    let mut world = json!({ "policies": policies, "principals": principals, "resources": resources });
+    if let Some(levels) = &w.scps {
+        let mut docs = Map::new();
+        let mut names: Vec<Vec<String>> = Vec::new();
+        for (l, level) in levels.iter().enumerate() {
+            names.push((0..level.len()).map(|i| scp_name(l, i)).collect());
+            for (i, doc) in level.iter().enumerate() {
+                docs.insert(scp_name(l, i), policy_json(doc));
+            }
+        }
+        world["organization"] = json!({
+            "id": "o-a1b2c3d4e5",
+            "policies": docs,
+            "units": [
+                {"id": ORG_LEVELS[0], "scps": names[0]},
+                {"id": ORG_LEVELS[1], "parent": ORG_LEVELS[0], "scps": names[1]}
+            ],
+            "accounts": [{"id": A, "parent": ORG_LEVELS[1], "scps": names[2]}]
+        });
+    }
+    world
 }
 
 fn build(w: &World) -> (Value, State) {
@@ -370,7 +413,10 @@ fn resource_matches(pattern: &str, resource: &str) -> bool {
 enum Grant {
     /// Through the caller's account root: IAM must allow too.
     Delegate,
-    /// The caller itself, its role, or `*`.
+    /// The calling session's role, named by the role's ARN: bounded like
+    /// the role's own policies.
+    ViaRole,
+    /// The caller itself, or `*`.
     Direct,
 }
 
@@ -401,6 +447,7 @@ impl Caller {
             Who::RootA => (self.account == A).then_some(Grant::Delegate),
             Who::AccountB => (self.account == B).then_some(Grant::Delegate),
             // A role entry matches the role and its sessions.
+            Who::RoleDev if self.arn == SESSION => Some(Grant::ViaRole),
             Who::RoleDev => (self.account == A && self.role == Some("dev")).then_some(Grant::Direct),
             Who::UserBob => (self.arn == BOB).then_some(Grant::Direct),
             Who::UserAlice => (self.arn == ALICE).then_some(Grant::Direct),
@@ -422,6 +469,9 @@ enum Where {
     Identity,
     KeyPolicy,
     ResourcePolicy,
+    /// Identity-style guards: allows only bound, denies deny.
+    Boundary,
+    Scp(usize),
 }
 
 #[derive(Debug)]
@@ -436,6 +486,12 @@ struct Ctx<'a> {
     caller: Caller,
     principal: Option<&'a PrincipalModel>,
     resource: Option<&'a ResourceModel>,
+}
+
+impl Ctx<'_> {
+    fn has_boundary(&self) -> bool {
+        self.principal.is_some_and(|p| p.boundary.is_some())
+    }
 }
 
 /// Case-insensitive tag lookup (no model has two keys equal ignoring case).
@@ -525,7 +581,10 @@ impl Ctx<'_> {
     /// `Ok(grant)` when the statement applies; `Err` says why not.
     fn applies(&self, st: &Stmt, place: Where) -> Result<Grant, String> {
         let grant = match (&st.principal, place) {
-            (_, Where::Identity) => Grant::Direct,
+            (_, Where::Identity | Where::Boundary | Where::Scp(_)) => Grant::Direct,
+            // AWS: a Deny with NotPrincipal in a resource-based policy always
+            // denies a principal that has a permissions boundary.
+            (Some((true, _)), _) if st.effect == Effect::Deny && self.has_boundary() => Grant::Direct,
             (None, _) => {
                 panic!("generator bug: key or resource policy statement without a principal")
             }
@@ -591,6 +650,17 @@ fn reference(w: &World, req: &Req) -> Verdict {
         for (i, doc) in p.policies.iter().enumerate() {
             policies.push((p.policy_name(i), Where::Identity, doc.clone()));
         }
+        if let Some(doc) = &p.boundary {
+            policies.push((format!("boundary:{}-boundary", p.short), Where::Boundary, doc.clone()));
+        }
+    }
+    // SCPs bound account A's callers (account B is outside the organization).
+    if let Some(levels) = w.scps.as_ref().filter(|_| ctx.caller.account == A) {
+        for (l, level) in levels.iter().enumerate() {
+            for (i, doc) in level.iter().enumerate() {
+                policies.push((format!("scp:{}", scp_name(l, i)), Where::Scp(l), doc.clone()));
+            }
+        }
     }
     match resource {
         Some(r) if is_key => {
@@ -607,6 +677,8 @@ fn reference(w: &World, req: &Req) -> Verdict {
 
     // 2. The statements that apply.
     let (mut denies, mut identity_allows, mut resource_allows) = (Vec::new(), Vec::new(), Vec::new());
+    let mut boundary_allows = false;
+    let mut scp_level_allows = [false; 3];
     let mut trace = Vec::new();
     for (label, place, doc) in &policies {
         for (i, st) in doc.iter().enumerate() {
@@ -618,6 +690,8 @@ fn reference(w: &World, req: &Req) -> Verdict {
                     match (st.effect, place) {
                         (Effect::Deny, _) => denies.push(named),
                         (Effect::Allow, Where::Identity) => identity_allows.push(named),
+                        (Effect::Allow, Where::Boundary) => boundary_allows = true,
+                        (Effect::Allow, Where::Scp(l)) => scp_level_allows[*l] = true,
                         (Effect::Allow, _) => resource_allows.push((named, grant)),
                     }
                 }
@@ -629,21 +703,33 @@ fn reference(w: &World, req: &Req) -> Verdict {
     if !denies.is_empty() {
         return Verdict { reason: Reason::ExplicitDeny, matched: denies, trace };
     }
-    let iam = !identity_allows.is_empty();
-    let direct = resource_allows.iter().any(|(_, g)| *g == Grant::Direct);
-    let delegated = resource_allows.iter().any(|(_, g)| *g == Grant::Delegate);
+    // The boundary bounds identity allows and resource allows naming a
+    // role; a resource policy naming the user or session itself (or `*`)
+    // is not bounded (AWS, "Permissions boundaries for IAM entities").
+    let bounded_ok = !ctx.has_boundary() || boundary_allows;
+    let iam = !identity_allows.is_empty() && bounded_ok;
+    let user_or_session = ctx.caller.arn == ALICE || ctx.caller.arn == BOB || ctx.caller.arn == SESSION;
+    let direct = resource_allows.iter().any(|(_, g)| match g {
+        Grant::Direct if user_or_session => true,
+        Grant::Direct | Grant::ViaRole => bounded_ok,
+        Grant::Delegate => false,
+    });
+    let any_resource = !resource_allows.is_empty();
+    // Every level of account A's path must have an SCP that allows.
+    let scps_ok = w.scps.is_none() || ctx.caller.account != A || scp_level_allows.iter().all(|a| *a);
     // The resource's account is the ARN's; `*` has none (the caller's own).
     let same_account = req.resource.split(':').nth(4).is_none_or(|account| account == ctx.caller.account);
-    let allowed = if is_key {
-        // 4. Only through the key policy: directly (same account), or
-        // delegated to IAM; a cross-account caller always needs IAM too.
-        (direct && same_account) || ((direct || delegated) && iam)
-    } else if same_account {
-        // 5. Either side; an account-root entry only delegates.
-        iam || direct
-    } else {
-        (direct || delegated) && iam
-    };
+    let allowed = scps_ok
+        && if is_key {
+            // 4. Only through the key policy: directly (same account), or
+            // delegated to IAM; a cross-account caller always needs IAM too.
+            (direct && same_account) || (any_resource && iam)
+        } else if same_account {
+            // 5. Either side; an account-root entry only delegates.
+            iam || direct
+        } else {
+            any_resource && iam
+        };
     if !allowed {
         // 6. Nothing allowed.
         return Verdict { reason: Reason::ImplicitDeny, matched: vec![], trace };
@@ -667,6 +753,7 @@ fn engine_named(d: &Decision) -> Vec<Named> {
                 PolicyRef::Inline(name) => format!("inline:{name}"),
                 PolicyRef::KeyPolicy => "key-policy".into(),
                 PolicyRef::ResourcePolicy => "resource-policy".into(),
+                other => other.to_string(),
             };
             let effect = match s.effect {
                 EngineEffect::Allow => Effect::Allow,
@@ -784,8 +871,17 @@ fn policy(with_principal: bool) -> impl Strategy<Value = Vec<Stmt>> {
 }
 
 fn principal_model(arn: &'static str, short: &'static str) -> impl Strategy<Value = PrincipalModel> {
-    (select(&[None, Some("alpha"), Some("beta")][..]), prop::collection::vec(policy(false), 0..=2))
-        .prop_map(move |(team, policies)| PrincipalModel { arn, short, team, policies })
+    (
+        select(&[None, Some("alpha"), Some("beta")][..]),
+        prop::collection::vec(policy(false), 0..=2),
+        prop::option::weighted(0.35, policy(false)),
+    )
+        .prop_map(move |(team, policies, boundary)| PrincipalModel { arn, short, team, policies, boundary })
+}
+
+/// Three levels (root, unit, account A) of one or two SCPs each.
+fn scps() -> impl Strategy<Value = Vec<Vec<Vec<Stmt>>>> {
+    prop::collection::vec(prop::collection::vec(policy(false), 1..=2), 3..=3)
 }
 
 fn resource_model(arn: &'static str) -> impl Strategy<Value = ResourceModel> {
@@ -805,10 +901,12 @@ fn world() -> impl Strategy<Value = World> {
         resource_model(K1),
         prop::option::weighted(0.85, resource_model(K2)),
         prop::option::weighted(0.85, resource_model(Q1)),
+        prop::option::weighted(0.35, scps()),
     )
-        .prop_map(|(alice, dev, bob, k1, k2, q1)| World {
+        .prop_map(|(alice, dev, bob, k1, k2, q1, scps)| World {
             principals: vec![alice, dev, bob],
             resources: [Some(k1), k2, q1].into_iter().flatten().collect(),
+            scps,
         })
 }
 
@@ -883,11 +981,12 @@ impl Stmt {
 /// Alice, dev and bob without tags or policies; k1 and k2 with the default
 /// key policy, k1 tagged Project=Alpha; q1 without a resource policy.
 fn base_world() -> World {
-    let p = |arn, short| PrincipalModel { arn, short, team: None, policies: vec![] };
+    let p = |arn, short| PrincipalModel { arn, short, team: None, policies: vec![], boundary: None };
     let r = |arn, project| ResourceModel { arn, project, typ: None, policy: None };
     World {
         principals: vec![p(ALICE, "alice"), p(DEV, "dev"), p(BOB, "bob")],
         resources: vec![r(K1, Some("Alpha")), r(K2, None), r(Q1, None)],
+        scps: None,
     }
 }
 

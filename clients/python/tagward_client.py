@@ -70,6 +70,12 @@ __all__ = [
     "remove_tags",
     "batch",
     "replace_world",
+    "put_organization",
+    "delete_organization",
+    "put_session",
+    "delete_session",
+    "put_endpoint",
+    "delete_endpoint",
 ]
 
 #: Tags as a mapping, (key, value) pairs, or ``pb.Tag`` messages.
@@ -171,15 +177,30 @@ def delete_policy(name: str) -> "pb.Update":
     return _update(delete_policy=pb.DeletePolicy(name=name))
 
 
+def _json_text(document: Union[None, str, Mapping[str, Any]]) -> str:
+    """A policy or world document as JSON text ('' for None)."""
+    if document is None:
+        return ""
+    if isinstance(document, str):
+        return document
+    import json
+
+    return json.dumps(document)
+
+
 def put_principal(
     arn: str,
     tags_: Optional[TagsLike] = None,
     policies: Sequence[str] = (),
     inline_policies: Optional[Mapping[str, str]] = None,
     pending_policies: Sequence[str] = (),
+    permissions_boundary: str = "",
+    trust_policy: Union[None, str, Mapping[str, Any]] = None,
 ) -> "pb.Update":
     """Creates or replaces an IAM user or role. ``pending_policies``: managed
-    policy names that need not exist yet (attached after ``policies``)."""
+    policy names that need not exist yet (attached after ``policies``).
+    ``permissions_boundary``: a managed policy name; ``trust_policy`` (roles
+    only): the document that decides sts:AssumeRole on the role."""
     return _update(
         put_principal=pb.Principal(
             arn=arn,
@@ -187,8 +208,44 @@ def put_principal(
             policies=list(policies),
             inline_policies=dict(inline_policies or {}),
             pending_policies=list(pending_policies),
+            permissions_boundary=permissions_boundary,
+            trust_policy=_json_text(trust_policy),
         )
     )
+
+
+def put_organization(organization: Union[str, Mapping[str, Any]]) -> "pb.Update":
+    """Sets or replaces the organization (the world file's ``organization``
+    shape: id, management_account, policies, units, accounts)."""
+    return _update(put_organization=pb.PutOrganization(organization_json=_json_text(organization)))
+
+
+def delete_organization() -> "pb.Update":
+    return _update(delete_organization=pb.DeleteOrganization())
+
+
+def put_session(
+    arn: str,
+    policy: Union[None, str, Mapping[str, Any]] = None,
+    policies: Sequence[str] = (),
+    tags_: Optional[TagsLike] = None,
+) -> "pb.Update":
+    """Declares an assumed-role session with an inline session policy,
+    managed session policies (by name) and session tags."""
+    return _update(put_session=pb.Session(arn=arn, policy=_json_text(policy), policies=list(policies), tags=tags(tags_)))
+
+
+def delete_session(arn: str) -> "pb.Update":
+    return _update(delete_session=pb.DeleteEntity(arn=arn))
+
+
+def put_endpoint(id_: str, policy: Union[None, str, Mapping[str, Any]] = None) -> "pb.Update":
+    """Adds or replaces a VPC endpoint (no policy: it allows all)."""
+    return _update(put_endpoint=pb.Endpoint(id=id_, policy=_json_text(policy)))
+
+
+def delete_endpoint(id_: str) -> "pb.Update":
+    return _update(delete_endpoint=pb.DeleteEndpoint(id=id_))
 
 
 def delete_principal(arn: str) -> "pb.Update":

@@ -38,10 +38,16 @@ from grpc_health.v1 import health_pb2  # noqa: E402
 
 from tagward_client import (  # noqa: E402
     TagwardClient,
+    delete_endpoint,
+    delete_organization,
+    delete_session,
     error_info,
     pb,
+    put_endpoint,
+    put_organization,
     put_policy,
     put_principal,
+    put_session,
     put_resource,
     remove_tags,
     set_tags,
@@ -650,6 +656,57 @@ def _():
     with open(WORLD) as f:
         world = json.load(f)
     assert kinds.count("put_policy") == len(world["policies"]) + 1  # + TagAnything
+
+
+@check("The wider chain over the admin stream: organization, session, endpoint, boundary, trust policy; Watch kinds")
+def _():
+    allow_all = {"Version": "2012-10-17", "Statement": {"Effect": "Allow", "Action": "*", "Resource": "*"}}
+    dev = f"arn:aws:iam::{ACCOUNT}:role/ChainDev"
+    user = f"arn:aws:iam::{ACCOUNT}:user/chain-user"
+    session = f"arn:aws:sts::{ACCOUNT}:assumed-role/ChainDev/job"
+    vpce = "vpce-0a1b2c3d4e5f67890"
+    trust = {"Statement": {"Sid": "TrustUser", "Effect": "Allow", "Principal": {"AWS": user}, "Action": "sts:AssumeRole"}}
+    org = {
+        "id": "o-a1b2c3d4e5",
+        "policies": {
+            "Full": allow_all,
+            "NoDisable": {"Statement": {"Sid": "NoDisable", "Effect": "Deny", "Action": "kms:DisableKey", "Resource": "*"}},
+        },
+        "units": [{"id": "r-ab12", "scps": ["Full", "NoDisable"]}],
+        "accounts": [{"id": ACCOUNT, "parent": "r-ab12", "scps": ["Full"]}],
+    }
+    rev = current_revision()
+    acks = TW.apply(
+        [
+            put_policy("ChainAll", allow_all),
+            put_policy("ChainKms", {"Version": "2012-10-17", "Statement": {"Effect": "Allow", "Action": "kms:*", "Resource": "*"}}),
+            put_principal(dev, policies=["ChainAll"], trust_policy=trust),
+            put_principal(user, policies=["ChainAll"], permissions_boundary="ChainKms"),
+            put_session(session, policy={"Statement": {"Effect": "Allow", "Action": "kms:Encrypt", "Resource": "*"}}),
+            put_endpoint(vpce, {"Statement": {"Effect": "Allow", "Principal": {"AWS": user}, "Action": "*", "Resource": "*"}}),
+            put_organization(org),
+        ]
+    )
+    assert all(not a.HasField("error") for a in acks), acks
+    denied = lambda r: r.decision == pb.DENY  # noqa: E731
+    r = TW.authorize(dev, "kms:DisableKey", K_ALPHA)
+    assert denied(r) and r.reason == pb.EXPLICIT_DENY and [m.sid for m in r.matched] == ["NoDisable"], r
+    assert [m.policy for m in r.matched] == ["scp:NoDisable"], r
+    assert TW.authorize(session, "kms:Encrypt", K_ALPHA).decision == pb.ALLOW
+    assert denied(TW.authorize(session, "kms:Decrypt", K_ALPHA))
+    assert denied(TW.authorize(dev, "kms:Decrypt", K_ALPHA, context={"aws:SourceVpce": vpce}))
+    assert denied(TW.authorize(user, "s3:GetObject", "arn:aws:s3:::b/o")), "outside the boundary"
+    r = TW.authorize(user, "sts:AssumeRole", dev)
+    assert r.decision == pb.ALLOW and "TrustUser" in [m.sid for m in r.matched], r
+    with TW.watch(rev, timeout=15) as events:
+        kinds = [(e.entity_change.kind, e.entity_change.change) for e in (next(events) for _ in acks)]
+    assert kinds[-3:] == [("session", "put"), ("endpoint", "put"), ("organization", "put")], kinds
+    # Undo, so later checks see the world they expect.
+    acks = TW.apply([delete_organization(), delete_session(session), delete_endpoint(vpce)])
+    assert all(not a.HasField("error") for a in acks), acks
+    again = TW.apply([delete_session(session)])
+    assert again[0].error.code == "NoSuchEntityException", again
+    assert TW.authorize(dev, "kms:DisableKey", K_ALPHA).decision == pb.ALLOW
 
 
 def make_pki(dirname: str) -> Dict[str, str]:

@@ -12,6 +12,7 @@ use crate::policy::Effect;
 use crate::store::{Event, EventKind, Update, UpdateError};
 use crate::tagging::{TagOp, TagRequest};
 use crate::world::{PrincipalSpec, ResourceSpec, WorldSpec};
+use tagward_core::chain::{EndpointSpec, OrganizationSpec, SessionSpec};
 use tagward_core::ErrorCode;
 
 /// The longest string a request field may hold (a principal, action or
@@ -370,6 +371,11 @@ pub fn update(u: &proto::Update, path: &str) -> Result<Update, UpdateError> {
                 policies: p.policies.clone(),
                 pending_policies: p.pending_policies.clone(),
                 inline_policies: inline,
+                permissions_boundary: opt(&p.permissions_boundary),
+                trust_policy: match p.trust_policy.as_str() {
+                    "" => None,
+                    text => Some(json(&format!("{path}put_principal.trust_policy"), text)?),
+                },
             })
         }
         Op::DeletePrincipal(d) => Update::DeletePrincipal { arn: d.arn.clone() },
@@ -413,6 +419,31 @@ pub fn update(u: &proto::Update, path: &str) -> Result<Update, UpdateError> {
                 .map_err(|e| bad(format!("{path}replace_world.world_json.{}: {}", e.path(), e.inner())))?;
             Update::ReplaceWorld(world)
         }
+        Op::PutOrganization(o) => {
+            let value = json(&format!("{path}put_organization.organization_json"), &o.organization_json)?;
+            let org: OrganizationSpec = serde_path_to_error::deserialize(value)
+                .map_err(|e| bad(format!("{path}put_organization.organization_json.{}: {}", e.path(), e.inner())))?;
+            Update::PutOrganization(org)
+        }
+        Op::DeleteOrganization(_) => Update::DeleteOrganization,
+        Op::PutSession(s) => Update::PutSession(SessionSpec {
+            arn: s.arn.clone(),
+            policy: match s.policy.as_str() {
+                "" => None,
+                text => Some(json(&format!("{path}put_session.policy"), text)?),
+            },
+            policies: s.policies.clone(),
+            tags: tag_map(&format!("{path}put_session.tags"), &s.tags)?,
+        }),
+        Op::DeleteSession(d) => Update::DeleteSession { arn: d.arn.clone() },
+        Op::PutEndpoint(e) => Update::PutEndpoint(EndpointSpec {
+            id: e.id.clone(),
+            policy: match e.policy.as_str() {
+                "" => None,
+                text => Some(json(&format!("{path}put_endpoint.policy"), text)?),
+            },
+        }),
+        Op::DeleteEndpoint(d) => Update::DeleteEndpoint { id: d.id.clone() },
     })
 }
 
@@ -434,6 +465,24 @@ pub fn export(world: &WorldSpec, revision: u64) -> Vec<proto::ExportItem> {
     for r in &world.resources {
         out.push(item(Op::PutResource(resource_to_proto(r))));
     }
+    if let Some(org) = &world.organization {
+        let organization_json = serde_json::to_string(org).unwrap_or_default();
+        out.push(item(Op::PutOrganization(proto::PutOrganization { organization_json })));
+    }
+    for s in &world.sessions {
+        out.push(item(Op::PutSession(proto::Session {
+            arn: s.arn.clone(),
+            policy: s.policy.as_ref().map(doc_text).unwrap_or_default(),
+            policies: s.policies.clone(),
+            tags: to_tags(s.tags.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+        })));
+    }
+    for e in &world.vpc_endpoints {
+        out.push(item(Op::PutEndpoint(proto::Endpoint {
+            id: e.id.clone(),
+            policy: e.policy.as_ref().map(doc_text).unwrap_or_default(),
+        })));
+    }
     out
 }
 
@@ -444,6 +493,8 @@ pub fn principal_to_proto(p: &PrincipalSpec) -> proto::Principal {
         policies: p.policies.clone(),
         pending_policies: p.pending_policies.clone(),
         inline_policies: p.inline_policies.iter().map(|(k, v)| (k.clone(), doc_text(v))).collect(),
+        permissions_boundary: p.permissions_boundary.clone().unwrap_or_default(),
+        trust_policy: p.trust_policy.as_ref().map(doc_text).unwrap_or_default(),
     }
 }
 

@@ -277,6 +277,7 @@ impl GenSpec {
             policies,
             pending_policies: Vec::new(),
             inline_policies: Default::default(),
+            ..PrincipalSpec::default()
         }
     }
 
@@ -337,6 +338,7 @@ impl GenSpec {
             policies: vec![PROBE_POLICY.to_string()],
             pending_policies: Vec::new(),
             inline_policies: Default::default(),
+            ..PrincipalSpec::default()
         }
     }
 
@@ -378,6 +380,7 @@ impl GenSpec {
             policies: self.policies().collect(),
             principals: self.principals().collect(),
             resources: self.resources().collect(),
+            ..WorldSpec::default()
         }
     }
 

@@ -15,13 +15,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
 
+use crate::chain::{EndpointSpec, OrganizationSpec, SessionSpec};
 use crate::error::ErrorCode;
+use crate::path::FieldPath;
 use crate::policy::PolicyKind;
 use crate::state::{State, StateError};
 use crate::tagging::{check_keys, check_tags, remove_tags, write_tags, TagChange, TagWriteError};
 use crate::tags::{TagSet, TagSetError};
 use crate::world::{
-    build_principal, compile_policy, principal_spec, resource_spec, PrincipalSpec, ResourceBuilder, ResourceSpec, WorldSpec,
+    build_principal, compile_policy, endpoint_spec, principal_spec, resource_spec, session_spec, PrincipalSpec, ResourceBuilder,
+    ResourceSpec, WorldSpec,
 };
 
 /// One admin command, as the admin stream sends it.
@@ -56,6 +59,19 @@ pub enum Update {
     Batch(Vec<Update>),
     /// The whole state, all or nothing.
     ReplaceWorld(WorldSpec),
+    /// Sets or replaces the organization (SCPs, RCPs, units, accounts).
+    PutOrganization(OrganizationSpec),
+    DeleteOrganization,
+    /// Declares (or replaces) an assumed-role session.
+    PutSession(SessionSpec),
+    DeleteSession {
+        arn: String,
+    },
+    /// Adds or replaces a VPC endpoint.
+    PutEndpoint(EndpointSpec),
+    DeleteEndpoint {
+        id: String,
+    },
 }
 
 /// The durable effect of one accepted change. The serde names are those
@@ -89,6 +105,16 @@ pub enum Change {
     ReplaceWorld(WorldSpec),
     /// Several effects at one revision (a batch).
     Batch(Vec<Change>),
+    PutOrganization(OrganizationSpec),
+    DeleteOrganization,
+    PutSession(SessionSpec),
+    DeleteSession {
+        arn: String,
+    },
+    PutEndpoint(EndpointSpec),
+    DeleteEndpoint {
+        id: String,
+    },
 }
 
 impl Change {
@@ -113,6 +139,11 @@ impl Change {
             Change::DeleteResource { arn } | Change::ReplaceTags { resource: arn, .. } => format!("resource {arn:?}"),
             Change::ReplaceWorld(_) => "the world".to_string(),
             Change::Batch(changes) => format!("a batch of {} changes", changes.len()),
+            Change::PutOrganization(_) | Change::DeleteOrganization => "the organization".to_string(),
+            Change::PutSession(s) => format!("session {:?}", s.arn),
+            Change::DeleteSession { arn } => format!("session {arn:?}"),
+            Change::PutEndpoint(e) => format!("VPC endpoint {:?}", e.id),
+            Change::DeleteEndpoint { id } => format!("VPC endpoint {id:?}"),
         }
     }
 }
@@ -149,6 +180,9 @@ pub enum EntityKind {
     Principal,
     Resource,
     World,
+    Organization,
+    Session,
+    Endpoint,
 }
 
 impl EntityKind {
@@ -159,6 +193,9 @@ impl EntityKind {
             EntityKind::Principal => "principal",
             EntityKind::Resource => "resource",
             EntityKind::World => "world",
+            EntityKind::Organization => "organization",
+            EntityKind::Session => "session",
+            EntityKind::Endpoint => "endpoint",
         }
     }
 }
@@ -279,6 +316,12 @@ pub fn update_field(update: &Update) -> &'static str {
         Update::RemoveTags { .. } => "remove_tags",
         Update::Batch(_) => "batch",
         Update::ReplaceWorld(_) => "replace_world",
+        Update::PutOrganization(_) => "put_organization",
+        Update::DeleteOrganization => "delete_organization",
+        Update::PutSession(_) => "put_session",
+        Update::DeleteSession { .. } => "delete_session",
+        Update::PutEndpoint(_) => "put_endpoint",
+        Update::DeleteEndpoint { .. } => "delete_endpoint",
     }
 }
 
@@ -292,7 +335,10 @@ pub fn state_changes(state: &State) -> impl Iterator<Item = Change> + '_ {
         .map(|(name, policy)| Change::PutPolicy { name: name.to_string(), document: Value::clone(&policy.source) });
     let principals = state.principals().map(|p| Change::PutPrincipal(principal_spec(p)));
     let resources = state.resources().map(|r| Change::PutResource(resource_spec(r)));
-    policies.chain(principals).chain(resources)
+    let organization = state.organization().map(|o| Change::PutOrganization(o.spec.clone()));
+    let sessions = state.sessions().map(|s| Change::PutSession(session_spec(s)));
+    let endpoints = state.endpoints().map(|e| Change::PutEndpoint(endpoint_spec(e)));
+    policies.chain(principals).chain(resources).chain(organization).chain(sessions).chain(endpoints)
 }
 
 /// A refused state change, at the field `path` of the update.
@@ -303,6 +349,7 @@ fn state_error(path: &str, e: StateError) -> UpdateError {
         StateError::Invalid(_) => ErrorCode::Validation,
         StateError::Tags(TagSetError::Limit { .. }) => ErrorCode::LimitExceeded,
         StateError::Tags(TagSetError::Rule(_)) => ErrorCode::Tag,
+        StateError::Missing(_) => ErrorCode::NoSuchEntity,
     };
     UpdateError::new(code, format!("{path}: {e}"))
 }
@@ -382,6 +429,12 @@ pub fn apply(
             }
         }
         Update::ReplaceWorld(world) => replace_world(state, world, actor, out)?,
+        Update::PutOrganization(spec) => put_organization(state, spec, actor, out)?,
+        Update::DeleteOrganization => delete_organization(state, actor, out)?,
+        Update::PutSession(spec) => put_session(state, spec, actor, out)?,
+        Update::DeleteSession { arn } => delete_session(state, arn, actor, out)?,
+        Update::PutEndpoint(spec) => put_endpoint(state, spec, actor, out)?,
+        Update::DeleteEndpoint { id } => delete_endpoint(state, id, actor, out)?,
     }
     Ok(())
 }
@@ -431,7 +484,58 @@ fn replay_into(
             }
             Ok(())
         }
+        Change::PutOrganization(spec) => put_organization(state, spec, "", out),
+        Change::DeleteOrganization => delete_organization(state, "", out),
+        Change::PutSession(spec) => put_session(state, spec, "", out),
+        Change::DeleteSession { arn } => delete_session(state, arn, "", out),
+        Change::PutEndpoint(spec) => put_endpoint(state, spec, "", out),
+        Change::DeleteEndpoint { id } => delete_endpoint(state, id, "", out),
     }
+}
+
+fn put_organization(state: &mut State, spec: &OrganizationSpec, actor: &str, out: &mut Applied) -> Result<(), UpdateError> {
+    let org = spec.build(&FieldPath::field("put_organization")).map_err(world_error)?;
+    state.put_organization(org);
+    out.events.push(entity(EntityKind::Organization, "", ChangeKind::Put, state, actor));
+    out.changes.push(Change::PutOrganization(spec.clone()));
+    Ok(())
+}
+
+fn delete_organization(state: &mut State, actor: &str, out: &mut Applied) -> Result<(), UpdateError> {
+    state.delete_organization().map_err(|e| state_error("delete_organization", e))?;
+    out.events.push(entity(EntityKind::Organization, "", ChangeKind::Delete, state, actor));
+    out.changes.push(Change::DeleteOrganization);
+    Ok(())
+}
+
+fn put_session(state: &mut State, spec: &SessionSpec, actor: &str, out: &mut Applied) -> Result<(), UpdateError> {
+    let session = spec.build(&FieldPath::field("put_session")).map_err(world_error)?;
+    state.put_session(session);
+    out.events.push(entity(EntityKind::Session, &spec.arn, ChangeKind::Put, state, actor));
+    out.changes.push(Change::PutSession(spec.clone()));
+    Ok(())
+}
+
+fn delete_session(state: &mut State, arn: &str, actor: &str, out: &mut Applied) -> Result<(), UpdateError> {
+    state.delete_session(arn).map_err(|e| state_error("delete_session.arn", e))?;
+    out.events.push(entity(EntityKind::Session, arn, ChangeKind::Delete, state, actor));
+    out.changes.push(Change::DeleteSession { arn: arn.to_string() });
+    Ok(())
+}
+
+fn put_endpoint(state: &mut State, spec: &EndpointSpec, actor: &str, out: &mut Applied) -> Result<(), UpdateError> {
+    let endpoint = spec.build(&FieldPath::field("put_endpoint")).map_err(world_error)?;
+    state.put_endpoint(endpoint);
+    out.events.push(entity(EntityKind::Endpoint, &spec.id, ChangeKind::Put, state, actor));
+    out.changes.push(Change::PutEndpoint(spec.clone()));
+    Ok(())
+}
+
+fn delete_endpoint(state: &mut State, id: &str, actor: &str, out: &mut Applied) -> Result<(), UpdateError> {
+    state.delete_endpoint(id).map_err(|e| state_error("delete_endpoint.id", e))?;
+    out.events.push(entity(EntityKind::Endpoint, id, ChangeKind::Delete, state, actor));
+    out.changes.push(Change::DeleteEndpoint { id: id.to_string() });
+    Ok(())
 }
 
 fn put_policy(

@@ -8,6 +8,17 @@
 //! too); other resources in the caller's account are allowed by either side;
 //! cross-account requests need both sides. Nothing allowed: implicit deny.
 //!
+//! The wider chain ("The whole chain") is a set of guards around that core,
+//! each its own function called from [`Eval::decide`]: the SCPs of the
+//! caller's account and the RCPs of the resource's, the permissions
+//! boundary, the session policies of a declared session and the policy of
+//! the VPC endpoint the request came through. Their denies deny; the SCPs,
+//! the boundary, the session policies and the endpoint policy must also
+//! allow. A request that meets none of them checks a few emptinesses and
+//! evaluates as before. Role trust policies take the key policy's place
+//! for `sts:AssumeRole` and its twins; `sts:GetCallerIdentity` is always
+//! allowed.
+//!
 //! Evaluation is pure and synchronous and touches no JSON. It allocates only
 //! for the lists in the answer.
 
@@ -20,12 +31,13 @@ use smallvec::SmallVec;
 use thiserror::Error;
 
 use crate::arn::{check_resource, Arn, Caller, CallerKind};
+use crate::chain::{is_service_linked_role, rcp_covers, Endpoint, OrgAccount, Session, TRUST_ACTIONS};
 use crate::path::FieldPath;
 use crate::policy::condition::{parse_date, ArnParts, Context, Values};
 use crate::policy::keys::KeyRef;
 use crate::policy::pattern::Resolve;
 use crate::policy::{ActionKey, Effect, Policy, PolicyKind, PrincipalEntry, Statement};
-use crate::state::{is_kms_key, Principal, State, Target};
+use crate::state::{is_kms_key, KeyManager, Principal, State, Target};
 use crate::tags::keys_equal_ignoring_case;
 
 /// A context value: one string or a list (a multivalued key).
@@ -133,6 +145,9 @@ impl ContextRules {
                 KeyRef::Context(lower) => {
                     out.insert(lower);
                 }
+                key if key.org_key_name().is_some() => {
+                    out.insert(key.org_key_name().unwrap_or_default().into());
+                }
                 key if key.is_clock() => return Err(AllowListError::Clock(name.to_string())),
                 _ => return Err(AllowListError::FilledIn(name.to_string())),
             }
@@ -153,7 +168,15 @@ impl ContextRules {
                     ));
                 }
                 k if k.is_clock() => {}
-                KeyRef::Context(lower) => {
+                KeyRef::Context(_)
+                | KeyRef::PrincipalOrgId
+                | KeyRef::PrincipalOrgPaths
+                | KeyRef::ResourceOrgId
+                | KeyRef::ResourceOrgPaths => {
+                    let lower = match &key {
+                        KeyRef::Context(lower) => &**lower,
+                        other => other.org_key_name().unwrap_or_default(),
+                    };
                     if let Some(allowed) = &self.allowed {
                         if !allowed.contains(lower) {
                             return Err(RequestError::new(
@@ -235,6 +258,20 @@ pub enum PolicyRef {
     Inline(Arc<str>),
     KeyPolicy,
     ResourcePolicy,
+    /// A service control policy of the organization, by name.
+    Scp(Arc<str>),
+    /// A resource control policy of the organization, by name.
+    Rcp(Arc<str>),
+    /// The principal's permissions boundary (a managed policy), by name.
+    Boundary(Arc<str>),
+    /// A declared session's inline session policy.
+    SessionPolicy,
+    /// A declared session's managed session policy, by name.
+    SessionManaged(Arc<str>),
+    /// The policy of a VPC endpoint, by endpoint id.
+    EndpointPolicy(Arc<str>),
+    /// A role's trust policy.
+    TrustPolicy,
 }
 
 impl fmt::Display for PolicyRef {
@@ -244,6 +281,13 @@ impl fmt::Display for PolicyRef {
             PolicyRef::Inline(name) => write!(f, "inline:{name}"),
             PolicyRef::KeyPolicy => f.write_str("key-policy"),
             PolicyRef::ResourcePolicy => f.write_str("resource-policy"),
+            PolicyRef::Scp(name) => write!(f, "scp:{name}"),
+            PolicyRef::Rcp(name) => write!(f, "rcp:{name}"),
+            PolicyRef::Boundary(name) => write!(f, "boundary:{name}"),
+            PolicyRef::SessionPolicy => f.write_str("session-policy"),
+            PolicyRef::SessionManaged(name) => write!(f, "session-policy:{name}"),
+            PolicyRef::EndpointPolicy(id) => write!(f, "endpoint-policy:{id}"),
+            PolicyRef::TrustPolicy => f.write_str("trust-policy"),
         }
     }
 }
@@ -324,11 +368,32 @@ const NO_EXISTING_RESOURCE: &[&str] = &["kms:createkey", "kms:listkeys", "kms:li
 enum Grant {
     /// Through the caller's account: delegates to the caller's IAM policies.
     Account,
+    /// The role of the calling session, named by its role ARN: as far as a
+    /// boundary or a session policy goes, like the role's own policies.
+    ViaRole,
     /// The caller itself (or `*`).
     Direct,
 }
 
+/// How a policy's statements count: the core (identity, resource, key or
+/// trust policy) collects its allows; a guard (SCP, RCP, boundary,
+/// session, endpoint) only says whether one of its allows applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layer {
+    Core,
+    Guard,
+}
+
+/// What the guards of the chain allow; `true` where a guard does not apply.
+struct Guards {
+    scp: bool,
+    boundary: bool,
+    session: bool,
+    endpoint: bool,
+}
+
 struct Eval<'a> {
+    state: &'a State,
     req: &'a Request,
     caller: Caller<'a>,
     principal: Option<&'a Principal>,
@@ -341,6 +406,20 @@ struct Eval<'a> {
     /// (`kms:CallerAccount`, `kms:KeySpec`, ...) only on KMS requests.
     kms_action: bool,
     in_key_policy: Cell<bool>,
+    /// `sts:AssumeRole` (or a twin) on a role: its trust policy decides.
+    trust: bool,
+    /// The declared session the caller is, if any.
+    session: Option<&'a Session>,
+    /// The VPC endpoint named by `aws:SourceVpce`, if listed.
+    endpoint: Option<&'a Endpoint>,
+    /// The organization's view of the caller's and the resource's account.
+    principal_org: Option<&'a OrgAccount>,
+    resource_org: Option<&'a OrgAccount>,
+    org_id: Option<&'a str>,
+    /// Set while a resource-style policy of a principal with a boundary is
+    /// evaluated: a `Deny` with `NotPrincipal` then applies to it whatever
+    /// the element lists (AWS, "Permissions boundaries for IAM entities").
+    deny_not_principal: Cell<bool>,
     time: OnceCell<(String, String)>,
     /// Policy variables that had no value (and no default).
     missing_variables: RefCell<SmallVec<[Arc<str>; 2]>>,
@@ -370,7 +449,21 @@ pub fn authorize_with(state: &State, req: &Request, explain: bool, rules: &Conte
         Some(t) => t.account(),
         None => Arn::parse(&req.resource).map(|a| a.account).filter(|a| !a.is_empty()),
     };
+    let trust = action_lower.starts_with("sts:")
+        && TRUST_ACTIONS.contains(&action_lower)
+        && Arn::parse(&req.resource).is_some_and(|a| a.service == "iam" && a.resource_type() == "role");
+    let session = if state.has_sessions() && matches!(caller.kind, CallerKind::Session { .. }) {
+        state.session(caller.arn).map(|s| &**s)
+    } else {
+        None
+    };
+    let endpoint = if state.has_endpoints() { source_vpce(req).and_then(|id| state.endpoint(id)).map(|e| &**e) } else { None };
+    let (principal_org, resource_org, org_id) = match state.organization() {
+        Some(org) => (org.account(caller.account), resource_account.and_then(|a| org.account(a)), org.id.as_deref()),
+        None => (None, None, None),
+    };
     let ev = Eval {
+        state,
         req,
         caller,
         principal,
@@ -380,6 +473,13 @@ pub fn authorize_with(state: &State, req: &Request, explain: bool, rules: &Conte
         resource_tags_available: req.resource != "*" && !NO_EXISTING_RESOURCE.contains(&action_lower),
         kms_action: action_lower.starts_with("kms:"),
         in_key_policy: Cell::new(false),
+        trust,
+        session,
+        endpoint,
+        principal_org,
+        resource_org,
+        org_id,
+        deny_not_principal: Cell::new(false),
         time: OnceCell::new(),
         missing_variables: RefCell::new(SmallVec::new()),
     };
@@ -396,6 +496,16 @@ struct Collector {
 
 impl<'a> Eval<'a> {
     fn decide(&self, action: &ActionKey<'_>, explain: bool) -> Decision {
+        // AWS: no permissions are required for GetCallerIdentity, and an
+        // explicit deny of it has no effect.
+        if action.lower == "sts:getcalleridentity" {
+            return Decision {
+                reason: Reason::Allowed,
+                matched: Vec::new(),
+                missing_keys: Vec::new(),
+                considered: explain.then(Vec::new),
+            };
+        }
         let mut c = Collector {
             denies: SmallVec::new(),
             identity_allows: SmallVec::new(),
@@ -405,22 +515,40 @@ impl<'a> Eval<'a> {
         };
         if let Some(p) = self.principal {
             for (name, policy) in p.resolved() {
-                self.run_policy(policy, || PolicyRef::Managed(name.clone()), action, &mut c);
+                self.run_policy(policy, || PolicyRef::Managed(name.clone()), action, &mut c, Layer::Core);
             }
             for (name, policy) in &p.inline {
-                self.run_policy(policy, || PolicyRef::Inline(name.clone()), action, &mut c);
+                self.run_policy(policy, || PolicyRef::Inline(name.clone()), action, &mut c, Layer::Core);
             }
         }
         let is_key = match self.target {
             Some(t) => t.key().is_some(),
             None => is_kms_key(&self.req.resource),
         };
-        if let Some(policy) = self.target.and_then(|t| t.policy()) {
+        // The key policy or a trust policy must allow; other resource
+        // policies may.
+        let mandatory = is_key || self.trust;
+        let boundary = self.principal.and_then(|p| p.boundary.as_ref());
+        self.deny_not_principal.set(boundary.is_some());
+        if self.trust {
+            if let Some(policy) = self.trust_policy() {
+                self.run_policy(policy, || PolicyRef::TrustPolicy, action, &mut c, Layer::Core);
+            }
+        } else if let Some(policy) = self.target.and_then(|t| t.policy()) {
             self.in_key_policy.set(is_key);
             let which = if is_key { PolicyRef::KeyPolicy } else { PolicyRef::ResourcePolicy };
-            self.run_policy(policy, || which.clone(), action, &mut c);
+            self.run_policy(policy, || which.clone(), action, &mut c, Layer::Core);
             self.in_key_policy.set(false);
         }
+        self.deny_not_principal.set(false);
+        let guards = Guards {
+            scp: self.scps(action, &mut c),
+            boundary: boundary.is_none_or(|name| self.boundary(name, action, &mut c)),
+            session: self.session_policies(action, &mut c),
+            endpoint: self.endpoint_policy(action, &mut c),
+        };
+        self.rcps(action, &mut c);
+        let allowed = self.core_allows(&c, mandatory, &guards) && guards.scp && guards.endpoint;
 
         let mut missing_keys = c.missing.into_vec();
         for name in self.missing_variables.take() {
@@ -436,20 +564,6 @@ impl<'a> Eval<'a> {
                 considered: c.considered,
             };
         }
-        let identity = !c.identity_allows.is_empty();
-        let best = c.resource_allows.iter().map(|(_, g)| *g).max();
-        let same_account = self.resource_account.is_none_or(|a| a == self.caller.account);
-        let allowed = if is_key {
-            match best {
-                Some(Grant::Direct) if same_account => true,
-                Some(_) => identity,
-                None => false,
-            }
-        } else if same_account {
-            identity || best == Some(Grant::Direct)
-        } else {
-            best.is_some() && identity
-        };
         if !allowed {
             return Decision { reason: Reason::ImplicitDeny, matched: Vec::new(), missing_keys, considered: c.considered };
         }
@@ -458,7 +572,125 @@ impl<'a> Eval<'a> {
         Decision { reason: Reason::Allowed, matched, missing_keys, considered: c.considered }
     }
 
-    fn run_policy(&self, policy: &Policy, name: impl Fn() -> PolicyRef, action: &ActionKey<'_>, c: &mut Collector) {
+    /// Do the identity, resource, key or trust policies allow, as far as
+    /// the boundary and the session policies let them? Same account: a
+    /// resource-policy statement naming the user or the session itself (or
+    /// `*`) allows on its own, unbounded (AWS: "The resource-based policy
+    /// permissions are not limited by the session policy"); one naming the
+    /// role is bounded like the role's own policies; the account root
+    /// delegates to IAM. Cross-account: both sides.
+    fn core_allows(&self, c: &Collector, mandatory: bool, g: &Guards) -> bool {
+        let limits = g.boundary && g.session;
+        let identity = !c.identity_allows.is_empty() && limits;
+        let (mut unbounded, mut bounded, mut any) = (false, false, false);
+        for (_, grant) in &c.resource_allows {
+            any = true;
+            match grant {
+                Grant::Direct if matches!(self.caller.kind, CallerKind::User { .. } | CallerKind::Session { .. }) => {
+                    unbounded = true
+                }
+                Grant::Direct | Grant::ViaRole => bounded = true,
+                Grant::Account => {}
+            }
+        }
+        let direct = unbounded || (bounded && limits);
+        let same_account = self.resource_account.is_none_or(|a| a == self.caller.account);
+        match (mandatory, same_account) {
+            (true, true) => direct || (any && identity),
+            (false, true) => identity || direct,
+            (_, false) => any && identity,
+        }
+    }
+
+    /// The trust policy of the role named by the request: its principal's,
+    /// or the resource policy of a role listed only as a resource.
+    fn trust_policy(&self) -> Option<&'a Policy> {
+        match self.target? {
+            Target::Principal(p) => p.trust_policy.as_deref(),
+            t => t.policy().map(|p| &**p),
+        }
+    }
+
+    /// SCPs of the caller's account: every level of its path must allow.
+    /// Not for the management account nor service-linked roles.
+    fn scps(&self, action: &ActionKey<'_>, c: &mut Collector) -> bool {
+        let Some(account) = self.principal_org.filter(|a| !a.management) else { return true };
+        if self.principal.is_some_and(|p| is_service_linked_role(p.arn())) {
+            return true;
+        }
+        let mut allowed = true;
+        for level in &account.scp_levels {
+            let mut level_allows = false;
+            for (name, policy) in level {
+                // Every policy runs: its denies count even once one allowed.
+                level_allows |= self.run_policy(policy, || PolicyRef::Scp(name.clone()), action, c, Layer::Guard);
+            }
+            allowed &= level_allows;
+        }
+        allowed
+    }
+
+    /// RCPs of the resource's account: they only deny, and only requests
+    /// to the services that support them (not `kms:RetireGrant`); not for
+    /// the management account's resources, AWS managed keys or
+    /// service-linked roles.
+    fn rcps(&self, action: &ActionKey<'_>, c: &mut Collector) {
+        let Some(account) = self.resource_org.filter(|a| !a.management && !a.rcps.is_empty()) else { return };
+        if !rcp_covers(action.lower)
+            || self.target.and_then(|t| t.key()).is_some_and(|k| k.manager == KeyManager::Aws)
+            || self.principal.is_some_and(|p| is_service_linked_role(p.arn()))
+        {
+            return;
+        }
+        for (name, policy) in &account.rcps {
+            self.run_policy(policy, || PolicyRef::Rcp(name.clone()), action, c, Layer::Guard);
+        }
+    }
+
+    /// The permissions boundary must allow what identity policies allow. A
+    /// boundary naming a policy that no longer exists allows nothing.
+    fn boundary(&self, name: &Arc<str>, action: &ActionKey<'_>, c: &mut Collector) -> bool {
+        match self.state.policy(name) {
+            Some(policy) => self.run_policy(policy, || PolicyRef::Boundary(name.clone()), action, c, Layer::Guard),
+            None => false,
+        }
+    }
+
+    /// A declared session's session policies (inline and managed): one of
+    /// them must allow too.
+    fn session_policies(&self, action: &ActionKey<'_>, c: &mut Collector) -> bool {
+        let Some(session) = self.session.filter(|s| s.has_policies()) else { return true };
+        let mut allowed = false;
+        if let Some(policy) = &session.inline {
+            allowed |= self.run_policy(policy, || PolicyRef::SessionPolicy, action, c, Layer::Guard);
+        }
+        for name in &session.managed {
+            if let Some(policy) = self.state.policy(name) {
+                allowed |= self.run_policy(policy, || PolicyRef::SessionManaged(name.clone()), action, c, Layer::Guard);
+            }
+        }
+        allowed
+    }
+
+    /// The policy of the VPC endpoint the request came through must allow
+    /// (no policy: the endpoint allows all).
+    fn endpoint_policy(&self, action: &ActionKey<'_>, c: &mut Collector) -> bool {
+        let Some(endpoint) = self.endpoint else { return true };
+        let Some(policy) = &endpoint.policy else { return true };
+        self.run_policy(policy, || PolicyRef::EndpointPolicy(endpoint.id.clone()), action, c, Layer::Guard)
+    }
+
+    /// Runs one policy's candidate statements; denies are collected, core
+    /// allows too. Returns whether some `Allow` applied.
+    fn run_policy(
+        &self,
+        policy: &Policy,
+        name: impl Fn() -> PolicyRef,
+        action: &ActionKey<'_>,
+        c: &mut Collector,
+        layer: Layer,
+    ) -> bool {
+        let mut allowed = false;
         for &i in policy.candidates(action) {
             let st = &policy.statements()[i as usize];
             let grant = self.check(st, policy.kind(), action, c);
@@ -475,12 +707,15 @@ impl<'a> Eval<'a> {
                 list.push(Considered { statement: sref.clone(), outcome: Outcome::Applies });
             }
             let Ok(grant) = grant else { continue };
-            match (st.effect, policy.kind()) {
-                (Effect::Deny, _) => c.denies.push(sref),
-                (Effect::Allow, PolicyKind::Identity) => c.identity_allows.push(sref),
-                (Effect::Allow, _) => c.resource_allows.push((sref, grant)),
+            match (st.effect, layer, policy.kind()) {
+                (Effect::Deny, _, _) => c.denies.push(sref),
+                (Effect::Allow, Layer::Guard, _) => {}
+                (Effect::Allow, Layer::Core, PolicyKind::Identity) => c.identity_allows.push(sref),
+                (Effect::Allow, Layer::Core, _) => c.resource_allows.push((sref, grant)),
             }
+            allowed |= st.effect == Effect::Allow;
         }
+        allowed
     }
 
     /// Does the statement apply? `Ok` with how the principal matched.
@@ -491,7 +726,8 @@ impl<'a> Eval<'a> {
         let grant = match (&st.principal, kind) {
             (Some(p), PolicyKind::Key | PolicyKind::Resource) => {
                 if p.negated {
-                    let listed = p.entries.iter().any(|e| self.lists(e));
+                    let always = st.effect == Effect::Deny && self.deny_not_principal.get();
+                    let listed = !always && p.entries.iter().any(|e| self.lists(e));
                     if listed {
                         return Err(Outcome::PrincipalDoesNotMatch);
                     }
@@ -526,6 +762,9 @@ impl<'a> Eval<'a> {
             PrincipalEntry::Any => Some(Grant::Direct),
             PrincipalEntry::Account(a) if **a == *caller.account => {
                 Some(if caller.kind == CallerKind::Root { Grant::Direct } else { Grant::Account })
+            }
+            PrincipalEntry::Role { .. } if matches!(caller.kind, CallerKind::Session { .. }) => {
+                self.lists(entry).then_some(Grant::ViaRole)
             }
             _ => self.lists(entry).then_some(Grant::Direct),
         }
@@ -595,7 +834,10 @@ impl Context for Eval<'_> {
             KeyRef::RequestTag(k) => one(lookup_unsorted(&self.req.request_tags, k)),
             KeyRef::PrincipalTag(k) => match lookup_unsorted(&self.req.session_tags, k) {
                 Some(v) => Values::One(Cow::Borrowed(v)),
-                None => one(self.principal.and_then(|p| p.tags.lookup(k))),
+                None => match self.session.and_then(|s| s.tags.lookup(k)) {
+                    Some(v) => Values::One(Cow::Borrowed(v)),
+                    None => one(self.principal.and_then(|p| p.tags.lookup(k))),
+                },
             },
             KeyRef::TagKeys => match &self.req.tag_keys {
                 Some(list) => Values::Many(list),
@@ -629,13 +871,48 @@ impl Context for Eval<'_> {
             KeyRef::KeyOrigin => one(self.target.and_then(|t| t.key()).map(|k| &*k.origin)),
             KeyRef::CurrentTime => one(Some(&self.time().0)),
             KeyRef::EpochTime => one(Some(&self.time().1)),
-            KeyRef::Context(name) => match self.req.context.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)) {
-                Some((_, ContextValue::One(v))) => Values::One(Cow::Borrowed(v)),
-                Some((_, ContextValue::Many(list))) => Values::Many(list),
-                None => Values::Missing,
+            KeyRef::PrincipalOrgId => match self.principal_org {
+                Some(_) => one(self.org_id),
+                None => self.context(key),
             },
+            KeyRef::ResourceOrgId => match self.resource_org {
+                Some(_) => one(self.org_id),
+                None => self.context(key),
+            },
+            KeyRef::PrincipalOrgPaths | KeyRef::ResourceOrgPaths => {
+                let account = if *key == KeyRef::PrincipalOrgPaths { self.principal_org } else { self.resource_org };
+                match account {
+                    Some(a) if a.paths.is_empty() => Values::Missing,
+                    Some(a) => Values::Many(&a.paths),
+                    None => self.context(key),
+                }
+            }
+            KeyRef::Context(_) => self.context(key),
         }
     }
+}
+
+impl Eval<'_> {
+    /// A key from the request's context, by its lowercased name.
+    fn context(&self, key: &KeyRef) -> Values<'_> {
+        let name = match key {
+            KeyRef::Context(name) => &**name,
+            other => other.org_key_name().unwrap_or_default(),
+        };
+        match self.req.context.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)) {
+            Some((_, ContextValue::One(v))) => Values::One(Cow::Borrowed(v)),
+            Some((_, ContextValue::Many(list))) => Values::Many(list),
+            None => Values::Missing,
+        }
+    }
+}
+
+/// The request's `aws:SourceVpce`, if it gave one.
+fn source_vpce(req: &Request) -> Option<&str> {
+    req.context.iter().find_map(|(k, v)| match v {
+        ContextValue::One(id) if k.eq_ignore_ascii_case("aws:SourceVpce") => Some(id.as_str()),
+        _ => None,
+    })
 }
 
 impl Resolve for Eval<'_> {

@@ -11,6 +11,7 @@
 //! logging or metrics.
 
 pub mod arn;
+pub mod chain;
 pub mod change;
 pub mod document;
 pub mod engine;

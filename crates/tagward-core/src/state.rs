@@ -16,6 +16,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::arn::{Arn, Caller, CallerKind};
+use crate::chain::{Endpoint, Organization, Session};
 use crate::error::ErrorCode;
 use crate::policy::Policy;
 use crate::tags::{TagSet, TagSetError};
@@ -36,6 +37,12 @@ pub struct Principal {
     /// Managed policies by name; a name with no policy is skipped.
     pub managed: Vec<Arc<str>>,
     pub inline: Vec<(Arc<str>, Arc<Policy>)>,
+    /// The managed policy used as the permissions boundary, by name. A
+    /// name with no policy bounds everything out (fails closed).
+    pub boundary: Option<Arc<str>>,
+    /// A role's trust policy (resource-style), consulted for
+    /// `sts:AssumeRole` and its twins on the role's ARN.
+    pub trust_policy: Option<Arc<Policy>>,
     /// The managed policies that exist, in `managed` order, resolved when
     /// the principal or a policy changes so that a decision looks up none.
     /// INVARIANT: maintained by [`State`] alone (see [`Principal::resolved`]).
@@ -63,6 +70,8 @@ impl Principal {
             tags: TagSet::new(true),
             managed: Vec::new(),
             inline: Vec::new(),
+            boundary: None,
+            trust_policy: None,
             resolved: Vec::new(),
         })
     }
@@ -221,6 +230,9 @@ pub enum StateError {
     Invalid(String),
     #[error(transparent)]
     Tags(#[from] TagSetError),
+    /// A session, an endpoint or the organization that is not there.
+    #[error("{0}")]
+    Missing(String),
 }
 
 impl StateError {
@@ -232,6 +244,7 @@ impl StateError {
             StateError::Invalid(_) => ErrorCode::Validation,
             StateError::Tags(TagSetError::Limit { .. }) => ErrorCode::LimitExceeded,
             StateError::Tags(TagSetError::Rule(_)) => ErrorCode::Tag,
+            StateError::Missing(_) => ErrorCode::NoSuchEntity,
         }
     }
 }
@@ -258,6 +271,12 @@ pub struct State {
     tag_index: Map<Map<imbl::OrdSet<Arc<str>>>>,
     /// Tags on all resources and principals.
     tag_count: usize,
+    /// The organization (SCPs, RCPs), if any.
+    organization: Option<Arc<Organization>>,
+    /// Declared assumed-role sessions, by session ARN.
+    sessions: Map<Arc<Session>>,
+    /// VPC endpoints, by id.
+    endpoints: Map<Arc<Endpoint>>,
 }
 
 impl fmt::Debug for State {
@@ -355,6 +374,78 @@ impl State {
 
     pub fn resources(&self) -> impl Iterator<Item = &Arc<Resource>> {
         self.resources.values()
+    }
+
+    pub fn organization(&self) -> Option<&Arc<Organization>> {
+        self.organization.as_ref()
+    }
+
+    pub fn session(&self, arn: &str) -> Option<&Arc<Session>> {
+        self.sessions.get(arn)
+    }
+
+    pub fn sessions(&self) -> impl Iterator<Item = &Arc<Session>> {
+        self.sessions.values()
+    }
+
+    /// True when some session is declared (a decision looks sessions up
+    /// only then).
+    pub fn has_sessions(&self) -> bool {
+        !self.sessions.is_empty()
+    }
+
+    pub fn endpoint(&self, id: &str) -> Option<&Arc<Endpoint>> {
+        self.endpoints.get(id)
+    }
+
+    pub fn endpoints(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
+        self.endpoints.values()
+    }
+
+    pub fn has_endpoints(&self) -> bool {
+        !self.endpoints.is_empty()
+    }
+
+    /// Sets (or replaces) the organization.
+    pub fn put_organization(&mut self, org: Organization) {
+        self.organization = Some(Arc::new(org));
+        self.bump();
+    }
+
+    pub fn delete_organization(&mut self) -> Result<(), StateError> {
+        if self.organization.take().is_none() {
+            return Err(StateError::Missing("there is no organization".into()));
+        }
+        self.bump();
+        Ok(())
+    }
+
+    /// Adds or replaces a declared session.
+    pub fn put_session(&mut self, session: Session) {
+        self.sessions.insert(session.arn.clone(), Arc::new(session));
+        self.bump();
+    }
+
+    pub fn delete_session(&mut self, arn: &str) -> Result<(), StateError> {
+        if self.sessions.remove(arn).is_none() {
+            return Err(StateError::Missing(format!("no session {arn:?}")));
+        }
+        self.bump();
+        Ok(())
+    }
+
+    /// Adds or replaces a VPC endpoint.
+    pub fn put_endpoint(&mut self, endpoint: Endpoint) {
+        self.endpoints.insert(endpoint.id.clone(), Arc::new(endpoint));
+        self.bump();
+    }
+
+    pub fn delete_endpoint(&mut self, id: &str) -> Result<(), StateError> {
+        if self.endpoints.remove(id).is_none() {
+            return Err(StateError::Missing(format!("no VPC endpoint {id:?}")));
+        }
+        self.bump();
+        Ok(())
     }
 
     /// Tags on all resources and principals.

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use thiserror::Error;
 
 use crate::arn::Arn;
+use crate::chain::{EndpointSpec, OrganizationSpec, SessionSpec};
 use crate::error::ErrorCode;
 use crate::path::FieldPath;
 use crate::policy::{Policy, PolicyKind};
@@ -28,6 +29,15 @@ pub struct WorldSpec {
     pub principals: Vec<PrincipalSpec>,
     #[serde(default)]
     pub resources: Vec<ResourceSpec>,
+    /// SCPs and RCPs (docs/scenarios.md, "The wider authorization chain").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organization: Option<OrganizationSpec>,
+    /// Assumed-role sessions with session policies or session tags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sessions: Vec<SessionSpec>,
+    /// VPC endpoints and their endpoint policies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vpc_endpoints: Vec<EndpointSpec>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -46,6 +56,12 @@ pub struct PrincipalSpec {
     pub pending_policies: Vec<String>,
     #[serde(default)]
     pub inline_policies: BTreeMap<String, Value>,
+    /// The name of a managed policy used as the permissions boundary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions_boundary: Option<String>,
+    /// Roles only: the trust policy (a resource policy with `Principal`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_policy: Option<Value>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -110,6 +126,29 @@ fn bad_tags(path: FieldPath, e: TagSetError) -> WorldError {
 /// Compiles a policy document found at `path` (errors carry the full path).
 pub fn compile_policy(path: impl Into<FieldPath>, doc: &Value, kind: PolicyKind) -> Result<Arc<Policy>, WorldError> {
     Policy::compile(doc, kind).map(Arc::new).map_err(|e| malformed_policy(path.into().join(&e.path), e.message))
+}
+
+/// Compiles a role's trust policy. Trust policies name no `Resource` (the
+/// role is the resource): a statement without `Resource` or `NotResource`
+/// covers the role. The document is kept as given, for export.
+pub fn compile_trust_policy(path: impl Into<FieldPath>, doc: &Value) -> Result<Arc<Policy>, WorldError> {
+    let mut patched = doc.clone();
+    let statements = match patched.get_mut("Statement") {
+        Some(Value::Array(items)) => items.iter_mut().collect::<Vec<_>>(),
+        Some(one @ Value::Object(_)) => vec![one],
+        _ => Vec::new(),
+    };
+    for st in statements {
+        if let Value::Object(fields) = st {
+            if !fields.contains_key("Resource") && !fields.contains_key("NotResource") {
+                fields.insert("Resource".into(), Value::String("*".into()));
+            }
+        }
+    }
+    let mut policy =
+        Policy::compile(&patched, PolicyKind::Resource).map_err(|e| malformed_policy(path.into().join(&e.path), e.message))?;
+    policy.source = Arc::new(doc.clone());
+    Ok(Arc::new(policy))
 }
 
 /// The key policy a KMS key gets when none is given: the account's root may
@@ -219,6 +258,10 @@ impl ResourceBuilder {
                 }
             }
             let policy = match &spec.resource_policy {
+                // An IAM role's resource policy is its trust policy.
+                Some(doc) if arn.service == "iam" && arn.resource_type() == "role" => {
+                    Some(compile_trust_policy(path.then("resource_policy"), doc)?)
+                }
                 Some(doc) => Some(compile_policy(path.then("resource_policy"), doc, PolicyKind::Resource)?),
                 None => None,
             };
@@ -256,6 +299,18 @@ pub fn build_principal(
     for (name, doc) in &spec.inline_policies {
         let policy = compile_policy(path.then("inline_policies").then(name.as_str()), doc, PolicyKind::Identity)?;
         principal.inline.push((name.as_str().into(), policy));
+    }
+    if let Some(name) = &spec.permissions_boundary {
+        if name.is_empty() || (require_policies && state.policy(name).is_none()) {
+            return Err(malformed_policy(path.then("permissions_boundary"), format!("no managed policy named {name:?}")));
+        }
+        principal.boundary = Some(name.as_str().into());
+    }
+    if let Some(doc) = &spec.trust_policy {
+        if !principal.is_role() {
+            return Err(malformed_policy(path.then("trust_policy"), "only roles have a trust policy"));
+        }
+        principal.trust_policy = Some(compile_trust_policy(path.then("trust_policy"), doc)?);
     }
     Ok(principal)
 }
@@ -336,15 +391,78 @@ impl WorldSpec {
     /// Adds everything to `state`; on error `state` may hold part of it, so
     /// callers apply to a copy and keep the original on failure.
     pub fn apply(&self, state: &mut State) -> Result<(), WorldError> {
+        // A role listed under resources with a resource_policy beside the
+        // same role under principals: that policy is the role's trust policy.
+        let mut trust: HashMap<usize, &Value> = HashMap::new();
+        let mut merged: Vec<bool> = vec![false; self.resources.len()];
+        for (i, r) in self.resources.iter().enumerate() {
+            let Some(doc) = &r.resource_policy else { continue };
+            let Some(p) = self.principals.iter().position(|p| p.arn == r.arn) else { continue };
+            if !r.arn.contains(":role/") || !r.tags.is_empty() || r.account.is_some() {
+                continue;
+            }
+            if self.principals[p].trust_policy.is_some() {
+                return Err(malformed_policy(
+                    FieldPath::field("resources").at(i).then("resource_policy"),
+                    format!("{:?} already has a trust_policy at principals[{p}]; give one or the other", r.arn),
+                ));
+            }
+            trust.insert(p, doc);
+            merged[i] = true;
+        }
         let mut builder = WorldBuilder::new(state);
         for (name, doc) in &self.policies {
             builder.policy(name, doc)?;
         }
-        for spec in &self.principals {
-            builder.principal(spec)?;
+        for (i, spec) in self.principals.iter().enumerate() {
+            match trust.get(&i) {
+                Some(doc) => builder.principal(&PrincipalSpec { trust_policy: Some(Value::clone(doc)), ..spec.clone() })?,
+                None => builder.principal(spec)?,
+            }
         }
-        for spec in &self.resources {
+        for (i, spec) in self.resources.iter().enumerate() {
+            if merged[i] {
+                builder.resource_count += 1;
+                continue;
+            }
             builder.resource(spec)?;
+        }
+        self.apply_chain(state)
+    }
+
+    /// The organization, the sessions and the endpoints, after the
+    /// principals (a session's role must be one of them).
+    fn apply_chain(&self, state: &mut State) -> Result<(), WorldError> {
+        if let Some(org) = &self.organization {
+            let org = org.build(&FieldPath::field("organization"))?;
+            state.put_organization(org);
+        }
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for (i, spec) in self.sessions.iter().enumerate() {
+            let path = FieldPath::field("sessions").at(i);
+            let session = spec.build(&path)?;
+            if let Some(first) = seen.insert(spec.arn.as_str(), i) {
+                return Err(invalid(path.then("arn"), format!("{:?} is already declared at sessions[{first}]", spec.arn)));
+            }
+            let known = spec.role().is_some_and(|(account, role)| state.role_by_name(account, role).is_some());
+            if !known {
+                return Err(invalid(path.then("arn"), format!("the role of session {:?} is not a listed principal", spec.arn)));
+            }
+            for (j, name) in spec.policies.iter().enumerate() {
+                if state.policy(name).is_none() {
+                    return Err(malformed_policy(path.then("policies").at(j), format!("no managed policy named {name:?}")));
+                }
+            }
+            state.put_session(session);
+        }
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for (i, spec) in self.vpc_endpoints.iter().enumerate() {
+            let path = FieldPath::field("vpc_endpoints").at(i);
+            let endpoint = spec.build(&path)?;
+            if let Some(first) = seen.insert(spec.id.as_str(), i) {
+                return Err(invalid(path.then("id"), format!("{:?} is already listed at vpc_endpoints[{first}]", spec.id)));
+            }
+            state.put_endpoint(endpoint);
         }
         Ok(())
     }
@@ -376,7 +494,24 @@ pub fn principal_spec(p: &Principal) -> PrincipalSpec {
         policies: policies.into_iter().map(|n| n.to_string()).collect(),
         pending_policies: pending.into_iter().map(|n| n.to_string()).collect(),
         inline_policies: p.inline.iter().map(|(n, pol)| (n.to_string(), Value::clone(&pol.source))).collect(),
+        permissions_boundary: p.boundary.as_deref().map(str::to_string),
+        trust_policy: p.trust_policy.as_ref().map(|t| Value::clone(&t.source)),
     }
+}
+
+/// A declared session in the world-file shape.
+pub fn session_spec(s: &crate::chain::Session) -> SessionSpec {
+    SessionSpec {
+        arn: s.arn.to_string(),
+        policy: s.inline.as_ref().map(|p| Value::clone(&p.source)),
+        policies: s.managed.iter().map(|n| n.to_string()).collect(),
+        tags: tag_map(&s.tags),
+    }
+}
+
+/// A VPC endpoint in the world-file shape.
+pub fn endpoint_spec(e: &crate::chain::Endpoint) -> EndpointSpec {
+    EndpointSpec { id: e.id.to_string(), policy: e.policy.as_ref().map(|p| Value::clone(&p.source)) }
 }
 
 /// A resource in the world-file shape (the default key policy stays
@@ -415,7 +550,18 @@ impl WorldSpec {
         principals.sort_by(|a, b| a.arn.cmp(&b.arn));
         let mut resources: Vec<ResourceSpec> = state.resources().map(|r| resource_spec(r)).collect();
         resources.sort_by(|a, b| a.arn.cmp(&b.arn));
-        WorldSpec { policies, principals, resources }
+        let mut sessions: Vec<SessionSpec> = state.sessions().map(|s| session_spec(s)).collect();
+        sessions.sort_by(|a, b| a.arn.cmp(&b.arn));
+        let mut vpc_endpoints: Vec<EndpointSpec> = state.endpoints().map(|e| endpoint_spec(e)).collect();
+        vpc_endpoints.sort_by(|a, b| a.id.cmp(&b.id));
+        WorldSpec {
+            policies,
+            principals,
+            resources,
+            organization: state.organization().map(|o| o.spec.clone()),
+            sessions,
+            vpc_endpoints,
+        }
     }
 }
 
@@ -504,5 +650,85 @@ mod tests {
         assert!(exported.resources[0].key_policy.is_none(), "the default key policy stays implicit");
         assert_eq!(exported.resources[0].key_state.as_deref(), Some("Disabled"));
         assert_eq!(exported.principals[0].inline_policies.len(), 1);
+    }
+
+    #[test]
+    fn the_chain_fields_refuse_what_docs_scenarios_md_lists_naming_the_field() {
+        let full = json!({"Statement": {"Effect": "Allow", "Action": "*", "Resource": "*"}});
+        let org = |units: Value, accounts: Value| json!({"organization": {"id": "o-a1b2c3d4e5", "policies": {"Full": full}, "units": units, "accounts": accounts}});
+        let root = json!({"id": "r-ab12", "scps": ["Full"]});
+        let cases = [
+            (org(json!([root, {"id": "ou-1", "parent": "ou-9", "scps": ["Full"]}]), json!([])), "organization.units[1].parent"),
+            (
+                org(
+                    json!([root, {"id": "ou-1", "parent": "ou-2", "scps": ["Full"]}, {"id": "ou-2", "parent": "ou-1", "scps": ["Full"]}]),
+                    json!([]),
+                ),
+                "organization.units[2].parent",
+            ),
+            (org(json!([{"id": "r-ab12", "scps": ["Nope"]}]), json!([])), "organization.units[0].scps[0]"),
+            (org(json!([root, {"id": "r-cd34", "scps": ["Full"]}]), json!([])), "organization.units[1].parent"),
+            (org(json!([root]), json!([{"id": "111122223333", "parent": "r-ab12"}])), "organization.accounts[0].scps"),
+            (
+                org(json!([{"id": "r-ab12"}]), json!([{"id": "111122223333", "parent": "r-ab12", "scps": ["Full"]}])),
+                "organization.units[0].scps",
+            ),
+            (
+                org(json!([root]), json!([{"id": "111122223333", "parent": "ou-x", "scps": ["Full"]}])),
+                "organization.accounts[0].parent",
+            ),
+            (json!({"sessions": [{"arn": "arn:aws:sts::111122223333:assumed-role/Ghost/s"}]}), "sessions[0].arn"),
+            (
+                json!({"principals": [{"arn": "arn:aws:iam::111122223333:role/R"}],
+                       "sessions": [{"arn": "arn:aws:sts::111122223333:assumed-role/R/s", "policies": ["Nope"]}]}),
+                "sessions[0].policies[0]",
+            ),
+            (
+                json!({"principals": [{"arn": "arn:aws:iam::111122223333:user/u", "permissions_boundary": "Nope"}]}),
+                "principals[0].permissions_boundary",
+            ),
+            (
+                json!({"principals": [{"arn": "arn:aws:iam::111122223333:user/u",
+                       "trust_policy": {"Statement": {"Effect": "Allow", "Principal": "*", "Action": "sts:AssumeRole"}}}]}),
+                "principals[0].trust_policy",
+            ),
+            (
+                json!({"principals": [{"arn": "arn:aws:iam::111122223333:role/R",
+                       "trust_policy": {"Statement": {"Effect": "Allow", "Principal": "*", "Action": "sts:AssumeRole"}}}],
+                       "resources": [{"arn": "arn:aws:iam::111122223333:role/R",
+                       "resource_policy": {"Statement": {"Effect": "Allow", "Principal": "*", "Action": "sts:AssumeRole"}}}]}),
+                "resources[0].resource_policy",
+            ),
+            (json!({"vpc_endpoints": [{"id": "vpce-1"}, {"id": "vpce-1"}]}), "vpc_endpoints[1].id"),
+        ];
+        for (world, path) in cases {
+            let spec: WorldSpec = serde_json::from_value(world.clone()).unwrap();
+            let e = spec.build().expect_err(&world.to_string());
+            assert_eq!(e.path.to_string(), path, "{e}");
+        }
+    }
+
+    #[test]
+    fn the_chain_fields_export_and_rebuild() {
+        let world: WorldSpec = serde_json::from_value(json!({
+            "policies": {"B": {"Statement": {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}}},
+            "principals": [{"arn": "arn:aws:iam::111122223333:role/R", "permissions_boundary": "B",
+                            "trust_policy": {"Statement": {"Effect": "Allow", "Principal": "*", "Action": "sts:AssumeRole"}}}],
+            "organization": {"id": "o-a1b2c3d4e5", "management_account": "999988887777",
+                             "policies": {"Full": {"Statement": {"Effect": "Allow", "Action": "*", "Resource": "*"}}},
+                             "units": [{"id": "r-ab12", "scps": ["Full"]}],
+                             "accounts": [{"id": "111122223333", "parent": "r-ab12", "scps": ["Full"]}]},
+            "sessions": [{"arn": "arn:aws:sts::111122223333:assumed-role/R/s", "policies": ["B"], "tags": {"team": "a"}}],
+            "vpc_endpoints": [{"id": "vpce-1", "policy": {"Statement": {"Effect": "Allow", "Principal": "*", "Action": "*", "Resource": "*"}}}]
+        }))
+        .unwrap();
+        let exported = WorldSpec::from_state(&world.build().unwrap());
+        let again = WorldSpec::from_state(&exported.build().unwrap());
+        assert_eq!(serde_json::to_value(&exported).unwrap(), serde_json::to_value(&again).unwrap());
+        assert_eq!(serde_json::to_value(&exported.organization).unwrap(), serde_json::to_value(&world.organization).unwrap());
+        assert_eq!(exported.sessions, world.sessions);
+        assert_eq!(exported.vpc_endpoints, world.vpc_endpoints);
+        assert_eq!(exported.principals[0].permissions_boundary.as_deref(), Some("B"));
+        assert!(exported.principals[0].trust_policy.as_ref().is_some_and(|t| t.get("Statement").is_some()));
     }
 }

@@ -323,6 +323,9 @@ pub fn record(e: &Event, node: &str, event_id: &str) -> Value {
                 EntityKind::Principal => "Principal",
                 EntityKind::Resource => "Resource",
                 EntityKind::World => "World",
+                EntityKind::Organization => "Organization",
+                EntityKind::Session => "Session",
+                EntityKind::Endpoint => "Endpoint",
             };
             let event_name = format!("{verb}{noun}");
             json!({

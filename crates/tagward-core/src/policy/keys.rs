@@ -27,6 +27,13 @@ pub enum KeyRef {
     KeyOrigin,
     CurrentTime,
     EpochTime,
+    /// `aws:PrincipalOrgID`, `aws:PrincipalOrgPaths`, `aws:ResourceOrgID`,
+    /// `aws:ResourceOrgPaths`: from the organization when the account is in
+    /// it, else from the request's context like any other key.
+    PrincipalOrgId,
+    PrincipalOrgPaths,
+    ResourceOrgId,
+    ResourceOrgPaths,
     /// Any other key: supplied by the request's context. Stored lowercased.
     Context(Box<str>),
 }
@@ -81,6 +88,10 @@ impl KeyRef {
             "kms:keyorigin" => KeyRef::KeyOrigin,
             "aws:currenttime" => KeyRef::CurrentTime,
             "aws:epochtime" => KeyRef::EpochTime,
+            "aws:principalorgid" => KeyRef::PrincipalOrgId,
+            "aws:principalorgpaths" => KeyRef::PrincipalOrgPaths,
+            "aws:resourceorgid" => KeyRef::ResourceOrgId,
+            "aws:resourceorgpaths" => KeyRef::ResourceOrgPaths,
             _ => KeyRef::Context(lower.into()),
         })
     }
@@ -89,7 +100,19 @@ impl KeyRef {
     /// request context may not supply them (the clock keys excepted, which
     /// `engine::ContextRules` governs).
     pub fn filled_by_service(&self) -> bool {
-        !matches!(self, KeyRef::Context(_) | KeyRef::CurrentTime | KeyRef::EpochTime)
+        !matches!(self, KeyRef::Context(_) | KeyRef::CurrentTime | KeyRef::EpochTime) && self.org_key_name().is_none()
+    }
+
+    /// The lowercased name of an organization key, which a request's
+    /// context may supply for accounts outside the declared organization.
+    pub fn org_key_name(&self) -> Option<&'static str> {
+        match self {
+            KeyRef::PrincipalOrgId => Some("aws:principalorgid"),
+            KeyRef::PrincipalOrgPaths => Some("aws:principalorgpaths"),
+            KeyRef::ResourceOrgId => Some("aws:resourceorgid"),
+            KeyRef::ResourceOrgPaths => Some("aws:resourceorgpaths"),
+            _ => None,
+        }
     }
 
     /// True for `aws:CurrentTime` and `aws:EpochTime`: a context that sets

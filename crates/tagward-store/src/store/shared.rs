@@ -35,7 +35,7 @@ use tagward_core::change::{Change, ChangeKind, EntityKind, Event, EventKind, Upd
 use tagward_core::error::ErrorCode;
 use tagward_core::state::State;
 use tagward_core::tagging::{perform, TagError, TagRequest};
-use tagward_core::world::{principal_spec, resource_spec, ResourceBuilder, WorldSpec};
+use tagward_core::world::{endpoint_spec, principal_spec, resource_spec, session_spec, ResourceBuilder, WorldSpec};
 
 use super::{lock, tag_refusal, Durability, OpenError, Store, Tagged};
 use crate::audit::{AuditLog, Refusal, Refused as RefusedWrite};
@@ -62,7 +62,14 @@ pub enum EntityKey {
     Policy(String),
     Principal(String),
     Resource(String),
+    /// The organization (one per state: its SCPs, RCPs and tree).
+    Organization,
+    Session(String),
+    Endpoint(String),
 }
+
+/// The organization's one key: `e/organization/` holds no other.
+const ORGANIZATION_NAME: &str = "organization";
 
 impl EntityKey {
     /// The key under the prefix.
@@ -71,6 +78,9 @@ impl EntityKey {
             EntityKey::Policy(name) => format!("{ENTITY_DIR}policy/{name}"),
             EntityKey::Principal(arn) => format!("{ENTITY_DIR}principal/{arn}"),
             EntityKey::Resource(arn) => format!("{ENTITY_DIR}resource/{arn}"),
+            EntityKey::Organization => format!("{ENTITY_DIR}organization/{ORGANIZATION_NAME}"),
+            EntityKey::Session(arn) => format!("{ENTITY_DIR}session/{arn}"),
+            EntityKey::Endpoint(id) => format!("{ENTITY_DIR}endpoint/{id}"),
         }
     }
 
@@ -80,6 +90,9 @@ impl EntityKey {
             EntityKey::Policy(_) => "e/policy/",
             EntityKey::Principal(_) => "e/principal/",
             EntityKey::Resource(_) => "e/resource/",
+            EntityKey::Organization => "e/organization/",
+            EntityKey::Session(_) => "e/session/",
+            EntityKey::Endpoint(_) => "e/endpoint/",
         }
     }
 
@@ -91,6 +104,9 @@ impl EntityKey {
             "policy" => Some(EntityKey::Policy(name.to_string())),
             "principal" => Some(EntityKey::Principal(name.to_string())),
             "resource" => Some(EntityKey::Resource(name.to_string())),
+            "organization" if name == ORGANIZATION_NAME => Some(EntityKey::Organization),
+            "session" => Some(EntityKey::Session(name.to_string())),
+            "endpoint" => Some(EntityKey::Endpoint(name.to_string())),
             _ => None,
         }
     }
@@ -103,6 +119,9 @@ impl EntityKey {
             }
             EntityKey::Principal(arn) => state.principal(arn).map(|p| Change::PutPrincipal(principal_spec(p))),
             EntityKey::Resource(arn) => state.resource(arn).map(|r| Change::PutResource(resource_spec(r))),
+            EntityKey::Organization => state.organization().map(|o| Change::PutOrganization(o.spec.clone())),
+            EntityKey::Session(arn) => state.session(arn).map(|s| Change::PutSession(session_spec(s))),
+            EntityKey::Endpoint(id) => state.endpoint(id).map(|e| Change::PutEndpoint(endpoint_spec(e))),
         }
     }
 
@@ -112,6 +131,9 @@ impl EntityKey {
             EntityKey::Policy(name) => Change::DeletePolicy { name: name.clone() },
             EntityKey::Principal(arn) => Change::DeletePrincipal { arn: arn.clone() },
             EntityKey::Resource(arn) => Change::DeleteResource { arn: arn.clone() },
+            EntityKey::Organization => Change::DeleteOrganization,
+            EntityKey::Session(arn) => Change::DeleteSession { arn: arn.clone() },
+            EntityKey::Endpoint(id) => Change::DeleteEndpoint { id: id.clone() },
         }
     }
 
@@ -121,6 +143,9 @@ impl EntityKey {
             EntityKey::Policy(n) => (EntityKind::Policy, n),
             EntityKey::Principal(a) => (EntityKind::Principal, a),
             EntityKey::Resource(a) => (EntityKind::Resource, a),
+            EntityKey::Organization => (EntityKind::Organization, &String::new()),
+            EntityKey::Session(a) => (EntityKind::Session, a),
+            EntityKey::Endpoint(i) => (EntityKind::Endpoint, i),
         };
         Event {
             revision,
@@ -158,6 +183,21 @@ pub fn touched(change: &Change, out: &mut Touched) {
         }
         Change::ReplaceWorld(_) => out.everything = true,
         Change::Batch(changes) => changes.iter().for_each(|c| touched(c, out)),
+        Change::PutOrganization(_) | Change::DeleteOrganization => {
+            out.keys.insert(EntityKey::Organization);
+        }
+        Change::PutSession(spec) => {
+            out.keys.insert(EntityKey::Session(spec.arn.clone()));
+        }
+        Change::DeleteSession { arn } => {
+            out.keys.insert(EntityKey::Session(arn.clone()));
+        }
+        Change::PutEndpoint(spec) => {
+            out.keys.insert(EntityKey::Endpoint(spec.id.clone()));
+        }
+        Change::DeleteEndpoint { id } => {
+            out.keys.insert(EntityKey::Endpoint(id.clone()));
+        }
     }
 }
 
@@ -167,7 +207,13 @@ pub fn record_key(change: &Change) -> Option<EntityKey> {
         Change::PutPolicy { name, .. } => Some(EntityKey::Policy(name.clone())),
         Change::PutPrincipal(spec) => Some(EntityKey::Principal(spec.arn.clone())),
         Change::PutResource(spec) => Some(EntityKey::Resource(spec.arn.clone())),
-        Change::DeletePolicy { .. }
+        Change::PutOrganization(_) => Some(EntityKey::Organization),
+        Change::PutSession(spec) => Some(EntityKey::Session(spec.arn.clone())),
+        Change::PutEndpoint(spec) => Some(EntityKey::Endpoint(spec.id.clone())),
+        Change::DeleteOrganization
+        | Change::DeleteSession { .. }
+        | Change::DeleteEndpoint { .. }
+        | Change::DeletePolicy { .. }
         | Change::DeletePrincipal { .. }
         | Change::DeleteResource { .. }
         | Change::ReplaceTags { .. }
@@ -317,6 +363,9 @@ impl LoggedEvent {
                     "principal" => EntityKind::Principal,
                     "resource" => EntityKind::Resource,
                     "world" => EntityKind::World,
+                    "organization" => EntityKind::Organization,
+                    "session" => EntityKind::Session,
+                    "endpoint" => EntityKind::Endpoint,
                     _ => return None,
                 };
                 let change = match change.as_str() {
@@ -648,7 +697,7 @@ fn tag_read_set(snap: &State, req: &TagRequest) -> Vec<Guard> {
             let key = EntityKey::Principal(req.principal.clone()).path();
             guards.push(Guard::Exists { key: key.clone() });
             guards.push(Guard::Unchanged { key, since });
-            for name in &p.managed {
+            for name in p.managed.iter().chain(p.boundary.iter()) {
                 let policy = EntityKey::Policy(name.to_string());
                 if snap.policy(name).is_some() {
                     guards.push(Guard::Exists { key: policy.path() });
@@ -663,6 +712,12 @@ fn tag_read_set(snap: &State, req: &TagRequest) -> Vec<Guard> {
             guards.push(Guard::DirUnchanged { dir: EntityKey::Policy(String::new()).dir().into(), since });
         }
     }
+    // The rest of the chain the decision may have consulted: the
+    // organization's SCPs and RCPs, a declared session's policies, and the
+    // policy of the VPC endpoint the request came through.
+    guards.push(Guard::Unchanged { key: EntityKey::Organization.path(), since });
+    guards.push(Guard::DirUnchanged { dir: EntityKey::Session(String::new()).dir().into(), since });
+    guards.push(Guard::DirUnchanged { dir: EntityKey::Endpoint(String::new()).dir().into(), since });
     guards
 }
 
