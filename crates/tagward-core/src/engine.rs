@@ -235,6 +235,8 @@ pub enum PolicyRef {
     Inline(Arc<str>),
     KeyPolicy,
     ResourcePolicy,
+    /// A KMS grant, by id.
+    Grant(Arc<str>),
 }
 
 impl fmt::Display for PolicyRef {
@@ -244,6 +246,7 @@ impl fmt::Display for PolicyRef {
             PolicyRef::Inline(name) => write!(f, "inline:{name}"),
             PolicyRef::KeyPolicy => f.write_str("key-policy"),
             PolicyRef::ResourcePolicy => f.write_str("resource-policy"),
+            PolicyRef::Grant(id) => write!(f, "grant:{id}"),
         }
     }
 }
@@ -259,6 +262,9 @@ pub struct StatementRef {
 
 impl fmt::Display for StatementRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let PolicyRef::Grant(_) = self.policy {
+            return write!(f, "{}", self.policy);
+        }
         write!(f, "{}[{}]", self.policy, self.index)?;
         if let Some(sid) = &self.sid {
             write!(f, " {sid:?}")?;
@@ -330,6 +336,12 @@ enum Grant {
 
 struct Eval<'a> {
     req: &'a Request,
+    /// The resource decided on: the request's, or the key an alias ARN in
+    /// the request points to.
+    resource: &'a str,
+    /// `kms:RequestAlias`: the alias (`alias/NAME`) a key operation named
+    /// its key by.
+    request_alias: Option<&'a str>,
     caller: Caller<'a>,
     principal: Option<&'a Principal>,
     target: Option<Target<'a>>,
@@ -365,25 +377,46 @@ pub fn authorize_with(state: &State, req: &Request, explain: bool, rules: &Conte
     let mut action_buf: SmallVec<[u8; 64]> = SmallVec::from_slice(req.action.as_bytes());
     action_buf.make_ascii_lowercase();
     let action_lower = std::str::from_utf8(&action_buf).unwrap_or(&req.action);
-    let target = if req.resource == "*" { None } else { state.target(&req.resource) };
+    let (resource, request_alias) = resolve_alias(state, &req.resource, action_lower);
+    let target = if resource == "*" { None } else { state.target(resource) };
     let resource_account = match target {
         Some(t) => t.account(),
-        None => Arn::parse(&req.resource).map(|a| a.account).filter(|a| !a.is_empty()),
+        None => Arn::parse(resource).map(|a| a.account).filter(|a| !a.is_empty()),
     };
     let ev = Eval {
         req,
+        resource,
+        request_alias,
         caller,
         principal,
         target,
-        resource_parts: ArnParts::split(&req.resource),
+        resource_parts: ArnParts::split(resource),
         resource_account,
-        resource_tags_available: req.resource != "*" && !NO_EXISTING_RESOURCE.contains(&action_lower),
+        resource_tags_available: resource != "*" && !NO_EXISTING_RESOURCE.contains(&action_lower),
         kms_action: action_lower.starts_with("kms:"),
         in_key_policy: Cell::new(false),
         time: OnceCell::new(),
         missing_variables: RefCell::new(SmallVec::new()),
     };
     Ok(ev.decide(&ActionKey::new(action_lower), explain))
+}
+
+/// The alias operations, which act on the alias itself (lowercased).
+const ALIAS_OPERATIONS: &[&str] = &["kms:createalias", "kms:updatealias", "kms:deletealias", "kms:listaliases"];
+
+/// A key operation on an alias ARN is decided on the key the alias points
+/// to, with `kms:RequestAlias` set; an unknown alias is decided as a key
+/// that does not exist. Other requests are decided on their resource.
+fn resolve_alias<'a>(state: &'a State, resource: &'a str, action_lower: &str) -> (&'a str, Option<&'a str>) {
+    // Cheap test first: most resources are no alias.
+    if !resource.contains(":alias/") || ALIAS_OPERATIONS.contains(&action_lower) {
+        return (resource, None);
+    }
+    let Some(name) = crate::kms::alias_of_arn(resource) else { return (resource, None) };
+    match state.alias_target(resource) {
+        Some(key) => (key, Some(name)),
+        None => (resource, Some(name)),
+    }
 }
 
 struct Collector {
@@ -413,7 +446,7 @@ impl<'a> Eval<'a> {
         }
         let is_key = match self.target {
             Some(t) => t.key().is_some(),
-            None => is_kms_key(&self.req.resource),
+            None => self.request_alias.is_some() || is_kms_key(self.resource),
         };
         if let Some(policy) = self.target.and_then(|t| t.policy()) {
             self.in_key_policy.set(is_key);
@@ -450,12 +483,60 @@ impl<'a> Eval<'a> {
         } else {
             best.is_some() && identity
         };
-        if !allowed {
+        let grants = match self.target.and_then(|t| t.key()) {
+            Some(key) if !key.grants().is_empty() => self.grant_allows(key.grants(), action, identity),
+            _ => SmallVec::new(),
+        };
+        if !allowed && grants.is_empty() {
             return Decision { reason: Reason::ImplicitDeny, matched: Vec::new(), missing_keys, considered: c.considered };
+        }
+        if !allowed {
+            // Grants alone allowed: statements that applied without
+            // allowing (a key policy delegating to IAM) did not decide.
+            return Decision { reason: Reason::Allowed, matched: grants.into_vec(), missing_keys, considered: c.considered };
         }
         let mut matched = c.identity_allows.into_vec();
         matched.extend(c.resource_allows.into_iter().map(|(s, _)| s));
+        matched.extend(grants);
         Decision { reason: Reason::Allowed, matched, missing_keys, considered: c.considered }
+    }
+
+    /// The grants that allow the request (docs/semantics.md, "KMS aliases
+    /// and grants"): the grantee is the caller (a role's grant covers its
+    /// sessions; an account's grant needs an IAM allow too), the operations
+    /// include the action, and the constraint holds for the request's
+    /// encryption context (the `kms:EncryptionContext:KEY` context keys,
+    /// KEY as written).
+    fn grant_allows(&self, grants: &[crate::kms::Grant], action: &ActionKey<'_>, identity: bool) -> SmallVec<[StatementRef; 1]> {
+        let mut out = SmallVec::new();
+        let Some(op) = crate::kms::GrantOps::of_action(action.lower) else { return out };
+        const PREFIX: &str = "kms:encryptioncontext:";
+        let context = self.req.context.iter().filter_map(|(k, v)| match v {
+            ContextValue::One(v)
+                if k.len() > PREFIX.len()
+                    && k.is_char_boundary(PREFIX.len())
+                    && k[..PREFIX.len()].eq_ignore_ascii_case(PREFIX) =>
+            {
+                Some((&k[PREFIX.len()..], v.as_str()))
+            }
+            _ => None,
+        });
+        for g in grants {
+            let grantee = match g.grantee.matches(&self.caller) {
+                Some(crate::kms::GranteeMatch::Direct) => true,
+                Some(crate::kms::GranteeMatch::Account) => identity,
+                None => false,
+            };
+            if grantee && g.allows(op, context.clone()) {
+                out.push(StatementRef {
+                    policy: PolicyRef::Grant(g.id.clone()),
+                    index: 0,
+                    sid: Some(g.id.clone()),
+                    effect: Effect::Allow,
+                });
+            }
+        }
+        out
     }
 
     fn run_policy(&self, policy: &Policy, name: impl Fn() -> PolicyRef, action: &ActionKey<'_>, c: &mut Collector) {
@@ -627,6 +708,19 @@ impl Context for Eval<'_> {
             KeyRef::KeySpec => one(self.target.and_then(|t| t.key()).map(|k| &*k.spec)),
             KeyRef::KeyUsage => one(self.target.and_then(|t| t.key()).map(|k| &*k.usage)),
             KeyRef::KeyOrigin => one(self.target.and_then(|t| t.key()).map(|k| &*k.origin)),
+            KeyRef::RequestAlias if !self.kms_action => Values::Missing,
+            KeyRef::RequestAlias => one(self.request_alias),
+            // IAM policies only, like aws:ResourceTag, and only for a key
+            // that exists.
+            KeyRef::ResourceAliases => {
+                if !self.kms_action || !self.resource_tags_available || self.in_key_policy.get() {
+                    return Values::Missing;
+                }
+                match self.target.and_then(|t| t.key()).map(|k| k.aliases()) {
+                    Some(aliases) if !aliases.is_empty() => Values::Many(aliases),
+                    _ => Values::Missing,
+                }
+            }
             KeyRef::CurrentTime => one(Some(&self.time().0)),
             KeyRef::EpochTime => one(Some(&self.time().1)),
             KeyRef::Context(name) => match self.req.context.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)) {

@@ -27,6 +27,10 @@ pub enum KeyRef {
     KeyOrigin,
     CurrentTime,
     EpochTime,
+    /// `kms:RequestAlias`: the alias the request named the key by.
+    RequestAlias,
+    /// `kms:ResourceAliases`: the key's aliases (multivalued).
+    ResourceAliases,
     /// Any other key: supplied by the request's context. Stored lowercased.
     Context(Box<str>),
 }
@@ -81,6 +85,8 @@ impl KeyRef {
             "kms:keyorigin" => KeyRef::KeyOrigin,
             "aws:currenttime" => KeyRef::CurrentTime,
             "aws:epochtime" => KeyRef::EpochTime,
+            "kms:requestalias" => KeyRef::RequestAlias,
+            "kms:resourcealiases" => KeyRef::ResourceAliases,
             _ => KeyRef::Context(lower.into()),
         })
     }
