@@ -484,7 +484,7 @@ impl<'a> Eval<'a> {
             best.is_some() && identity
         };
         let grants = match self.target.and_then(|t| t.key()) {
-            Some(key) if !key.grants().is_empty() => self.grant_allows(key.grants(), action, identity),
+            Some(key) if !key.grants().is_empty() => self.grant_allows(key.grants(), action, identity, &mut c.considered),
             _ => SmallVec::new(),
         };
         if !allowed && grants.is_empty() {
@@ -507,9 +507,15 @@ impl<'a> Eval<'a> {
     /// include the action, and the constraint holds for the request's
     /// encryption context (the `kms:EncryptionContext:KEY` context keys,
     /// KEY as written).
-    fn grant_allows(&self, grants: &[crate::kms::Grant], action: &ActionKey<'_>, identity: bool) -> SmallVec<[StatementRef; 1]> {
+    fn grant_allows(
+        &self,
+        grants: &[crate::kms::Grant],
+        action: &ActionKey<'_>,
+        identity: bool,
+        considered: &mut Option<Vec<Considered>>,
+    ) -> SmallVec<[StatementRef; 1]> {
         let mut out = SmallVec::new();
-        let Some(op) = crate::kms::GrantOps::of_action(action.lower) else { return out };
+        let op = crate::kms::GrantOps::of_action(action.lower);
         const PREFIX: &str = "kms:encryptioncontext:";
         let context = self.req.context.iter().filter_map(|(k, v)| match v {
             ContextValue::One(v)
@@ -527,13 +533,23 @@ impl<'a> Eval<'a> {
                 Some(crate::kms::GranteeMatch::Account) => identity,
                 None => false,
             };
-            if grantee && g.allows(op, context.clone()) {
-                out.push(StatementRef {
-                    policy: PolicyRef::Grant(g.id.clone()),
-                    index: 0,
-                    sid: Some(g.id.clone()),
-                    effect: Effect::Allow,
-                });
+            let outcome = match op {
+                None => Outcome::ActionDoesNotMatch,
+                Some(op) if !g.operations.contains(op) => Outcome::ActionDoesNotMatch,
+                Some(_) if !grantee => Outcome::PrincipalDoesNotMatch,
+                Some(op) if !g.allows(op, context.clone()) => Outcome::ConditionFailed {
+                    operator: g.constraint.as_ref().map_or("", |c| c.type_name()).into(),
+                    key: "kms:EncryptionContext".into(),
+                },
+                Some(_) => Outcome::Applies,
+            };
+            let sref =
+                StatementRef { policy: PolicyRef::Grant(g.id.clone()), index: 0, sid: Some(g.id.clone()), effect: Effect::Allow };
+            if let Some(list) = considered.as_mut() {
+                list.push(Considered { statement: sref.clone(), outcome: outcome.clone() });
+            }
+            if outcome == Outcome::Applies {
+                out.push(sref);
             }
         }
         out
@@ -800,6 +816,44 @@ mod tests {
             ]
         );
         assert!(ask("kms:Encrypt", false).considered.is_none());
+    }
+
+    #[test]
+    fn a_grant_decides_by_id_and_explain_says_what_became_of_each_grant() {
+        let world: WorldSpec = serde_json::from_value(json!({
+            "principals": [{"arn": "arn:aws:iam::111122223333:role/App"}],
+            "resources": [{"arn": "arn:aws:kms:us-east-1:111122223333:key/k1", "aliases": ["alias/app"], "grants": [
+                {"id": "mine", "grantee_principal": "arn:aws:iam::111122223333:role/App", "operations": ["Decrypt"],
+                 "constraints": {"encryption_context_subset": {"Dept": "IT"}}},
+                {"id": "theirs", "grantee_principal": "arn:aws:iam::111122223333:role/Other", "operations": ["Decrypt"]}]}]
+        }))
+        .unwrap();
+        let state = world.build().unwrap();
+        let mut req = Request {
+            principal: "arn:aws:sts::111122223333:assumed-role/App/s".into(),
+            action: "kms:Decrypt".into(),
+            resource: "arn:aws:kms:us-east-1:111122223333:alias/app".into(),
+            context: vec![("kms:EncryptionContext:Dept".into(), ContextValue::One("IT".into()))],
+            ..Request::default()
+        };
+        let d = authorize(&state, &req, true).unwrap();
+        assert_eq!(d.reason, Reason::Allowed);
+        assert_eq!(
+            d.matched.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["grant:mine"],
+            "the delegating key policy did not decide"
+        );
+        let outcomes: Vec<String> = d.considered.unwrap().iter().map(|c| format!("{} {}", c.statement, c.outcome)).collect();
+        assert!(outcomes.contains(&"grant:mine applies".to_string()), "{outcomes:?}");
+        assert!(outcomes.contains(&"grant:theirs principal does not match".to_string()), "{outcomes:?}");
+        req.context.clear();
+        let d = authorize(&state, &req, true).unwrap();
+        assert_eq!(d.reason, Reason::ImplicitDeny);
+        let outcomes: Vec<String> = d.considered.unwrap().iter().map(|c| format!("{} {}", c.statement, c.outcome)).collect();
+        assert!(
+            outcomes.contains(&"grant:mine condition EncryptionContextSubset on kms:EncryptionContext does not hold".to_string()),
+            "{outcomes:?}"
+        );
     }
 
     #[test]
