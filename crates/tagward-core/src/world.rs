@@ -676,6 +676,46 @@ mod tests {
     }
 
     #[test]
+    fn aliases_and_grants_load_checked_and_export_back() {
+        let key = |id: &str| format!("arn:aws:kms:us-east-1:111122223333:key/{id}");
+        let grant = json!({"id": "g1", "grantee_principal": "arn:aws:iam::111122223333:role/R", "operations": ["Decrypt"],
+                           "constraints": {"encryption_context_equals": {"Dept": "IT"}}, "name": "n"});
+        let world: WorldSpec = serde_json::from_value(json!({"resources": [
+            {"arn": key("k1"), "aliases": ["alias/b", "alias/a"], "grants": [grant]},
+            {"arn": "arn:aws:kms:us-west-2:111122223333:key/k2", "aliases": ["alias/a"]},
+            {"arn": key("aws"), "key_manager": "AWS", "aliases": ["alias/aws/s3"]}]}))
+        .unwrap();
+        let state = world.build().unwrap();
+        assert_eq!(state.resource(&key("k1")).unwrap().key().unwrap().aliases(), ["alias/a", "alias/b"]);
+        assert_eq!(
+            state.alias_target("arn:aws:kms:us-west-2:111122223333:alias/a").map(|k| k.to_string()),
+            Some("arn:aws:kms:us-west-2:111122223333:key/k2".to_string()),
+            "the same name in another Region is another alias"
+        );
+        let exported = WorldSpec::from_state(&state);
+        let again = WorldSpec::from_state(&exported.build().unwrap());
+        assert_eq!(serde_json::to_value(&exported).unwrap(), serde_json::to_value(&again).unwrap());
+        assert_eq!(exported.resources.iter().find(|r| r.arn == key("k1")).unwrap().grants.len(), 1);
+
+        let refused =
+            |resources: Value| WorldSpec::build(&serde_json::from_value(json!({"resources": resources})).unwrap()).unwrap_err();
+        let e = refused(json!([{"arn": key("k1"), "aliases": ["alias/a"]}, {"arn": key("k2"), "aliases": ["alias/a"]}]));
+        assert_eq!((e.path.to_string(), e.code()), ("resources[1].aliases".to_string(), ErrorCode::AlreadyExists), "{e}");
+        let e = refused(json!([{"arn": key("k1"), "aliases": ["alias/aws/s3"]}]));
+        assert_eq!((e.path.to_string(), e.code()), ("resources[0].aliases[0]".to_string(), ErrorCode::InvalidAliasName), "{e}");
+        let e = refused(json!([{"arn": "arn:aws:s3:::b", "aliases": ["alias/a"]}]));
+        assert_eq!(e.path.to_string(), "resources[0].aliases", "{e}");
+        let g = |ops: Value| json!({"id": "g", "grantee_principal": "arn:aws:iam::111122223333:user/u", "operations": ops});
+        let e = refused(json!([{"arn": key("k1"), "grants": [g(json!(["Decrypt"])), g(json!(["Encrypt"]))]}]));
+        assert_eq!((e.path.to_string(), e.code()), ("resources[0].grants[1].id".to_string(), ErrorCode::AlreadyExists), "{e}");
+        let e = refused(json!([{"arn": key("k1"), "grants": [g(json!(["Decrypt", "Sign"]))]}]));
+        assert_eq!(e.path.to_string(), "resources[0].grants[0].operations[1]", "{e}");
+        let e =
+            refused(json!([{"arn": key("k1"), "grants": [{"id": "g", "grantee_principal": "bob", "operations": ["Decrypt"]}]}]));
+        assert_eq!(e.path.to_string(), "resources[0].grants[0].grantee_principal", "{e}");
+    }
+
+    #[test]
     fn export_rebuilds_the_same_world() {
         let world: WorldSpec = serde_json::from_value(json!({
             "policies": {"P": {"Version": "2012-10-17", "Statement": {"Effect": "Allow", "Action": "kms:*", "Resource": "*"}}},

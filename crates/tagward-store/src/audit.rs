@@ -397,6 +397,44 @@ mod tests {
     }
 
     #[test]
+    fn alias_and_grant_changes_are_kms_records() {
+        let key = "arn:aws:kms:us-east-1:111122223333:key/k1";
+        let alias = Event {
+            revision: 7,
+            time_unix_ms: 0,
+            actor: "arn:aws:iam::111122223333:role/Admin".into(),
+            kind: EventKind::Alias {
+                action: "kms:UpdateAlias".into(),
+                alias: "alias/app".into(),
+                key: key.into(),
+                previous_key: Some("arn:aws:kms:us-east-1:111122223333:key/k0".into()),
+                change: ChangeKind::Put,
+                allowed_by: vec!["Admin[0]".into()],
+            },
+        };
+        let r = record(&alias, "node-1", "id");
+        assert_eq!((r["eventSource"].as_str(), r["eventName"].as_str()), (Some("kms.amazonaws.com"), Some("UpdateAlias")));
+        assert_eq!(r["resources"][0]["ARN"], "arn:aws:kms:us-east-1:111122223333:alias/app");
+        assert_eq!(r["additionalEventData"]["previousKeyId"], "arn:aws:kms:us-east-1:111122223333:key/k0");
+        let grant = Event {
+            revision: 8,
+            time_unix_ms: 0,
+            actor: "admin".into(),
+            kind: EventKind::Grant {
+                action: "admin".into(),
+                key: key.into(),
+                grant_id: "g1".into(),
+                grant: None,
+                change: ChangeKind::Delete,
+                allowed_by: Vec::new(),
+            },
+        };
+        let r = record(&grant, "node-1", "id");
+        assert_eq!((r["eventName"].as_str(), r["requestParameters"]["grantId"].as_str()), (Some("DeleteGrant"), Some("g1")));
+        assert_eq!(r["userIdentity"]["type"], "TagwardAdmin");
+    }
+
+    #[test]
     fn entity_changes_are_named_by_change_and_kind() {
         let named = |kind, change| {
             let e = Event {
