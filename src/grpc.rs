@@ -133,6 +133,34 @@ pub fn tag_status(e: TagError) -> Status {
     }
 }
 
+/// A refused KMS alias or grant operation, with its AWS-style name in the
+/// details.
+pub fn kms_status(e: tagward_core::kms_ops::KmsError) -> Status {
+    use tagward_core::kms_ops::KmsError;
+    let name = e.name();
+    match e {
+        KmsError::BadRequest(r) => request_status(r),
+        KmsError::AccessDenied { ref decision, .. } => {
+            let meta = decision_metadata(decision);
+            status(Code::PermissionDenied, name, e.to_string(), meta)
+        }
+        KmsError::NotFound(_) => status(Code::NotFound, name, e.to_string(), HashMap::new()),
+        KmsError::Validation { ref field, .. } => {
+            let meta = HashMap::from([("field".to_string(), field.clone())]);
+            status(Code::InvalidArgument, name, e.to_string(), meta)
+        }
+        KmsError::InvalidAliasName(_) => {
+            let meta = HashMap::from([("field".to_string(), "alias_name".to_string())]);
+            status(Code::InvalidArgument, name, e.to_string(), meta)
+        }
+        KmsError::AlreadyExists(_) => status(Code::AlreadyExists, name, e.to_string(), HashMap::new()),
+        KmsError::InvalidState(_) | KmsError::Disabled(_) | KmsError::LimitExceeded(_) => {
+            status(Code::FailedPrecondition, name, e.to_string(), HashMap::new())
+        }
+        KmsError::Unavailable(_) => status(Code::Unavailable, name, e.to_string(), HashMap::new()),
+    }
+}
+
 /// A revision not reached in time: DEADLINE_EXCEEDED.
 pub fn revision_status(e: RevisionTimeout) -> Status {
     {

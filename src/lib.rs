@@ -14,5 +14,5 @@ pub mod observe;
 pub mod ops;
 pub mod scenario;
 
-pub use tagward_core::{arn, change, engine, policy, state, tagging, tags, world};
+pub use tagward_core::{arn, change, engine, kms, kms_ops, policy, state, tagging, tags, world};
 pub use tagward_store::{audit, storage, store};

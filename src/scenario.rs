@@ -20,8 +20,9 @@ use crate::engine::{authorize, ContextValue, Request};
 use crate::state::State;
 use crate::store::{Store, Ticket, Update};
 use crate::tagging::{TagError, TagOp, TagRequest};
-use crate::world::{PrincipalSpec, ResourceSpec, WorldSpec};
+use crate::world::{GrantSpec, PrincipalSpec, ResourceSpec, WorldSpec};
 use tagward_core::chain::{EndpointSpec, OrganizationSpec, SessionSpec};
+use tagward_core::kms_ops::{KmsAnswer, KmsError, KmsOp, KmsRequest};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,7 +62,99 @@ pub struct Step {
     pub put_policy: Option<PutPolicyStep>,
     #[serde(default)]
     pub delete_policy: Option<DeletePolicyStep>,
+    #[serde(default)]
+    pub create_alias: Option<AliasStep>,
+    #[serde(default)]
+    pub update_alias: Option<AliasStep>,
+    #[serde(default)]
+    pub delete_alias: Option<DeleteAliasStep>,
+    #[serde(default)]
+    pub list_aliases: Option<ListAliasesStep>,
+    #[serde(default)]
+    pub create_grant: Option<CreateGrantStep>,
+    #[serde(default)]
+    pub retire_grant: Option<GrantIdStep>,
+    #[serde(default)]
+    pub revoke_grant: Option<GrantIdStep>,
+    #[serde(default)]
+    pub list_grants: Option<ListGrantsStep>,
     pub expect: Expect,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AliasStep {
+    pub principal: String,
+    pub alias: String,
+    pub key: String,
+    #[serde(default)]
+    pub principal_tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub context: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteAliasStep {
+    pub principal: String,
+    pub alias: String,
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub account: Option<String>,
+    #[serde(default)]
+    pub principal_tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub context: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListAliasesStep {
+    pub principal: String,
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub principal_tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub context: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateGrantStep {
+    pub principal: String,
+    pub key: String,
+    pub grant: GrantSpec,
+    #[serde(default)]
+    pub principal_tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub context: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantIdStep {
+    pub principal: String,
+    pub key: String,
+    /// A grant id from the world file, or the name a `create_grant` step
+    /// gave its grant (`expect.grant_id`).
+    pub grant_id: String,
+    #[serde(default)]
+    pub principal_tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub context: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListGrantsStep {
+    pub principal: String,
+    pub key: String,
+    #[serde(default)]
+    pub principal_tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub context: BTreeMap<String, Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,6 +257,9 @@ pub const EXPECTABLE_ERRORS: &[ErrorCode] = &[
     ErrorCode::Validation,
     ErrorCode::MalformedPolicyDocument,
     ErrorCode::NoSuchEntity,
+    ErrorCode::AlreadyExists,
+    ErrorCode::InvalidAliasName,
+    ErrorCode::Disabled,
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -181,6 +277,17 @@ pub struct Expect {
     pub tags: Option<BTreeMap<String, String>>,
     #[serde(default)]
     pub error: Option<String>,
+    /// `list_aliases`: the alias names, as a set.
+    #[serde(default)]
+    pub aliases: Option<Vec<String>>,
+    /// `list_grants`: the grant ids (or the names `create_grant` steps gave
+    /// them), as a set.
+    #[serde(default)]
+    pub grants: Option<Vec<String>>,
+    /// `create_grant` (with `ok`): the name later steps refer to the new
+    /// grant by.
+    #[serde(default)]
+    pub grant_id: Option<String>,
 }
 
 /// One operation, built from a step.
@@ -190,6 +297,7 @@ pub enum Operation {
     Tag(TagRequest),
     PutPolicy { name: String, document: Value },
     DeletePolicy { name: String },
+    Kms(KmsRequest),
 }
 
 /// What a backend answered.
@@ -206,6 +314,8 @@ pub enum Observed {
     Ok {
         tags: Option<BTreeMap<String, String>>,
     },
+    /// A KMS operation's answer.
+    Kms(KmsAnswer),
     Error {
         name: String,
         message: String,
@@ -266,8 +376,26 @@ impl Backend for InProcess {
                 admin(Update::PutPolicy { name: name.clone(), document: document.clone() })
             }
             Operation::DeletePolicy { name } => admin(Update::DeletePolicy { name: name.clone() }),
+            Operation::Kms(req) => match self.store.kms(req).and_then(|(done, ticket)| {
+                ticket.wait().map_err(|e| KmsError::Unavailable(e.to_string()))?;
+                Ok(done)
+            }) {
+                Ok(done) => Observed::Kms(done.outcome.answer),
+                Err(e) => kms_error(&e),
+            },
         }
     }
+}
+
+fn kms_error(e: &KmsError) -> Observed {
+    let mut message = e.to_string();
+    if let KmsError::AccessDenied { decision, .. } = e {
+        if !decision.matched.is_empty() {
+            let names: Vec<String> = decision.matched.iter().map(ToString::to_string).collect();
+            let _ = write!(message, "; denied by {}", names.join(", "));
+        }
+    }
+    Observed::Error { name: e.name().to_string(), message }
 }
 
 fn tag_error(e: &TagError) -> Observed {
@@ -337,7 +465,7 @@ fn pairs(map: &BTreeMap<String, String>) -> Vec<(String, String)> {
 }
 
 impl Step {
-    fn lower(&self, path: &str) -> Result<LoadedStep, (String, String)> {
+    fn lower(&self, path: &str, home: Option<(&str, &str)>) -> Result<LoadedStep, (String, String)> {
         let given: Vec<&str> = [
             ("authorize", self.authorize.is_some()),
             ("tag_resource", self.tag_resource.is_some()),
@@ -345,6 +473,14 @@ impl Step {
             ("list_resource_tags", self.list_resource_tags.is_some()),
             ("put_policy", self.put_policy.is_some()),
             ("delete_policy", self.delete_policy.is_some()),
+            ("create_alias", self.create_alias.is_some()),
+            ("update_alias", self.update_alias.is_some()),
+            ("delete_alias", self.delete_alias.is_some()),
+            ("list_aliases", self.list_aliases.is_some()),
+            ("create_grant", self.create_grant.is_some()),
+            ("retire_grant", self.retire_grant.is_some()),
+            ("revoke_grant", self.revoke_grant.is_some()),
+            ("list_grants", self.list_grants.is_some()),
         ]
         .iter()
         .filter(|(_, g)| *g)
@@ -354,7 +490,7 @@ impl Step {
             return Err((
                 path.to_string(),
                 format!(
-                    "a step needs exactly one of authorize, tag_resource, untag_resource, list_resource_tags, put_policy, delete_policy; found {}",
+                    "a step needs exactly one of authorize, tag_resource, untag_resource, list_resource_tags, put_policy, delete_policy, create_alias, update_alias, delete_alias, list_aliases, create_grant, retire_grant, revoke_grant, list_grants; found {}",
                     if given.is_empty() { "none".to_string() } else { given.join(", ") }
                 ),
             ));
@@ -362,7 +498,27 @@ impl Step {
         let e = &self.expect;
         let expect_path = format!("{path}.expect");
         let decision_fields = e.decision.is_some() || e.reason.is_some() || e.matched.is_some();
-        let outcome_fields = [e.ok.is_some(), e.tags.is_some(), e.error.is_some()].iter().filter(|x| **x).count();
+        let outcome_fields = [e.ok.is_some(), e.tags.is_some(), e.error.is_some(), e.aliases.is_some(), e.grants.is_some()]
+            .iter()
+            .filter(|x| **x)
+            .count();
+        if e.grant_id.is_some() && (self.create_grant.is_none() || e.ok.is_none()) {
+            return Err((
+                format!("{expect_path}.grant_id"),
+                "grant_id names the grant of a create_grant step that expects ok".into(),
+            ));
+        }
+        let wants = |field: &str, given: bool, here: bool| -> Result<(), (String, String)> {
+            if given && !here {
+                return Err((format!("{expect_path}.{field}"), format!("{field} belongs to {field} list steps")));
+            }
+            Ok(())
+        };
+        wants("aliases", e.aliases.is_some(), self.list_aliases.is_some())?;
+        wants("grants", e.grants.is_some(), self.list_grants.is_some())?;
+        if e.tags.is_some() && self.list_resource_tags.is_none() && self.tag_resource.is_none() && self.untag_resource.is_none() {
+            return Err((format!("{expect_path}.tags"), "tags belong to tag steps".into()));
+        }
         if let Some(name) = &e.error {
             if !name.parse::<ErrorCode>().is_ok_and(|code| EXPECTABLE_ERRORS.contains(&code)) {
                 let names: Vec<&str> = EXPECTABLE_ERRORS.iter().map(|c| c.as_str()).collect();
@@ -378,7 +534,7 @@ impl Step {
         let op = if let Some(a) = &self.authorize {
             // A request the engine refuses (a malformed field, session tags
             // on a principal that is not a session) answers no decision.
-            let refused = e.error.is_some() && !decision_fields && e.ok.is_none() && e.tags.is_none();
+            let refused = e.error.is_some() && !decision_fields && outcome_fields == 1;
             if refused && e.error.as_deref() != Some(ErrorCode::Validation.as_str()) {
                 return Err((
                     format!("{expect_path}.error"),
@@ -451,10 +607,75 @@ impl Step {
             } else if let Some(d) = &self.delete_policy {
                 Operation::DeletePolicy { name: d.name.clone() }
             } else {
-                return Err((path.to_string(), "no operation".into()));
+                self.lower_kms(path, home)?
             }
         };
         Ok(LoadedStep { name: self.name.clone(), op, expect: self.expect.clone() })
+    }
+
+    /// The KMS alias and grant steps.
+    fn lower_kms(&self, path: &str, home: Option<(&str, &str)>) -> Result<Operation, (String, String)> {
+        let kms = |principal: &String, op: KmsOp, st: &BTreeMap<String, String>, ctx: &BTreeMap<String, Value>, at: &str| {
+            Ok::<_, (String, String)>(Operation::Kms(KmsRequest {
+                principal: principal.clone(),
+                op,
+                session_tags: pairs(st),
+                context: context_values(&format!("{path}.{at}"), ctx)?,
+            }))
+        };
+        if let Some(a) = &self.create_alias {
+            kms(
+                &a.principal,
+                KmsOp::CreateAlias { alias: a.alias.clone(), key: a.key.clone() },
+                &a.principal_tags,
+                &a.context,
+                "create_alias",
+            )
+        } else if let Some(a) = &self.update_alias {
+            kms(
+                &a.principal,
+                KmsOp::UpdateAlias { alias: a.alias.clone(), key: a.key.clone() },
+                &a.principal_tags,
+                &a.context,
+                "update_alias",
+            )
+        } else if let Some(d) = &self.delete_alias {
+            let region = d.region.clone().or_else(|| home.map(|h| h.0.to_string()));
+            let account = d.account.clone().or_else(|| home.map(|h| h.1.to_string()));
+            kms(
+                &d.principal,
+                KmsOp::DeleteAlias { alias: d.alias.clone(), region, account },
+                &d.principal_tags,
+                &d.context,
+                "delete_alias",
+            )
+        } else if let Some(l) = &self.list_aliases {
+            kms(&l.principal, KmsOp::ListAliases { key: l.key.clone() }, &l.principal_tags, &l.context, "list_aliases")
+        } else if let Some(c) = &self.create_grant {
+            if !c.grant.id.is_empty() {
+                return Err((
+                    format!("{path}.create_grant.grant.id"),
+                    "Tagward assigns a new grant's id; name it with expect.grant_id".into(),
+                ));
+            }
+            kms(
+                &c.principal,
+                KmsOp::CreateGrant { key: c.key.clone(), grant: c.grant.clone() },
+                &c.principal_tags,
+                &c.context,
+                "create_grant",
+            )
+        } else if let Some(g) = &self.retire_grant {
+            let op = KmsOp::RetireGrant { key: g.key.clone(), grant_id: g.grant_id.clone() };
+            kms(&g.principal, op, &g.principal_tags, &g.context, "retire_grant")
+        } else if let Some(g) = &self.revoke_grant {
+            let op = KmsOp::RevokeGrant { key: g.key.clone(), grant_id: g.grant_id.clone() };
+            kms(&g.principal, op, &g.principal_tags, &g.context, "revoke_grant")
+        } else if let Some(l) = &self.list_grants {
+            kms(&l.principal, KmsOp::ListGrants { key: l.key.clone() }, &l.principal_tags, &l.context, "list_grants")
+        } else {
+            Err((path.to_string(), "no operation".into()))
+        }
     }
 }
 
@@ -470,13 +691,19 @@ pub fn parse(file: &str, text: &str, yaml: bool) -> Result<Scenario, LoadError> 
         sessions: parsed.sessions,
         vpc_endpoints: parsed.vpc_endpoints,
     };
+    // A delete_alias step without region and account: those of the first key.
+    let home = world
+        .resources
+        .iter()
+        .filter(|r| tagward_core::state::is_kms_key(&r.arn))
+        .find_map(|r| tagward_core::arn::Arn::parse(&r.arn).map(|a| (a.region, a.account)));
     // Check the world now, so a broken policy fails the load, not step 1.
     world.build().map_err(|e| fail(&e.path.to_string(), e.message))?;
     let steps = parsed
         .steps
         .iter()
         .enumerate()
-        .map(|(i, s)| s.lower(&format!("steps[{i}]")))
+        .map(|(i, s)| s.lower(&format!("steps[{i}]"), home))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|(path, message)| fail(&path, message))?;
     Ok(Scenario { file: file.to_string(), name: parsed.name, world, steps })
@@ -541,8 +768,17 @@ pub fn run(scenario: &Scenario, backend: &mut dyn Backend) -> Report {
         report.failures.push(format!("{}: the world could not be loaded: {e}", scenario.file));
         return report;
     }
+    // Grant names from `expect.grant_id` to the ids the backend assigned.
+    let mut grant_names: BTreeMap<String, String> = BTreeMap::new();
     for (i, step) in scenario.steps.iter().enumerate() {
-        let observed = backend.run(&step.op);
+        let observed = match named_grant(&step.op, &grant_names) {
+            Some(op) => backend.run(&op),
+            None => backend.run(&step.op),
+        };
+        if let (Some(name), Observed::Kms(KmsAnswer::GrantCreated { grant_id })) = (&step.expect.grant_id, &observed) {
+            grant_names.insert(name.clone(), grant_id.clone());
+        }
+        let observed = with_grant_names(observed, &grant_names);
         match compare(&step.expect, &observed) {
             None => report.passed += 1,
             Some(diff) => {
@@ -552,6 +788,40 @@ pub fn run(scenario: &Scenario, backend: &mut dyn Backend) -> Report {
         }
     }
     report
+}
+
+/// The operation with a grant name (from an earlier `create_grant`) replaced
+/// by the grant's id; `None` when nothing needs replacing.
+fn named_grant(op: &Operation, names: &BTreeMap<String, String>) -> Option<Operation> {
+    let Operation::Kms(req) = op else { return None };
+    let (KmsOp::RetireGrant { grant_id, .. } | KmsOp::RevokeGrant { grant_id, .. }) = &req.op else { return None };
+    let id = names.get(grant_id)?;
+    let mut req = req.clone();
+    if let KmsOp::RetireGrant { grant_id, .. } | KmsOp::RevokeGrant { grant_id, .. } = &mut req.op {
+        *grant_id = id.clone();
+    }
+    Some(Operation::Kms(req))
+}
+
+/// An answer with the ids of named grants replaced by their names, so that
+/// `expect` can compare them.
+fn with_grant_names(observed: Observed, names: &BTreeMap<String, String>) -> Observed {
+    if names.is_empty() {
+        return observed;
+    }
+    let name_of = |id: &str| names.iter().find(|(_, v)| v.as_str() == id).map(|(k, _)| k.clone());
+    match observed {
+        Observed::Kms(KmsAnswer::Grants(grants)) => Observed::Kms(KmsAnswer::Grants(
+            grants.into_iter().map(|g| GrantSpec { id: name_of(&g.id).unwrap_or(g.id.clone()), ..g }).collect(),
+        )),
+        Observed::Decision { allowed, reason, matched, missing } => Observed::Decision {
+            allowed,
+            reason,
+            matched: matched.into_iter().map(|(d, sid)| (d, sid.map(|s| name_of(&s).unwrap_or(s)))).collect(),
+            missing,
+        },
+        other => other,
+    }
 }
 
 fn describe(observed: &Observed) -> String {
@@ -569,6 +839,12 @@ fn describe(observed: &Observed) -> String {
         }
         Observed::Ok { tags: Some(tags) } => format!("ok with tags {tags:?}"),
         Observed::Ok { tags: None } => "ok".to_string(),
+        Observed::Kms(KmsAnswer::Done) => "ok".to_string(),
+        Observed::Kms(KmsAnswer::GrantCreated { grant_id }) => format!("ok, grant {grant_id}"),
+        Observed::Kms(KmsAnswer::Aliases(list)) => {
+            format!("aliases {:?}", list.iter().map(|a| a.name.as_str()).collect::<Vec<_>>())
+        }
+        Observed::Kms(KmsAnswer::Grants(list)) => format!("grants {:?}", list.iter().map(|g| g.id.as_str()).collect::<Vec<_>>()),
         Observed::Error { name, message } => format!("{name} ({message})"),
     }
 }
@@ -603,6 +879,22 @@ pub fn compare(expect: &Expect, observed: &Observed) -> Option<String> {
             _ => Some(format!("expected {name}, got {got}")),
         };
     }
+    if let Some(want) = &expect.aliases {
+        let want: BTreeSet<&str> = want.iter().map(String::as_str).collect();
+        return match observed {
+            Observed::Kms(KmsAnswer::Aliases(list)) if list.iter().map(|a| a.name.as_str()).collect::<BTreeSet<_>>() == want => {
+                None
+            }
+            _ => Some(format!("expected aliases {want:?}, got {got}")),
+        };
+    }
+    if let Some(want) = &expect.grants {
+        let want: BTreeSet<&str> = want.iter().map(String::as_str).collect();
+        return match observed {
+            Observed::Kms(KmsAnswer::Grants(list)) if list.iter().map(|g| g.id.as_str()).collect::<BTreeSet<_>>() == want => None,
+            _ => Some(format!("expected grants {want:?}, got {got}")),
+        };
+    }
     if let Some(want) = &expect.tags {
         return match observed {
             Observed::Ok { tags: Some(tags) } if tags == want => None,
@@ -610,7 +902,7 @@ pub fn compare(expect: &Expect, observed: &Observed) -> Option<String> {
         };
     }
     match observed {
-        Observed::Ok { .. } => None,
+        Observed::Ok { .. } | Observed::Kms(_) => None,
         _ => Some(format!("expected ok, got {got}")),
     }
 }

@@ -1112,7 +1112,7 @@ async fn reflection_lists_exactly_what_each_listener_serves() {
     let data = channel(&running.data_addr).await;
     let admin = channel(&running.admin_addr).await;
     let reflection = ["grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
-    let mut want_data: Vec<String> = ["tagward.v1.Authorizer", "tagward.v1.Tagging", "grpc.health.v1.Health"]
+    let mut want_data: Vec<String> = ["tagward.v1.Authorizer", "tagward.v1.Tagging", "tagward.v1.Kms", "grpc.health.v1.Health"]
         .iter()
         .chain(reflection.iter())
         .map(|s| s.to_string())

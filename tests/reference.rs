@@ -753,6 +753,8 @@ fn engine_named(d: &Decision) -> Vec<Named> {
                 PolicyRef::Inline(name) => format!("inline:{name}"),
                 PolicyRef::KeyPolicy => "key-policy".into(),
                 PolicyRef::ResourcePolicy => "resource-policy".into(),
+                // The model generates no grants.
+                PolicyRef::Grant(id) => format!("grant:{id}"),
                 other => other.to_string(),
             };
             let effect = match s.effect {

@@ -490,6 +490,7 @@ class TagwardClient:
         self._admin_metadata: list = [("authorization", f"Bearer {token}")] if token is not None else []
         self.authorizer = pb_grpc.AuthorizerStub(self._data)
         self.tagging = pb_grpc.TaggingStub(self._data)
+        self.kms = pb_grpc.KmsStub(self._data)
         self.admin = pb_grpc.AdminStub(self._admin) if self._admin is not None else None
 
     # -- lifecycle
@@ -660,6 +661,68 @@ class TagwardClient:
             min_revision=min_revision,
         )
         return self.tagging.ListResourceTags(req, timeout=timeout or self.timeout)
+
+    # -- Kms: aliases and grants, performed as a principal
+
+    def _kms(self, method: str, request_type: Any, principal: str, session_tags, context, timeout, **fields: Any):
+        req = request_type(principal=principal, session_tags=tags(session_tags), context=_context(context), **fields)
+        return getattr(self.kms, method)(req, timeout=timeout or self.timeout)
+
+    def create_alias(self, principal: str, alias_name: str, target_key: str, *, session_tags=None, context=None, timeout=None):
+        """Creates ``alias_name`` (``alias/NAME``) for ``target_key`` as ``principal``."""
+        return self._kms("CreateAlias", pb.CreateAliasRequest, principal, session_tags, context, timeout,
+                         alias_name=alias_name, target_key=target_key)
+
+    def update_alias(self, principal: str, alias_name: str, target_key: str, *, session_tags=None, context=None, timeout=None):
+        """Points an existing alias at ``target_key``."""
+        return self._kms("UpdateAlias", pb.UpdateAliasRequest, principal, session_tags, context, timeout,
+                         alias_name=alias_name, target_key=target_key)
+
+    def delete_alias(self, principal: str, alias: str, *, region: str = "", account: str = "", session_tags=None,
+                     context=None, timeout=None):
+        """Deletes an alias: its ARN, or ``alias/NAME`` with ``region`` and ``account``."""
+        return self._kms("DeleteAlias", pb.DeleteAliasRequest, principal, session_tags, context, timeout,
+                         alias=alias, region=region, account=account)
+
+    def list_aliases(self, principal: str, key: str = "", *, min_revision: int = 0, session_tags=None, context=None,
+                     timeout=None) -> "pb.ListAliasesResponse":
+        """The caller account's aliases, or ``key``'s."""
+        return self._kms("ListAliases", pb.ListAliasesRequest, principal, session_tags, context, timeout,
+                         key=key, min_revision=min_revision)
+
+    def create_grant(self, principal: str, key: str, grantee: str, operations: Sequence[str], *,
+                     retiring_principal: str = "", name: str = "",
+                     encryption_context_equals: Optional[Mapping[str, str]] = None,
+                     encryption_context_subset: Optional[Mapping[str, str]] = None,
+                     session_tags=None, context=None, timeout=None) -> "pb.CreateGrantResponse":
+        """Creates a grant on ``key`` for ``grantee``; the answer carries the new ``grant_id``."""
+        constraints = None
+        if encryption_context_equals is not None:
+            constraints = pb.GrantConstraints(
+                encryption_context_equals=pb.EncryptionContext(pairs=dict(encryption_context_equals)))
+        elif encryption_context_subset is not None:
+            constraints = pb.GrantConstraints(
+                encryption_context_subset=pb.EncryptionContext(pairs=dict(encryption_context_subset)))
+        grant = pb.Grant(grantee_principal=grantee, operations=list(operations), retiring_principal=retiring_principal,
+                         name=name, constraints=constraints)
+        return self._kms("CreateGrant", pb.CreateGrantRequest, principal, session_tags, context, timeout,
+                         key=key, grant=grant)
+
+    def retire_grant(self, principal: str, key: str, grant_id: str, *, session_tags=None, context=None, timeout=None):
+        """Retires a grant (the retiring principal, or a grantee whose grant includes RetireGrant)."""
+        return self._kms("RetireGrant", pb.GrantIdRequest, principal, session_tags, context, timeout,
+                         key=key, grant_id=grant_id)
+
+    def revoke_grant(self, principal: str, key: str, grant_id: str, *, session_tags=None, context=None, timeout=None):
+        """Revokes a grant (needs kms:RevokeGrant)."""
+        return self._kms("RevokeGrant", pb.GrantIdRequest, principal, session_tags, context, timeout,
+                         key=key, grant_id=grant_id)
+
+    def list_grants(self, principal: str, key: str, *, min_revision: int = 0, session_tags=None, context=None,
+                    timeout=None) -> "pb.ListGrantsResponse":
+        """The grants of ``key``."""
+        return self._kms("ListGrants", pb.ListGrantsRequest, principal, session_tags, context, timeout,
+                         key=key, min_revision=min_revision)
 
     def get_resources(
         self,

@@ -709,6 +709,40 @@ def _():
     assert TW.authorize(dev, "kms:DisableKey", K_ALPHA).decision == pb.ALLOW
 
 
+@check("Kms: CreateAlias, Authorize on the alias ARN, CreateGrant/ListGrants/RevokeGrant, errors by KMS name")
+def _():
+    admin_role = f"arn:aws:iam::{ACCOUNT}:role/KmsWire"
+    acks = TW.apply([
+        put_policy("KmsWire", {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Resource": "*", "Action": [
+            "kms:CreateAlias", "kms:DeleteAlias", "kms:ListAliases", "kms:CreateGrant", "kms:ListGrants", "kms:RevokeGrant"]}]}),
+        put_principal(admin_role, policies=["KmsWire"]),
+    ])
+    assert all(not a.HasField("error") for a in acks), acks
+    alias = "alias/wire-" + secrets.token_hex(4)
+    alias_arn = f"arn:aws:kms:us-east-1:{ACCOUNT}:{alias}"
+    w = TW.create_alias(admin_role, alias, K_UNTAGGED)
+    assert w.changed and w.revision > 0, w
+    expect_error(lambda: TW.create_alias(admin_role, alias, K_BETA), grpc.StatusCode.ALREADY_EXISTS, "AlreadyExistsException")
+    expect_error(lambda: TW.create_alias(admin_role, "alias/aws/x", K_BETA), grpc.StatusCode.INVALID_ARGUMENT,
+                 "InvalidAliasNameException")
+    expect_error(lambda: TW.create_alias(ALPHA, "alias/other", K_BETA), grpc.StatusCode.PERMISSION_DENIED,
+                 "AccessDeniedException")
+    names = [a.alias_name for a in TW.list_aliases(admin_role, K_UNTAGGED).aliases]
+    assert names == [alias], names
+    expect_error(lambda: TW.create_grant(admin_role, K_UNTAGGED, ALPHA, ["Sign"]), grpc.StatusCode.INVALID_ARGUMENT,
+                 "ValidationException")
+    g = TW.create_grant(admin_role, K_UNTAGGED, ALPHA, ["DescribeKey"])
+    assert len(g.grant_id) == 64, g
+    r = TW.authorize(ALPHA, "kms:DescribeKey", alias_arn, min_revision=g.revision)
+    assert r.decision == pb.ALLOW, r
+    assert ("grant:" + g.grant_id, 0, g.grant_id, "Allow") in refs(r.matched), refs(r.matched)
+    assert [x.id for x in TW.list_grants(admin_role, K_UNTAGGED).grants] == [g.grant_id]
+    TW.revoke_grant(admin_role, K_UNTAGGED, g.grant_id)
+    expect_error(lambda: TW.revoke_grant(admin_role, K_UNTAGGED, g.grant_id), grpc.StatusCode.NOT_FOUND, "NotFoundException")
+    d = TW.delete_alias(admin_role, alias_arn)
+    assert TW.authorize(ALPHA, "kms:DescribeKey", alias_arn, min_revision=d.revision).decision == pb.DENY
+
+
 def make_pki(dirname: str) -> Dict[str, str]:
     """A throwaway CA, a server certificate for 127.0.0.1/localhost and a
     client certificate (a SPIFFE URI SAN), as PEM files in ``dirname``."""

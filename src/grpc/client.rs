@@ -13,6 +13,7 @@ use tonic::{Request, Status};
 use super::dial::{ClientTls, Target};
 use super::proto::admin_client::AdminClient;
 use super::proto::authorizer_client::AuthorizerClient;
+use super::proto::kms_client::KmsClient;
 use super::proto::tagging_client::TaggingClient;
 use super::proto::update::Op;
 use super::{convert, error_name, proto};
@@ -20,6 +21,7 @@ use crate::engine::Reason;
 use crate::scenario::{Backend, Observed, Operation};
 use crate::tagging::TagOp;
 use crate::world::WorldSpec;
+use tagward_core::kms_ops::{AliasEntry, KmsAnswer, KmsOp, KmsRequest};
 
 type TokenInterceptor = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
 
@@ -28,6 +30,7 @@ pub struct GrpcBackend {
     runtime: Runtime,
     authorizer: AuthorizerClient<Channel>,
     tagging: TaggingClient<Channel>,
+    kms: KmsClient<Channel>,
     admin: AdminClient<InterceptedService<Channel, TokenInterceptor>>,
 }
 
@@ -79,7 +82,8 @@ impl GrpcBackend {
         Ok(GrpcBackend {
             runtime,
             authorizer: AuthorizerClient::new(data.clone()),
-            tagging: TaggingClient::new(data),
+            tagging: TaggingClient::new(data.clone()),
+            kms: KmsClient::new(data),
             admin: AdminClient::with_interceptor(admin_channel, interceptor),
         })
     }
@@ -98,6 +102,115 @@ impl GrpcBackend {
         match self.apply(op) {
             Ok(proto::ApplyResponse { error: Some(e), .. }) => Observed::Error { name: e.code, message: e.message },
             Ok(_) => Observed::Ok { tags: None },
+            Err(status) => observed_error(&status),
+        }
+    }
+}
+
+impl GrpcBackend {
+    /// A KMS alias or grant operation over the Kms service.
+    fn kms(&mut self, req: &KmsRequest) -> Observed {
+        let (principal, session_tags, context) = convert::kms_caller(req);
+        let client = &mut self.kms;
+        let result = self.runtime.block_on(async {
+            Ok::<_, Status>(match &req.op {
+                KmsOp::CreateAlias { alias, key } => {
+                    client
+                        .create_alias(proto::CreateAliasRequest {
+                            principal,
+                            session_tags,
+                            context,
+                            alias_name: alias.clone(),
+                            target_key: key.clone(),
+                        })
+                        .await?;
+                    KmsAnswer::Done
+                }
+                KmsOp::UpdateAlias { alias, key } => {
+                    client
+                        .update_alias(proto::UpdateAliasRequest {
+                            principal,
+                            session_tags,
+                            context,
+                            alias_name: alias.clone(),
+                            target_key: key.clone(),
+                        })
+                        .await?;
+                    KmsAnswer::Done
+                }
+                KmsOp::DeleteAlias { alias, region, account } => {
+                    client
+                        .delete_alias(proto::DeleteAliasRequest {
+                            principal,
+                            session_tags,
+                            context,
+                            alias: alias.clone(),
+                            region: region.clone().unwrap_or_default(),
+                            account: account.clone().unwrap_or_default(),
+                        })
+                        .await?;
+                    KmsAnswer::Done
+                }
+                KmsOp::ListAliases { key } => {
+                    let r = client
+                        .list_aliases(proto::ListAliasesRequest {
+                            principal,
+                            session_tags,
+                            context,
+                            key: key.clone().unwrap_or_default(),
+                            min_revision: 0,
+                        })
+                        .await?
+                        .into_inner();
+                    KmsAnswer::Aliases(
+                        r.aliases
+                            .into_iter()
+                            .map(|a| AliasEntry { name: a.alias_name, arn: a.alias_arn, key: a.target_key })
+                            .collect(),
+                    )
+                }
+                KmsOp::CreateGrant { key, grant } => {
+                    let r = client
+                        .create_grant(proto::CreateGrantRequest {
+                            principal,
+                            session_tags,
+                            context,
+                            key: key.clone(),
+                            grant: Some(convert::grant_to_proto(grant)),
+                        })
+                        .await?
+                        .into_inner();
+                    KmsAnswer::GrantCreated { grant_id: r.grant_id }
+                }
+                KmsOp::RetireGrant { key, grant_id } => {
+                    let msg =
+                        proto::GrantIdRequest { principal, session_tags, context, key: key.clone(), grant_id: grant_id.clone() };
+                    client.retire_grant(msg).await?;
+                    KmsAnswer::Done
+                }
+                KmsOp::RevokeGrant { key, grant_id } => {
+                    let msg =
+                        proto::GrantIdRequest { principal, session_tags, context, key: key.clone(), grant_id: grant_id.clone() };
+                    client.revoke_grant(msg).await?;
+                    KmsAnswer::Done
+                }
+                KmsOp::ListGrants { key } => {
+                    let r = client
+                        .list_grants(proto::ListGrantsRequest {
+                            principal,
+                            session_tags,
+                            context,
+                            key: key.clone(),
+                            min_revision: 0,
+                        })
+                        .await?
+                        .into_inner();
+                    KmsAnswer::Grants(r.grants.iter().map(convert::grant_from_proto).collect())
+                }
+            })
+        });
+        match result {
+            Ok(answer) => Observed::Kms(answer),
             Err(status) => observed_error(&status),
         }
     }
@@ -187,6 +300,7 @@ impl Backend for GrpcBackend {
                 document: serde_json::to_string(document).unwrap_or_default(),
             })),
             Operation::DeletePolicy { name } => self.admin_outcome(Op::DeletePolicy(proto::DeletePolicy { name: name.clone() })),
+            Operation::Kms(req) => self.kms(req),
         }
     }
 }

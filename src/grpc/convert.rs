@@ -11,8 +11,9 @@ use crate::engine::{ContextRules, ContextValue, Decision, Reason, Request};
 use crate::policy::Effect;
 use crate::store::{Event, EventKind, Update, UpdateError};
 use crate::tagging::{TagOp, TagRequest};
-use crate::world::{PrincipalSpec, ResourceSpec, WorldSpec};
+use crate::world::{ConstraintSpec, GrantSpec, PrincipalSpec, ResourceSpec, WorldSpec};
 use tagward_core::chain::{EndpointSpec, OrganizationSpec, SessionSpec};
+use tagward_core::kms_ops::{KmsOp, KmsRequest};
 use tagward_core::ErrorCode;
 
 /// The longest string a request field may hold (a principal, action or
@@ -396,6 +397,8 @@ pub fn update(u: &proto::Update, path: &str) -> Result<Update, UpdateError> {
                 "" => None,
                 text => Some(json(&format!("{path}put_resource.resource_policy"), text)?),
             },
+            aliases: r.aliases.clone(),
+            grants: r.grants.iter().map(grant_from_proto).collect(),
         }),
         Op::DeleteResource(d) => Update::DeleteResource { arn: d.arn.clone() },
         Op::SetTags(s) => {
@@ -413,6 +416,13 @@ pub fn update(u: &proto::Update, path: &str) -> Result<Update, UpdateError> {
                 .map(|(i, u)| update(u, &format!("{path}batch.updates[{i}].")))
                 .collect::<Result<_, _>>()?,
         ),
+        Op::PutAlias(a) => Update::PutAlias { key: a.key.clone(), alias: a.alias_name.clone() },
+        Op::DeleteAlias(a) => Update::DeleteAlias { alias_arn: a.alias_arn.clone() },
+        Op::PutGrant(g) => Update::PutGrant {
+            key: g.key.clone(),
+            grant: g.grant.as_ref().map(grant_from_proto).ok_or_else(|| bad(format!("{path}put_grant.grant: required")))?,
+        },
+        Op::DeleteGrant(g) => Update::DeleteGrant { key: g.key.clone(), grant_id: g.grant_id.clone() },
         Op::ReplaceWorld(w) => {
             let value = json(&format!("{path}replace_world.world_json"), &w.world_json)?;
             let world: WorldSpec = serde_path_to_error::deserialize(value)
@@ -511,7 +521,80 @@ pub fn resource_to_proto(r: &ResourceSpec) -> proto::Resource {
         origin: s(&r.origin),
         key_manager: s(&r.key_manager),
         resource_policy: r.resource_policy.as_ref().map(doc_text).unwrap_or_default(),
+        aliases: r.aliases.clone(),
+        grants: r.grants.iter().map(grant_to_proto).collect(),
     }
+}
+
+/// A grant from the wire (the domain checks it).
+pub fn grant_from_proto(g: &proto::Grant) -> GrantSpec {
+    use proto::grant_constraints::Kind;
+    let map = |c: &proto::EncryptionContext| c.pairs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    GrantSpec {
+        id: g.id.clone(),
+        grantee_principal: g.grantee_principal.clone(),
+        retiring_principal: opt(&g.retiring_principal),
+        operations: g.operations.clone(),
+        constraints: g.constraints.as_ref().map(|c| match &c.kind {
+            Some(Kind::EncryptionContextEquals(e)) => {
+                ConstraintSpec { encryption_context_equals: Some(map(e)), ..Default::default() }
+            }
+            Some(Kind::EncryptionContextSubset(e)) => {
+                ConstraintSpec { encryption_context_subset: Some(map(e)), ..Default::default() }
+            }
+            None => ConstraintSpec::default(),
+        }),
+        name: opt(&g.name),
+    }
+}
+
+pub fn grant_to_proto(g: &GrantSpec) -> proto::Grant {
+    use proto::grant_constraints::Kind;
+    let ctx = |m: &BTreeMap<String, String>| proto::EncryptionContext {
+        pairs: m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    };
+    proto::Grant {
+        id: g.id.clone(),
+        grantee_principal: g.grantee_principal.clone(),
+        retiring_principal: g.retiring_principal.clone().unwrap_or_default(),
+        operations: g.operations.clone(),
+        constraints: g.constraints.as_ref().map(|c| proto::GrantConstraints {
+            kind: match (&c.encryption_context_equals, &c.encryption_context_subset) {
+                (Some(m), _) => Some(Kind::EncryptionContextEquals(ctx(m))),
+                (None, Some(m)) => Some(Kind::EncryptionContextSubset(ctx(m))),
+                (None, None) => None,
+            },
+        }),
+        name: g.name.clone().unwrap_or_default(),
+    }
+}
+
+/// A KMS operation from the wire: the caller fields checked like a tag
+/// operation's.
+pub fn kms_request(
+    principal: &str,
+    session_tags: &[proto::Tag],
+    ctx: &HashMap<String, proto::ContextValue>,
+    rules: &ContextRules,
+    op: KmsOp,
+) -> Result<KmsRequest, Status> {
+    required("principal", principal)?;
+    Ok(KmsRequest {
+        principal: principal.to_string(),
+        op,
+        session_tags: unique_tags("session_tags", session_tags)?,
+        context: context("context", ctx, rules)?,
+    })
+}
+
+/// A KMS operation on the wire (the scenario runner's gRPC backend):
+/// principal, session tags and context.
+pub fn kms_caller(req: &KmsRequest) -> (String, Vec<proto::Tag>, HashMap<String, proto::ContextValue>) {
+    (
+        req.principal.clone(),
+        to_tags(req.session_tags.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+        context_to_proto(&req.context),
+    )
 }
 
 pub fn event(e: &Event) -> proto::WatchEvent {
@@ -532,6 +615,22 @@ pub fn event(e: &Event) -> proto::WatchEvent {
                 kind: kind.as_str().to_string(),
                 name: name.clone(),
                 change: change.as_str().to_string(),
+            }),
+            EventKind::Alias { action, alias, key, previous_key, change, allowed_by } => E::AliasChange(proto::AliasChange {
+                action: action.clone(),
+                alias_name: alias.clone(),
+                key: key.clone(),
+                previous_key: previous_key.clone().unwrap_or_default(),
+                change: change.as_str().to_string(),
+                allowed_by: allowed_by.clone(),
+            }),
+            EventKind::Grant { action, key, grant_id, grant, change, allowed_by } => E::GrantChange(proto::GrantChange {
+                action: action.clone(),
+                key: key.clone(),
+                grant_id: grant_id.clone(),
+                grant: grant.as_ref().map(grant_to_proto),
+                change: change.as_str().to_string(),
+                allowed_by: allowed_by.clone(),
             }),
         }),
     }

@@ -18,9 +18,10 @@ use super::auth::{AdminAuth, TokensError};
 use super::identity::{Callers, TaggingMode};
 use super::proto::admin_server::AdminServer;
 use super::proto::authorizer_server::AuthorizerServer;
+use super::proto::kms_server::KmsServer;
 use super::proto::tagging_server::TaggingServer;
 use super::proto::{DURATION_DESCRIPTOR_SET, FILE_DESCRIPTOR_SET};
-use super::service::{AdminService, AuthorizerService, Shared, TaggingService};
+use super::service::{AdminService, AuthorizerService, KmsService, Shared, TaggingService};
 use super::transport::{self, ListenAddr, Tls, TlsError, TlsFiles};
 use crate::engine::ContextRules;
 use crate::store::Store;
@@ -188,7 +189,7 @@ pub struct Running {
 const REFLECTION_SERVICES: [&str; 2] = ["grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
 
 /// What the data listener serves, and so what its reflection lists.
-pub const DATA_SERVICES: &[&str] = &["tagward.v1.Authorizer", "tagward.v1.Tagging", "grpc.health.v1.Health"];
+pub const DATA_SERVICES: &[&str] = &["tagward.v1.Authorizer", "tagward.v1.Tagging", "tagward.v1.Kms", "grpc.health.v1.Health"];
 
 /// What the admin listener serves.
 pub const ADMIN_SERVICES: &[&str] = &["tagward.v1.Admin"];
@@ -277,11 +278,16 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
     health.set_serving::<AuthorizerServer<AuthorizerService>>().await;
     if serve_tagging {
         health.set_serving::<TaggingServer<TaggingService>>().await;
+        health.set_serving::<KmsServer<KmsService>>().await;
     }
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
     health.set_service_status(ADMIN_SERVICES[0], tonic_health::ServingStatus::Serving).await;
-    let data_services: Vec<&str> =
-        DATA_SERVICES.iter().copied().filter(|s| serve_tagging || *s != "tagward.v1.Tagging").collect();
+    // The Kms service (alias and grant operations) goes with Tagging.
+    let data_services: Vec<&str> = DATA_SERVICES
+        .iter()
+        .copied()
+        .filter(|s| serve_tagging || (*s != "tagward.v1.Tagging" && *s != "tagward.v1.Kms"))
+        .collect();
     let data_reflection = reflection(&data_services)?;
     let admin_reflection = reflection(ADMIN_SERVICES)?;
 
@@ -291,6 +297,8 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
     let tagging = serve_tagging.then(|| {
         TaggingServer::new(TaggingService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max)
     });
+    let kms = serve_tagging
+        .then(|| KmsServer::new(KmsService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max));
     let admin = tonic::service::interceptor::InterceptedService::new(
         AdminServer::new(AdminService(shared)).max_decoding_message_size(max).max_encoding_message_size(max),
         admin_auth.interceptor(),
@@ -320,6 +328,7 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
                 .add_service(data_reflection.1)
                 .add_service(authorizer)
                 .add_optional_service(tagging)
+                .add_optional_service(kms)
                 .serve_with_incoming_shutdown(incoming, signal(shutdown_rx.clone())),
         ),
     ));
@@ -440,6 +449,7 @@ impl Running {
     pub async fn shutdown(self) {
         self.health.set_not_serving::<AuthorizerServer<AuthorizerService>>().await;
         self.health.set_not_serving::<TaggingServer<TaggingService>>().await;
+        self.health.set_not_serving::<KmsServer<KmsService>>().await;
         self.health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         self.health.set_service_status(ADMIN_SERVICES[0], tonic_health::ServingStatus::NotServing).await;
         let _ = self.shutdown.send(true);

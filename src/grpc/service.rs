@@ -17,8 +17,9 @@ use super::identity::{describe, Callers, TaggingMode};
 use super::peer::Peer;
 use super::proto::admin_server::Admin;
 use super::proto::authorizer_server::Authorizer;
+use super::proto::kms_server::Kms;
 use super::proto::tagging_server::Tagging;
-use super::{convert, invalid, proto, request_status, revision_status, status, tag_status, update_error};
+use super::{convert, invalid, kms_status, proto, request_status, revision_status, status, tag_status, update_error};
 use crate::engine::{authorize, ContextRules, Decision};
 use crate::observe::{self, DecisionLog};
 use crate::state::State;
@@ -26,6 +27,7 @@ use crate::store::tag_refusal;
 use crate::store::{Store, Ticket, UpdateError};
 use crate::tagging::{perform, tag_actions, TagError, TagOp, TagRequest};
 use crate::world::WorldSpec;
+use tagward_core::kms_ops::{KmsAnswer, KmsOp, KmsRequest};
 use tagward_core::ErrorCode;
 
 /// What every handler shares.
@@ -128,6 +130,7 @@ impl Shared {
 pub struct AuthorizerService(pub Shared);
 pub struct TaggingService(pub Shared);
 pub struct AdminService(pub Shared);
+pub struct KmsService(pub Shared);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -221,6 +224,193 @@ impl TaggingService {
             ("principal".to_string(), req.principal.clone()),
         ]);
         Err(status(Code::PermissionDenied, code, message, meta))
+    }
+}
+
+impl KmsService {
+    /// A KMS write goes ahead on the Tagging service's terms: served only
+    /// with `--tagging on`, and only when the caller may act as the
+    /// principal it names (the identity map); a caller refused is audited.
+    fn may_write(&self, peer: Option<&Peer>, req: &KmsRequest) -> Result<(), Status> {
+        if self.0.tagging != TaggingMode::On {
+            return Err(Status::unimplemented(format!("{}: KMS writes are not served (--tagging read-only)", req.op.name())));
+        }
+        let Err(refused) = self.0.callers.check(peer, &req.principal) else { return Ok(()) };
+        let message = refused.to_string();
+        let caller = peer.map_or_else(|| refused.caller.clone(), describe);
+        let store = &self.0.store;
+        let code = ErrorCode::CallerNotAllowed.as_str();
+        let resource = match &req.op {
+            KmsOp::CreateAlias { key, .. }
+            | KmsOp::UpdateAlias { key, .. }
+            | KmsOp::CreateGrant { key, .. }
+            | KmsOp::RetireGrant { key, .. }
+            | KmsOp::RevokeGrant { key, .. }
+            | KmsOp::ListGrants { key } => key.clone(),
+            KmsOp::DeleteAlias { alias, .. } => alias.clone(),
+            KmsOp::ListAliases { .. } => "*".to_string(),
+        };
+        store.audit_refusal(crate::store::kms_refusal(
+            req,
+            &resource,
+            Some(caller.clone()),
+            store.revision(),
+            code,
+            message.clone(),
+        ));
+        let meta = std::collections::HashMap::from([
+            ("field".to_string(), "principal".to_string()),
+            ("caller".to_string(), caller),
+            ("principal".to_string(), req.principal.clone()),
+        ]);
+        Err(status(Code::PermissionDenied, code, message, meta))
+    }
+
+    /// Performs a write: checks the caller, applies it, waits until it is
+    /// durable, and answers the revision.
+    async fn write(&self, peer: Option<Peer>, req: KmsRequest) -> Result<(crate::store::KmsDone, u64), Status> {
+        self.may_write(peer.as_ref(), &req)?;
+        let done = self.0.store.kms_acked(&req).await.map_err(kms_status)?;
+        Span::current().record("decision", field::display(done.outcome.decision.reason.as_str()));
+        let revision = done.revision;
+        Ok((done, revision))
+    }
+
+    /// Performs a list on a snapshot at `min_revision` or later.
+    async fn read(&self, req: KmsRequest, min_revision: u64) -> Result<(KmsAnswer, u64), Status> {
+        let state = self.0.snapshot(min_revision).await?;
+        let outcome = tagward_core::kms_ops::perform(&state, &req).map_err(kms_status)?;
+        Ok((outcome.answer, state.revision()))
+    }
+}
+
+fn kms_written(done: &crate::store::KmsDone) -> proto::KmsWriteResponse {
+    proto::KmsWriteResponse { revision: done.revision, changed: done.changed }
+}
+
+#[tonic::async_trait]
+impl Kms for KmsService {
+    async fn create_alias(
+        &self,
+        request: Request<proto::CreateAliasRequest>,
+    ) -> Result<Response<proto::KmsWriteResponse>, Status> {
+        observed("CreateAlias", "kms:CreateAlias", async {
+            let r = request.get_ref();
+            let op = KmsOp::CreateAlias { alias: r.alias_name.clone(), key: r.target_key.clone() };
+            let req = convert::kms_request(&r.principal, &r.session_tags, &r.context, &self.0.context_rules, op)?;
+            let (done, _) = self.write(peer_of(&request), req).await?;
+            Ok(Response::new(kms_written(&done)))
+        })
+        .await
+    }
+
+    async fn update_alias(
+        &self,
+        request: Request<proto::UpdateAliasRequest>,
+    ) -> Result<Response<proto::KmsWriteResponse>, Status> {
+        observed("UpdateAlias", "kms:UpdateAlias", async {
+            let r = request.get_ref();
+            let op = KmsOp::UpdateAlias { alias: r.alias_name.clone(), key: r.target_key.clone() };
+            let req = convert::kms_request(&r.principal, &r.session_tags, &r.context, &self.0.context_rules, op)?;
+            let (done, _) = self.write(peer_of(&request), req).await?;
+            Ok(Response::new(kms_written(&done)))
+        })
+        .await
+    }
+
+    async fn delete_alias(
+        &self,
+        request: Request<proto::DeleteAliasRequest>,
+    ) -> Result<Response<proto::KmsWriteResponse>, Status> {
+        observed("DeleteAlias", "kms:DeleteAlias", async {
+            let r = request.get_ref();
+            let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+            let op = KmsOp::DeleteAlias { alias: r.alias.clone(), region: opt(&r.region), account: opt(&r.account) };
+            let req = convert::kms_request(&r.principal, &r.session_tags, &r.context, &self.0.context_rules, op)?;
+            let (done, _) = self.write(peer_of(&request), req).await?;
+            Ok(Response::new(kms_written(&done)))
+        })
+        .await
+    }
+
+    async fn list_aliases(
+        &self,
+        request: Request<proto::ListAliasesRequest>,
+    ) -> Result<Response<proto::ListAliasesResponse>, Status> {
+        observed("ListAliases", "kms:ListAliases", async {
+            let r = request.get_ref();
+            let op = KmsOp::ListAliases { key: (!r.key.is_empty()).then(|| r.key.clone()) };
+            let req = convert::kms_request(&r.principal, &r.session_tags, &r.context, &self.0.context_rules, op)?;
+            let (answer, revision) = self.read(req, r.min_revision).await?;
+            let aliases = match answer {
+                KmsAnswer::Aliases(list) => list
+                    .into_iter()
+                    .map(|a| proto::AliasEntry { alias_name: a.name, alias_arn: a.arn, target_key: a.key })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            Ok(Response::new(proto::ListAliasesResponse { aliases, revision }))
+        })
+        .await
+    }
+
+    async fn create_grant(
+        &self,
+        request: Request<proto::CreateGrantRequest>,
+    ) -> Result<Response<proto::CreateGrantResponse>, Status> {
+        observed("CreateGrant", "kms:CreateGrant", async {
+            let r = request.get_ref();
+            let grant = r.grant.as_ref().map(convert::grant_from_proto).ok_or_else(|| invalid("grant", "required"))?;
+            let op = KmsOp::CreateGrant { key: r.key.clone(), grant };
+            let req = convert::kms_request(&r.principal, &r.session_tags, &r.context, &self.0.context_rules, op)?;
+            let (done, revision) = self.write(peer_of(&request), req).await?;
+            let grant_id = match done.outcome.answer {
+                KmsAnswer::GrantCreated { grant_id } => grant_id,
+                _ => String::new(),
+            };
+            Ok(Response::new(proto::CreateGrantResponse { grant_id, revision }))
+        })
+        .await
+    }
+
+    async fn retire_grant(&self, request: Request<proto::GrantIdRequest>) -> Result<Response<proto::KmsWriteResponse>, Status> {
+        observed("RetireGrant", "kms:RetireGrant", async {
+            let r = request.get_ref();
+            let op = KmsOp::RetireGrant { key: r.key.clone(), grant_id: r.grant_id.clone() };
+            let req = convert::kms_request(&r.principal, &r.session_tags, &r.context, &self.0.context_rules, op)?;
+            let (done, _) = self.write(peer_of(&request), req).await?;
+            Ok(Response::new(kms_written(&done)))
+        })
+        .await
+    }
+
+    async fn revoke_grant(&self, request: Request<proto::GrantIdRequest>) -> Result<Response<proto::KmsWriteResponse>, Status> {
+        observed("RevokeGrant", "kms:RevokeGrant", async {
+            let r = request.get_ref();
+            let op = KmsOp::RevokeGrant { key: r.key.clone(), grant_id: r.grant_id.clone() };
+            let req = convert::kms_request(&r.principal, &r.session_tags, &r.context, &self.0.context_rules, op)?;
+            let (done, _) = self.write(peer_of(&request), req).await?;
+            Ok(Response::new(kms_written(&done)))
+        })
+        .await
+    }
+
+    async fn list_grants(
+        &self,
+        request: Request<proto::ListGrantsRequest>,
+    ) -> Result<Response<proto::ListGrantsResponse>, Status> {
+        observed("ListGrants", "kms:ListGrants", async {
+            let r = request.get_ref();
+            let op = KmsOp::ListGrants { key: r.key.clone() };
+            let req = convert::kms_request(&r.principal, &r.session_tags, &r.context, &self.0.context_rules, op)?;
+            let (answer, revision) = self.read(req, r.min_revision).await?;
+            let grants = match answer {
+                KmsAnswer::Grants(list) => list.iter().map(convert::grant_to_proto).collect(),
+                _ => Vec::new(),
+            };
+            Ok(Response::new(proto::ListGrantsResponse { grants, revision }))
+        })
+        .await
     }
 }
 

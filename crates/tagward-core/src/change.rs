@@ -17,14 +17,16 @@ use thiserror::Error;
 
 use crate::chain::{EndpointSpec, OrganizationSpec, SessionSpec};
 use crate::error::ErrorCode;
+use crate::kms::alias_of_arn;
+use crate::kms_ops::{KmsChange, KmsEffect};
 use crate::path::FieldPath;
 use crate::policy::PolicyKind;
 use crate::state::{State, StateError};
 use crate::tagging::{check_keys, check_tags, remove_tags, write_tags, TagChange, TagWriteError};
-use crate::tags::{TagSet, TagSetError};
+use crate::tags::TagSet;
 use crate::world::{
-    build_principal, compile_policy, endpoint_spec, principal_spec, resource_spec, session_spec, PrincipalSpec, ResourceBuilder,
-    ResourceSpec, WorldSpec,
+    build_grant, build_principal, compile_policy, endpoint_spec, principal_spec, resource_spec, session_spec, GrantSpec,
+    PrincipalSpec, ResourceBuilder, ResourceSpec, WorldSpec,
 };
 
 /// One admin command, as the admin stream sends it.
@@ -72,6 +74,26 @@ pub enum Update {
     DeleteEndpoint {
         id: String,
     },
+    /// Points a KMS alias (`alias/NAME`) at a key, creating it or moving it
+    /// from the key it pointed to (the alias rules apply, authorization not).
+    PutAlias {
+        key: String,
+        alias: String,
+    },
+    /// Removes a KMS alias, by ARN.
+    DeleteAlias {
+        alias_arn: String,
+    },
+    /// Adds a grant (with its id) to a KMS key.
+    PutGrant {
+        key: String,
+        grant: GrantSpec,
+    },
+    /// Removes a grant from a KMS key.
+    DeleteGrant {
+        key: String,
+        grant_id: String,
+    },
 }
 
 /// The durable effect of one accepted change. The serde names are those
@@ -115,6 +137,23 @@ pub enum Change {
     DeleteEndpoint {
         id: String,
     },
+    /// A KMS alias now points to `key` (taken from any key it pointed to).
+    PutAlias {
+        key: String,
+        alias: String,
+    },
+    DeleteAlias {
+        key: String,
+        alias: String,
+    },
+    PutGrant {
+        key: String,
+        grant: GrantSpec,
+    },
+    DeleteGrant {
+        key: String,
+        grant_id: String,
+    },
 }
 
 impl Change {
@@ -144,6 +183,10 @@ impl Change {
             Change::DeleteSession { arn } => format!("session {arn:?}"),
             Change::PutEndpoint(e) => format!("VPC endpoint {:?}", e.id),
             Change::DeleteEndpoint { id } => format!("VPC endpoint {id:?}"),
+            Change::PutAlias { key, .. }
+            | Change::DeleteAlias { key, .. }
+            | Change::PutGrant { key, .. }
+            | Change::DeleteGrant { key, .. } => format!("resource {key:?}"),
         }
     }
 }
@@ -247,6 +290,29 @@ pub enum EventKind {
         name: String,
         change: ChangeKind,
     },
+    /// A KMS alias put (created or moved) or deleted.
+    Alias {
+        /// `kms:CreateAlias`, ... or "admin".
+        action: String,
+        /// `alias/NAME`.
+        alias: String,
+        /// The key it points to now (put) or pointed to (delete).
+        key: String,
+        /// The key it pointed to before a move.
+        previous_key: Option<String>,
+        change: ChangeKind,
+        allowed_by: Vec<String>,
+    },
+    /// A KMS grant created, or retired or revoked.
+    Grant {
+        action: String,
+        key: String,
+        grant_id: String,
+        /// The grant, when created.
+        grant: Option<GrantSpec>,
+        change: ChangeKind,
+        allowed_by: Vec<String>,
+    },
 }
 
 /// A change event, at the revision it produced.
@@ -303,6 +369,75 @@ pub fn tag_record(change: &TagChange, prev: u64) -> Record {
     }
 }
 
+/// The effect of a KMS alias or grant change, as logged.
+fn kms_effect_change(effect: &KmsEffect) -> Change {
+    match effect {
+        KmsEffect::PutAlias { key, alias, .. } => Change::PutAlias { key: key.clone(), alias: alias.clone() },
+        KmsEffect::DeleteAlias { key, alias } => Change::DeleteAlias { key: key.clone(), alias: alias.clone() },
+        KmsEffect::PutGrant { key, grant } => Change::PutGrant { key: key.clone(), grant: grant.clone() },
+        KmsEffect::DeleteGrant { key, grant_id } => Change::DeleteGrant { key: key.clone(), grant_id: grant_id.clone() },
+    }
+}
+
+/// The event of a KMS alias or grant change, as `actor` made it.
+fn kms_event_kind(effect: &KmsEffect, action: &str, allowed_by: Vec<String>) -> EventKind {
+    match effect {
+        KmsEffect::PutAlias { key, alias, previous } => EventKind::Alias {
+            action: action.to_string(),
+            alias: alias.clone(),
+            key: key.clone(),
+            previous_key: previous.clone(),
+            change: ChangeKind::Put,
+            allowed_by,
+        },
+        KmsEffect::DeleteAlias { key, alias } => EventKind::Alias {
+            action: action.to_string(),
+            alias: alias.clone(),
+            key: key.clone(),
+            previous_key: None,
+            change: ChangeKind::Delete,
+            allowed_by,
+        },
+        KmsEffect::PutGrant { key, grant } => EventKind::Grant {
+            action: action.to_string(),
+            key: key.clone(),
+            grant_id: grant.id.clone(),
+            grant: Some(grant.clone()),
+            change: ChangeKind::Put,
+            allowed_by,
+        },
+        KmsEffect::DeleteGrant { key, grant_id } => EventKind::Grant {
+            action: action.to_string(),
+            key: key.clone(),
+            grant_id: grant_id.clone(),
+            grant: None,
+            change: ChangeKind::Delete,
+            allowed_by,
+        },
+    }
+}
+
+/// The event of an authorized KMS alias or grant operation.
+pub fn kms_event(change: &KmsChange, allowed_by: Vec<String>) -> Event {
+    Event {
+        revision: change.revision,
+        time_unix_ms: now_ms(),
+        actor: change.principal.clone(),
+        kind: kms_event_kind(&change.effect, &change.action, allowed_by),
+    }
+}
+
+/// The log record of an authorized KMS alias or grant operation.
+pub fn kms_record(change: &KmsChange, prev: u64) -> Record {
+    Record {
+        prev,
+        rev: change.revision,
+        time_unix_ms: now_ms(),
+        actor: change.principal.clone(),
+        change: kms_effect_change(&change.effect),
+    }
+}
+
 /// The field an update is named by in error messages.
 pub fn update_field(update: &Update) -> &'static str {
     match update {
@@ -322,6 +457,10 @@ pub fn update_field(update: &Update) -> &'static str {
         Update::DeleteSession { .. } => "delete_session",
         Update::PutEndpoint(_) => "put_endpoint",
         Update::DeleteEndpoint { .. } => "delete_endpoint",
+        Update::PutAlias { .. } => "put_alias",
+        Update::DeleteAlias { .. } => "delete_alias",
+        Update::PutGrant { .. } => "put_grant",
+        Update::DeleteGrant { .. } => "delete_grant",
     }
 }
 
@@ -343,15 +482,7 @@ pub fn state_changes(state: &State) -> impl Iterator<Item = Change> + '_ {
 
 /// A refused state change, at the field `path` of the update.
 fn state_error(path: &str, e: StateError) -> UpdateError {
-    let code = match e {
-        StateError::NoSuchPolicy(_) | StateError::NoSuchPrincipal(_) => ErrorCode::NoSuchEntity,
-        StateError::NoSuchResource(_) => ErrorCode::NotFound,
-        StateError::Invalid(_) => ErrorCode::Validation,
-        StateError::Tags(TagSetError::Limit { .. }) => ErrorCode::LimitExceeded,
-        StateError::Tags(TagSetError::Rule(_)) => ErrorCode::Tag,
-        StateError::Missing(_) => ErrorCode::NoSuchEntity,
-    };
-    UpdateError::new(code, format!("{path}: {e}"))
+    UpdateError::new(e.code(), format!("{path}: {e}"))
 }
 
 /// Every message of an [`UpdateError`] starts with the field path inside the
@@ -435,7 +566,108 @@ pub fn apply(
         Update::DeleteSession { arn } => delete_session(state, arn, actor, out)?,
         Update::PutEndpoint(spec) => put_endpoint(state, spec, actor, out)?,
         Update::DeleteEndpoint { id } => delete_endpoint(state, id, actor, out)?,
+        Update::PutAlias { key, alias } => {
+            let info = state
+                .resource(key)
+                .and_then(|r| r.key())
+                .ok_or_else(|| UpdateError::new(ErrorCode::NotFound, format!("put_alias.key: no KMS key {key:?}")))?;
+            crate::kms_ops::check_admin_alias(info, alias)
+                .map_err(|e| UpdateError::new(ErrorCode::InvalidAliasName, format!("put_alias.alias: {e}")))?;
+            put_alias(state, "put_alias", key, alias, actor, out)?;
+        }
+        Update::DeleteAlias { alias_arn } => {
+            let key = state.alias_target(alias_arn).map(|k| k.to_string()).ok_or_else(|| {
+                UpdateError::new(ErrorCode::NotFound, format!("delete_alias.alias_arn: no alias {alias_arn:?}"))
+            })?;
+            let alias = alias_of_arn(alias_arn).unwrap_or_default().to_string();
+            delete_alias(state, "delete_alias", &key, &alias, actor, out)?;
+        }
+        Update::PutGrant { key, grant } => {
+            if grant.id.is_empty() {
+                return Err(UpdateError::new(ErrorCode::Validation, "put_grant.grant.id: empty"));
+            }
+            put_grant(state, "put_grant", key, grant, actor, out)?;
+        }
+        Update::DeleteGrant { key, grant_id } => delete_grant(state, "delete_grant", key, grant_id, actor, out)?,
     }
+    Ok(())
+}
+
+fn put_alias(state: &mut State, field: &str, key: &str, alias: &str, actor: &str, out: &mut Applied) -> Result<(), UpdateError> {
+    let before = state.revision();
+    let previous = state.put_alias(key, alias).map_err(|e| state_error(&format!("{field}.key"), e))?;
+    if state.revision() == before {
+        return Ok(());
+    }
+    let effect =
+        KmsEffect::PutAlias { key: key.to_string(), alias: alias.to_string(), previous: previous.map(|p| p.to_string()) };
+    out.events.push(Event {
+        revision: state.revision(),
+        time_unix_ms: now_ms(),
+        actor: actor.to_string(),
+        kind: kms_event_kind(&effect, "admin", Vec::new()),
+    });
+    out.changes.push(kms_effect_change(&effect));
+    Ok(())
+}
+
+fn delete_alias(
+    state: &mut State,
+    field: &str,
+    key: &str,
+    alias: &str,
+    actor: &str,
+    out: &mut Applied,
+) -> Result<(), UpdateError> {
+    let arn = crate::kms::alias_arn(key, alias).unwrap_or_default();
+    state.delete_alias(&arn).map_err(|e| state_error(&format!("{field}.alias"), e))?;
+    let effect = KmsEffect::DeleteAlias { key: key.to_string(), alias: alias.to_string() };
+    out.events.push(Event {
+        revision: state.revision(),
+        time_unix_ms: now_ms(),
+        actor: actor.to_string(),
+        kind: kms_event_kind(&effect, "admin", Vec::new()),
+    });
+    out.changes.push(kms_effect_change(&effect));
+    Ok(())
+}
+
+fn put_grant(
+    state: &mut State,
+    field: &str,
+    key: &str,
+    spec: &GrantSpec,
+    actor: &str,
+    out: &mut Applied,
+) -> Result<(), UpdateError> {
+    let info = state
+        .resource(key)
+        .and_then(|r| r.key())
+        .ok_or_else(|| UpdateError::new(ErrorCode::NotFound, format!("{field}.key: no KMS key {key:?}")))?;
+    let grant = build_grant(&crate::path::FieldPath::field(field).then("grant"), spec, &spec.id, &info.spec, &info.usage)
+        .map_err(world_error)?;
+    state.put_grant(key, grant).map_err(|e| state_error(&format!("{field}.grant.id"), e))?;
+    let effect = KmsEffect::PutGrant { key: key.to_string(), grant: spec.clone() };
+    out.events.push(Event {
+        revision: state.revision(),
+        time_unix_ms: now_ms(),
+        actor: actor.to_string(),
+        kind: kms_event_kind(&effect, "admin", Vec::new()),
+    });
+    out.changes.push(kms_effect_change(&effect));
+    Ok(())
+}
+
+fn delete_grant(state: &mut State, field: &str, key: &str, id: &str, actor: &str, out: &mut Applied) -> Result<(), UpdateError> {
+    state.delete_grant(key, id).map_err(|e| state_error(&format!("{field}.grant_id"), e))?;
+    let effect = KmsEffect::DeleteGrant { key: key.to_string(), grant_id: id.to_string() };
+    out.events.push(Event {
+        revision: state.revision(),
+        time_unix_ms: now_ms(),
+        actor: actor.to_string(),
+        kind: kms_event_kind(&effect, "admin", Vec::new()),
+    });
+    out.changes.push(kms_effect_change(&effect));
     Ok(())
 }
 
@@ -490,6 +722,10 @@ fn replay_into(
         Change::DeleteSession { arn } => delete_session(state, arn, "", out),
         Change::PutEndpoint(spec) => put_endpoint(state, spec, "", out),
         Change::DeleteEndpoint { id } => delete_endpoint(state, id, "", out),
+        Change::PutAlias { key, alias } => put_alias(state, "put_alias", key, alias, "", out),
+        Change::DeleteAlias { key, alias } => delete_alias(state, "delete_alias", key, alias, "", out),
+        Change::PutGrant { key, grant } => put_grant(state, "put_grant", key, grant, "", out),
+        Change::DeleteGrant { key, grant_id } => delete_grant(state, "delete_grant", key, grant_id, "", out),
     }
 }
 

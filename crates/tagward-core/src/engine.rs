@@ -272,6 +272,8 @@ pub enum PolicyRef {
     EndpointPolicy(Arc<str>),
     /// A role's trust policy.
     TrustPolicy,
+    /// A KMS grant, by id.
+    Grant(Arc<str>),
 }
 
 impl fmt::Display for PolicyRef {
@@ -288,6 +290,7 @@ impl fmt::Display for PolicyRef {
             PolicyRef::SessionManaged(name) => write!(f, "session-policy:{name}"),
             PolicyRef::EndpointPolicy(id) => write!(f, "endpoint-policy:{id}"),
             PolicyRef::TrustPolicy => f.write_str("trust-policy"),
+            PolicyRef::Grant(id) => write!(f, "grant:{id}"),
         }
     }
 }
@@ -303,6 +306,9 @@ pub struct StatementRef {
 
 impl fmt::Display for StatementRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let PolicyRef::Grant(_) = self.policy {
+            return write!(f, "{}", self.policy);
+        }
         write!(f, "{}[{}]", self.policy, self.index)?;
         if let Some(sid) = &self.sid {
             write!(f, " {sid:?}")?;
@@ -395,6 +401,12 @@ struct Guards {
 struct Eval<'a> {
     state: &'a State,
     req: &'a Request,
+    /// The resource decided on: the request's, or the key an alias ARN in
+    /// the request points to.
+    resource: &'a str,
+    /// `kms:RequestAlias`: the alias (`alias/NAME`) a key operation named
+    /// its key by.
+    request_alias: Option<&'a str>,
     caller: Caller<'a>,
     principal: Option<&'a Principal>,
     target: Option<Target<'a>>,
@@ -444,10 +456,11 @@ pub fn authorize_with(state: &State, req: &Request, explain: bool, rules: &Conte
     let mut action_buf: SmallVec<[u8; 64]> = SmallVec::from_slice(req.action.as_bytes());
     action_buf.make_ascii_lowercase();
     let action_lower = std::str::from_utf8(&action_buf).unwrap_or(&req.action);
-    let target = if req.resource == "*" { None } else { state.target(&req.resource) };
+    let (resource, request_alias) = resolve_alias(state, &req.resource, action_lower);
+    let target = if resource == "*" { None } else { state.target(resource) };
     let resource_account = match target {
         Some(t) => t.account(),
-        None => Arn::parse(&req.resource).map(|a| a.account).filter(|a| !a.is_empty()),
+        None => Arn::parse(resource).map(|a| a.account).filter(|a| !a.is_empty()),
     };
     let trust = action_lower.starts_with("sts:")
         && TRUST_ACTIONS.contains(&action_lower)
@@ -465,12 +478,14 @@ pub fn authorize_with(state: &State, req: &Request, explain: bool, rules: &Conte
     let ev = Eval {
         state,
         req,
+        resource,
+        request_alias,
         caller,
         principal,
         target,
-        resource_parts: ArnParts::split(&req.resource),
+        resource_parts: ArnParts::split(resource),
         resource_account,
-        resource_tags_available: req.resource != "*" && !NO_EXISTING_RESOURCE.contains(&action_lower),
+        resource_tags_available: resource != "*" && !NO_EXISTING_RESOURCE.contains(&action_lower),
         kms_action: action_lower.starts_with("kms:"),
         in_key_policy: Cell::new(false),
         trust,
@@ -484,6 +499,24 @@ pub fn authorize_with(state: &State, req: &Request, explain: bool, rules: &Conte
         missing_variables: RefCell::new(SmallVec::new()),
     };
     Ok(ev.decide(&ActionKey::new(action_lower), explain))
+}
+
+/// The alias operations, which act on the alias itself (lowercased).
+const ALIAS_OPERATIONS: &[&str] = &["kms:createalias", "kms:updatealias", "kms:deletealias", "kms:listaliases"];
+
+/// A key operation on an alias ARN is decided on the key the alias points
+/// to, with `kms:RequestAlias` set; an unknown alias is decided as a key
+/// that does not exist. Other requests are decided on their resource.
+fn resolve_alias<'a>(state: &'a State, resource: &'a str, action_lower: &str) -> (&'a str, Option<&'a str>) {
+    // Cheap test first: most resources are no alias.
+    if !resource.contains(":alias/") || ALIAS_OPERATIONS.contains(&action_lower) {
+        return (resource, None);
+    }
+    let Some(name) = crate::kms::alias_of_arn(resource) else { return (resource, None) };
+    match state.alias_target(resource) {
+        Some(key) => (key, Some(name)),
+        None => (resource, Some(name)),
+    }
 }
 
 struct Collector {
@@ -523,7 +556,7 @@ impl<'a> Eval<'a> {
         }
         let is_key = match self.target {
             Some(t) => t.key().is_some(),
-            None => is_kms_key(&self.req.resource),
+            None => self.request_alias.is_some() || is_kms_key(self.resource),
         };
         // The key policy or a trust policy must allow; other resource
         // policies may.
@@ -564,11 +597,27 @@ impl<'a> Eval<'a> {
                 considered: c.considered,
             };
         }
-        if !allowed {
+        let grants = match self.target.and_then(|t| t.key()) {
+            // A grant allows within the organization's and the endpoint's
+            // bounds; an account grantee needs an IAM allow, as far as the
+            // boundary and session policies let it.
+            Some(key) if !key.grants().is_empty() && guards.scp && guards.endpoint => {
+                let identity = !c.identity_allows.is_empty() && guards.boundary && guards.session;
+                self.grant_allows(key.grants(), action, identity, &mut c.considered)
+            }
+            _ => SmallVec::new(),
+        };
+        if !allowed && grants.is_empty() {
             return Decision { reason: Reason::ImplicitDeny, matched: Vec::new(), missing_keys, considered: c.considered };
+        }
+        if !allowed {
+            // Grants alone allowed: statements that applied without
+            // allowing (a key policy delegating to IAM) did not decide.
+            return Decision { reason: Reason::Allowed, matched: grants.into_vec(), missing_keys, considered: c.considered };
         }
         let mut matched = c.identity_allows.into_vec();
         matched.extend(c.resource_allows.into_iter().map(|(s, _)| s));
+        matched.extend(grants);
         Decision { reason: Reason::Allowed, matched, missing_keys, considered: c.considered }
     }
 
@@ -678,6 +727,60 @@ impl<'a> Eval<'a> {
         let Some(endpoint) = self.endpoint else { return true };
         let Some(policy) = &endpoint.policy else { return true };
         self.run_policy(policy, || PolicyRef::EndpointPolicy(endpoint.id.clone()), action, c, Layer::Guard)
+    }
+
+    /// The grants that allow the request (docs/semantics.md, "KMS aliases
+    /// and grants"): the grantee is the caller (a role's grant covers its
+    /// sessions; an account's grant needs an IAM allow too), the operations
+    /// include the action, and the constraint holds for the request's
+    /// encryption context (the `kms:EncryptionContext:KEY` context keys,
+    /// KEY as written).
+    fn grant_allows(
+        &self,
+        grants: &[crate::kms::Grant],
+        action: &ActionKey<'_>,
+        identity: bool,
+        considered: &mut Option<Vec<Considered>>,
+    ) -> SmallVec<[StatementRef; 1]> {
+        let mut out = SmallVec::new();
+        let op = crate::kms::GrantOps::of_action(action.lower);
+        const PREFIX: &str = "kms:encryptioncontext:";
+        let context = self.req.context.iter().filter_map(|(k, v)| match v {
+            ContextValue::One(v)
+                if k.len() > PREFIX.len()
+                    && k.is_char_boundary(PREFIX.len())
+                    && k[..PREFIX.len()].eq_ignore_ascii_case(PREFIX) =>
+            {
+                Some((&k[PREFIX.len()..], v.as_str()))
+            }
+            _ => None,
+        });
+        for g in grants {
+            let grantee = match g.grantee.matches(&self.caller) {
+                Some(crate::kms::GranteeMatch::Direct) => true,
+                Some(crate::kms::GranteeMatch::Account) => identity,
+                None => false,
+            };
+            let outcome = match op {
+                None => Outcome::ActionDoesNotMatch,
+                Some(op) if !g.operations.contains(op) => Outcome::ActionDoesNotMatch,
+                Some(_) if !grantee => Outcome::PrincipalDoesNotMatch,
+                Some(op) if !g.allows(op, context.clone()) => Outcome::ConditionFailed {
+                    operator: g.constraint.as_ref().map_or("", |c| c.type_name()).into(),
+                    key: "kms:EncryptionContext".into(),
+                },
+                Some(_) => Outcome::Applies,
+            };
+            let sref =
+                StatementRef { policy: PolicyRef::Grant(g.id.clone()), index: 0, sid: Some(g.id.clone()), effect: Effect::Allow };
+            if let Some(list) = considered.as_mut() {
+                list.push(Considered { statement: sref.clone(), outcome: outcome.clone() });
+            }
+            if outcome == Outcome::Applies {
+                out.push(sref);
+            }
+        }
+        out
     }
 
     /// Runs one policy's candidate statements; denies are collected, core
@@ -869,6 +972,19 @@ impl Context for Eval<'_> {
             KeyRef::KeySpec => one(self.target.and_then(|t| t.key()).map(|k| &*k.spec)),
             KeyRef::KeyUsage => one(self.target.and_then(|t| t.key()).map(|k| &*k.usage)),
             KeyRef::KeyOrigin => one(self.target.and_then(|t| t.key()).map(|k| &*k.origin)),
+            KeyRef::RequestAlias if !self.kms_action => Values::Missing,
+            KeyRef::RequestAlias => one(self.request_alias),
+            // IAM policies only, like aws:ResourceTag, and only for a key
+            // that exists.
+            KeyRef::ResourceAliases => {
+                if !self.kms_action || !self.resource_tags_available || self.in_key_policy.get() {
+                    return Values::Missing;
+                }
+                match self.target.and_then(|t| t.key()).map(|k| k.aliases()) {
+                    Some(aliases) if !aliases.is_empty() => Values::Many(aliases),
+                    _ => Values::Missing,
+                }
+            }
             KeyRef::CurrentTime => one(Some(&self.time().0)),
             KeyRef::EpochTime => one(Some(&self.time().1)),
             KeyRef::PrincipalOrgId => match self.principal_org {
@@ -983,6 +1099,44 @@ mod tests {
             ]
         );
         assert!(ask("kms:Encrypt", false).considered.is_none());
+    }
+
+    #[test]
+    fn a_grant_decides_by_id_and_explain_says_what_became_of_each_grant() {
+        let world: WorldSpec = serde_json::from_value(json!({
+            "principals": [{"arn": "arn:aws:iam::111122223333:role/App"}],
+            "resources": [{"arn": "arn:aws:kms:us-east-1:111122223333:key/k1", "aliases": ["alias/app"], "grants": [
+                {"id": "mine", "grantee_principal": "arn:aws:iam::111122223333:role/App", "operations": ["Decrypt"],
+                 "constraints": {"encryption_context_subset": {"Dept": "IT"}}},
+                {"id": "theirs", "grantee_principal": "arn:aws:iam::111122223333:role/Other", "operations": ["Decrypt"]}]}]
+        }))
+        .unwrap();
+        let state = world.build().unwrap();
+        let mut req = Request {
+            principal: "arn:aws:sts::111122223333:assumed-role/App/s".into(),
+            action: "kms:Decrypt".into(),
+            resource: "arn:aws:kms:us-east-1:111122223333:alias/app".into(),
+            context: vec![("kms:EncryptionContext:Dept".into(), ContextValue::One("IT".into()))],
+            ..Request::default()
+        };
+        let d = authorize(&state, &req, true).unwrap();
+        assert_eq!(d.reason, Reason::Allowed);
+        assert_eq!(
+            d.matched.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["grant:mine"],
+            "the delegating key policy did not decide"
+        );
+        let outcomes: Vec<String> = d.considered.unwrap().iter().map(|c| format!("{} {}", c.statement, c.outcome)).collect();
+        assert!(outcomes.contains(&"grant:mine applies".to_string()), "{outcomes:?}");
+        assert!(outcomes.contains(&"grant:theirs principal does not match".to_string()), "{outcomes:?}");
+        req.context.clear();
+        let d = authorize(&state, &req, true).unwrap();
+        assert_eq!(d.reason, Reason::ImplicitDeny);
+        let outcomes: Vec<String> = d.considered.unwrap().iter().map(|c| format!("{} {}", c.statement, c.outcome)).collect();
+        assert!(
+            outcomes.contains(&"grant:mine condition EncryptionContextSubset on kms:EncryptionContext does not hold".to_string()),
+            "{outcomes:?}"
+        );
     }
 
     #[test]

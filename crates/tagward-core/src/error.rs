@@ -39,6 +39,12 @@ pub enum ErrorCode {
     /// The caller's verified identity may not act as the principal its
     /// Tagging write names.
     CallerNotAllowed,
+    /// A KMS alias name is taken in the account and region.
+    AlreadyExists,
+    /// A KMS alias name breaks the alias rules.
+    InvalidAliasName,
+    /// The KMS key is disabled (CreateGrant).
+    Disabled,
 }
 
 impl ErrorCode {
@@ -59,6 +65,9 @@ impl ErrorCode {
         ErrorCode::RevisionGone,
         ErrorCode::Internal,
         ErrorCode::CallerNotAllowed,
+        ErrorCode::AlreadyExists,
+        ErrorCode::InvalidAliasName,
+        ErrorCode::Disabled,
     ];
 
     /// The name as scenario files, status details and acknowledgements spell it.
@@ -79,6 +88,9 @@ impl ErrorCode {
             ErrorCode::RevisionGone => "RevisionGone",
             ErrorCode::Internal => "InternalError",
             ErrorCode::CallerNotAllowed => "CallerNotAllowed",
+            ErrorCode::AlreadyExists => "AlreadyExistsException",
+            ErrorCode::InvalidAliasName => "InvalidAliasNameException",
+            ErrorCode::Disabled => "DisabledException",
         }
     }
 }

@@ -16,6 +16,8 @@ pub mod change;
 pub mod document;
 pub mod engine;
 pub mod error;
+pub mod kms;
+pub mod kms_ops;
 pub mod path;
 pub mod policy;
 pub mod state;

@@ -18,6 +18,7 @@ use thiserror::Error;
 use crate::arn::{Arn, Caller, CallerKind};
 use crate::chain::{Endpoint, Organization, Session};
 use crate::error::ErrorCode;
+use crate::kms::{alias_arn, Grant, KeyExtras};
 use crate::policy::Policy;
 use crate::tags::{TagSet, TagSetError};
 
@@ -173,6 +174,22 @@ pub struct KeyInfo {
     pub policy: Arc<Policy>,
     /// The key policy was not given: the default one applies.
     pub default_policy: bool,
+    /// Aliases and grants; `None` when the key has neither (most keys), so
+    /// that a request checks one pointer. INVARIANT: never `Some` of an
+    /// empty value, and the aliases are in [`State`]'s alias index.
+    pub extras: Option<Arc<KeyExtras>>,
+}
+
+impl KeyInfo {
+    /// The key's alias names (`alias/NAME`), sorted.
+    pub fn aliases(&self) -> &[String] {
+        self.extras.as_deref().map_or(&[], |e| &e.aliases)
+    }
+
+    /// The key's grants, in creation order.
+    pub fn grants(&self) -> &[Grant] {
+        self.extras.as_deref().map_or(&[], |e| &e.grants)
+    }
 }
 
 /// What kind of resource, and the policy it carries.
@@ -233,6 +250,16 @@ pub enum StateError {
     /// A session, an endpoint or the organization that is not there.
     #[error("{0}")]
     Missing(String),
+    #[error("alias {alias:?} already exists (on {key:?})")]
+    AliasTaken { alias: String, key: String },
+    #[error("no alias {0:?}")]
+    NoSuchAlias(String),
+    #[error("{0:?} is not a KMS key")]
+    NotAKey(String),
+    #[error("key {key:?} has no grant {id:?}")]
+    NoSuchGrant { key: String, id: String },
+    #[error("key {key:?} already has a grant {id:?}")]
+    GrantTaken { key: String, id: String },
 }
 
 impl StateError {
@@ -245,6 +272,9 @@ impl StateError {
             StateError::Tags(TagSetError::Limit { .. }) => ErrorCode::LimitExceeded,
             StateError::Tags(TagSetError::Rule(_)) => ErrorCode::Tag,
             StateError::Missing(_) => ErrorCode::NoSuchEntity,
+            StateError::AliasTaken { .. } | StateError::GrantTaken { .. } => ErrorCode::AlreadyExists,
+            StateError::NoSuchAlias(_) | StateError::NoSuchGrant { .. } => ErrorCode::NotFound,
+            StateError::NotAKey(_) => ErrorCode::Validation,
         }
     }
 }
@@ -277,6 +307,10 @@ pub struct State {
     sessions: Map<Arc<Session>>,
     /// VPC endpoints, by id.
     endpoints: Map<Arc<Endpoint>>,
+    /// Alias ARN to the ARN of the key it points to. INVARIANT: holds
+    /// exactly the aliases of every key (an alias ARN is unique per
+    /// account and region by construction).
+    aliases: Map<Arc<str>>,
 }
 
 impl fmt::Debug for State {
@@ -651,14 +685,136 @@ impl State {
             return Err(StateError::Invalid(format!("{:?} is already a principal", resource.arn)));
         }
         let old = self.resources.get(&resource.arn).cloned();
+        let new_aliases = resource.key().map(KeyInfo::aliases).unwrap_or_default();
+        for name in new_aliases {
+            let arn = alias_arn(&resource.arn, name).unwrap_or_default();
+            if let Some(owner) = self.aliases.get(arn.as_str()) {
+                if *owner != resource.arn {
+                    return Err(StateError::AliasTaken { alias: arn, key: owner.to_string() });
+                }
+            }
+        }
+        if let Some(old) = &old {
+            self.unindex_aliases(old);
+        }
+        for name in new_aliases {
+            self.aliases.insert(alias_arn(&resource.arn, name).unwrap_or_default().into(), resource.arn.clone());
+        }
         self.index_tags(&resource.arn, old.as_ref().map(|o| &o.tags), Some(&resource.tags));
         self.resources.insert(resource.arn.clone(), Arc::new(resource));
         self.bump();
         Ok(())
     }
 
+    fn unindex_aliases(&mut self, resource: &Resource) {
+        for name in resource.key().map(KeyInfo::aliases).unwrap_or_default() {
+            self.aliases.remove(alias_arn(&resource.arn, name).unwrap_or_default().as_str());
+        }
+    }
+
+    /// The key an alias ARN points to.
+    pub fn alias_target(&self, alias_arn: &str) -> Option<&Arc<str>> {
+        self.aliases.get(alias_arn)
+    }
+
+    /// Every alias: its ARN and its key's ARN, in no order.
+    pub fn aliases(&self) -> impl Iterator<Item = (&Arc<str>, &Arc<str>)> {
+        self.aliases.iter()
+    }
+
+    /// Changes a key's aliases and grants with `change` (on a copy), one
+    /// revision; the alias index follows. `Ok(false)` when nothing changed.
+    fn change_extras(
+        &mut self,
+        key: &str,
+        change: impl FnOnce(&mut KeyExtras) -> Result<(), StateError>,
+    ) -> Result<bool, StateError> {
+        let r = self.resources.get(key).cloned().ok_or_else(|| StateError::NoSuchResource(key.to_string()))?;
+        let info = r.key().ok_or_else(|| StateError::NotAKey(key.to_string()))?;
+        let mut extras = info.extras.as_deref().cloned().unwrap_or_default();
+        change(&mut extras)?;
+        if extras == info.extras.as_deref().cloned().unwrap_or_default() {
+            return Ok(false);
+        }
+        let mut next = Resource::clone(&r);
+        if let ResourceKind::Key(k) = &mut next.kind {
+            k.extras = (!extras.is_empty()).then(|| Arc::new(extras));
+        }
+        self.unindex_aliases(&r);
+        for name in next.key().map(KeyInfo::aliases).unwrap_or_default() {
+            self.aliases.insert(alias_arn(&next.arn, name).unwrap_or_default().into(), next.arn.clone());
+        }
+        self.resources.insert(next.arn.clone(), Arc::new(next));
+        Ok(true)
+    }
+
+    /// Points alias `name` (`alias/NAME`) at `key`, taking it from the key
+    /// it pointed to before in the same account and region (UpdateAlias),
+    /// as one revision. Returns the key it pointed to before, if any.
+    pub fn put_alias(&mut self, key: &str, name: &str) -> Result<Option<Arc<str>>, StateError> {
+        let arn = alias_arn(key, name).ok_or_else(|| StateError::NotAKey(key.to_string()))?;
+        let previous = self.aliases.get(arn.as_str()).cloned();
+        if previous.as_deref() == Some(key) {
+            return Ok(previous);
+        }
+        let mut next = self.clone();
+        if let Some(old) = &previous {
+            next.change_extras(old, |e| {
+                e.aliases.retain(|a| a != name);
+                Ok(())
+            })?;
+        }
+        next.change_extras(key, |e| {
+            e.aliases.push(name.to_string());
+            e.aliases.sort();
+            Ok(())
+        })?;
+        *self = next;
+        self.bump();
+        Ok(previous)
+    }
+
+    /// Removes an alias (by ARN). Returns the key it pointed to.
+    pub fn delete_alias(&mut self, alias_arn: &str) -> Result<Arc<str>, StateError> {
+        let key = self.aliases.get(alias_arn).cloned().ok_or_else(|| StateError::NoSuchAlias(alias_arn.to_string()))?;
+        let name = crate::kms::alias_of_arn(alias_arn).unwrap_or_default().to_string();
+        self.change_extras(&key, |e| {
+            e.aliases.retain(|a| *a != name);
+            Ok(())
+        })?;
+        self.bump();
+        Ok(key)
+    }
+
+    /// Adds a grant to a key; its id must be new on the key.
+    pub fn put_grant(&mut self, key: &str, grant: Grant) -> Result<(), StateError> {
+        self.change_extras(key, |e| {
+            if e.grant(&grant.id).is_some() {
+                return Err(StateError::GrantTaken { key: key.to_string(), id: grant.id.to_string() });
+            }
+            e.grants.push(grant);
+            Ok(())
+        })?;
+        self.bump();
+        Ok(())
+    }
+
+    /// Removes a grant from a key (retired or revoked).
+    pub fn delete_grant(&mut self, key: &str, id: &str) -> Result<Grant, StateError> {
+        let mut removed = None;
+        self.change_extras(key, |e| {
+            let at = e.grants.iter().position(|g| &*g.id == id);
+            let at = at.ok_or_else(|| StateError::NoSuchGrant { key: key.to_string(), id: id.to_string() })?;
+            removed = Some(e.grants.remove(at));
+            Ok(())
+        })?;
+        self.bump();
+        removed.ok_or_else(|| StateError::NoSuchGrant { key: key.to_string(), id: id.to_string() })
+    }
+
     pub fn delete_resource(&mut self, arn: &str) -> Result<(), StateError> {
         let removed = self.resources.remove(arn).ok_or_else(|| StateError::NoSuchResource(arn.to_string()))?;
+        self.unindex_aliases(&removed);
         self.index_tags(&removed.arn, Some(&removed.tags), None);
         self.bump();
         Ok(())

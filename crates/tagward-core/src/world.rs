@@ -14,9 +14,10 @@ use thiserror::Error;
 use crate::arn::Arn;
 use crate::chain::{EndpointSpec, OrganizationSpec, SessionSpec};
 use crate::error::ErrorCode;
+use crate::kms::{check_alias_name, Constraint, Grant, GrantOps, Grantee, KeyExtras, MAX_ALIASES_PER_KEY, MAX_GRANTS_PER_KEY};
 use crate::path::FieldPath;
 use crate::policy::{Policy, PolicyKind};
-use crate::state::{is_kms_key, KeyInfo, KeyManager, KeyState, Principal, Resource, ResourceKind, State};
+use crate::state::{is_kms_key, KeyInfo, KeyManager, KeyState, Principal, Resource, ResourceKind, State, StateError};
 use crate::tags::{TagSet, TagSetError};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -86,6 +87,184 @@ pub struct ResourceSpec {
     pub key_manager: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_policy: Option<Value>,
+    /// KMS keys: alias names (`alias/NAME`), unique per account and region.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// KMS keys: grants, ids unique per key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<GrantSpec>,
+}
+
+/// A grant in the world-file shape (docs/scenarios.md, "Grant").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantSpec {
+    /// Unique per key; a world file must give it, CreateGrant assigns it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    pub grantee_principal: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retiring_principal: Option<String>,
+    /// KMS operation names without the `kms:` prefix.
+    pub operations: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraints: Option<ConstraintSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A grant's encryption-context constraint: exactly one of the two.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConstraintSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_context_equals: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_context_subset: Option<BTreeMap<String, String>>,
+}
+
+/// Lowers a grant for a key of `key_spec` and `key_usage`, with `id`;
+/// every error names the field under `path` and is a `ValidationException`.
+pub fn build_grant(path: &FieldPath, spec: &GrantSpec, id: &str, key_spec: &str, key_usage: &str) -> Result<Grant, WorldError> {
+    let grantee = Grantee::parse(&spec.grantee_principal).map_err(|e| invalid(path.then("grantee_principal"), e.to_string()))?;
+    if let Some(r) = &spec.retiring_principal {
+        Grantee::parse(r).map_err(|e| invalid(path.then("retiring_principal"), e.to_string()))?;
+    }
+    if spec.operations.is_empty() {
+        return Err(invalid(path.then("operations"), "a grant needs at least one operation"));
+    }
+    let supported = GrantOps::supported_by(key_spec, key_usage);
+    let mut operations = GrantOps::EMPTY;
+    for (i, name) in spec.operations.iter().enumerate() {
+        let op = GrantOps::named(name).ok_or_else(|| {
+            invalid(
+                path.then("operations").at(i),
+                format!("{name:?} is not a grant operation; expected one of {}", crate::kms::GRANT_OPERATIONS.join(", ")),
+            )
+        })?;
+        if !supported.contains(op) {
+            return Err(invalid(
+                path.then("operations").at(i),
+                format!("a {key_spec} key for {key_usage} does not support {name}, so a grant cannot allow it"),
+            ));
+        }
+        operations = operations.union(op);
+    }
+    let constraint = match &spec.constraints {
+        None => None,
+        Some(c) => {
+            let at = path.then("constraints");
+            let pairs = |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>();
+            let constraint = match (&c.encryption_context_equals, &c.encryption_context_subset) {
+                (Some(m), None) => Constraint::Equals(pairs(m)),
+                (None, Some(m)) => Constraint::Subset(pairs(m)),
+                _ => return Err(invalid(at, "give exactly one of encryption_context_equals and encryption_context_subset")),
+            };
+            // "The encryption context grant constraints are supported only on
+            // grant operations that include an EncryptionContext parameter"
+            // (CreateGrant).
+            let allowed = GrantOps::with_encryption_context().union(GrantOps::unconstrained());
+            let symmetric = key_spec == "SYMMETRIC_DEFAULT" && key_usage == "ENCRYPT_DECRYPT";
+            if !symmetric || !allowed.contains(operations) {
+                return Err(invalid(
+                    at,
+                    "an encryption context constraint needs a symmetric encryption key and only operations that take an encryption context (and DescribeKey, RetireGrant, CreateGrant)",
+                ));
+            }
+            Some(constraint)
+        }
+    };
+    if let Some(name) = &spec.name {
+        let ok = !name.is_empty()
+            && name.chars().count() <= 256
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '/' | '_' | '-'));
+        if !ok {
+            return Err(invalid(
+                path.then("name"),
+                format!("{name:?} is not a grant name: 1-256 letters, digits, ':', '/', '_', '-'"),
+            ));
+        }
+    }
+    Ok(Grant {
+        id: id.into(),
+        name: spec.name.as_deref().map(Arc::from),
+        grantee,
+        retiring: spec.retiring_principal.as_deref().map(Arc::from),
+        operations,
+        constraint,
+    })
+}
+
+/// A grant in the world-file shape.
+pub fn grant_spec(g: &Grant) -> GrantSpec {
+    let map = |p: &[(String, String)]| p.iter().cloned().collect::<BTreeMap<String, String>>();
+    GrantSpec {
+        id: g.id.to_string(),
+        grantee_principal: g.grantee.arn().to_string(),
+        retiring_principal: g.retiring.as_deref().map(str::to_string),
+        operations: g.operations.names().map(str::to_string).collect(),
+        constraints: g.constraint.as_ref().map(|c| match c {
+            Constraint::Equals(p) => ConstraintSpec { encryption_context_equals: Some(map(p)), ..Default::default() },
+            Constraint::Subset(p) => ConstraintSpec { encryption_context_subset: Some(map(p)), ..Default::default() },
+        }),
+        name: g.name.as_deref().map(str::to_string),
+    }
+}
+
+/// The aliases and grants of a key spec, checked.
+fn key_extras(
+    path: &FieldPath,
+    spec: &ResourceSpec,
+    manager: KeyManager,
+    key_spec: &str,
+    key_usage: &str,
+) -> Result<Option<Arc<KeyExtras>>, WorldError> {
+    if spec.aliases.is_empty() && spec.grants.is_empty() {
+        return Ok(None);
+    }
+    let mut extras = KeyExtras::default();
+    for (i, name) in spec.aliases.iter().enumerate() {
+        check_alias_name(name, manager == KeyManager::Aws)
+            .map_err(|e| WorldError::new(ErrorCode::InvalidAliasName, path.then("aliases").at(i), e.to_string()))?;
+        if extras.aliases.contains(name) {
+            return Err(WorldError::new(
+                ErrorCode::AlreadyExists,
+                path.then("aliases").at(i),
+                format!("{name:?} is listed twice"),
+            ));
+        }
+        extras.aliases.push(name.clone());
+    }
+    if extras.aliases.len() > MAX_ALIASES_PER_KEY {
+        return Err(WorldError::new(
+            ErrorCode::LimitExceeded,
+            path.then("aliases"),
+            format!("a key has at most {MAX_ALIASES_PER_KEY} aliases"),
+        ));
+    }
+    extras.aliases.sort();
+    for (i, g) in spec.grants.iter().enumerate() {
+        let at = path.then("grants").at(i);
+        if g.id.is_empty() {
+            return Err(invalid(at.then("id"), "a grant in a world file needs an id"));
+        }
+        if extras.grant(&g.id).is_some() {
+            return Err(WorldError::new(
+                ErrorCode::AlreadyExists,
+                at.then("id"),
+                format!("grant id {:?} is used twice on this key", g.id),
+            ));
+        }
+        extras.grants.push(build_grant(&at, g, &g.id, key_spec, key_usage)?);
+    }
+    if extras.grants.len() > MAX_GRANTS_PER_KEY {
+        return Err(WorldError::new(
+            ErrorCode::LimitExceeded,
+            path.then("grants"),
+            format!("a key has at most {MAX_GRANTS_PER_KEY} grants"),
+        ));
+    }
+    Ok(Some(Arc::new(extras)))
 }
 
 /// A refused world: the JSON path, the reason, and which AWS error it is.
@@ -229,14 +408,18 @@ impl ResourceBuilder {
                     (policy, true)
                 }
             };
+            let key_spec = parse("key_spec", &spec.key_spec, "SYMMETRIC_DEFAULT")?;
+            let usage = parse("key_usage", &spec.key_usage, "ENCRYPT_DECRYPT")?;
+            let extras = key_extras(&path, spec, manager, &key_spec, &usage)?;
             ResourceKind::Key(KeyInfo {
                 state,
-                spec: parse("key_spec", &spec.key_spec, "SYMMETRIC_DEFAULT")?,
-                usage: parse("key_usage", &spec.key_usage, "ENCRYPT_DECRYPT")?,
+                spec: key_spec,
+                usage,
                 origin: parse("origin", &spec.origin, "AWS_KMS")?,
                 manager,
                 policy,
                 default_policy,
+                extras,
             })
         } else {
             for (field, given) in [
@@ -246,6 +429,8 @@ impl ResourceBuilder {
                 ("key_usage", spec.key_usage.is_some()),
                 ("origin", spec.origin.is_some()),
                 ("key_manager", spec.key_manager.is_some()),
+                ("aliases", !spec.aliases.is_empty()),
+                ("grants", !spec.grants.is_empty()),
             ] {
                 if given {
                     let message = "only KMS keys (arn:aws:kms:...:key/ID) have this field";
@@ -383,7 +568,10 @@ impl<'s> WorldBuilder<'s> {
         self.resource_count += 1;
         self.first_definition(&spec.arn, &path)?;
         let resource = self.resources.build(path.clone(), spec)?;
-        self.state.put_resource(resource).map_err(|e| invalid(path.then("arn"), e.to_string()))
+        self.state.put_resource(resource).map_err(|e| match e {
+            StateError::AliasTaken { .. } => WorldError::new(ErrorCode::AlreadyExists, path.then("aliases"), e.to_string()),
+            e => invalid(path.then("arn"), e.to_string()),
+        })
     }
 }
 
@@ -529,6 +717,8 @@ pub fn resource_spec(r: &Resource) -> ResourceSpec {
             spec.key_usage = Some(k.usage.to_string());
             spec.origin = Some(k.origin.to_string());
             spec.key_manager = Some(k.manager.to_string());
+            spec.aliases = k.aliases().to_vec();
+            spec.grants = k.grants().iter().map(grant_spec).collect();
         }
         ResourceKind::Other { policy } => {
             spec.resource_policy = policy.as_ref().map(|p| Value::clone(&p.source));
@@ -629,6 +819,46 @@ mod tests {
         let spec = ResourceSpec { arn: key.into(), tags: [("aws:x".to_string(), "1".to_string())].into(), ..Default::default() };
         let e = builder.build("put_resource", &spec).unwrap_err();
         assert_eq!((e.path.to_string(), e.code()), ("put_resource.tags".to_string(), ErrorCode::Tag));
+    }
+
+    #[test]
+    fn aliases_and_grants_load_checked_and_export_back() {
+        let key = |id: &str| format!("arn:aws:kms:us-east-1:111122223333:key/{id}");
+        let grant = json!({"id": "g1", "grantee_principal": "arn:aws:iam::111122223333:role/R", "operations": ["Decrypt"],
+                           "constraints": {"encryption_context_equals": {"Dept": "IT"}}, "name": "n"});
+        let world: WorldSpec = serde_json::from_value(json!({"resources": [
+            {"arn": key("k1"), "aliases": ["alias/b", "alias/a"], "grants": [grant]},
+            {"arn": "arn:aws:kms:us-west-2:111122223333:key/k2", "aliases": ["alias/a"]},
+            {"arn": key("aws"), "key_manager": "AWS", "aliases": ["alias/aws/s3"]}]}))
+        .unwrap();
+        let state = world.build().unwrap();
+        assert_eq!(state.resource(&key("k1")).unwrap().key().unwrap().aliases(), ["alias/a", "alias/b"]);
+        assert_eq!(
+            state.alias_target("arn:aws:kms:us-west-2:111122223333:alias/a").map(|k| k.to_string()),
+            Some("arn:aws:kms:us-west-2:111122223333:key/k2".to_string()),
+            "the same name in another Region is another alias"
+        );
+        let exported = WorldSpec::from_state(&state);
+        let again = WorldSpec::from_state(&exported.build().unwrap());
+        assert_eq!(serde_json::to_value(&exported).unwrap(), serde_json::to_value(&again).unwrap());
+        assert_eq!(exported.resources.iter().find(|r| r.arn == key("k1")).unwrap().grants.len(), 1);
+
+        let refused =
+            |resources: Value| WorldSpec::build(&serde_json::from_value(json!({"resources": resources})).unwrap()).unwrap_err();
+        let e = refused(json!([{"arn": key("k1"), "aliases": ["alias/a"]}, {"arn": key("k2"), "aliases": ["alias/a"]}]));
+        assert_eq!((e.path.to_string(), e.code()), ("resources[1].aliases".to_string(), ErrorCode::AlreadyExists), "{e}");
+        let e = refused(json!([{"arn": key("k1"), "aliases": ["alias/aws/s3"]}]));
+        assert_eq!((e.path.to_string(), e.code()), ("resources[0].aliases[0]".to_string(), ErrorCode::InvalidAliasName), "{e}");
+        let e = refused(json!([{"arn": "arn:aws:s3:::b", "aliases": ["alias/a"]}]));
+        assert_eq!(e.path.to_string(), "resources[0].aliases", "{e}");
+        let g = |ops: Value| json!({"id": "g", "grantee_principal": "arn:aws:iam::111122223333:user/u", "operations": ops});
+        let e = refused(json!([{"arn": key("k1"), "grants": [g(json!(["Decrypt"])), g(json!(["Encrypt"]))]}]));
+        assert_eq!((e.path.to_string(), e.code()), ("resources[0].grants[1].id".to_string(), ErrorCode::AlreadyExists), "{e}");
+        let e = refused(json!([{"arn": key("k1"), "grants": [g(json!(["Decrypt", "Sign"]))]}]));
+        assert_eq!(e.path.to_string(), "resources[0].grants[0].operations[1]", "{e}");
+        let e =
+            refused(json!([{"arn": key("k1"), "grants": [{"id": "g", "grantee_principal": "bob", "operations": ["Decrypt"]}]}]));
+        assert_eq!(e.path.to_string(), "resources[0].grants[0].grantee_principal", "{e}");
     }
 
     #[test]

@@ -200,6 +200,9 @@ pub enum Refused {
     Tags { resource: String, action: String, tags: Vec<(String, String)>, keys: Vec<String> },
     /// An admin update, by its field name (`put_policy`, `set_tags`).
     Update { update: String },
+    /// A KMS alias or grant operation: `action` as authorized
+    /// (`kms:CreateAlias`) on `resource` (the alias or key it was denied on).
+    Kms { resource: String, action: String },
 }
 
 fn tags_json(tags: &[(String, String)]) -> Value {
@@ -253,6 +256,11 @@ pub fn refusal_record(r: &Refusal, node: &str, event_id: &str) -> Value {
             (format!("{}.amazonaws.com", service_of(resource)), name, params, json!([{"ARN": resource}]))
         }
         Refused::Update { update } => ("tagward".to_string(), camel(update), json!({"update": update}), json!([])),
+        Refused::Kms { resource, action } => {
+            extra["action"] = json!(action);
+            let name = action.split_once(':').map_or(action.as_str(), |(_, n)| n).to_string();
+            ("kms.amazonaws.com".to_string(), name, json!({"resource": resource}), json!([{"ARN": resource}]))
+        }
     };
     json!({
         "eventVersion": "1.08",
@@ -307,6 +315,70 @@ pub fn record(e: &Event, node: &str, event_id: &str) -> Value {
                     "action": action,
                     "tagsBefore": tags_json(before),
                     "tagsAfter": tags_json(after),
+                    "allowedBy": allowed_by,
+                    "node": node,
+                },
+            })
+        }
+        EventKind::Alias { action, alias, key, previous_key, change, allowed_by } => {
+            let name = match (action.split_once(':'), change) {
+                (Some((_, n)), _) => n.to_string(),
+                (None, ChangeKind::Delete) => "DeleteAlias".to_string(),
+                (None, _) => "PutAlias".to_string(),
+            };
+            let alias_arn = tagward_core::kms::alias_arn(key, alias).unwrap_or_default();
+            let mut resources = vec![json!({"ARN": alias_arn}), json!({"ARN": key})];
+            if let Some(p) = previous_key {
+                resources.push(json!({"ARN": p}));
+            }
+            json!({
+                "eventVersion": "1.08",
+                "eventTime": time,
+                "eventSource": "kms.amazonaws.com",
+                "eventName": name,
+                "eventType": "AwsApiCall",
+                "eventID": event_id,
+                "readOnly": false,
+                "userIdentity": identity,
+                "requestParameters": {"aliasName": alias, "targetKeyId": key},
+                "resources": resources,
+                "additionalEventData": {
+                    "revision": e.revision,
+                    "action": action,
+                    "previousKeyId": previous_key,
+                    "allowedBy": allowed_by,
+                    "node": node,
+                },
+            })
+        }
+        EventKind::Grant { action, key, grant_id, grant, change, allowed_by } => {
+            let name = match (action.split_once(':'), change) {
+                (Some((_, n)), _) => n.to_string(),
+                (None, ChangeKind::Delete) => "DeleteGrant".to_string(),
+                (None, _) => "PutGrant".to_string(),
+            };
+            let mut params = json!({"keyId": key, "grantId": grant_id});
+            if let Some(g) = grant {
+                params["granteePrincipal"] = json!(g.grantee_principal);
+                params["retiringPrincipal"] = json!(g.retiring_principal);
+                params["operations"] = json!(g.operations);
+                params["constraints"] = serde_json::to_value(&g.constraints).unwrap_or(Value::Null);
+                params["name"] = json!(g.name);
+            }
+            json!({
+                "eventVersion": "1.08",
+                "eventTime": time,
+                "eventSource": "kms.amazonaws.com",
+                "eventName": name,
+                "eventType": "AwsApiCall",
+                "eventID": event_id,
+                "readOnly": false,
+                "userIdentity": identity,
+                "requestParameters": params,
+                "resources": [{"ARN": key}],
+                "additionalEventData": {
+                    "revision": e.revision,
+                    "action": action,
                     "allowedBy": allowed_by,
                     "node": node,
                 },
@@ -583,6 +655,44 @@ mod tests {
         assert_eq!(r["requestParameters"]["tags"][0]["tagValue"], "Beta");
         assert_eq!(r["additionalEventData"]["tagsBefore"][0]["tagValue"], "Alpha");
         assert_eq!(r["additionalEventData"]["revision"], 42);
+    }
+
+    #[test]
+    fn alias_and_grant_changes_are_kms_records() {
+        let key = "arn:aws:kms:us-east-1:111122223333:key/k1";
+        let alias = Event {
+            revision: 7,
+            time_unix_ms: 0,
+            actor: "arn:aws:iam::111122223333:role/Admin".into(),
+            kind: EventKind::Alias {
+                action: "kms:UpdateAlias".into(),
+                alias: "alias/app".into(),
+                key: key.into(),
+                previous_key: Some("arn:aws:kms:us-east-1:111122223333:key/k0".into()),
+                change: ChangeKind::Put,
+                allowed_by: vec!["Admin[0]".into()],
+            },
+        };
+        let r = record(&alias, "node-1", "id");
+        assert_eq!((r["eventSource"].as_str(), r["eventName"].as_str()), (Some("kms.amazonaws.com"), Some("UpdateAlias")));
+        assert_eq!(r["resources"][0]["ARN"], "arn:aws:kms:us-east-1:111122223333:alias/app");
+        assert_eq!(r["additionalEventData"]["previousKeyId"], "arn:aws:kms:us-east-1:111122223333:key/k0");
+        let grant = Event {
+            revision: 8,
+            time_unix_ms: 0,
+            actor: "admin".into(),
+            kind: EventKind::Grant {
+                action: "admin".into(),
+                key: key.into(),
+                grant_id: "g1".into(),
+                grant: None,
+                change: ChangeKind::Delete,
+                allowed_by: Vec::new(),
+            },
+        };
+        let r = record(&grant, "node-1", "id");
+        assert_eq!((r["eventName"].as_str(), r["requestParameters"]["grantId"].as_str()), (Some("DeleteGrant"), Some("g1")));
+        assert_eq!(r["userIdentity"]["type"], "TagwardAdmin");
     }
 
     #[test]

@@ -29,9 +29,12 @@ use arc_swap::ArcSwap;
 use thiserror::Error;
 use tokio::sync::{broadcast, watch};
 
-use tagward_core::change::{apply, now_ms, replay, replay_events, state_changes, tag_event, tag_record, update_field, Applied};
+use tagward_core::change::{
+    apply, kms_event, kms_record, now_ms, replay, replay_events, state_changes, tag_event, tag_record, update_field, Applied,
+};
 use tagward_core::change::{Change, Record};
 use tagward_core::error::ErrorCode;
+use tagward_core::kms_ops::{KmsError, KmsOutcome, KmsRequest};
 use tagward_core::state::State;
 use tagward_core::tagging::{perform, TagError, TagOutcome, TagRequest};
 use tagward_core::world::{ResourceBuilder, WorldSpec};
@@ -62,6 +65,36 @@ pub struct Tagged {
     pub revision: u64,
     /// This operation changed the tags (and so made `revision`).
     pub changed: bool,
+}
+
+/// A KMS alias or grant operation's result, as the store applied it.
+#[derive(Debug)]
+pub struct KmsDone {
+    pub outcome: KmsOutcome,
+    /// The revision after the operation.
+    pub revision: u64,
+    /// This operation changed the state (and so made `revision`).
+    pub changed: bool,
+}
+
+/// The audit record of a refused KMS alias or grant operation.
+pub fn kms_refusal(
+    req: &KmsRequest,
+    resource: &str,
+    caller: Option<String>,
+    revision: u64,
+    error_code: &str,
+    error_message: String,
+) -> Refusal {
+    Refusal {
+        time_unix_ms: now_ms(),
+        actor: req.principal.clone(),
+        caller,
+        revision,
+        what: RefusedWrite::Kms { resource: resource.to_string(), action: req.op.action() },
+        error_code: error_code.to_string(),
+        error_message,
+    }
 }
 
 /// The kept events a watch starts with, and the receiver of the live ones.
@@ -671,6 +704,41 @@ impl Store {
             Refused::TooLarge(reason) => TagError::Validation { field: "tags".into(), reason },
         })?;
         Ok((Tagged { outcome, revision, changed: true }, ticket))
+    }
+
+    /// Performs a KMS alias or grant operation as a principal, on the
+    /// newest accepted state, like [`Store::tag`]. The ticket says when the
+    /// change is durable and visible.
+    pub fn kms(&self, req: &KmsRequest) -> Result<(KmsDone, Ticket), KmsError> {
+        if self.is_shared() {
+            return Err(KmsError::Unavailable("a fleet store takes changes through kms_acked".into()));
+        }
+        let mut writer = lock(&self.inner.writer);
+        let head = writer.head.clone();
+        let mut outcome = match tagward_core::kms_ops::perform(&head, req) {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                drop(writer);
+                if let KmsError::AccessDenied { resource, .. } = &e {
+                    self.audit_refusal(kms_refusal(req, resource, None, head.revision(), "AccessDenied", e.to_string()));
+                }
+                return Err(e);
+            }
+        };
+        let Some((next, change)) = outcome.change.take() else {
+            return Ok((KmsDone { outcome, revision: head.revision(), changed: false }, self.unchanged(head.revision())));
+        };
+        if let Some(failed) = &writer.failed {
+            return Err(KmsError::Unavailable(StorageFailed(failed.clone()).to_string()));
+        }
+        let revision = next.revision();
+        let record = kms_record(&change, head.revision());
+        let event = kms_event(&change, outcome.decision.matched.iter().map(ToString::to_string).collect());
+        let ticket = self.accept(&mut writer, next, vec![event], &record).map_err(|e| match e {
+            Refused::Failed(e) => KmsError::Unavailable(e.to_string()),
+            Refused::TooLarge(reason) => KmsError::Validation { field: req.op.name().to_string(), reason },
+        })?;
+        Ok((KmsDone { outcome, revision, changed: true }, ticket))
     }
 
     /// The ticket of a change that changed nothing: it was decided on the

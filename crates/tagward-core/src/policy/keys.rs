@@ -34,6 +34,10 @@ pub enum KeyRef {
     PrincipalOrgPaths,
     ResourceOrgId,
     ResourceOrgPaths,
+    /// `kms:RequestAlias`: the alias the request named the key by.
+    RequestAlias,
+    /// `kms:ResourceAliases`: the key's aliases (multivalued).
+    ResourceAliases,
     /// Any other key: supplied by the request's context. Stored lowercased.
     Context(Box<str>),
 }
@@ -92,6 +96,8 @@ impl KeyRef {
             "aws:principalorgpaths" => KeyRef::PrincipalOrgPaths,
             "aws:resourceorgid" => KeyRef::ResourceOrgId,
             "aws:resourceorgpaths" => KeyRef::ResourceOrgPaths,
+            "kms:requestalias" => KeyRef::RequestAlias,
+            "kms:resourcealiases" => KeyRef::ResourceAliases,
             _ => KeyRef::Context(lower.into()),
         })
     }

@@ -30,14 +30,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
 
-use tagward_core::change::{apply, now_ms, replay, state_changes, tag_event, update_field, Applied};
+use tagward_core::change::{apply, kms_event, kms_record, now_ms, replay, state_changes, tag_event, update_field, Applied};
 use tagward_core::change::{Change, ChangeKind, EntityKind, Event, EventKind, Update, UpdateError};
 use tagward_core::error::ErrorCode;
+use tagward_core::kms_ops::{KmsError, KmsRequest};
 use tagward_core::state::State;
 use tagward_core::tagging::{perform, TagError, TagRequest};
-use tagward_core::world::{endpoint_spec, principal_spec, resource_spec, session_spec, ResourceBuilder, WorldSpec};
+use tagward_core::world::{endpoint_spec, principal_spec, resource_spec, session_spec, GrantSpec, ResourceBuilder, WorldSpec};
 
-use super::{lock, tag_refusal, Durability, OpenError, Store, Tagged};
+use super::{kms_refusal, lock, tag_refusal, Durability, KmsDone, OpenError, Store, Tagged};
 use crate::audit::{AuditLog, Refusal, Refused as RefusedWrite};
 use crate::storage::MemoryBackend;
 
@@ -163,8 +164,9 @@ pub struct Touched {
     pub everything: bool,
 }
 
-/// Adds the entities `change` writes to `out`.
-pub fn touched(change: &Change, out: &mut Touched) {
+/// Adds the entities `change` writes to `out`; `before` is the state the
+/// change was made on (a moved alias also rewrites the key it left).
+pub fn touched(change: &Change, before: &State, out: &mut Touched) {
     match change {
         Change::PutPolicy { name, .. } | Change::DeletePolicy { name } => {
             out.keys.insert(EntityKey::Policy(name.clone()));
@@ -182,7 +184,7 @@ pub fn touched(change: &Change, out: &mut Touched) {
             out.keys.insert(EntityKey::Resource(arn.clone()));
         }
         Change::ReplaceWorld(_) => out.everything = true,
-        Change::Batch(changes) => changes.iter().for_each(|c| touched(c, out)),
+        Change::Batch(changes) => changes.iter().for_each(|c| touched(c, before, out)),
         Change::PutOrganization(_) | Change::DeleteOrganization => {
             out.keys.insert(EntityKey::Organization);
         }
@@ -198,6 +200,17 @@ pub fn touched(change: &Change, out: &mut Touched) {
         Change::DeleteEndpoint { id } => {
             out.keys.insert(EntityKey::Endpoint(id.clone()));
         }
+        // Aliases and grants live on their key's resource entity.
+        Change::PutAlias { key, alias } => {
+            out.keys.insert(EntityKey::Resource(key.clone()));
+            let previous = tagward_core::kms::alias_arn(key, alias).and_then(|arn| before.alias_target(&arn).cloned());
+            if let Some(previous) = previous {
+                out.keys.insert(EntityKey::Resource(previous.to_string()));
+            }
+        }
+        Change::DeleteAlias { key, .. } | Change::PutGrant { key, .. } | Change::DeleteGrant { key, .. } => {
+            out.keys.insert(EntityKey::Resource(key.clone()));
+        }
     }
 }
 
@@ -210,7 +223,11 @@ pub fn record_key(change: &Change) -> Option<EntityKey> {
         Change::PutOrganization(_) => Some(EntityKey::Organization),
         Change::PutSession(spec) => Some(EntityKey::Session(spec.arn.clone())),
         Change::PutEndpoint(spec) => Some(EntityKey::Endpoint(spec.id.clone())),
-        Change::DeleteOrganization
+        Change::PutAlias { .. }
+        | Change::DeleteAlias { .. }
+        | Change::PutGrant { .. }
+        | Change::DeleteGrant { .. }
+        | Change::DeleteOrganization
         | Change::DeleteSession { .. }
         | Change::DeleteEndpoint { .. }
         | Change::DeletePolicy { .. }
@@ -328,6 +345,36 @@ pub enum LoggedEvent {
         name: String,
         change: String,
     },
+    Alias {
+        time_unix_ms: i64,
+        actor: String,
+        action: String,
+        alias: String,
+        key: String,
+        previous_key: Option<String>,
+        change: String,
+        allowed_by: Vec<String>,
+    },
+    Grant {
+        time_unix_ms: i64,
+        actor: String,
+        action: String,
+        key: String,
+        grant_id: String,
+        grant: Option<GrantSpec>,
+        change: String,
+        allowed_by: Vec<String>,
+    },
+}
+
+/// A change kind back from its wire spelling.
+fn change_kind(change: &str) -> Option<ChangeKind> {
+    match change {
+        "put" => Some(ChangeKind::Put),
+        "delete" => Some(ChangeKind::Delete),
+        "replace" => Some(ChangeKind::Replace),
+        _ => None,
+    }
 }
 
 impl LoggedEvent {
@@ -349,6 +396,26 @@ impl LoggedEvent {
                 name: name.clone(),
                 change: change.as_str().to_string(),
             },
+            EventKind::Alias { action, alias, key, previous_key, change, allowed_by } => LoggedEvent::Alias {
+                time_unix_ms: e.time_unix_ms,
+                actor: e.actor.clone(),
+                action: action.clone(),
+                alias: alias.clone(),
+                key: key.clone(),
+                previous_key: previous_key.clone(),
+                change: change.as_str().to_string(),
+                allowed_by: allowed_by.clone(),
+            },
+            EventKind::Grant { action, key, grant_id, grant, change, allowed_by } => LoggedEvent::Grant {
+                time_unix_ms: e.time_unix_ms,
+                actor: e.actor.clone(),
+                action: action.clone(),
+                key: key.clone(),
+                grant_id: grant_id.clone(),
+                grant: grant.clone(),
+                change: change.as_str().to_string(),
+                allowed_by: allowed_by.clone(),
+            },
         }
     }
 
@@ -368,13 +435,18 @@ impl LoggedEvent {
                     "endpoint" => EntityKind::Endpoint,
                     _ => return None,
                 };
-                let change = match change.as_str() {
-                    "put" => ChangeKind::Put,
-                    "delete" => ChangeKind::Delete,
-                    "replace" => ChangeKind::Replace,
-                    _ => return None,
-                };
+                let change = change_kind(&change)?;
                 Event { revision, time_unix_ms, actor, kind: EventKind::Entity { kind, name, change } }
+            }
+            LoggedEvent::Alias { time_unix_ms, actor, action, alias, key, previous_key, change, allowed_by } => {
+                let change = change_kind(&change)?;
+                let kind = EventKind::Alias { action, alias, key, previous_key, change, allowed_by };
+                Event { revision, time_unix_ms, actor, kind }
+            }
+            LoggedEvent::Grant { time_unix_ms, actor, action, key, grant_id, grant, change, allowed_by } => {
+                let change = change_kind(&change)?;
+                let kind = EventKind::Grant { action, key, grant_id, grant, change, allowed_by };
+                Event { revision, time_unix_ms, actor, kind }
             }
         })
     }
@@ -575,6 +647,57 @@ impl Store {
         self.tag_shared(req).await
     }
 
+    /// Performs a KMS alias or grant operation and waits until it is durable
+    /// and visible here (see [`Store::apply_acked`]).
+    pub async fn kms_acked(&self, req: &KmsRequest) -> Result<KmsDone, KmsError> {
+        if !self.is_shared() {
+            let (done, ticket) = self.kms(req)?;
+            ticket.durable().await.map_err(|e| KmsError::Unavailable(e.to_string()))?;
+            return Ok(done);
+        }
+        self.kms_shared(req).await
+    }
+
+    async fn kms_shared(&self, req: &KmsRequest) -> Result<KmsDone, KmsError> {
+        let fleet = self.fleet().map_err(KmsError::Unavailable)?;
+        let refused = |reason: String| KmsError::Validation { field: req.op.name().to_string(), reason };
+        for _ in 0..MAX_ATTEMPTS {
+            let snap = self.snapshot();
+            let mut outcome = match tagward_core::kms_ops::perform(&snap, req) {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    if let KmsError::AccessDenied { resource, .. } = &e {
+                        self.audit_refusal(kms_refusal(req, resource, None, snap.revision(), "AccessDenied", e.to_string()));
+                    }
+                    return Err(e);
+                }
+            };
+            let Some((next, change)) = outcome.change.take() else {
+                return Ok(KmsDone { outcome, revision: snap.revision(), changed: false });
+            };
+            let event = kms_event(&change, outcome.decision.matched.iter().map(ToString::to_string).collect());
+            let mut keys = Touched::default();
+            touched(&kms_record(&change, snap.revision()).change, &snap, &mut keys);
+            // The decision read the key, the principal, its policies and the
+            // rest of the chain, and an alias name is unique across the keys
+            // of an account and Region: the operation commits only if nothing
+            // on the prefix changed since (alias and grant changes are rare).
+            let guards = vec![Guard::Unchanged { key: LOG_KEY.into(), since: snap.revision() }];
+            let events = vec![event];
+            let txn = transaction(&snap, &next, &keys, guards, &req.principal, &fleet.node, &events).map_err(refused)?;
+            match fleet.shared.commit(txn).await {
+                Ok(revision) => {
+                    self.acknowledge(revision, events).await.map_err(KmsError::Unavailable)?;
+                    return Ok(KmsDone { outcome, revision, changed: true });
+                }
+                Err(CommitError::Conflict { current }) => self.catch_up(current).await,
+                Err(CommitError::Refused(reason)) => return Err(refused(reason)),
+                Err(e @ CommitError::Unavailable(_)) => return Err(KmsError::Unavailable(e.to_string())),
+            }
+        }
+        Err(KmsError::Unavailable(format!("gave up after {MAX_ATTEMPTS} attempts, each overtaken by a conflicting change")))
+    }
+
     fn fleet(&self) -> Result<&Fleet, String> {
         let fleet = self.inner.fleet.get().ok_or("not a fleet store")?;
         if let Some(stuck) = lock(&fleet.stuck).clone() {
@@ -598,7 +721,7 @@ impl Store {
                 return Ok(snap.revision());
             }
             let mut touched_keys = Touched::default();
-            applied.changes.iter().for_each(|c| touched(c, &mut touched_keys));
+            applied.changes.iter().for_each(|c| touched(c, &snap, &mut touched_keys));
             // An admin update may read anything (a batch, a replaced world):
             // it commits only if nothing on the prefix changed since.
             let guards = vec![Guard::Unchanged { key: LOG_KEY.into(), since: snap.revision() }];
@@ -882,8 +1005,9 @@ mod tests {
     #[test]
     fn a_tag_change_writes_one_key_and_a_replaced_world_every_changed_one() {
         let mut t = Touched::default();
-        touched(&Change::ReplaceTags { resource: "arn:r".into(), tags: vec![] }, &mut t);
-        touched(&Change::Batch(vec![Change::DeletePolicy { name: "P".into() }]), &mut t);
+        let empty = State::default();
+        touched(&Change::ReplaceTags { resource: "arn:r".into(), tags: vec![] }, &empty, &mut t);
+        touched(&Change::Batch(vec![Change::DeletePolicy { name: "P".into() }]), &empty, &mut t);
         assert_eq!(
             t.keys.into_iter().collect::<Vec<_>>(),
             vec![EntityKey::Policy("P".into()), EntityKey::Resource("arn:r".into())]
@@ -896,7 +1020,7 @@ mod tests {
             serde_json::from_value(json!({"resources": [{"arn": "arn:aws:kms:us-east-1:111122223333:key/k1"}]})).unwrap();
         apply(&mut after, &mut resources, &Update::ReplaceWorld(replacement), "admin", &mut applied).unwrap();
         let mut t = Touched::default();
-        applied.changes.iter().for_each(|c| touched(c, &mut t));
+        applied.changes.iter().for_each(|c| touched(c, &before, &mut t));
         assert!(t.everything);
         let txn = transaction(&before, &after, &t, vec![], "admin", "n", &applied.events).unwrap();
         let deletes = txn.ops.iter().filter(|o| matches!(o, Op::Delete { .. })).count();
