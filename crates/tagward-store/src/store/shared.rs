@@ -938,6 +938,16 @@ fn apply_delivered(state: &mut State, resources: &mut ResourceBuilder, d: &Deliv
         }
     }
     puts.sort_by(|a, b| a.0.cmp(&b.0));
+    // A transaction may move an alias from one key to another (UpdateAlias,
+    // or a batch): the keys it rewrites give up their aliases first, so that
+    // their new records take them back in any order.
+    for (key, _) in &puts {
+        let EntityKey::Resource(arn) = key else { continue };
+        if let Some(mut spec) = state.resource(arn).map(|r| resource_spec(r)).filter(|s| !s.aliases.is_empty()) {
+            spec.aliases.clear();
+            replay(state, resources, &Change::PutResource(spec)).map_err(|e| format!("{}: {e}", key.path()))?;
+        }
+    }
     for (key, bytes) in &puts {
         let change: Change = serde_json::from_slice(bytes).map_err(|e| format!("{}: not an entity record: {e}", key.path()))?;
         if record_key(&change).as_ref() != Some(key) {
