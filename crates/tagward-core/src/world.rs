@@ -4,6 +4,8 @@
 //! `deny_unknown_fields`); [`WorldSpec::apply`] lowers it into a [`State`],
 //! refusing the whole of it on the first error, which names the JSON path.
 
+mod lower_chain;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
