@@ -271,6 +271,10 @@ def policy(file):
             grpc = (tw.get(probe) or {}).get("grpc") or {}
             if grpc.get("port") != probe_port:
                 problems.append(f"{probe} is not a gRPC probe on the {'health' if health else 'data'} port {probe_port}")
+        liveness = ((tw.get("livenessProbe") or {}).get("grpc") or {}).get("service")
+        if liveness != "liveness":
+            problems.append(f"livenessProbe checks {liveness or 'the overall status'!r}, which a failed store or an etcd "
+                            "outage turns NOT_SERVING: a restart loop; probe the service 'liveness'")
         if not is_loopback(admin) and not env.get("TAGWARD_ADMIN_TLS_CERT"):
             problems.append(f"TAGWARD_ADMIN_LISTEN {admin} is beyond loopback without TLS (TAGWARD_ADMIN_TLS_CERT): "
                             "the token would cross the network in the clear")

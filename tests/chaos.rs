@@ -505,7 +505,9 @@ async fn health_says_not_serving_for_writers_once_the_store_fails() {
     }
     assert_ne!(status("tagward.v1.Tagging").await, SERVING);
     assert_ne!(status("tagward.v1.Admin").await, SERVING);
+    assert_ne!(status("tagward.v1.Kms").await, SERVING);
     assert_eq!(status("tagward.v1.Authorizer").await, SERVING, "decisions still work");
+    assert_eq!(status("liveness").await, SERVING, "a restart would not mend the disk: liveness holds");
     assert!(allowed(c.authz.authorize(authorize_req(ALPHA_APP, "kms:Decrypt", KEY_ALPHA)).await.unwrap().get_ref()));
     running.shutdown().await;
 }

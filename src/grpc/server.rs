@@ -194,6 +194,11 @@ pub const DATA_SERVICES: &[&str] = &["tagward.v1.Authorizer", "tagward.v1.Taggin
 /// What the admin listener serves.
 pub const ADMIN_SERVICES: &[&str] = &["tagward.v1.Admin"];
 
+/// The health name for liveness probes: `SERVING` from start to shutdown,
+/// whatever the store or etcd say, so that a failed disk or an etcd outage
+/// (which restarting cannot fix) never gets the sidecar restarted in a loop.
+pub const LIVENESS: &str = "liveness";
+
 /// Reflection (v1 for grpcurl, v1alpha for older tools) that lists exactly
 /// `services` and the reflection service itself, and knows every message they
 /// use, including the `google.rpc` error details (`ErrorInfo`) that statuses
@@ -281,6 +286,7 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
         health.set_serving::<KmsServer<KmsService>>().await;
     }
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health.set_service_status(LIVENESS, tonic_health::ServingStatus::Serving).await;
     health.set_service_status(ADMIN_SERVICES[0], tonic_health::ServingStatus::Serving).await;
     // The Kms service (alias and grant operations) goes with Tagging.
     let data_services: Vec<&str> = DATA_SERVICES
@@ -419,6 +425,7 @@ async fn set_writers(health: &HealthReporter, tagging: bool, status: tonic_healt
     health.set_service_status(ADMIN_SERVICES[0], status).await;
     if tagging {
         health.set_service_status("tagward.v1.Tagging", status).await;
+        health.set_service_status("tagward.v1.Kms", status).await;
     }
 }
 
@@ -451,6 +458,7 @@ impl Running {
         self.health.set_not_serving::<TaggingServer<TaggingService>>().await;
         self.health.set_not_serving::<KmsServer<KmsService>>().await;
         self.health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        self.health.set_service_status(LIVENESS, tonic_health::ServingStatus::NotServing).await;
         self.health.set_service_status(ADMIN_SERVICES[0], tonic_health::ServingStatus::NotServing).await;
         let _ = self.shutdown.send(true);
         let (helpers, servers) = (self.helpers, self.servers);
