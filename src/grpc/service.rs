@@ -206,6 +206,35 @@ fn tag_action(req: &TagRequest) -> String {
 }
 
 impl TaggingService {
+    /// A Tagging write: converting a large request and waiting for the
+    /// writer lock happen off the async workers; a fleet store commits
+    /// through etcd afterwards, without holding a worker either.
+    async fn write<T: Send + Sync + 'static>(
+        &self,
+        request: Request<T>,
+        convert: fn(&T, &ContextRules) -> Result<TagRequest, Status>,
+    ) -> Result<crate::store::Tagged, Status> {
+        let peer = peer_of(&request);
+        let this = TaggingService(self.0.clone());
+        let shared = self.0.store.is_shared();
+        let (req, local) = blocking(move || {
+            let req = convert(request.get_ref(), &this.0.context_rules)?;
+            this.may_write(peer.as_ref(), &req)?;
+            let local = if shared { None } else { Some(this.0.store.tag(&req).map_err(tag_status)?) };
+            Ok((req, local))
+        })
+        .await?;
+        match local {
+            Some((done, ticket)) => {
+                ticket.durable().await.map_err(|e| tag_status(TagError::Unavailable(e.to_string())))?;
+                Ok(done)
+            }
+            None => self.0.store.tag_acked(&req).await.map_err(tag_status),
+        }
+    }
+}
+
+impl TaggingService {
     /// A Tagging write goes ahead only when it is served and its caller
     /// may act as the principal it names; a caller refused is audited.
     fn may_write(&self, peer: Option<&Peer>, req: &TagRequest) -> Result<(), Status> {
@@ -421,26 +450,7 @@ impl Tagging for TaggingService {
         request: Request<proto::TagResourceRequest>,
     ) -> Result<Response<proto::TagResourceResponse>, Status> {
         observed("TagResource", "TagResource", async {
-            let peer = peer_of(&request);
-            let this = TaggingService(self.0.clone());
-            let shared = self.0.store.is_shared();
-            // Converting a large request and waiting for the writer lock
-            // happen off the async workers; a fleet store commits through
-            // etcd below, without holding a worker either.
-            let (req, local) = blocking(move || {
-                let req = convert::tag_resource(request.get_ref(), &this.0.context_rules)?;
-                this.may_write(peer.as_ref(), &req)?;
-                let local = if shared { None } else { Some(this.0.store.tag(&req).map_err(tag_status)?) };
-                Ok((req, local))
-            })
-            .await?;
-            let done = match local {
-                Some((done, ticket)) => {
-                    ticket.durable().await.map_err(|e| tag_status(TagError::Unavailable(e.to_string())))?;
-                    done
-                }
-                None => self.0.store.tag_acked(&req).await.map_err(tag_status)?,
-            };
+            let done = self.write(request, convert::tag_resource).await?;
             Span::current().record("decision", field::display(done.outcome.decision.reason.as_str()));
             Ok(Response::new(proto::TagResourceResponse {
                 revision: done.revision,
@@ -456,26 +466,7 @@ impl Tagging for TaggingService {
         request: Request<proto::UntagResourceRequest>,
     ) -> Result<Response<proto::UntagResourceResponse>, Status> {
         observed("UntagResource", "UntagResource", async {
-            let peer = peer_of(&request);
-            let this = TaggingService(self.0.clone());
-            let shared = self.0.store.is_shared();
-            // Converting a large request and waiting for the writer lock
-            // happen off the async workers; a fleet store commits through
-            // etcd below, without holding a worker either.
-            let (req, local) = blocking(move || {
-                let req = convert::untag_resource(request.get_ref(), &this.0.context_rules)?;
-                this.may_write(peer.as_ref(), &req)?;
-                let local = if shared { None } else { Some(this.0.store.tag(&req).map_err(tag_status)?) };
-                Ok((req, local))
-            })
-            .await?;
-            let done = match local {
-                Some((done, ticket)) => {
-                    ticket.durable().await.map_err(|e| tag_status(TagError::Unavailable(e.to_string())))?;
-                    done
-                }
-                None => self.0.store.tag_acked(&req).await.map_err(tag_status)?,
-            };
+            let done = self.write(request, convert::untag_resource).await?;
             Span::current().record("decision", field::display(done.outcome.decision.reason.as_str()));
             Ok(Response::new(proto::UntagResourceResponse {
                 revision: done.revision,
