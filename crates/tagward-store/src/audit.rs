@@ -321,11 +321,7 @@ pub fn record(e: &Event, node: &str, event_id: &str) -> Value {
             })
         }
         EventKind::Alias { action, alias, key, previous_key, change, allowed_by } => {
-            let name = match (action.split_once(':'), change) {
-                (Some((_, n)), _) => n.to_string(),
-                (None, ChangeKind::Delete) => "DeleteAlias".to_string(),
-                (None, _) => "PutAlias".to_string(),
-            };
+            let name = kms_event_name(action, *change, "PutAlias", "DeleteAlias");
             let alias_arn = tagward_core::kms::alias_arn(key, alias).unwrap_or_default();
             let mut resources = vec![json!({"ARN": alias_arn}), json!({"ARN": key})];
             if let Some(p) = previous_key {
@@ -352,11 +348,7 @@ pub fn record(e: &Event, node: &str, event_id: &str) -> Value {
             })
         }
         EventKind::Grant { action, key, grant_id, grant, change, allowed_by } => {
-            let name = match (action.split_once(':'), change) {
-                (Some((_, n)), _) => n.to_string(),
-                (None, ChangeKind::Delete) => "DeleteGrant".to_string(),
-                (None, _) => "PutGrant".to_string(),
-            };
+            let name = kms_event_name(action, *change, "PutGrant", "DeleteGrant");
             let mut params = json!({"keyId": key, "grantId": grant_id});
             if let Some(g) = grant {
                 params["granteePrincipal"] = json!(g.grantee_principal);
@@ -569,6 +561,17 @@ impl AuditLog {
         if let Err(e) = self.rotate_if_full() {
             tracing::warn!(file = %self.path.display(), error = %e, "cannot rotate the audit trail; it keeps growing");
         }
+    }
+}
+
+/// A KMS change's CloudTrail event name: the operation of an authorized
+/// call (`kms:CreateAlias` gives `CreateAlias`), else the admin's put or
+/// delete.
+fn kms_event_name(action: &str, change: ChangeKind, put: &str, delete: &str) -> String {
+    match (action.split_once(':'), change) {
+        (Some((_, name)), _) => name.to_string(),
+        (None, ChangeKind::Delete) => delete.to_string(),
+        (None, _) => put.to_string(),
     }
 }
 
