@@ -456,6 +456,11 @@ struct AskArgs {
     json: bool,
 }
 
+/// jemalloc, not the system allocator: glibc keeps what a burst of
+/// connections freed, jemalloc's background threads hand it back.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // `serve` reports through its logs from the start; the other commands

@@ -23,6 +23,7 @@ pub const RPC_DURATION: &str = "tagward_rpc_duration_seconds";
 pub const RPCS: &str = "tagward_rpc_total";
 pub const DECISION_LOG_DROPPED: &str = "tagward_decision_log_dropped_total";
 pub const BUILD_INFO: &str = "tagward_build_info";
+pub const WATCH_STREAMS: &str = "tagward_watch_streams";
 
 /// Every RPC the sidecar serves, as the `rpc` label names it.
 pub const RPC_NAMES: &[&str] = &[
@@ -51,6 +52,23 @@ pub fn decision(d: &Decision) {
 pub fn rpc(name: &'static str, started: Instant, code: &'static str) {
     metrics::histogram!(RPC_DURATION, "rpc" => name).record(started.elapsed().as_secs_f64());
     metrics::counter!(RPCS, "rpc" => name, "code" => code).increment(1);
+}
+
+/// Counts one open `Admin.Watch` stream in `tagward_watch_streams` for as
+/// long as it lives.
+pub struct WatchStreamGauge(());
+
+impl WatchStreamGauge {
+    pub fn open() -> WatchStreamGauge {
+        metrics::gauge!(WATCH_STREAMS).increment(1.0);
+        WatchStreamGauge(())
+    }
+}
+
+impl Drop for WatchStreamGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(WATCH_STREAMS).decrement(1.0);
+    }
 }
 
 /// Which decisions the decision log keeps.
@@ -175,6 +193,7 @@ pub fn install_exporter(addr: std::net::SocketAddr) -> Result<(), ExporterError>
     metrics::describe_gauge!(TAGS, "Tags on resources and principals");
     metrics::describe_gauge!(BUILD_INFO, "Always 1; the labels carry the version");
     metrics::describe_gauge!(STORE_FAILED, "1 while the store refuses every change after a storage failure");
+    metrics::describe_gauge!(WATCH_STREAMS, "Admin.Watch streams open");
     register_at_zero();
     Ok(())
 }
@@ -199,4 +218,5 @@ fn register_at_zero() {
     metrics::counter!(DECISION_LOG_DROPPED).absolute(0);
     metrics::counter!(AUDIT_FAILURES).absolute(0);
     metrics::gauge!(STORE_FAILED).set(0.0);
+    metrics::gauge!(WATCH_STREAMS).set(0.0);
 }

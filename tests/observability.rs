@@ -809,6 +809,7 @@ async fn every_documented_series_exists_from_the_start() {
     zero("tagward_decision_log_dropped_total", &[]);
     zero("tagward_audit_write_failures_total", &[]);
     zero("tagward_store_failed", &[]);
+    zero("tagward_watch_streams", &[]);
     assert_eq!(first.get("tagward_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0), "{}", first.text);
 
     // One tag change through the Tagging API (KeyAdmin may set Project),
@@ -833,6 +834,38 @@ async fn every_documented_series_exists_from_the_start() {
     assert_eq!(after.counter("tagward_tag_changes_total", &[("origin", "admin")]), 1.0, "{}", after.text);
     assert_eq!(after.counter("tagward_rpc_total", &[("rpc", "TagResource"), ("code", "OK")]), 1.0, "{}", after.text);
     assert_eq!(after.counter("tagward_rpc_total", &[("rpc", "Apply"), ("code", "OK")]), 1.0, "{}", after.text);
+    server.term();
+}
+
+/// A Watch stream its caller abandoned is closed at once on an idle sidecar,
+/// not when the next change would have found it gone:
+/// `tagward_watch_streams` counts them up and back down to 0 with no change
+/// made in between.
+#[tokio::test(flavor = "multi_thread")]
+async fn abandoned_watch_streams_are_freed_without_waiting_for_a_change() {
+    let scratch = Scratch::new("metrics-watch");
+    let world = example_world();
+    let mut server = serve(scratch.path(), &["--ephemeral", "--world", &world], true).await;
+    let revision = server.scrape().gauge("tagward_snapshot_revision");
+    let mut admin = server.admin().await;
+    let mut streams = Vec::new();
+    for _ in 0..50 {
+        let stream = within("Watch", admin.watch(proto::WatchRequest { from_revision: 0 })).await.unwrap().into_inner();
+        streams.push(stream);
+    }
+    let open = server.scrape();
+    assert_eq!(open.gauge("tagward_watch_streams"), 50.0, "{}", open.text);
+    drop(streams);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = server.scrape();
+        if now.gauge("tagward_watch_streams") == 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "abandoned Watch streams still open:\n{}", now.text);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(server.scrape().gauge("tagward_snapshot_revision"), revision, "no change was made meanwhile");
     server.term();
 }
 

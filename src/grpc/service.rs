@@ -833,6 +833,7 @@ impl AdminService {
         let (tx, rx) = mpsc::channel(256);
         let mut shutdown = self.0.shutdown.clone();
         tokio::spawn(async move {
+            let _open = observe::WatchStreamGauge::open();
             for e in backlog {
                 if tx.send(Ok(convert::event(&e))).await.is_err() {
                     return;
@@ -842,6 +843,9 @@ impl AdminService {
                 let next = tokio::select! {
                     next = live.recv() => next,
                     _ = shutdown.wait_for(|down| *down) => return,
+                    // A caller that went away frees its stream now, not at
+                    // the next change (an idle sidecar may see none for hours).
+                    _ = tx.closed() => return,
                 };
                 match next {
                     // Asked for events after a revision not reached yet: the

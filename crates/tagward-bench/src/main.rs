@@ -216,6 +216,11 @@ struct LoadArgs {
     name: String,
 }
 
+/// The sidecar's allocator (src/main.rs), so that `baseline-server` and the
+/// load tool allocate the way `tagward serve` does.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
