@@ -480,11 +480,19 @@ impl tagward::storage::Backend for FullDisk {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_says_not_serving_for_writers_once_the_store_fails() {
+async fn health_says_not_serving_for_writers_while_the_store_fails() {
     let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let backend = FullDisk { inner: tagward::storage::MemoryBackend::new(u64::MAX), full: full.clone() };
+    let medium = tagward::storage::MemoryMedium::new();
+    let open = {
+        let (medium, full) = (medium.clone(), full.clone());
+        move || -> Result<Box<dyn tagward::storage::Backend>, tagward::storage::StorageError> {
+            Ok(Box::new(FullDisk { inner: tagward::storage::MemoryBackend::open(&medium, u64::MAX)?, full: full.clone() }))
+        }
+    };
     let options = tagward::store::Durability { compact_after_bytes: u64::MAX, event_capacity: 100 };
-    let (store, _) = tagward::store::Store::open(Box::new(backend), Some(&world(WORLD)), false, &options, None).unwrap();
+    let (store, _) = tagward::store::Store::open(open().unwrap(), Some(&world(WORLD)), false, &options, None).unwrap();
+    // What a data directory's store does: try the medium again after a failure.
+    store.recover_with(Box::new(open));
     let running = tagward::grpc::server::start(config(), store).await.unwrap();
     let mut c = clients(&running).await;
     let status = |name: &'static str| {
@@ -509,6 +517,19 @@ async fn health_says_not_serving_for_writers_once_the_store_fails() {
     assert_eq!(status("tagward.v1.Authorizer").await, SERVING, "decisions still work");
     assert_eq!(status("liveness").await, SERVING, "a restart would not mend the disk: liveness holds");
     assert!(allowed(c.authz.authorize(authorize_req(ALPHA_APP, "kms:Decrypt", KEY_ALPHA)).await.unwrap().get_ref()));
+
+    // The disk has room again: the store reopens it, health follows.
+    full.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut waited = 0;
+    while status("").await != SERVING {
+        assert!(waited < 2000, "health still NOT_SERVING after the disk had room again");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        waited += 1;
+    }
+    assert_eq!(status("tagward.v1.Tagging").await, SERVING);
+    assert_eq!(status("tagward.v1.Admin").await, SERVING);
+    assert_eq!(status("tagward.v1.Kms").await, SERVING);
+    apply_ok(&mut c.admin, set_tags(KEY_BETA, &[("Project", "Delta")])).await;
     running.shutdown().await;
 }
 

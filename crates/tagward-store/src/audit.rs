@@ -437,6 +437,18 @@ impl AuditLog {
         })
     }
 
+    /// The same trail opened again, as [`AuditLog::open`] does (a torn last
+    /// line cut), with this one's node and rotation: after a failed write.
+    pub fn reopen(&self) -> std::io::Result<AuditLog> {
+        Ok(AuditLog::open(&self.path)?.with_node(self.node.clone()).with_rotation(self.rotation))
+    }
+
+    /// Closes the trail without writing what is still buffered (the
+    /// records of a write that failed).
+    pub fn discard(self) {
+        let (_file, _unwritten) = self.out.into_parts();
+    }
+
     /// Rotates the trail by size (`--audit-max-bytes`, `--audit-keep`).
     pub fn with_rotation(mut self, rotation: Rotation) -> AuditLog {
         self.rotation = rotation;

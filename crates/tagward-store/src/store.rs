@@ -180,7 +180,19 @@ struct Inner {
     fleet: shared::FleetCell,
     /// Why the store refuses every change, when it does (for health).
     failure: watch::Sender<Option<String>>,
+    /// How to open the medium again after a storage failure (a data
+    /// directory's store has one): the committer retries with it, with
+    /// back-off, until the store takes changes again.
+    reopen: Mutex<Option<Reopen>>,
 }
+
+/// Opens a store's medium again (see [`Store::recover_with`]).
+pub type Reopen = Box<dyn FnMut() -> Result<Box<dyn Backend>, StorageError> + Send>;
+
+/// The first wait before a failed store tries its medium again, and the
+/// longest (the wait doubles from one to the other).
+const REOPEN_FIRST: Duration = Duration::from_millis(500);
+const REOPEN_MOST: Duration = Duration::from_secs(30);
 
 /// The live world.
 pub struct Store {
@@ -462,6 +474,7 @@ impl Store {
             published_at: Mutex::new(std::time::Instant::now()),
             fleet: shared::FleetCell::new(),
             failure: watch::channel(None).0,
+            reopen: Mutex::new(None),
         });
         let shared = inner.clone();
         let spawned = std::thread::Builder::new().name("tagward-commit".into()).spawn(move || committer(&shared));
@@ -480,7 +493,23 @@ impl Store {
         audit: Option<AuditLog>,
     ) -> Result<(Arc<Store>, Opened), OpenError> {
         let backend = FileBackend::open(dir, options.compact_after_bytes)?;
-        Store::open(Box::new(backend), seed, force, options, audit)
+        let (store, opened) = Store::open(Box::new(backend), seed, force, options, audit)?;
+        let (dir, compact_after) = (dir.to_path_buf(), options.compact_after_bytes);
+        store.recover_with(Box::new(move || Ok(Box::new(FileBackend::open(&dir, compact_after)?) as Box<dyn Backend>)));
+        Ok((store, opened))
+    }
+
+    /// After a storage failure (a full disk, an I/O error), the store
+    /// refuses every change; with `reopen` it also tries its medium again,
+    /// after 0.5 s and then at doubling intervals up to 30 s. Each try
+    /// releases the failed backend, opens a new one with `reopen` and
+    /// recovers from it exactly as a restart would (a torn tail cut off);
+    /// if that holds every acknowledged change, its state is published (the
+    /// changes it holds beyond them, refused when their sync failed, come
+    /// back as after a restart: audited as recovered and sent to watchers)
+    /// and the store takes changes again.
+    pub fn recover_with(&self, reopen: Reopen) {
+        *lock(&self.inner.reopen) = Some(reopen);
     }
 
     /// A store on a memory backend of its own (`--ephemeral`), seeded from
@@ -763,6 +792,9 @@ impl Store {
                 tracing::error!(error = %message, "cannot append to the log; refusing further changes");
                 writer.failed = Some(message.clone());
                 self.inner.failure.send_replace(Some(message.clone()));
+                // The committer tries the medium again (when it can).
+                lock(&self.inner.commit.wake).pending = true;
+                self.inner.commit.wake_cv.notify_one();
                 return Err(Refused::Failed(StorageFailed(message)));
             }
         }
@@ -904,13 +936,14 @@ fn commit_loop(inner: &Inner, commit: &Commit, snapshotting: &mut Option<std::th
             let mut writer = lock(&inner.writer);
             let batch = std::mem::take(&mut writer.pending);
             if batch.is_empty() {
+                let failed = writer.failed.is_some();
                 // Refusals change nothing: write them, no log sync needed.
                 let refusals: Vec<Refusal> = lock(&inner.refusals).drain(..).collect();
                 drop(writer);
                 if let Err(message) = inner.audit(&[], &refusals) {
                     tracing::error!(error = %message, dropped = refusals.len(), "cannot write refusal records");
                 }
-                if stop {
+                if stop || (failed && !reopen_after_failure(inner, commit, snapshotting)) {
                     return;
                 }
                 continue;
@@ -948,11 +981,19 @@ fn commit_loop(inner: &Inner, commit: &Commit, snapshotting: &mut Option<std::th
                 tracing::error!(error = %message, "cannot make changes durable; refusing further changes");
                 lock(&inner.writer).failed = Some(message.clone());
                 inner.failure.send_replace(Some(message.clone()));
-                let mut p = lock(&commit.progress);
-                p.failed = Some(message);
-                commit.watch.send_replace(p.clone());
-                commit.changed.notify_all();
-                return;
+                {
+                    let mut p = lock(&commit.progress);
+                    p.failed = Some(message);
+                    commit.watch.send_replace(p.clone());
+                    commit.changed.notify_all();
+                }
+                // No snapshot of a state that is not durable; the log the
+                // compaction started holds everything.
+                drop(compaction);
+                if stop || !reopen_after_failure(inner, commit, snapshotting) {
+                    return;
+                }
+                continue;
             }
         }
         match compaction {
@@ -977,7 +1018,168 @@ fn commit_loop(inner: &Inner, commit: &Commit, snapshotting: &mut Option<std::th
             Some(Err(e)) => tracing::warn!(error = %e, "cannot start a new log for compaction"),
             None => {}
         }
+        // An append failed meanwhile (the caller was answered): try the
+        // medium again once what was pending is settled.
+        if lock(&inner.writer).failed.is_some() && !reopen_after_failure(inner, commit, snapshotting) {
+            return;
+        }
     }
+}
+
+/// Waits, then tries the failed store's medium again (see
+/// [`Store::recover_with`]) until that works (true) or the store is
+/// dropped (false). Without a way to reopen, returns false at once: the
+/// store stays failed until the process restarts.
+fn reopen_after_failure(inner: &Inner, commit: &Commit, snapshotting: &mut Option<std::thread::JoinHandle<()>>) -> bool {
+    if lock(&inner.reopen).is_none() {
+        return false;
+    }
+    // A snapshot of the failed backend writes into the medium about to be
+    // reopened: it finishes first.
+    if let Some(handle) = snapshotting.take() {
+        let _ = handle.join();
+    }
+    let mut wait = REOPEN_FIRST;
+    loop {
+        {
+            let wake = lock(&commit.wake);
+            let (wake, _) = commit.wake_cv.wait_timeout_while(wake, wait, |w| !w.stop).unwrap_or_else(|e| e.into_inner());
+            if wake.stop {
+                return false;
+            }
+        }
+        match reopen(inner) {
+            Ok(revision) => {
+                tracing::info!(revision, "storage works again: the store was reopened and takes changes");
+                return true;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "storage still fails; changes stay refused");
+                wait = (wait * 2).min(REOPEN_MOST);
+            }
+        }
+    }
+}
+
+/// Stands in for a failed backend released so that its medium can be
+/// opened again: refuses everything.
+struct Released(PathBuf);
+
+impl Released {
+    fn refuse(&self) -> StorageError {
+        StorageError::Io { path: self.0.clone(), source: std::io::Error::other("the storage is being reopened after a failure") }
+    }
+}
+
+impl Backend for Released {
+    fn place(&self) -> PathBuf {
+        self.0.clone()
+    }
+    fn max_record(&self) -> u32 {
+        0
+    }
+    fn recover(
+        &mut self,
+        _: &mut dyn FnMut(Loaded<'_>) -> Result<(), String>,
+    ) -> Result<crate::storage::Recovered, StorageError> {
+        Err(self.refuse())
+    }
+    fn append(&mut self, _: &LogRecord) -> Result<(), StorageError> {
+        Err(self.refuse())
+    }
+    fn prepare_sync(&mut self) -> Result<Box<dyn crate::storage::DurableSync>, StorageError> {
+        Err(self.refuse())
+    }
+    fn wants_compaction(&self) -> bool {
+        false
+    }
+    fn begin_compaction(&mut self, _: u64) -> Result<Box<dyn crate::storage::SnapshotJob>, StorageError> {
+        Err(self.refuse())
+    }
+    fn follow(&self, _: u64) -> Result<crate::storage::Follow, StorageError> {
+        Err(self.refuse())
+    }
+}
+
+/// One try at reopening a failed store: releases its backend (and audit
+/// trail), opens both again, recovers, and when that holds every
+/// acknowledged change publishes it and takes changes again. Returns the
+/// revision it recovered to.
+fn reopen(inner: &Inner) -> Result<u64, String> {
+    let mut writer = lock(&inner.writer);
+    let place = writer.backend.place();
+    // Released before it is opened again: a data directory is locked by
+    // the backend holding it.
+    writer.backend = Box::new(Released(place));
+    let mut backend = {
+        let mut reopen = lock(&inner.reopen);
+        let Some(open) = reopen.as_mut() else { return Err("the store has no way to reopen its storage".into()) };
+        open().map_err(|e| e.to_string())?
+    };
+    let published = inner.current.load_full();
+    let mut state = State::default();
+    let mut resources = ResourceBuilder::default();
+    let mut replayed = 0u64;
+    // The events of the changes the medium holds beyond the published state.
+    let mut beyond = Some(Unaudited { audited: published.revision(), events: Vec::new() });
+    let recovered = backend
+        .recover(&mut |item| load(&mut state, &mut resources, &mut replayed, &mut beyond, item))
+        .map_err(|e| e.to_string())?;
+    if state.revision() < published.revision() {
+        return Err(format!(
+            "the reopened storage ends at revision {}, before the acknowledged revision {}",
+            state.revision(),
+            published.revision()
+        ));
+    }
+    if let Some(cut) = &recovered.cut {
+        tracing::warn!(file = %cut.path.display(), offset = cut.offset, reason = %cut.reason, "cut a torn write off the log when reopening it");
+    }
+    let events = beyond.map(|b| b.events).unwrap_or_default();
+    // The trail too: a failed write may have left a torn line, and records
+    // still buffered for changes that were refused. Those changes are
+    // audited now, as recovered, when the trail lacks them.
+    {
+        let mut audit = lock(&inner.audit);
+        if let Some(old) = audit.as_ref() {
+            let mut trail = old.reopen().map_err(|e| format!("{}: cannot reopen the audit log: {e}", old.path().display()))?;
+            let audited = trail.last_revision().unwrap_or(0);
+            let missing: Vec<Event> = events.iter().filter(|e| e.revision > audited).cloned().collect();
+            trail
+                .write_recovered(&missing)
+                .map_err(|e| format!("{}: cannot write the recovered records: {e}", trail.path().display()))?;
+            if let Some(old) = audit.replace(trail) {
+                old.discard();
+            }
+        }
+    }
+    let revision = state.revision();
+    let complete = {
+        let mut seen: Vec<u64> = events.iter().map(|e| e.revision).collect();
+        seen.dedup();
+        seen.len() as u64 == revision - published.revision()
+    };
+    let head = Arc::new(state);
+    writer.head = head.clone();
+    writer.resources = resources;
+    writer.backend = backend;
+    writer.pending.clear();
+    writer.failed = None;
+    if !complete {
+        // A snapshot covers some of the changes: their events are not
+        // known, so a watch from before the new revision must start over.
+        lock(&inner.events).dropped = revision;
+    }
+    inner.publish(head, events);
+    {
+        let mut p = lock(&inner.commit.progress);
+        p.durable = revision;
+        p.failed = None;
+        inner.commit.watch.send_replace(p.clone());
+        inner.commit.changed.notify_all();
+    }
+    inner.failure.send_replace(None);
+    Ok(revision)
 }
 
 #[cfg(test)]

@@ -608,3 +608,116 @@ conformance!(
     torn_tail_is_cut_once,
     second_writer_is_refused,
 );
+
+// ---- a failed store recovers in place ----------------------------------------
+
+/// A store given a way to reopen its medium (`Store::recover_with`, what a
+/// data directory's store has) takes changes again once the fault is gone,
+/// without a restart: every acknowledged change is still there, the change
+/// whose sync or append failed is as a restart would find it, the audit
+/// trail has a record of every revision (those of refused changes the
+/// medium kept marked recovered, every line whole), watchers see every
+/// revision once, and a later reopen finds what the recovered store wrote.
+fn reopens_once_the_fault_clears(h: &dyn Harness, reopen: tagward_store::store::Reopen, fault_on_sync: bool, fault: Fault) {
+    let faults = Arc::new(Faults::default());
+    let torn = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+    let backend = Faulty { inner: h.open(u64::MAX, u32::MAX), faults: faults.clone(), torn: torn.clone() };
+    let trail_dir = std::env::temp_dir().join(format!("tagward-reopen-audit-{}-{}", std::process::id(), fault_on_sync));
+    let _ = std::fs::remove_dir_all(&trail_dir);
+    let trail = trail_dir.join("audit.jsonl");
+    let audit = tagward_store::audit::AuditLog::open(&trail).unwrap();
+    let (s, _) = Store::open(Box::new(backend), Some(&seed()), false, &options(), Some(audit)).unwrap();
+    let acked: Vec<u64> = (0..5).map(|i| s.apply(&set(i), "admin").unwrap().wait().unwrap()).collect();
+    let last = *acked.last().unwrap();
+    let (backlog, mut live) = s.watch(last).unwrap();
+    assert!(backlog.is_empty());
+    s.recover_with(reopen);
+
+    if fault_on_sync {
+        faults.on_sync(fault);
+        let failed = s.apply(&set(100), "admin").expect("accepted: the append worked").wait();
+        assert!(failed.is_err(), "the sync failed, so the change is not acknowledged");
+    } else {
+        faults.on_append(fault);
+        let err = s.apply(&set(100), "admin").expect_err("the append failed");
+        assert_eq!(err.code, ErrorCode::StorageFailed, "{err}");
+    }
+    for bytes in torn.lock().unwrap().drain(..) {
+        h.tear(&bytes);
+    }
+    // Waited for, not timed: the first retry comes after half a second.
+    let mut failures = s.failures();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while failures.borrow_and_update().is_some() || s.apply(&Update::Batch(Vec::new()), "admin").is_err() {
+        assert!(std::time::Instant::now() < deadline, "the store did not recover: {:?}", failures.borrow());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let recovered = s.revision();
+    assert!(recovered == last || recovered == last + 1, "recovered to {recovered}, acknowledged {last}");
+    let next = s.apply(&set(300), "admin").unwrap().wait().unwrap();
+    assert_eq!(next, recovered + 1);
+
+    // Watchers: every revision after `last`, once, in order.
+    let mut seen = Vec::new();
+    while let Ok(e) = live.try_recv() {
+        if seen.last() != Some(&e.revision) {
+            seen.push(e.revision);
+        }
+    }
+    assert_eq!(seen, ((last + 1)..=next).collect::<Vec<_>>());
+
+    // The trail: one record per revision, whole lines, the refused change
+    // the medium kept marked recovered.
+    drop(s);
+    let text = std::fs::read_to_string(&trail).unwrap();
+    assert!(text.ends_with('\n'));
+    let mut revisions = Vec::new();
+    let mut marked = Vec::new();
+    for line in text.lines() {
+        let r: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        let rev = r["additionalEventData"]["revision"].as_u64().unwrap();
+        revisions.push(rev);
+        if r["additionalEventData"]["recovered"] == true {
+            marked.push(rev);
+        }
+    }
+    revisions.dedup();
+    let first = revisions[0];
+    assert_eq!(revisions, (first..=next).collect::<Vec<_>>(), "{text}");
+    let expect_marked: Vec<u64> = if recovered > last { vec![recovered] } else { Vec::new() };
+    assert_eq!(marked, expect_marked, "{text}");
+    let _ = std::fs::remove_dir_all(&trail_dir);
+
+    // What the recovered store wrote is on the medium.
+    let (again, opened) = open_store(h.open(u64::MAX, u32::MAX), None);
+    assert_eq!(opened.restored, Some(next));
+    assert_eq!(again.snapshot().target(KEY).unwrap().tags().get("n"), Some("300"));
+}
+
+fn file_reopener(h: &FileHarness) -> tagward_store::store::Reopen {
+    let dir = h.dir.clone();
+    Box::new(move || Ok(Box::new(FileBackend::open(&dir, u64::MAX)?) as Box<dyn Backend>))
+}
+
+fn memory_reopener(h: &MemoryHarness) -> tagward_store::store::Reopen {
+    let medium = h.medium.clone();
+    Box::new(move || Ok(Box::new(MemoryBackend::open(&medium, u64::MAX)?) as Box<dyn Backend>))
+}
+
+#[test]
+fn file_reopens_after_a_failed_sync() {
+    let h = FileHarness::new("reopen-sync");
+    reopens_once_the_fault_clears(&h, file_reopener(&h), true, Fault::Error(28));
+}
+
+#[test]
+fn file_reopens_after_a_short_write() {
+    let h = FileHarness::new("reopen-short");
+    reopens_once_the_fault_clears(&h, file_reopener(&h), false, Fault::Short);
+}
+
+#[test]
+fn memory_reopens_after_a_failed_append() {
+    let h = MemoryHarness::new("reopen-append");
+    reopens_once_the_fault_clears(&h, memory_reopener(&h), false, Fault::Error(5));
+}
