@@ -478,3 +478,77 @@ async fn fleet_mode_reaches_etcd_over_tls_with_a_client_certificate() {
     let stderr = half.stderr();
     assert!(!status.success() && stderr.contains("--etcd-cert"), "{stderr}");
 }
+
+/// Every event one `Watch` stream from `from` yields until it has reached
+/// `until`, as (revision, event); the stream stays open for more.
+async fn watch_until(stream: &mut tonic::Streaming<proto::WatchEvent>, until: u64, out: &mut Vec<proto::WatchEvent>) {
+    while out.last().is_none_or(|e| e.revision < until) {
+        let event = tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .expect("the watch stalled")
+            .expect("the watch failed")
+            .expect("the watch ended");
+        out.push(event);
+    }
+}
+
+fn tag_revisions(events: &[proto::WatchEvent]) -> Vec<u64> {
+    events.iter().filter(|e| matches!(e.event, Some(proto::watch_event::Event::TagChange(_)))).map(|e| e.revision).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sidecar_started_later_watches_the_whole_history_and_a_compacted_revision_is_out_of_range() {
+    if !etcd::available("a_sidecar_started_later_watches_the_whole_history") {
+        return;
+    }
+    let scratch = Scratch::new("fleet-history");
+    let etcd = Etcd::start(scratch.path()).await;
+    let url = etcd.url("history");
+    let a = sidecar(&scratch, &url, "a").start(START).await.unwrap();
+    let mut revs = Vec::new();
+    for project in ["Beta", "Alpha", "Gamma", "Alpha"] {
+        revs.push(a.tagging().await.tag_resource(retag(project)).await.unwrap().into_inner().revision);
+    }
+    // B loads the prefix after those changes, then one more is made: B
+    // keeps that one itself, the older ones come from etcd's history.
+    let b = sidecar(&scratch, &url, "b").start(START).await.unwrap();
+    revs.push(a.tagging().await.tag_resource(retag("Beta")).await.unwrap().into_inner().revision);
+    let r = b.authz().await.authorize(decrypt(revs[4])).await.unwrap().into_inner();
+    assert!(r.revision >= revs[4], "{r:?}");
+
+    let mut on_b = b.admin().await.watch(proto::WatchRequest { from_revision: 1 }).await.unwrap().into_inner();
+    let mut seen = Vec::new();
+    watch_until(&mut on_b, revs[4], &mut seen).await;
+    assert_eq!(tag_revisions(&seen), revs, "every tag change, once, in order: {seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].revision <= w[1].revision), "revisions only grow: {seen:?}");
+    assert!(
+        matches!(&seen[0].event, Some(proto::watch_event::Event::EntityChange(c)) if c.kind == "world"),
+        "the history starts with the seeding: {seen:?}"
+    );
+    // The same stream goes on into live events: the next change, nothing
+    // repeated and nothing skipped at the seam.
+    revs.push(a.tagging().await.tag_resource(retag("Alpha")).await.unwrap().into_inner().revision);
+    watch_until(&mut on_b, revs[5], &mut seen).await;
+    assert_eq!(tag_revisions(&seen), revs, "{seen:?}");
+    // A (which seeded the prefix) streams the same history from revision 1.
+    let mut on_a = a.admin().await.watch(proto::WatchRequest { from_revision: 1 }).await.unwrap().into_inner();
+    let mut seen_a = Vec::new();
+    watch_until(&mut on_a, revs[5], &mut seen_a).await;
+    assert_eq!(seen_a, seen, "both sidecars stream one history");
+
+    // After a compaction, a revision before it is OUT_OF_RANGE, and the
+    // message names the oldest retained revision; from there it works.
+    etcd.client().compact(revs[2]).await.unwrap();
+    let err = b.admin().await.watch(proto::WatchRequest { from_revision: 1 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains(&format!("oldest retained revision is {}", revs[2])), "{err:?}");
+    let mut later = b.admin().await.watch(proto::WatchRequest { from_revision: revs[2] - 1 }).await.unwrap().into_inner();
+    let mut seen = Vec::new();
+    watch_until(&mut later, revs[5], &mut seen).await;
+    assert_eq!(tag_revisions(&seen), revs[2..].to_vec(), "{seen:?}");
+    // A watch from B's own kept events does not touch etcd's history.
+    let mut kept = b.admin().await.watch(proto::WatchRequest { from_revision: revs[4] }).await.unwrap().into_inner();
+    let mut seen = Vec::new();
+    watch_until(&mut kept, revs[5], &mut seen).await;
+    assert_eq!(tag_revisions(&seen), vec![revs[5]]);
+}

@@ -23,7 +23,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::Code;
 use tracing::{info, warn};
 
-use crate::store::{CommitError, CommitFuture, Delivered, Guard, Op, Shared, Store, Txn, LOG_KEY};
+use crate::store::{CommitError, CommitFuture, Delivered, Guard, HistoryError, HistoryFuture, Op, Shared, Store, Txn, LOG_KEY};
 
 /// The generated etcd client (`proto/etcd/etcd.proto`).
 pub mod pb {
@@ -324,6 +324,128 @@ impl Shared for Etcd {
     fn place(&self) -> String {
         self.place.clone()
     }
+
+    fn history(&self, from: u64, until: u64) -> HistoryFuture {
+        let etcd = self.clone();
+        Box::pin(async move { etcd.read_history(from, until).await })
+    }
+}
+
+impl Etcd {
+    /// A watch of the prefix from revision `from`, read until revision
+    /// `until` (a past one): etcd replays what it retains. Answers once etcd
+    /// has said whether it retains `from` (its first answer after the
+    /// watch is created: events, or the compaction); then a task forwards
+    /// the transactions, each whole, and ends with the one at `until`, or
+    /// as soon as the receiver is dropped.
+    async fn read_history(&self, from: u64, until: u64) -> Result<crate::store::History, HistoryError> {
+        let (requests, mut stream) =
+            self.open_watch(from).await.map_err(|s| HistoryError::Unavailable(unavailable("watch", &s)))?;
+        let first = loop {
+            let next = tokio::time::timeout(self.timeout, stream.message()).await;
+            let resp = match next {
+                Err(_) => {
+                    return Err(HistoryError::Unavailable(format!("etcd did not answer the watch within {:?}", self.timeout)))
+                }
+                Ok(Err(s)) => return Err(HistoryError::Unavailable(unavailable("watch", &s))),
+                Ok(Ok(None)) => return Err(HistoryError::Unavailable("etcd closed the watch".into())),
+                Ok(Ok(Some(resp))) => resp,
+            };
+            if resp.compact_revision > 0 {
+                return Err(HistoryError::Compacted { oldest: resp.compact_revision.max(0) as u64 });
+            }
+            if resp.canceled {
+                return Err(HistoryError::Unavailable(format!("etcd canceled the watch: {}", resp.cancel_reason)));
+            }
+            if !resp.events.is_empty() {
+                break resp;
+            }
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let root_len = self.root.len();
+        tokio::spawn(async move {
+            // etcd ends a watch whose request stream is closed.
+            let _requests = requests;
+            let mut resp = first;
+            loop {
+                for batch in batches(root_len, resp.events) {
+                    if batch.revision > until {
+                        return;
+                    }
+                    let last = batch.revision == until;
+                    if tx.send(Ok(batch)).await.is_err() || last {
+                        return;
+                    }
+                }
+                let next = tokio::select! {
+                    next = stream.message() => next,
+                    _ = tx.closed() => return,
+                };
+                resp = match next {
+                    Ok(Some(r)) if r.compact_revision > 0 => {
+                        let _ = tx.send(Err(format!("etcd compacted past revision {} meanwhile", r.compact_revision))).await;
+                        return;
+                    }
+                    Ok(Some(r)) if r.canceled => {
+                        let _ = tx.send(Err(format!("etcd canceled the watch: {}", r.cancel_reason))).await;
+                        return;
+                    }
+                    Ok(Some(r)) => r,
+                    Ok(None) => {
+                        let _ = tx.send(Err("etcd closed the watch".into())).await;
+                        return;
+                    }
+                    Err(s) => {
+                        let _ = tx.send(Err(unavailable("watch", &s))).await;
+                        return;
+                    }
+                };
+            }
+        });
+        Ok(rx)
+    }
+
+    /// A watch of the whole prefix from revision `from`: the sender that
+    /// keeps it open, and etcd's answers.
+    async fn open_watch(
+        &self,
+        from: u64,
+    ) -> Result<(mpsc::Sender<pb::WatchRequest>, tonic::Streaming<pb::WatchResponse>), tonic::Status> {
+        let root = self.root.as_bytes().to_vec();
+        let create = pb::WatchCreateRequest {
+            key: root.clone(),
+            range_end: range_end(&root),
+            start_revision: from as i64,
+            ..Default::default()
+        };
+        let (tx, rx) = mpsc::channel(1);
+        let first = pb::WatchRequest { request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)) };
+        tx.send(first).await.map_err(|_| tonic::Status::internal("cannot start the watch"))?;
+        let stream = self.watch.clone().watch(ReceiverStream::new(rx)).await?.into_inner();
+        Ok((tx, stream))
+    }
+}
+
+/// The events of one watch answer as transactions: the events of one
+/// revision are one transaction, delivered whole. Keys lose the prefix's
+/// `root_len` bytes.
+fn batches(root_len: usize, events: Vec<pb::Event>) -> Vec<Delivered> {
+    let mut out: Vec<Delivered> = Vec::new();
+    for event in events {
+        let Some(kv) = event.kv else { continue };
+        let revision = kv.mod_revision.max(0) as u64;
+        if out.last().is_none_or(|b| b.revision != revision) {
+            out.push(Delivered { revision, ..Delivered::default() });
+        }
+        let Some(b) = out.last_mut() else { continue };
+        let rel = String::from_utf8_lossy(&kv.key[root_len.min(kv.key.len())..]).into_owned();
+        if event.r#type == pb::event::EventType::Delete as i32 {
+            b.deletes.push(rel);
+        } else {
+            b.puts.push((rel, kv.value));
+        }
+    }
+    out
 }
 
 /// Keeps `store` current from `etcd`: the watch from `from` (the revision
@@ -384,25 +506,12 @@ async fn watch_loop(etcd: Etcd, store: Arc<Store>, mut from: u64) {
 }
 
 async fn watch_once(etcd: &Etcd, store: &Store, from: &mut u64) -> Ended {
-    let root = etcd.root.as_bytes().to_vec();
-    let create = pb::WatchCreateRequest {
-        key: root.clone(),
-        range_end: range_end(&root),
-        start_revision: *from as i64,
-        ..Default::default()
-    };
-    let (tx, rx) = mpsc::channel(1);
-    let first = pb::WatchRequest { request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)) };
-    if tx.send(first).await.is_err() {
-        return Ended::Failed("cannot start the watch".into());
-    }
-    let mut stream = match etcd.watch.clone().watch(ReceiverStream::new(rx)).await {
-        Ok(s) => s.into_inner(),
+    let (_requests, mut stream) = match etcd.open_watch(*from).await {
+        Ok(opened) => opened,
         Err(s) => return Ended::Failed(unavailable("watch", &s)),
     };
-    // `tx` stays open while the watch runs: etcd ends a watch whose
+    // `_requests` stays open while the watch runs: etcd ends a watch whose
     // request stream is closed.
-    let _requests = tx;
     loop {
         let resp = match stream.message().await {
             Ok(Some(resp)) => resp,
@@ -415,27 +524,7 @@ async fn watch_once(etcd: &Etcd, store: &Store, from: &mut u64) -> Ended {
         if resp.canceled {
             return Ended::Failed(format!("etcd canceled the watch: {}", resp.cancel_reason));
         }
-        // Events of one revision are one transaction: deliver each whole.
-        let mut batch: Option<Delivered> = None;
-        for event in resp.events {
-            let Some(kv) = event.kv else { continue };
-            let revision = kv.mod_revision.max(0) as u64;
-            if batch.as_ref().is_some_and(|b| b.revision != revision) {
-                if let Some(done) = batch.take() {
-                    if let Err(e) = deliver(store, done, from) {
-                        return Ended::Failed(e);
-                    }
-                }
-            }
-            let b = batch.get_or_insert_with(|| Delivered { revision, ..Delivered::default() });
-            let rel = String::from_utf8_lossy(&kv.key[root.len().min(kv.key.len())..]).into_owned();
-            if event.r#type == pb::event::EventType::Delete as i32 {
-                b.deletes.push(rel);
-            } else {
-                b.puts.push((rel, kv.value));
-            }
-        }
-        if let Some(done) = batch.take() {
+        for done in batches(etcd.root.len(), resp.events) {
             if let Err(e) = deliver(store, done, from) {
                 return Ended::Failed(e);
             }
