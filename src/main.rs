@@ -775,7 +775,8 @@ async fn open_fleet(plan: &StoragePlan, fleet: &Fleet) -> Result<Arc<Store>, Fai
         .map_err(|e| Failure::input(format!("{}: {e}", fleet.url)))?;
     info!(store = %fleet.url, revision = loaded.revision, read_at = loaded.read_at, "fleet mode: loaded the prefix, following it");
     let probe = (fleet.max_staleness / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-    grpc::etcd::follow(etcd, store.clone(), loaded.read_at + 1, probe);
+    // Followed until the process exits.
+    let _follower = grpc::etcd::follow(etcd, store.clone(), loaded.read_at + 1, probe);
     Ok(store)
 }
 

@@ -448,12 +448,25 @@ fn batches(root_len: usize, events: Vec<pb::Event>) -> Vec<Delivered> {
     out
 }
 
+/// The tasks that keep a fleet store current. Dropping it leaves them
+/// running (a sidecar follows until it exits); [`Follower::stop`] ends them.
+pub struct Follower {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Follower {
+    /// Stops following (tests that close a store and open another).
+    pub fn stop(self) {
+        self.tasks.iter().for_each(|t| t.abort());
+    }
+}
+
 /// Keeps `store` current from `etcd`: the watch from `from` (the revision
 /// after the load), and the probe every `probe`.
-pub fn follow(etcd: Etcd, store: Arc<Store>, from: u64, probe: Duration) {
+pub fn follow(etcd: Etcd, store: Arc<Store>, from: u64, probe: Duration) -> Follower {
     let (watcher, watched) = (etcd.clone(), store.clone());
-    tokio::spawn(async move { watch_loop(watcher, watched, from).await });
-    tokio::spawn(async move {
+    let watching = tokio::spawn(async move { watch_loop(watcher, watched, from).await });
+    let probing = tokio::spawn(async move {
         let mut tick = tokio::time::interval(probe);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -464,6 +477,7 @@ pub fn follow(etcd: Etcd, store: Arc<Store>, from: u64, probe: Duration) {
             metrics::gauge!(crate::observe::REVISION_LAG).set(store.revision_lag() as f64);
         }
     });
+    Follower { tasks: vec![watching, probing] }
 }
 
 /// Why one watch stream ended.
