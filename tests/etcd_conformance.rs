@@ -69,8 +69,9 @@ impl StoreHarness for EtcdStores {
         let (url, client) = self.etcd(limits.max_record).await;
         let was_empty = client.newest().await.map_err(OpenFailed::Other)? == 0;
         let node = format!("node-{}", self.nodes.fetch_add(1, Ordering::Relaxed));
-        let (client, loaded) =
-            connect(&url, Duration::from_secs(2), &EtcdTls::default(), seed, &node).await.map_err(OpenFailed::Other)?;
+        let (client, loaded) = connect(&url, Duration::from_secs(2), &EtcdTls::default(), seed, &node, Duration::ZERO)
+            .await
+            .map_err(OpenFailed::Other)?;
         let options = Durability { compact_after_bytes: u64::MAX, event_capacity: 64 };
         let store = Store::open_shared(Arc::new(client.clone()), &loaded.entries, loaded.revision, &options, None, &node)
             .map_err(|e| OpenFailed::Other(e.to_string()))?;

@@ -467,7 +467,8 @@ async fn fleet_mode_reaches_etcd_over_tls_with_a_client_certificate() {
 
     // Without the client certificate etcd refuses the connection: the
     // sidecar does not start, and says why.
-    let mut refused = sidecar(&scratch, &url, "b").args(flags(false)).args(["--etcd-timeout-ms", "1000"]).spawn();
+    let mut refused =
+        sidecar(&scratch, &url, "b").args(flags(false)).args(["--etcd-timeout-ms", "1000", "--etcd-start-wait", "0"]).spawn();
     let status = tokio::task::block_in_place(|| refused.wait_for_exit(Duration::from_secs(30))).expect("it exits");
     let stderr = refused.stderr();
     assert!(!status.success(), "{stderr}");
@@ -551,4 +552,36 @@ async fn a_sidecar_started_later_watches_the_whole_history_and_a_compacted_revis
     let mut seen = Vec::new();
     watch_until(&mut kept, revs[5], &mut seen).await;
     assert_eq!(tag_revisions(&seen), vec![revs[5]]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sidecar_started_before_etcd_waits_for_it_and_gives_up_after_its_start_wait() {
+    if !etcd::available("a_sidecar_started_before_etcd_waits_for_it") {
+        return;
+    }
+    let scratch = Scratch::new("fleet-start-wait");
+    let mut etcd = Etcd::unstarted(scratch.path());
+    let url = etcd.url("late");
+    // Nothing answers on etcd's port: with a short --etcd-start-wait the
+    // sidecar tries, then exits with the reason.
+    let mut gave_up = sidecar(&scratch, &url, "early").args(["--etcd-start-wait", "1", "--etcd-timeout-ms", "200"]).spawn();
+    let status = tokio::task::block_in_place(|| gave_up.wait_for_exit(Duration::from_secs(30))).expect("it exits");
+    let stderr = gave_up.stderr();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("trying again") && stderr.contains("still unreachable after"), "{stderr}");
+
+    // With the default wait, a sidecar started first comes up once etcd
+    // does, seeded and serving.
+    let waiting = sidecar(&scratch, &url, "a").args(["--etcd-timeout-ms", "200"]);
+    let (started, ()) = tokio::join!(waiting.start(START), async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        etcd.restart().await;
+    });
+    let mut a = started.unwrap();
+    let r = a.authz().await.authorize(decrypt(0)).await.unwrap().into_inner();
+    assert!(allowed(&r), "{r:?}");
+    let done = a.tagging().await.tag_resource(retag("Beta")).await.unwrap().into_inner();
+    assert!(done.changed);
+    let log = a.term(Duration::from_secs(10));
+    assert!(log.contains("etcd is not reachable yet; trying again"), "it did wait:\n{log}");
 }

@@ -555,27 +555,64 @@ fn deliver(store: &Store, delivered: Delivered, from: &mut u64) -> Result<(), St
 
 /// Connects, seeds an empty prefix from `seed` (one transaction: the first
 /// sidecar to commit it seeds, the others find it seeded), loads the
-/// prefix and returns what to open the store with.
+/// prefix and returns what to open the store with. While etcd cannot be
+/// reached this is tried again, with back-off, for up to `wait` (a fleet
+/// often starts before its etcd is ready); what retrying cannot fix (a bad
+/// flag, a world file that does not build, a seed etcd refuses) fails at
+/// once, and so does an outage that outlasts `wait`, with its reason.
 pub async fn connect(
     url: &EtcdUrl,
     timeout: Duration,
     tls: &EtcdTls,
     seed: Option<&crate::world::WorldSpec>,
     node: &str,
+    wait: Duration,
 ) -> Result<(Etcd, Loaded), String> {
     let etcd = Etcd::with_tls(url, timeout, tls)?;
-    if let Some(world) = seed {
-        let txn = crate::store::seed_transaction(world, "world-file", node).map_err(|e| format!("the world file: {e}"))?;
+    let seed = seed
+        .map(|world| crate::store::seed_transaction(world, "world-file", node).map_err(|e| format!("the world file: {e}")))
+        .transpose()?;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut backoff = Duration::from_millis(100);
+    let mut attempt = 1u32;
+    loop {
+        let error = match seed_and_load(&etcd, url, seed.clone()).await {
+            Ok(loaded) => return Ok((etcd, loaded)),
+            Err(Attempt::Fatal(e)) => return Err(e),
+            Err(Attempt::Unreachable(e)) => e,
+        };
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Err(if wait.is_zero() { error } else { format!("{error} (still unreachable after {wait:?} of trying)") });
+        }
+        warn!(error = %error, attempt, "etcd is not reachable yet; trying again (--etcd-start-wait)");
+        tokio::time::sleep(backoff.min(deadline - now)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        attempt += 1;
+    }
+}
+
+/// How one start-up attempt failed.
+enum Attempt {
+    /// etcd could not be reached or did not answer: worth another try.
+    Unreachable(String),
+    Fatal(String),
+}
+
+async fn seed_and_load(etcd: &Etcd, url: &EtcdUrl, seed: Option<Txn>) -> Result<Loaded, Attempt> {
+    if let Some(txn) = seed {
         match etcd.commit(txn).await {
             Ok(revision) => info!(revision, store = %url, "seeded the empty prefix from the world file"),
             Err(CommitError::Conflict { current }) => {
                 info!(revision = current, store = %url, "the prefix already holds state, so the world file is not applied")
             }
-            Err(e) => return Err(format!("{url}: cannot seed the prefix: {e}")),
+            Err(e @ CommitError::Unavailable(_)) => {
+                return Err(Attempt::Unreachable(format!("{url}: cannot seed the prefix: {e}")))
+            }
+            Err(e @ CommitError::Refused(_)) => return Err(Attempt::Fatal(format!("{url}: cannot seed the prefix: {e}"))),
         }
     }
-    let loaded = etcd.load().await.map_err(|e| format!("{url}: cannot load the prefix: {e}"))?;
-    Ok((etcd, loaded))
+    etcd.load().await.map_err(|e| Attempt::Unreachable(format!("{url}: cannot load the prefix: {e}")))
 }
 
 /// `tagward export --store`: the prefix's state as a world file, to

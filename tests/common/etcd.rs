@@ -49,6 +49,13 @@ impl Etcd {
         Etcd::start_with(scratch, Some((server_cert, server_key, client))).await
     }
 
+    /// An etcd with its ports chosen but not started yet: [`Etcd::url`]
+    /// names it, [`Etcd::restart`] starts it.
+    pub fn unstarted(scratch: &Path) -> Etcd {
+        let (client, peer) = (super::free_port(), super::free_port());
+        Etcd { child: None, dir: scratch.join("etcd"), client, peer, tls: None, extra: Vec::new() }
+    }
+
     /// Starts etcd with more flags (`--max-request-bytes N`, say).
     pub async fn start_args(scratch: &Path, extra: &[&str]) -> Etcd {
         let mut etcd = Etcd {
