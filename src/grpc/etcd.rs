@@ -133,6 +133,10 @@ fn range_end(key: &[u8]) -> Vec<u8> {
 pub struct Etcd {
     kv: KvClient<Channel>,
     watch: WatchClient<Channel>,
+    /// Watches that replay history for `Admin.Watch` run on a connection
+    /// of their own: a slow reader there fills only that connection's
+    /// flow-control window, never the one the follower's watch uses.
+    history: WatchClient<Channel>,
     /// `PREFIX/`: every key of this fleet starts with it.
     root: String,
     place: String,
@@ -175,11 +179,16 @@ impl Etcd {
                 .keep_alive_while_idle(true);
             endpoints.push(endpoint);
         }
-        let channel =
-            if endpoints.len() == 1 { endpoints.remove(0).connect_lazy() } else { Channel::balance_list(endpoints.into_iter()) };
+        let connect = |endpoints: Vec<Endpoint>| match endpoints.as_slice() {
+            [one] => one.connect_lazy(),
+            _ => Channel::balance_list(endpoints.into_iter()),
+        };
+        let history = connect(endpoints.clone());
+        let channel = connect(endpoints);
         Ok(Etcd {
             kv: KvClient::new(channel.clone()).max_decoding_message_size(MAX_RESPONSE),
             watch: WatchClient::new(channel).max_decoding_message_size(MAX_RESPONSE),
+            history: WatchClient::new(history).max_decoding_message_size(MAX_RESPONSE),
             root: format!("{}/", url.prefix),
             place: url.to_string(),
             timeout,
@@ -340,7 +349,7 @@ impl Etcd {
     /// as soon as the receiver is dropped.
     async fn read_history(&self, from: u64, until: u64) -> Result<crate::store::History, HistoryError> {
         let (requests, mut stream) =
-            self.open_watch(from).await.map_err(|s| HistoryError::Unavailable(unavailable("watch", &s)))?;
+            self.open_watch(&self.history, from).await.map_err(|s| HistoryError::Unavailable(unavailable("watch", &s)))?;
         let first = loop {
             let next = tokio::time::timeout(self.timeout, stream.message()).await;
             let resp = match next {
@@ -409,6 +418,7 @@ impl Etcd {
     /// keeps it open, and etcd's answers.
     async fn open_watch(
         &self,
+        client: &WatchClient<Channel>,
         from: u64,
     ) -> Result<(mpsc::Sender<pb::WatchRequest>, tonic::Streaming<pb::WatchResponse>), tonic::Status> {
         let root = self.root.as_bytes().to_vec();
@@ -421,7 +431,7 @@ impl Etcd {
         let (tx, rx) = mpsc::channel(1);
         let first = pb::WatchRequest { request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)) };
         tx.send(first).await.map_err(|_| tonic::Status::internal("cannot start the watch"))?;
-        let stream = self.watch.clone().watch(ReceiverStream::new(rx)).await?.into_inner();
+        let stream = client.clone().watch(ReceiverStream::new(rx)).await?.into_inner();
         Ok((tx, stream))
     }
 }
@@ -520,7 +530,7 @@ async fn watch_loop(etcd: Etcd, store: Arc<Store>, mut from: u64) {
 }
 
 async fn watch_once(etcd: &Etcd, store: &Store, from: &mut u64) -> Ended {
-    let (_requests, mut stream) = match etcd.open_watch(*from).await {
+    let (_requests, mut stream) = match etcd.open_watch(&etcd.watch, *from).await {
         Ok(opened) => opened,
         Err(s) => return Ended::Failed(unavailable("watch", &s)),
     };
