@@ -585,3 +585,35 @@ async fn a_sidecar_started_before_etcd_waits_for_it_and_gives_up_after_its_start
     let log = a.term(Duration::from_secs(10));
     assert!(log.contains("etcd is not reachable yet; trying again"), "it did wait:\n{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_world_too_large_for_one_etcd_transaction_is_refused_at_once_with_the_limit_named() {
+    if !etcd::available("a_world_too_large_for_one_etcd_transaction") {
+        return;
+    }
+    let scratch = Scratch::new("fleet-large-seed");
+    let etcd = Etcd::start(scratch.path()).await;
+    let url = etcd.url("large");
+    let resources: Vec<serde_json::Value> = (0..200)
+        .map(|i| serde_json::json!({"arn": format!("arn:aws:kms:us-east-1:111122223333:key/k{i}"), "tags": {"n": i.to_string()}}))
+        .collect();
+    let world = scratch.join("large.json");
+    std::fs::write(&world, serde_json::json!({ "resources": resources }).to_string()).unwrap();
+    // Not an outage: the sidecar does not wait out --etcd-start-wait (60 s by
+    // default) but exits at once, naming the operation count and etcd's flag.
+    let mut server = Serve::new().args(["--store", &url, "--world", world.to_str().unwrap()]).spawn();
+    let status = tokio::task::block_in_place(|| server.wait_for_exit(Duration::from_secs(30))).expect("it exits");
+    let stderr = server.stderr();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot seed the prefix") && stderr.contains("201 operations") && stderr.contains("--max-txn-ops"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("trying again"), "{stderr}");
+    // import says the same.
+    let args = vec!["import".to_string(), "--store".into(), url.clone(), world.to_string_lossy().into_owned()];
+    let out = tokio::task::spawn_blocking(move || command(&args).output().unwrap()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--max-txn-ops"), "{stderr}");
+    assert_eq!(etcd.client_for("large").newest().await.unwrap(), 0, "nothing was written");
+}

@@ -609,8 +609,18 @@ enum Attempt {
     Fatal(String),
 }
 
+/// What to say when etcd refused a seeding transaction of `ops` writes:
+/// the whole world goes in one transaction, so etcd's limits must fit it.
+fn seed_refused(e: &CommitError, ops: usize) -> String {
+    format!(
+        "{e} (the world is seeded in one transaction of {ops} operations and its size; etcd must allow that much: \
+         --max-txn-ops, 128 by default, and --max-request-bytes)"
+    )
+}
+
 async fn seed_and_load(etcd: &Etcd, url: &EtcdUrl, seed: Option<Txn>) -> Result<Loaded, Attempt> {
     if let Some(txn) = seed {
+        let ops = txn.ops.len();
         match etcd.commit(txn).await {
             Ok(revision) => info!(revision, store = %url, "seeded the empty prefix from the world file"),
             Err(CommitError::Conflict { current }) => {
@@ -619,7 +629,9 @@ async fn seed_and_load(etcd: &Etcd, url: &EtcdUrl, seed: Option<Txn>) -> Result<
             Err(e @ CommitError::Unavailable(_)) => {
                 return Err(Attempt::Unreachable(format!("{url}: cannot seed the prefix: {e}")))
             }
-            Err(e @ CommitError::Refused(_)) => return Err(Attempt::Fatal(format!("{url}: cannot seed the prefix: {e}"))),
+            Err(e @ CommitError::Refused(_)) => {
+                return Err(Attempt::Fatal(format!("{url}: cannot seed the prefix: {}", seed_refused(&e, ops))))
+            }
         }
     }
     etcd.load().await.map_err(|e| Attempt::Unreachable(format!("{url}: cannot load the prefix: {e}")))
@@ -648,6 +660,7 @@ pub async fn import(url: &EtcdUrl, tls: &EtcdTls, world: &crate::world::WorldSpe
     let etcd = Etcd::with_tls(url, Duration::from_secs(5), tls)?;
     let txn =
         crate::store::seed_transaction(world, "import", "tagward-import").map_err(|e| format!("{}: {e}", file.display()))?;
+    let ops = txn.ops.len();
     match etcd.commit(txn).await {
         Ok(revision) => {
             eprintln!("imported {} into {url} at revision {revision}", file.display());
@@ -656,6 +669,7 @@ pub async fn import(url: &EtcdUrl, tls: &EtcdTls, world: &crate::world::WorldSpe
         Err(CommitError::Conflict { current }) => Err(format!(
             "{url}: the prefix already holds state (its newest change is revision {current}); import loads an empty prefix only"
         )),
+        Err(e @ CommitError::Refused(_)) => Err(format!("{url}: cannot import: {}", seed_refused(&e, ops))),
         Err(e) => Err(format!("{url}: cannot import: {e}")),
     }
 }
