@@ -711,6 +711,12 @@ fn serve(args: ServeArgs) -> Result<ExitCode, Failure> {
         .enable_all()
         .build()
         .map_err(|e| Failure::internal("cannot start the runtime").error(e))?;
+    for (flag, seconds) in [("--max-staleness", args.storage.max_staleness), ("--etcd-start-wait", args.storage.etcd_start_wait)]
+    {
+        if !(seconds.is_finite() && seconds >= 0.0) {
+            return Err(Failure::input(format!("{flag}: {seconds} is not a number of seconds (0 or more)")));
+        }
+    }
     let fleet = args.storage.store.as_ref().map(|url| Fleet {
         url: url.clone(),
         tls: EtcdTls::from(&args.storage.etcd_tls),

@@ -617,3 +617,16 @@ async fn a_world_too_large_for_one_etcd_transaction_is_refused_at_once_with_the_
     assert!(!out.status.success() && stderr.contains("--max-txn-ops"), "{stderr}");
     assert_eq!(etcd.client_for("large").newest().await.unwrap(), 0, "nothing was written");
 }
+
+#[test]
+fn durations_in_seconds_that_are_not_numbers_are_refused_before_anything_starts() {
+    for (flag, value) in [("--etcd-start-wait", "NaN"), ("--etcd-start-wait", "-1"), ("--max-staleness", "inf")] {
+        let given = format!("{flag}={value}");
+        let args: Vec<String> =
+            ["serve", "--listen", "127.0.0.1:0", "--store", "etcd://127.0.0.1:9/x", &given].map(String::from).to_vec();
+        let out = command(&args).output().expect("run tagward");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag) && stderr.contains("not a number of seconds"), "{flag} {value}: {stderr}");
+    }
+}
