@@ -227,6 +227,11 @@ struct Storage {
     /// Fleet mode: how long one etcd request may take, in milliseconds.
     #[arg(long, env = "TAGWARD_ETCD_TIMEOUT_MS", default_value_t = 2000)]
     etcd_timeout_ms: u64,
+    /// Fleet mode: at start, how many seconds to keep trying (with
+    /// back-off) while etcd cannot be reached before exiting with the
+    /// reason; 0 tries once.
+    #[arg(long, env = "TAGWARD_ETCD_START_WAIT", default_value_t = 60.0)]
+    etcd_start_wait: f64,
     #[command(flatten)]
     etcd_tls: EtcdTlsArgs,
 }
@@ -711,11 +716,18 @@ fn serve(args: ServeArgs) -> Result<ExitCode, Failure> {
         .enable_all()
         .build()
         .map_err(|e| Failure::internal("cannot start the runtime").error(e))?;
+    for (flag, seconds) in [("--max-staleness", args.storage.max_staleness), ("--etcd-start-wait", args.storage.etcd_start_wait)]
+    {
+        if !(seconds.is_finite() && seconds >= 0.0) {
+            return Err(Failure::input(format!("{flag}: {seconds} is not a number of seconds (0 or more)")));
+        }
+    }
     let fleet = args.storage.store.as_ref().map(|url| Fleet {
         url: url.clone(),
         tls: EtcdTls::from(&args.storage.etcd_tls),
         timeout: Duration::from_millis(args.storage.etcd_timeout_ms.max(1)),
         max_staleness: Duration::from_secs_f64(args.storage.max_staleness.clamp(0.05, 86_400.0)),
+        start_wait: Duration::from_secs_f64(args.storage.etcd_start_wait.clamp(0.0, 86_400.0)),
     });
     let store = match &fleet {
         Some(fleet) => runtime.block_on(open_fleet(&plan, fleet))?,
@@ -765,6 +777,8 @@ struct Fleet {
     tls: EtcdTls,
     timeout: Duration,
     max_staleness: Duration,
+    /// How long to keep trying to reach etcd at start.
+    start_wait: Duration,
 }
 
 /// Connects to etcd, seeds an empty prefix from the world file (once, for
@@ -772,15 +786,17 @@ struct Fleet {
 async fn open_fleet(plan: &StoragePlan, fleet: &Fleet) -> Result<Arc<Store>, Failure> {
     let seed = plan.world.as_deref().map(ops::load_world).transpose()?;
     let audit = open_audit(plan)?;
-    let (etcd, loaded) = grpc::etcd::connect(&fleet.url, fleet.timeout, &fleet.tls, seed.as_ref(), &plan.node_name)
-        .await
-        .map_err(Failure::internal)?;
+    let (etcd, loaded) =
+        grpc::etcd::connect(&fleet.url, fleet.timeout, &fleet.tls, seed.as_ref(), &plan.node_name, fleet.start_wait)
+            .await
+            .map_err(Failure::internal)?;
     let options = Durability { compact_after_bytes: MEMORY_COMPACT_AFTER, event_capacity: plan.event_capacity };
     let store = Store::open_shared(Arc::new(etcd.clone()), &loaded.entries, loaded.revision, &options, audit, &plan.node_name)
         .map_err(|e| Failure::input(format!("{}: {e}", fleet.url)))?;
     info!(store = %fleet.url, revision = loaded.revision, read_at = loaded.read_at, "fleet mode: loaded the prefix, following it");
     let probe = (fleet.max_staleness / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-    grpc::etcd::follow(etcd, store.clone(), loaded.read_at + 1, probe);
+    // Followed until the process exits.
+    let _follower = grpc::etcd::follow(etcd, store.clone(), loaded.read_at + 1, probe);
     Ok(store)
 }
 

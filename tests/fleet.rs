@@ -467,7 +467,8 @@ async fn fleet_mode_reaches_etcd_over_tls_with_a_client_certificate() {
 
     // Without the client certificate etcd refuses the connection: the
     // sidecar does not start, and says why.
-    let mut refused = sidecar(&scratch, &url, "b").args(flags(false)).args(["--etcd-timeout-ms", "1000"]).spawn();
+    let mut refused =
+        sidecar(&scratch, &url, "b").args(flags(false)).args(["--etcd-timeout-ms", "1000", "--etcd-start-wait", "0"]).spawn();
     let status = tokio::task::block_in_place(|| refused.wait_for_exit(Duration::from_secs(30))).expect("it exits");
     let stderr = refused.stderr();
     assert!(!status.success(), "{stderr}");
@@ -477,4 +478,155 @@ async fn fleet_mode_reaches_etcd_over_tls_with_a_client_certificate() {
     let status = tokio::task::block_in_place(|| half.wait_for_exit(Duration::from_secs(30))).expect("it exits");
     let stderr = half.stderr();
     assert!(!status.success() && stderr.contains("--etcd-cert"), "{stderr}");
+}
+
+/// Every event one `Watch` stream from `from` yields until it has reached
+/// `until`, as (revision, event); the stream stays open for more.
+async fn watch_until(stream: &mut tonic::Streaming<proto::WatchEvent>, until: u64, out: &mut Vec<proto::WatchEvent>) {
+    while out.last().is_none_or(|e| e.revision < until) {
+        let event = tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .expect("the watch stalled")
+            .expect("the watch failed")
+            .expect("the watch ended");
+        out.push(event);
+    }
+}
+
+fn tag_revisions(events: &[proto::WatchEvent]) -> Vec<u64> {
+    events.iter().filter(|e| matches!(e.event, Some(proto::watch_event::Event::TagChange(_)))).map(|e| e.revision).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sidecar_started_later_watches_the_whole_history_and_a_compacted_revision_is_out_of_range() {
+    if !etcd::available("a_sidecar_started_later_watches_the_whole_history") {
+        return;
+    }
+    let scratch = Scratch::new("fleet-history");
+    let etcd = Etcd::start(scratch.path()).await;
+    let url = etcd.url("history");
+    let a = sidecar(&scratch, &url, "a").start(START).await.unwrap();
+    let mut revs = Vec::new();
+    for project in ["Beta", "Alpha", "Gamma", "Alpha"] {
+        revs.push(a.tagging().await.tag_resource(retag(project)).await.unwrap().into_inner().revision);
+    }
+    // B loads the prefix after those changes, then one more is made: B
+    // keeps that one itself, the older ones come from etcd's history.
+    let b = sidecar(&scratch, &url, "b").start(START).await.unwrap();
+    revs.push(a.tagging().await.tag_resource(retag("Beta")).await.unwrap().into_inner().revision);
+    let r = b.authz().await.authorize(decrypt(revs[4])).await.unwrap().into_inner();
+    assert!(r.revision >= revs[4], "{r:?}");
+
+    let mut on_b = b.admin().await.watch(proto::WatchRequest { from_revision: 1 }).await.unwrap().into_inner();
+    let mut seen = Vec::new();
+    watch_until(&mut on_b, revs[4], &mut seen).await;
+    assert_eq!(tag_revisions(&seen), revs, "every tag change, once, in order: {seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].revision <= w[1].revision), "revisions only grow: {seen:?}");
+    assert!(
+        matches!(&seen[0].event, Some(proto::watch_event::Event::EntityChange(c)) if c.kind == "world"),
+        "the history starts with the seeding: {seen:?}"
+    );
+    // The same stream goes on into live events: the next change, nothing
+    // repeated and nothing skipped at the seam.
+    revs.push(a.tagging().await.tag_resource(retag("Alpha")).await.unwrap().into_inner().revision);
+    watch_until(&mut on_b, revs[5], &mut seen).await;
+    assert_eq!(tag_revisions(&seen), revs, "{seen:?}");
+    // A (which seeded the prefix) streams the same history from revision 1.
+    let mut on_a = a.admin().await.watch(proto::WatchRequest { from_revision: 1 }).await.unwrap().into_inner();
+    let mut seen_a = Vec::new();
+    watch_until(&mut on_a, revs[5], &mut seen_a).await;
+    assert_eq!(seen_a, seen, "both sidecars stream one history");
+
+    // After a compaction, a revision before it is OUT_OF_RANGE, and the
+    // message names the oldest retained revision; from there it works.
+    etcd.client().compact(revs[2]).await.unwrap();
+    let err = b.admin().await.watch(proto::WatchRequest { from_revision: 1 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains(&format!("oldest retained revision is {}", revs[2])), "{err:?}");
+    let mut later = b.admin().await.watch(proto::WatchRequest { from_revision: revs[2] - 1 }).await.unwrap().into_inner();
+    let mut seen = Vec::new();
+    watch_until(&mut later, revs[5], &mut seen).await;
+    assert_eq!(tag_revisions(&seen), revs[2..].to_vec(), "{seen:?}");
+    // A watch from B's own kept events does not touch etcd's history.
+    let mut kept = b.admin().await.watch(proto::WatchRequest { from_revision: revs[4] }).await.unwrap().into_inner();
+    let mut seen = Vec::new();
+    watch_until(&mut kept, revs[5], &mut seen).await;
+    assert_eq!(tag_revisions(&seen), vec![revs[5]]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sidecar_started_before_etcd_waits_for_it_and_gives_up_after_its_start_wait() {
+    if !etcd::available("a_sidecar_started_before_etcd_waits_for_it") {
+        return;
+    }
+    let scratch = Scratch::new("fleet-start-wait");
+    let mut etcd = Etcd::unstarted(scratch.path());
+    let url = etcd.url("late");
+    // Nothing answers on etcd's port: with a short --etcd-start-wait the
+    // sidecar tries, then exits with the reason.
+    let mut gave_up = sidecar(&scratch, &url, "early").args(["--etcd-start-wait", "1", "--etcd-timeout-ms", "200"]).spawn();
+    let status = tokio::task::block_in_place(|| gave_up.wait_for_exit(Duration::from_secs(30))).expect("it exits");
+    let stderr = gave_up.stderr();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("trying again") && stderr.contains("still unreachable after"), "{stderr}");
+
+    // With the default wait, a sidecar started first comes up once etcd
+    // does, seeded and serving.
+    let waiting = sidecar(&scratch, &url, "a").args(["--etcd-timeout-ms", "200"]);
+    let (started, ()) = tokio::join!(waiting.start(START), async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        etcd.restart().await;
+    });
+    let mut a = started.unwrap();
+    let r = a.authz().await.authorize(decrypt(0)).await.unwrap().into_inner();
+    assert!(allowed(&r), "{r:?}");
+    let done = a.tagging().await.tag_resource(retag("Beta")).await.unwrap().into_inner();
+    assert!(done.changed);
+    let log = a.term(Duration::from_secs(10));
+    assert!(log.contains("etcd is not reachable yet; trying again"), "it did wait:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_world_too_large_for_one_etcd_transaction_is_refused_at_once_with_the_limit_named() {
+    if !etcd::available("a_world_too_large_for_one_etcd_transaction") {
+        return;
+    }
+    let scratch = Scratch::new("fleet-large-seed");
+    let etcd = Etcd::start(scratch.path()).await;
+    let url = etcd.url("large");
+    let resources: Vec<serde_json::Value> = (0..200)
+        .map(|i| serde_json::json!({"arn": format!("arn:aws:kms:us-east-1:111122223333:key/k{i}"), "tags": {"n": i.to_string()}}))
+        .collect();
+    let world = scratch.join("large.json");
+    std::fs::write(&world, serde_json::json!({ "resources": resources }).to_string()).unwrap();
+    // Not an outage: the sidecar does not wait out --etcd-start-wait (60 s by
+    // default) but exits at once, naming the operation count and etcd's flag.
+    let mut server = Serve::new().args(["--store", &url, "--world", world.to_str().unwrap()]).spawn();
+    let status = tokio::task::block_in_place(|| server.wait_for_exit(Duration::from_secs(30))).expect("it exits");
+    let stderr = server.stderr();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot seed the prefix") && stderr.contains("201 operations") && stderr.contains("--max-txn-ops"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("trying again"), "{stderr}");
+    // import says the same.
+    let args = vec!["import".to_string(), "--store".into(), url.clone(), world.to_string_lossy().into_owned()];
+    let out = tokio::task::spawn_blocking(move || command(&args).output().unwrap()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--max-txn-ops"), "{stderr}");
+    assert_eq!(etcd.client_for("large").newest().await.unwrap(), 0, "nothing was written");
+}
+
+#[test]
+fn durations_in_seconds_that_are_not_numbers_are_refused_before_anything_starts() {
+    for (flag, value) in [("--etcd-start-wait", "NaN"), ("--etcd-start-wait", "-1"), ("--max-staleness", "inf")] {
+        let given = format!("{flag}={value}");
+        let args: Vec<String> =
+            ["serve", "--listen", "127.0.0.1:0", "--store", "etcd://127.0.0.1:9/x", &given].map(String::from).to_vec();
+        let out = command(&args).output().expect("run tagward");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag) && stderr.contains("not a number of seconds"), "{flag} {value}: {stderr}");
+    }
 }

@@ -23,7 +23,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::Code;
 use tracing::{info, warn};
 
-use crate::store::{CommitError, CommitFuture, Delivered, Guard, Op, Shared, Store, Txn, LOG_KEY};
+use crate::store::{CommitError, CommitFuture, Delivered, Guard, HistoryError, HistoryFuture, Op, Shared, Store, Txn, LOG_KEY};
 
 /// The generated etcd client (`proto/etcd/etcd.proto`).
 pub mod pb {
@@ -133,6 +133,10 @@ fn range_end(key: &[u8]) -> Vec<u8> {
 pub struct Etcd {
     kv: KvClient<Channel>,
     watch: WatchClient<Channel>,
+    /// Watches that replay history for `Admin.Watch` run on a connection
+    /// of their own: a slow reader there fills only that connection's
+    /// flow-control window, never the one the follower's watch uses.
+    history: WatchClient<Channel>,
     /// `PREFIX/`: every key of this fleet starts with it.
     root: String,
     place: String,
@@ -175,11 +179,16 @@ impl Etcd {
                 .keep_alive_while_idle(true);
             endpoints.push(endpoint);
         }
-        let channel =
-            if endpoints.len() == 1 { endpoints.remove(0).connect_lazy() } else { Channel::balance_list(endpoints.into_iter()) };
+        let connect = |endpoints: Vec<Endpoint>| match endpoints.as_slice() {
+            [one] => one.connect_lazy(),
+            _ => Channel::balance_list(endpoints.into_iter()),
+        };
+        let history = connect(endpoints.clone());
+        let channel = connect(endpoints);
         Ok(Etcd {
             kv: KvClient::new(channel.clone()).max_decoding_message_size(MAX_RESPONSE),
             watch: WatchClient::new(channel).max_decoding_message_size(MAX_RESPONSE),
+            history: WatchClient::new(history).max_decoding_message_size(MAX_RESPONSE),
             root: format!("{}/", url.prefix),
             place: url.to_string(),
             timeout,
@@ -324,14 +333,150 @@ impl Shared for Etcd {
     fn place(&self) -> String {
         self.place.clone()
     }
+
+    fn history(&self, from: u64, until: u64) -> HistoryFuture {
+        let etcd = self.clone();
+        Box::pin(async move { etcd.read_history(from, until).await })
+    }
+}
+
+impl Etcd {
+    /// A watch of the prefix from revision `from`, read until revision
+    /// `until` (a past one): etcd replays what it retains. Answers once etcd
+    /// has said whether it retains `from` (its first answer after the
+    /// watch is created: events, or the compaction); then a task forwards
+    /// the transactions, each whole, and ends with the one at `until`, or
+    /// as soon as the receiver is dropped.
+    async fn read_history(&self, from: u64, until: u64) -> Result<crate::store::History, HistoryError> {
+        let (requests, mut stream) =
+            self.open_watch(&self.history, from).await.map_err(|s| HistoryError::Unavailable(unavailable("watch", &s)))?;
+        let first = loop {
+            let next = tokio::time::timeout(self.timeout, stream.message()).await;
+            let resp = match next {
+                Err(_) => {
+                    return Err(HistoryError::Unavailable(format!("etcd did not answer the watch within {:?}", self.timeout)))
+                }
+                Ok(Err(s)) => return Err(HistoryError::Unavailable(unavailable("watch", &s))),
+                Ok(Ok(None)) => return Err(HistoryError::Unavailable("etcd closed the watch".into())),
+                Ok(Ok(Some(resp))) => resp,
+            };
+            if resp.compact_revision > 0 {
+                return Err(HistoryError::Compacted { oldest: resp.compact_revision.max(0) as u64 });
+            }
+            if resp.canceled {
+                return Err(HistoryError::Unavailable(format!("etcd canceled the watch: {}", resp.cancel_reason)));
+            }
+            if !resp.events.is_empty() {
+                break resp;
+            }
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let root_len = self.root.len();
+        tokio::spawn(async move {
+            // etcd ends a watch whose request stream is closed.
+            let _requests = requests;
+            let mut resp = first;
+            loop {
+                for batch in batches(root_len, resp.events) {
+                    if batch.revision > until {
+                        return;
+                    }
+                    let last = batch.revision == until;
+                    if tx.send(Ok(batch)).await.is_err() || last {
+                        return;
+                    }
+                }
+                let next = tokio::select! {
+                    next = stream.message() => next,
+                    _ = tx.closed() => return,
+                };
+                resp = match next {
+                    Ok(Some(r)) if r.compact_revision > 0 => {
+                        let _ = tx.send(Err(format!("etcd compacted past revision {} meanwhile", r.compact_revision))).await;
+                        return;
+                    }
+                    Ok(Some(r)) if r.canceled => {
+                        let _ = tx.send(Err(format!("etcd canceled the watch: {}", r.cancel_reason))).await;
+                        return;
+                    }
+                    Ok(Some(r)) => r,
+                    Ok(None) => {
+                        let _ = tx.send(Err("etcd closed the watch".into())).await;
+                        return;
+                    }
+                    Err(s) => {
+                        let _ = tx.send(Err(unavailable("watch", &s))).await;
+                        return;
+                    }
+                };
+            }
+        });
+        Ok(rx)
+    }
+
+    /// A watch of the whole prefix from revision `from`: the sender that
+    /// keeps it open, and etcd's answers.
+    async fn open_watch(
+        &self,
+        client: &WatchClient<Channel>,
+        from: u64,
+    ) -> Result<(mpsc::Sender<pb::WatchRequest>, tonic::Streaming<pb::WatchResponse>), tonic::Status> {
+        let root = self.root.as_bytes().to_vec();
+        let create = pb::WatchCreateRequest {
+            key: root.clone(),
+            range_end: range_end(&root),
+            start_revision: from as i64,
+            ..Default::default()
+        };
+        let (tx, rx) = mpsc::channel(1);
+        let first = pb::WatchRequest { request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)) };
+        tx.send(first).await.map_err(|_| tonic::Status::internal("cannot start the watch"))?;
+        let stream = client.clone().watch(ReceiverStream::new(rx)).await?.into_inner();
+        Ok((tx, stream))
+    }
+}
+
+/// The events of one watch answer as transactions: the events of one
+/// revision are one transaction, delivered whole. Keys lose the prefix's
+/// `root_len` bytes.
+fn batches(root_len: usize, events: Vec<pb::Event>) -> Vec<Delivered> {
+    let mut out: Vec<Delivered> = Vec::new();
+    for event in events {
+        let Some(kv) = event.kv else { continue };
+        let revision = kv.mod_revision.max(0) as u64;
+        if out.last().is_none_or(|b| b.revision != revision) {
+            out.push(Delivered { revision, ..Delivered::default() });
+        }
+        let Some(b) = out.last_mut() else { continue };
+        let rel = String::from_utf8_lossy(&kv.key[root_len.min(kv.key.len())..]).into_owned();
+        if event.r#type == pb::event::EventType::Delete as i32 {
+            b.deletes.push(rel);
+        } else {
+            b.puts.push((rel, kv.value));
+        }
+    }
+    out
+}
+
+/// The tasks that keep a fleet store current. Dropping it leaves them
+/// running (a sidecar follows until it exits); [`Follower::stop`] ends them.
+pub struct Follower {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Follower {
+    /// Stops following (tests that close a store and open another).
+    pub fn stop(self) {
+        self.tasks.iter().for_each(|t| t.abort());
+    }
 }
 
 /// Keeps `store` current from `etcd`: the watch from `from` (the revision
 /// after the load), and the probe every `probe`.
-pub fn follow(etcd: Etcd, store: Arc<Store>, from: u64, probe: Duration) {
+pub fn follow(etcd: Etcd, store: Arc<Store>, from: u64, probe: Duration) -> Follower {
     let (watcher, watched) = (etcd.clone(), store.clone());
-    tokio::spawn(async move { watch_loop(watcher, watched, from).await });
-    tokio::spawn(async move {
+    let watching = tokio::spawn(async move { watch_loop(watcher, watched, from).await });
+    let probing = tokio::spawn(async move {
         let mut tick = tokio::time::interval(probe);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -342,6 +487,7 @@ pub fn follow(etcd: Etcd, store: Arc<Store>, from: u64, probe: Duration) {
             metrics::gauge!(crate::observe::REVISION_LAG).set(store.revision_lag() as f64);
         }
     });
+    Follower { tasks: vec![watching, probing] }
 }
 
 /// Why one watch stream ended.
@@ -384,25 +530,12 @@ async fn watch_loop(etcd: Etcd, store: Arc<Store>, mut from: u64) {
 }
 
 async fn watch_once(etcd: &Etcd, store: &Store, from: &mut u64) -> Ended {
-    let root = etcd.root.as_bytes().to_vec();
-    let create = pb::WatchCreateRequest {
-        key: root.clone(),
-        range_end: range_end(&root),
-        start_revision: *from as i64,
-        ..Default::default()
-    };
-    let (tx, rx) = mpsc::channel(1);
-    let first = pb::WatchRequest { request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)) };
-    if tx.send(first).await.is_err() {
-        return Ended::Failed("cannot start the watch".into());
-    }
-    let mut stream = match etcd.watch.clone().watch(ReceiverStream::new(rx)).await {
-        Ok(s) => s.into_inner(),
+    let (_requests, mut stream) = match etcd.open_watch(&etcd.watch, *from).await {
+        Ok(opened) => opened,
         Err(s) => return Ended::Failed(unavailable("watch", &s)),
     };
-    // `tx` stays open while the watch runs: etcd ends a watch whose
+    // `_requests` stays open while the watch runs: etcd ends a watch whose
     // request stream is closed.
-    let _requests = tx;
     loop {
         let resp = match stream.message().await {
             Ok(Some(resp)) => resp,
@@ -415,27 +548,7 @@ async fn watch_once(etcd: &Etcd, store: &Store, from: &mut u64) -> Ended {
         if resp.canceled {
             return Ended::Failed(format!("etcd canceled the watch: {}", resp.cancel_reason));
         }
-        // Events of one revision are one transaction: deliver each whole.
-        let mut batch: Option<Delivered> = None;
-        for event in resp.events {
-            let Some(kv) = event.kv else { continue };
-            let revision = kv.mod_revision.max(0) as u64;
-            if batch.as_ref().is_some_and(|b| b.revision != revision) {
-                if let Some(done) = batch.take() {
-                    if let Err(e) = deliver(store, done, from) {
-                        return Ended::Failed(e);
-                    }
-                }
-            }
-            let b = batch.get_or_insert_with(|| Delivered { revision, ..Delivered::default() });
-            let rel = String::from_utf8_lossy(&kv.key[root.len().min(kv.key.len())..]).into_owned();
-            if event.r#type == pb::event::EventType::Delete as i32 {
-                b.deletes.push(rel);
-            } else {
-                b.puts.push((rel, kv.value));
-            }
-        }
-        if let Some(done) = batch.take() {
+        for done in batches(etcd.root.len(), resp.events) {
             if let Err(e) = deliver(store, done, from) {
                 return Ended::Failed(e);
             }
@@ -452,27 +565,76 @@ fn deliver(store: &Store, delivered: Delivered, from: &mut u64) -> Result<(), St
 
 /// Connects, seeds an empty prefix from `seed` (one transaction: the first
 /// sidecar to commit it seeds, the others find it seeded), loads the
-/// prefix and returns what to open the store with.
+/// prefix and returns what to open the store with. While etcd cannot be
+/// reached this is tried again, with back-off, for up to `wait` (a fleet
+/// often starts before its etcd is ready); what retrying cannot fix (a bad
+/// flag, a world file that does not build, a seed etcd refuses) fails at
+/// once, and so does an outage that outlasts `wait`, with its reason.
 pub async fn connect(
     url: &EtcdUrl,
     timeout: Duration,
     tls: &EtcdTls,
     seed: Option<&crate::world::WorldSpec>,
     node: &str,
+    wait: Duration,
 ) -> Result<(Etcd, Loaded), String> {
     let etcd = Etcd::with_tls(url, timeout, tls)?;
-    if let Some(world) = seed {
-        let txn = crate::store::seed_transaction(world, "world-file", node).map_err(|e| format!("the world file: {e}"))?;
+    let seed = seed
+        .map(|world| crate::store::seed_transaction(world, "world-file", node).map_err(|e| format!("the world file: {e}")))
+        .transpose()?;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut backoff = Duration::from_millis(100);
+    let mut attempt = 1u32;
+    loop {
+        let error = match seed_and_load(&etcd, url, seed.clone()).await {
+            Ok(loaded) => return Ok((etcd, loaded)),
+            Err(Attempt::Fatal(e)) => return Err(e),
+            Err(Attempt::Unreachable(e)) => e,
+        };
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Err(if wait.is_zero() { error } else { format!("{error} (still unreachable after {wait:?} of trying)") });
+        }
+        warn!(error = %error, attempt, "etcd is not reachable yet; trying again (--etcd-start-wait)");
+        tokio::time::sleep(backoff.min(deadline - now)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        attempt += 1;
+    }
+}
+
+/// How one start-up attempt failed.
+enum Attempt {
+    /// etcd could not be reached or did not answer: worth another try.
+    Unreachable(String),
+    Fatal(String),
+}
+
+/// What to say when etcd refused a seeding transaction of `ops` writes:
+/// the whole world goes in one transaction, so etcd's limits must fit it.
+fn seed_refused(e: &CommitError, ops: usize) -> String {
+    format!(
+        "{e} (the world is seeded in one transaction of {ops} operations and its size; etcd must allow that much: \
+         --max-txn-ops, 128 by default, and --max-request-bytes)"
+    )
+}
+
+async fn seed_and_load(etcd: &Etcd, url: &EtcdUrl, seed: Option<Txn>) -> Result<Loaded, Attempt> {
+    if let Some(txn) = seed {
+        let ops = txn.ops.len();
         match etcd.commit(txn).await {
             Ok(revision) => info!(revision, store = %url, "seeded the empty prefix from the world file"),
             Err(CommitError::Conflict { current }) => {
                 info!(revision = current, store = %url, "the prefix already holds state, so the world file is not applied")
             }
-            Err(e) => return Err(format!("{url}: cannot seed the prefix: {e}")),
+            Err(e @ CommitError::Unavailable(_)) => {
+                return Err(Attempt::Unreachable(format!("{url}: cannot seed the prefix: {e}")))
+            }
+            Err(e @ CommitError::Refused(_)) => {
+                return Err(Attempt::Fatal(format!("{url}: cannot seed the prefix: {}", seed_refused(&e, ops))))
+            }
         }
     }
-    let loaded = etcd.load().await.map_err(|e| format!("{url}: cannot load the prefix: {e}"))?;
-    Ok((etcd, loaded))
+    etcd.load().await.map_err(|e| Attempt::Unreachable(format!("{url}: cannot load the prefix: {e}")))
 }
 
 /// `tagward export --store`: the prefix's state as a world file, to
@@ -498,6 +660,7 @@ pub async fn import(url: &EtcdUrl, tls: &EtcdTls, world: &crate::world::WorldSpe
     let etcd = Etcd::with_tls(url, Duration::from_secs(5), tls)?;
     let txn =
         crate::store::seed_transaction(world, "import", "tagward-import").map_err(|e| format!("{}: {e}", file.display()))?;
+    let ops = txn.ops.len();
     match etcd.commit(txn).await {
         Ok(revision) => {
             eprintln!("imported {} into {url} at revision {revision}", file.display());
@@ -506,6 +669,7 @@ pub async fn import(url: &EtcdUrl, tls: &EtcdTls, world: &crate::world::WorldSpe
         Err(CommitError::Conflict { current }) => Err(format!(
             "{url}: the prefix already holds state (its newest change is revision {current}); import loads an empty prefix only"
         )),
+        Err(e @ CommitError::Refused(_)) => Err(format!("{url}: cannot import: {}", seed_refused(&e, ops))),
         Err(e) => Err(format!("{url}: cannot import: {e}")),
     }
 }

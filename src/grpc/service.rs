@@ -24,7 +24,7 @@ use crate::engine::{authorize, ContextRules, Decision};
 use crate::observe::{self, DecisionLog};
 use crate::state::State;
 use crate::store::tag_refusal;
-use crate::store::{Store, Ticket, UpdateError};
+use crate::store::{Store, Ticket, UpdateError, WatchRefused};
 use crate::tagging::{perform, tag_actions, TagError, TagOp, TagRequest};
 use crate::world::WorldSpec;
 use tagward_core::kms_ops::{KmsAnswer, KmsOp, KmsRequest};
@@ -825,15 +825,36 @@ impl AdminService {
 
     async fn watch_stream(&self, request: Request<proto::WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let from = request.get_ref().from_revision;
-        let (backlog, mut live) = self
-            .0
-            .store
-            .watch(from)
-            .map_err(|e| status(Code::OutOfRange, ErrorCode::RevisionGone.as_str(), e.to_string(), Default::default()))?;
+        let watched = self.0.store.watch_all(from).await.map_err(|e| match e {
+            WatchRefused::Unavailable { .. } => Status::unavailable(e.to_string()),
+            _ => status(Code::OutOfRange, ErrorCode::RevisionGone.as_str(), e.to_string(), Default::default()),
+        })?;
+        let (older, backlog, mut live) = (watched.older, watched.kept, watched.live);
         let (tx, rx) = mpsc::channel(256);
         let mut shutdown = self.0.shutdown.clone();
         tokio::spawn(async move {
             let _open = observe::WatchStreamGauge::open();
+            // A fleet sidecar's older events, from etcd's history first.
+            if let Some(mut older) = older {
+                loop {
+                    let next = tokio::select! {
+                        next = older.recv() => next,
+                        _ = shutdown.wait_for(|down| *down) => return,
+                        _ = tx.closed() => return,
+                    };
+                    let sent = match next {
+                        None => break,
+                        Some(Ok(e)) => tx.send(Ok(convert::event(&e))).await,
+                        Some(Err(reason)) => {
+                            let _ = tx.send(Err(Status::unavailable(reason))).await;
+                            return;
+                        }
+                    };
+                    if sent.is_err() {
+                        return;
+                    }
+                }
+            }
             for e in backlog {
                 if tx.send(Ok(convert::event(&e))).await.is_err() {
                     return;

@@ -17,6 +17,8 @@ pub struct Etcd {
     /// Served over TLS with client certificates required: the server's
     /// (cert, key) and the files a client needs.
     tls: Option<(PathBuf, PathBuf, EtcdTls)>,
+    /// More flags for etcd (limits).
+    extra: Vec<String>,
 }
 
 /// Is `etcd` on the PATH? If not, prints why the test did not run (and
@@ -47,8 +49,31 @@ impl Etcd {
         Etcd::start_with(scratch, Some((server_cert, server_key, client))).await
     }
 
+    /// An etcd with its ports chosen but not started yet: [`Etcd::url`]
+    /// names it, [`Etcd::restart`] starts it.
+    pub fn unstarted(scratch: &Path) -> Etcd {
+        let (client, peer) = (super::free_port(), super::free_port());
+        Etcd { child: None, dir: scratch.join("etcd"), client, peer, tls: None, extra: Vec::new() }
+    }
+
+    /// Starts etcd with more flags (`--max-request-bytes N`, say).
+    pub async fn start_args(scratch: &Path, extra: &[&str]) -> Etcd {
+        let mut etcd = Etcd {
+            child: None,
+            dir: scratch.join("etcd"),
+            client: super::free_port(),
+            peer: super::free_port(),
+            tls: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        etcd.spawn();
+        etcd.wait_ready().await;
+        etcd
+    }
+
     async fn start_with(scratch: &Path, tls: Option<(PathBuf, PathBuf, EtcdTls)>) -> Etcd {
-        let mut etcd = Etcd { child: None, dir: scratch.join("etcd"), client: super::free_port(), peer: super::free_port(), tls };
+        let (client, peer) = (super::free_port(), super::free_port());
+        let mut etcd = Etcd { child: None, dir: scratch.join("etcd"), client, peer, tls, extra: Vec::new() };
         etcd.spawn();
         etcd.wait_ready().await;
         etcd
@@ -74,6 +99,7 @@ impl Etcd {
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("fleet-test={peer}")])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

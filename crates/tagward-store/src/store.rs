@@ -43,8 +43,8 @@ use crate::audit::{AuditLog, Refusal, Refused as RefusedWrite};
 mod shared;
 use crate::storage::{Backend, Cut, FileBackend, Loaded, LogRecord, MemoryBackend, StorageError};
 pub use shared::{
-    entities, load_state, seed_transaction, CommitError, CommitFuture, Delivered, EntityKey, Guard, LogEntry, Op, Shared, Txn,
-    ENTITY_DIR, LOG_KEY,
+    delivered_events, entities, load_state, seed_transaction, CommitError, CommitFuture, Delivered, EntityKey, Guard, History,
+    HistoryError, HistoryFuture, LogEntry, Op, Shared, Txn, WatchRefused, Watched, ENTITY_DIR, LOG_KEY,
 };
 /// The vocabulary of changes, where the store's callers have always found it.
 pub use tagward_core::change::{ChangeKind, EntityKind, Event, EventKind, Update, UpdateError};

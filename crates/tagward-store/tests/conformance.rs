@@ -1,8 +1,26 @@
-//! One suite of storage-backend properties, run against every backend: each
-//! property is a generic function over a [`Harness`] (how to open, reopen
-//! and tear a backend), called once per backend by the `#[test]`s at the
-//! bottom. A new backend (etcd) joins by adding a harness and one line per
-//! property.
+//! One suite of storage properties, run against every way of keeping the
+//! state, in two halves:
+//!
+//! - **Store-level** (`store_suite/mod.rs`): a whole `Store` on a medium,
+//!   generic over a `StoreHarness`, written through the calls the handlers
+//!   make (`apply_acked`/`tag_acked`): every kind of change round-trips
+//!   through a reopen, recovery after a compaction, following the medium,
+//!   an oversize change refused leaving nothing, a failing medium refusing
+//!   then recovering, no acknowledged change lost under concurrent writers,
+//!   a second writer refused or serialized. They run here for the file and
+//!   memory backends and, in the root package's
+//!   `tests/etcd_conformance.rs`, for fleet mode on a real etcd.
+//! - **Backend-level** (below): a `storage::Backend` on its own, generic
+//!   over a [`Harness`] (open, reopen, tear), for the file and memory
+//!   backends. These do not apply to etcd, which is not a `Backend`: its
+//!   revisions are assigned by etcd at commit, so there are no records
+//!   numbered by the store (`records_round_trip`), no snapshot written
+//!   beside a log (`compaction_then_recovery`,
+//!   `sync_prepared_before_a_compaction`), no local log whose tail a crash
+//!   tears (`short_write`, `torn_tail_is_cut_once`) and no separate append
+//!   and sync to fail one at a time (`failing_sync`, `full_disk_on_sync`,
+//!   `full_disk_on_append`): a transaction commits whole or not at all,
+//!   and the etcd half's failure property kills etcd instead.
 //!
 //! Faults finer than SIGKILL come from [`Faulty`], a wrapper backend that
 //! fails an append or a sync (an I/O error, a full disk) or tears a record
@@ -578,7 +596,95 @@ fn second_writer_is_refused(h: &dyn Harness) {
     assert_eq!(s.snapshot().target(KEY).unwrap().tags().len(), 2);
 }
 
-// ---- every property, once per backend ---------------------------------------
+// ---- the store-level half, for the file and memory backends ---------------
+
+mod store_suite;
+
+use store_suite::{Followed, Limits, OpenFailed, StoreHarness};
+
+/// A store on one of this crate's backends, behind [`Faulty`] so that the
+/// failure property can make it fail.
+struct Stores<H: Harness> {
+    medium: H,
+    faults: Arc<Faults>,
+}
+
+impl<H: Harness> Stores<H> {
+    fn new(medium: H) -> Stores<H> {
+        Stores { medium, faults: Arc::new(Faults::default()) }
+    }
+}
+
+fn followed(record: tagward_core::change::Record) -> Followed {
+    let tags = match &record.change {
+        tagward_core::change::Change::ReplaceTags { resource, tags } if resource == store_suite::KEY => Some(tags.clone()),
+        _ => None,
+    };
+    (record.rev, record.actor, tags)
+}
+
+impl<H: Harness> StoreHarness for Stores<H> {
+    const SHARED: bool = false;
+    const TOO_LARGE: &'static str = "4096-byte limit";
+
+    async fn open(&self, seed: Option<&WorldSpec>, limits: Limits) -> Result<store_suite::Opened, OpenFailed> {
+        let inner = match self.medium.try_open(limits.compact_after, limits.max_record) {
+            Ok(b) => b,
+            Err(e @ StorageError::Locked(_)) => return Err(OpenFailed::Locked(e.to_string())),
+            Err(e) => return Err(OpenFailed::Other(e.to_string())),
+        };
+        let backend = Faulty { inner, faults: self.faults.clone(), torn: Arc::new(Mutex::new(Vec::new())) };
+        let options = Durability { compact_after_bytes: limits.compact_after, event_capacity: 64 };
+        let (store, opened) =
+            Store::open(Box::new(backend), seed, false, &options, None).map_err(|e| OpenFailed::Other(e.to_string()))?;
+        Ok(store_suite::Opened { store, restored: opened.restored, seeded: opened.seeded, on_close: None })
+    }
+
+    async fn follow(&self, store: &Store, from: u64) -> Result<Vec<Followed>, String> {
+        store.follow(from).map(|records| records.into_iter().map(followed).collect()).map_err(|e| e.to_string())
+    }
+
+    async fn compact(&self, _store: &Store) {
+        // These backends compact on their own past `compact_after`.
+    }
+
+    async fn fail(&self) {
+        self.faults.on_append(Fault::Error(28));
+    }
+
+    async fn heal(&self) {
+        assert!(self.faults.fired.load(Ordering::SeqCst), "the fault fired");
+    }
+}
+
+macro_rules! store_conformance {
+    ($($property:ident),* $(,)?) => {
+        mod file_store {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread")] async fn $property() {
+                store_suite::$property(&Stores::new(FileHarness::new(stringify!($property)))).await;
+            })*
+        }
+        mod memory_store {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread")] async fn $property() {
+                store_suite::$property(&Stores::new(MemoryHarness::new(stringify!($property)))).await;
+            })*
+        }
+    };
+}
+
+store_conformance!(
+    round_trip_through_a_reopen,
+    recovery_after_compaction,
+    following,
+    oversize_change_leaves_nothing,
+    a_failing_store_refuses_then_recovers,
+    no_acknowledged_change_is_lost,
+    a_second_writer_is_refused_or_serialized,
+);
+
+// ---- every backend-level property, once per backend -----------------------
 
 macro_rules! conformance {
     ($($property:ident),* $(,)?) => {

@@ -297,10 +297,30 @@ pub enum CommitError {
 
 pub type CommitFuture = Pin<Box<dyn Future<Output = Result<u64, CommitError>> + Send>>;
 
+/// Why the shared store cannot replay its history from a revision.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum HistoryError {
+    /// The shared store compacted its history: `oldest` is the oldest
+    /// revision it still retains.
+    #[error("the shared store compacted its history; the oldest revision it retains is {oldest}")]
+    Compacted { oldest: u64 },
+    #[error("the shared store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The prefix's past transactions, oldest first, each whole; an `Err` ends
+/// it (the shared store went away mid-way).
+pub type History = tokio::sync::mpsc::Receiver<Result<Delivered, String>>;
+pub type HistoryFuture = Pin<Box<dyn Future<Output = Result<History, HistoryError>> + Send>>;
+
 /// The shared store (etcd) as the fleet store writes to it.
 pub trait Shared: Send + Sync {
     /// Commits `txn` when its guards hold; the revision it made.
     fn commit(&self, txn: Txn) -> CommitFuture;
+    /// The transactions on the prefix from revision `from` through `until`
+    /// (the last one ends the history). Resolves once the shared store has
+    /// said whether it still retains `from`.
+    fn history(&self, from: u64, until: u64) -> HistoryFuture;
     /// Where the state lives, for messages (`etcd://HOST:PORT/PREFIX`).
     fn place(&self) -> String;
 }
@@ -917,14 +937,38 @@ pub fn load_state(entries: &[(String, Vec<u8>)], revision: u64) -> Result<State,
     build(entries, revision, &mut ResourceBuilder::default())
 }
 
-/// Applies one delivered transaction to `state`; the events it says.
-fn apply_delivered(state: &mut State, resources: &mut ResourceBuilder, d: &Delivered) -> Result<Vec<Event>, String> {
+/// The events one delivered transaction says: those of its log entry, or
+/// (written by something other than a sidecar) one per entity key it put
+/// or deleted. The same whether it is applied live or replayed for a watch.
+pub fn delivered_events(d: &Delivered) -> Result<Vec<Event>, String> {
     let mut log: Option<LogEntry> = None;
-    let mut puts: Vec<(EntityKey, &Vec<u8>)> = Vec::new();
+    let mut puts: Vec<EntityKey> = Vec::new();
     for (key, value) in &d.puts {
         if key == LOG_KEY {
             log = Some(serde_json::from_slice(value).map_err(|e| format!("{LOG_KEY}: not a log entry: {e}"))?);
         } else if let Some(entity) = EntityKey::parse(key) {
+            puts.push(entity);
+        }
+    }
+    puts.sort();
+    Ok(match log {
+        Some(entry) => entry.events.into_iter().filter_map(|e| e.event(d.revision)).collect(),
+        None => d
+            .deletes
+            .iter()
+            .filter_map(|k| EntityKey::parse(k))
+            .map(|k| k.event(d.revision, ChangeKind::Delete))
+            .chain(puts.iter().map(|k| k.event(d.revision, ChangeKind::Put)))
+            .collect(),
+    })
+}
+
+/// Applies one delivered transaction to `state`; the events it says.
+fn apply_delivered(state: &mut State, resources: &mut ResourceBuilder, d: &Delivered) -> Result<Vec<Event>, String> {
+    let events = delivered_events(d)?;
+    let mut puts: Vec<(EntityKey, &Vec<u8>)> = Vec::new();
+    for (key, value) in &d.puts {
+        if let Some(entity) = EntityKey::parse(key) {
             puts.push((entity, value));
         }
     }
@@ -955,16 +999,86 @@ fn apply_delivered(state: &mut State, resources: &mut ResourceBuilder, d: &Deliv
         }
         replay(state, resources, &change).map_err(|e| format!("{}: {e}", key.path()))?;
     }
-    let events = match log {
-        Some(entry) => entry.events.into_iter().filter_map(|e| e.event(d.revision)).collect(),
-        // Written by something other than a sidecar: say what changed.
-        None => deletes
-            .iter()
-            .map(|k| k.event(d.revision, ChangeKind::Delete))
-            .chain(puts.iter().map(|(k, _)| k.event(d.revision, ChangeKind::Put)))
-            .collect(),
-    };
     Ok(events)
+}
+
+/// What a watch streams, in this order: on a fleet store, the events older
+/// than this store keeps, replayed from the shared store's history; the
+/// kept events; then the live ones (no gap and no repeat between them).
+pub struct Watched {
+    pub older: Option<tokio::sync::mpsc::Receiver<Result<Event, String>>>,
+    pub kept: Vec<Arc<Event>>,
+    pub live: tokio::sync::broadcast::Receiver<Arc<Event>>,
+}
+
+/// Why a watch cannot start.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum WatchRefused {
+    /// Not a fleet store, and the events after `asked` are no longer kept.
+    #[error(transparent)]
+    Gone(#[from] super::WatchGone),
+    /// The shared store compacted the history after `asked`.
+    #[error("from_revision {asked}: {place} no longer retains that history (it was compacted); the oldest retained revision is {oldest}, so watch from revision {} or later, or export the state and watch from its revision", oldest.saturating_sub(1))]
+    Compacted { asked: u64, oldest: u64, place: String },
+    /// The older events must come from the shared store, which cannot be
+    /// reached.
+    #[error(
+        "from_revision {asked}: the events through revision {dropped} are read from {place}, which is unavailable: {reason}"
+    )]
+    Unavailable { asked: u64, dropped: u64, place: String, reason: String },
+}
+
+impl Store {
+    /// Starts a watch of the events after revision `from` (0: live only).
+    /// A fleet store replays the events older than the ones it keeps from
+    /// the shared store's history, which any sidecar can read: a watch from
+    /// any revision the shared store retains works on every sidecar.
+    pub async fn watch_all(&self, from: u64) -> Result<Watched, WatchRefused> {
+        let gone = match self.watch(from) {
+            Ok((kept, live)) => return Ok(Watched { older: None, kept, live }),
+            Err(gone) => gone,
+        };
+        let Some(fleet) = self.inner.fleet.get() else { return Err(gone.into()) };
+        // Taken together under the event log's lock: the revision through
+        // which this store no longer has every event, the kept events after
+        // it and the live feed. The history covers (from, dropped].
+        let (dropped, kept, live) = {
+            let log = lock(&self.inner.events);
+            let kept: Vec<Arc<Event>> = log.kept.iter().filter(|e| e.revision > log.dropped).cloned().collect();
+            (log.dropped, kept, log.live.subscribe())
+        };
+        let place = fleet.shared.place();
+        let mut history = fleet.shared.history(from + 1, dropped).await.map_err(|e| match e {
+            HistoryError::Compacted { oldest } => WatchRefused::Compacted { asked: from, oldest, place: place.clone() },
+            HistoryError::Unavailable(reason) => WatchRefused::Unavailable { asked: from, dropped, place: place.clone(), reason },
+        })?;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = history.recv() => next,
+                    // The watcher went away: stop reading the history.
+                    _ = tx.closed() => return,
+                };
+                let Some(next) = next else { return };
+                let events = next.and_then(|d| delivered_events(&d).map_err(|e| format!("revision {}: {e}", d.revision)));
+                match events {
+                    Ok(events) => {
+                        for e in events {
+                            if tx.send(Ok(e)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("reading the history from {place}: {e}"))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Watched { older: Some(rx), kept, live })
+    }
 }
 
 /// Fleet state hidden behind a `OnceLock` in the store's shared part.
