@@ -279,6 +279,8 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
         callers: config.callers.clone(),
         tagging: config.tagging,
         evaluations: super::service::evaluation_slots(),
+        // After the exporter is installed (`serve` does that first).
+        meters: Arc::new(crate::observe::Meters::new()),
     };
     let serve_tagging = config.tagging != TaggingMode::Off;
     let (health, health_service) = tonic_health::server::health_reporter();
