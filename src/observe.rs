@@ -10,6 +10,7 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -68,6 +69,102 @@ impl WatchStreamGauge {
 impl Drop for WatchStreamGauge {
     fn drop(&mut self) {
         metrics::gauge!(WATCH_STREAMS).decrement(1.0);
+    }
+}
+
+/// Every RPC the handlers observe (the data plane's, the KMS ones, the
+/// admin streams), the most frequent first: [`Meters`] keeps handles for
+/// these.
+const OBSERVED_RPCS: &[&str] = &[
+    "Authorize",
+    "BatchAuthorize",
+    "TagResource",
+    "UntagResource",
+    "ListResourceTags",
+    "GetResources",
+    "CreateAlias",
+    "UpdateAlias",
+    "DeleteAlias",
+    "ListAliases",
+    "CreateGrant",
+    "RetireGrant",
+    "RevokeGrant",
+    "ListGrants",
+    "Apply",
+    "Export",
+    "Watch",
+];
+
+/// The `code` labels an RPC is counted under (the gRPC code names the
+/// handlers answer with, and `OTHER`): at most this many per RPC.
+pub const CODE_LABELS: usize = 16;
+
+/// The series of one RPC.
+struct RpcMeters {
+    duration: OnceLock<metrics::Histogram>,
+    codes: [OnceLock<metrics::Counter>; CODE_LABELS],
+}
+
+/// Handles on the request path's series, each registered with the
+/// recorder the first time it is used and kept: the `metrics` macros with
+/// labels that are not literals build a key (a vector of labels) and look
+/// it up in the recorder's registry on every call, which a handle skips.
+/// A series appears when it is first recorded, as with the macros, so the
+/// exposition is the same; an RPC name or code outside the tables goes
+/// through the macros. Make it after the recorder is installed (`serve`
+/// installs the exporter before it starts the listeners): a handle taken
+/// without a recorder records nothing.
+pub struct Meters {
+    rpcs: Vec<RpcMeters>,
+    /// By allowed/denied and reason.
+    decisions: [OnceLock<metrics::Counter>; 6],
+}
+
+impl Default for Meters {
+    fn default() -> Meters {
+        Meters::new()
+    }
+}
+
+impl Meters {
+    pub fn new() -> Meters {
+        Meters {
+            rpcs: OBSERVED_RPCS
+                .iter()
+                .map(|_| RpcMeters { duration: OnceLock::new(), codes: std::array::from_fn(|_| OnceLock::new()) })
+                .collect(),
+            decisions: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    /// Counts a decision by result and reason, as [`decision`] does.
+    pub fn decision(&self, d: &Decision) {
+        let reason = match d.reason {
+            crate::engine::Reason::Allowed => 0,
+            crate::engine::Reason::ExplicitDeny => 1,
+            crate::engine::Reason::ImplicitDeny => 2,
+        };
+        let slot = &self.decisions[reason * 2 + usize::from(d.allowed())];
+        slot.get_or_init(|| {
+            let result = if d.allowed() { "allow" } else { "deny" };
+            metrics::counter!(DECISIONS, "result" => result, "reason" => d.reason.as_str())
+        })
+        .increment(1);
+    }
+
+    /// Records an RPC's latency and outcome, as [`rpc`] does; `code` is the
+    /// label's index (below [`CODE_LABELS`]) and `code_name` the label.
+    pub fn rpc(&self, name: &'static str, elapsed: Duration, code: usize, code_name: &'static str) {
+        let Some(m) = OBSERVED_RPCS.iter().position(|n| *n == name).and_then(|i| self.rpcs.get(i)) else {
+            metrics::histogram!(RPC_DURATION, "rpc" => name).record(elapsed.as_secs_f64());
+            metrics::counter!(RPCS, "rpc" => name, "code" => code_name).increment(1);
+            return;
+        };
+        m.duration.get_or_init(|| metrics::histogram!(RPC_DURATION, "rpc" => name)).record(elapsed.as_secs_f64());
+        match m.codes.get(code) {
+            Some(slot) => slot.get_or_init(|| metrics::counter!(RPCS, "rpc" => name, "code" => code_name)).increment(1),
+            None => metrics::counter!(RPCS, "rpc" => name, "code" => code_name).increment(1),
+        }
     }
 }
 

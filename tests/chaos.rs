@@ -140,6 +140,27 @@ async fn the_canary_is_answered_under_each_hostile_request() {
     let answer = under(&canary, "BatchAuthorize 1000 x big policy", authz.batch_authorize(batch)).await.unwrap();
     assert_eq!(answer.get_ref().results.len(), 1000);
 
+    // A short batch against the big policy: started on the async worker,
+    // it outlasts the inline budget and the rest is decided on the pool;
+    // the answers are in item order, each as a single Authorize has it.
+    let keys: Vec<String> = (0..40)
+        .map(|i| if i % 3 == 0 { KEY_ALPHA.to_string() } else { format!("arn:aws:kms:us-east-1:111122223333:key/n{i}-k") })
+        .collect();
+    let items: Vec<proto::BatchItem> = keys.iter().map(|k| item("kms:Decrypt", k)).collect();
+    let batch = proto::BatchAuthorizeRequest { principal: ALPHA_APP.into(), items, ..Default::default() };
+    let answer = under(&canary, "BatchAuthorize 40 x big policy", authz.batch_authorize(batch)).await.unwrap();
+    assert_eq!(answer.get_ref().results.len(), 40);
+    for (key, got) in keys.iter().zip(&answer.get_ref().results) {
+        let single = authz.authorize(authorize_req(ALPHA_APP, "kms:Decrypt", key)).await.unwrap();
+        let single = single.get_ref();
+        assert_eq!(
+            (got.decision, got.reason, got.matched.len()),
+            (single.decision, single.reason, single.matched.len()),
+            "{key}"
+        );
+    }
+    assert!(allowed(&answer.get_ref().results[0]), "AlphaApp may decrypt its own key");
+
     // 120,000 tags in one TagResource: refused by the list limit before
     // anything else is done with them.
     let tags: Vec<proto::Tag> = (0..120_000).map(|i| tag(&format!("k{i}"), "v")).collect();

@@ -139,99 +139,244 @@ fn required(field: &str, value: &str) -> Result<(), Status> {
     }
 }
 
-/// Builds an engine request; field names in errors start with `prefix`.
-/// `validate` checks the request's shape here (for a batch, so that no item
-/// is decided before every item is known to be well-formed); otherwise
-/// `engine::authorize` checks it, once.
-#[allow(clippy::too_many_arguments)]
+/// Builds an engine request from borrowed fields (GetResources' own); the
+/// engine checks its shape when it decides.
 fn request(
-    validate: bool,
-    prefix: &str,
     principal: &str,
     action: &str,
     resource: &str,
-    request_tags: &[proto::Tag],
-    tag_keys: Option<&proto::StringList>,
     session_tags: &[proto::Tag],
     ctx: &HashMap<String, proto::ContextValue>,
     rules: &ContextRules,
 ) -> Result<Request, Status> {
     required("principal", principal)?;
-    required(&format!("{prefix}action"), action)?;
-    required(&format!("{prefix}resource"), resource)?;
+    required("action", action)?;
+    required("resource", resource)?;
     text_limit("principal", principal)?;
-    text_limit(&format!("{prefix}action"), action)?;
-    text_limit(&format!("{prefix}resource"), resource)?;
-    tags_limit(&format!("{prefix}request_tags"), request_tags)?;
-    if let Some(keys) = tag_keys {
-        strings_limit(&format!("{prefix}tag_keys"), &keys.values)?;
-    }
+    text_limit("action", action)?;
+    text_limit("resource", resource)?;
     tags_limit("session_tags", session_tags)?;
-    let mut req = Request {
+    Ok(Request {
         principal: principal.to_string(),
         action: action.to_string(),
         resource: resource.to_string(),
-        request_tags: unique_tags(&format!("{prefix}request_tags"), request_tags)?,
-        tag_keys: tag_keys.map(|l| l.values.clone()),
+        request_tags: Vec::new(),
+        tag_keys: None,
         session_tags: unique_tags("session_tags", session_tags)?,
         context: context("context", ctx, rules)?,
+    })
+}
+
+/// Where a request's fields are: the request itself, or a batch item
+/// (`items[3].action`). Field names are only spelled out for an error.
+#[derive(Debug, Clone, Copy)]
+enum At {
+    Top,
+    Item(usize),
+}
+
+impl At {
+    /// The name of `field` of an item's own fields (action, resource,
+    /// request tags, tag keys); the caller's fields have no prefix.
+    fn item(self, field: &str) -> String {
+        match self {
+            At::Top => field.to_string(),
+            At::Item(i) => format!("items[{i}].{field}"),
+        }
+    }
+}
+
+/// Whether a string is within [`MAX_FIELD_BYTES`].
+fn fits(text: &str) -> bool {
+    text.len() <= MAX_FIELD_BYTES
+}
+
+/// Whether tags are within the list and string limits.
+fn tags_fit(tags: &[proto::Tag]) -> bool {
+    tags.len() <= MAX_LIST_ITEMS && tags.iter().all(|t| fits(&t.key) && fits(&t.value))
+}
+
+/// Whether strings are within the list and string limits.
+fn strings_fit(values: &[String]) -> bool {
+    values.len() <= MAX_LIST_ITEMS && values.iter().all(|v| fits(v))
+}
+
+/// [`unique_tags`], taking the tags: keys must be unique (exactly). A short
+/// list is compared pairwise, without a map.
+fn unique_tags_owned(field: impl Fn() -> String, tags: Vec<proto::Tag>) -> Result<Vec<(String, String)>, Status> {
+    if tags.len() <= 16 {
+        for (i, t) in tags.iter().enumerate() {
+            if let Some(first) = tags[..i].iter().position(|u| u.key == t.key) {
+                let field = field();
+                return Err(invalid(&format!("{field}[{i}].key"), format!("{:?} repeats {field}[{first}]", t.key)));
+            }
+        }
+    } else {
+        unique_tags(&field(), &tags)?;
+    }
+    Ok(tags.into_iter().map(|t| (t.key, t.value)).collect())
+}
+
+/// The context, taking the map: the same checks and result as [`context`]
+/// but the callers' rules, which the engine checks (once) when it decides.
+fn context_owned(map: HashMap<String, proto::ContextValue>) -> Result<Vec<(String, ContextValue)>, Status> {
+    if map.is_empty() {
+        return Ok(Vec::new());
+    }
+    list_limit("context", map.len())?;
+    for (k, v) in &map {
+        text_limit(&format!("context[{k:?}] (the key)"), k)?;
+        match &v.kind {
+            Some(proto::context_value::Kind::StringValue(s)) => text_limit(&format!("context[{k:?}]"), s)?,
+            Some(proto::context_value::Kind::ListValue(l)) => strings_limit(&format!("context[{k:?}]"), &l.values)?,
+            _ => {}
+        }
+    }
+    let mut out: Vec<(String, ContextValue)> = Vec::with_capacity(map.len());
+    for (k, v) in map {
+        let value = match v.kind {
+            Some(proto::context_value::Kind::StringValue(s)) => ContextValue::One(s),
+            Some(proto::context_value::Kind::NumberValue(n)) if n.is_finite() => ContextValue::One(number_text(n)),
+            Some(proto::context_value::Kind::NumberValue(_)) => {
+                return Err(invalid(&format!("context[{k:?}]"), "the number is not finite"))
+            }
+            Some(proto::context_value::Kind::BoolValue(b)) => ContextValue::One(b.to_string()),
+            Some(proto::context_value::Kind::ListValue(l)) => ContextValue::Many(l.values),
+            None => return Err(invalid(&format!("context[{k:?}]"), "no value")),
+        };
+        out.push((k, value));
+    }
+    // Deterministic order: a map's order is not.
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// The fields of one engine request as they come off the wire.
+struct Fields {
+    principal: String,
+    action: String,
+    resource: String,
+    request_tags: Vec<proto::Tag>,
+    tag_keys: Option<proto::StringList>,
+    session_tags: Vec<proto::Tag>,
+    context: HashMap<String, proto::ContextValue>,
+}
+
+/// Builds an engine request from its fields, taking them (no string is
+/// copied), with the checks and errors of [`request`] in the same order,
+/// except the context's rules: the caller checks those.
+fn request_owned(at: At, f: Fields) -> Result<Request, Status> {
+    if f.principal.is_empty() {
+        return Err(invalid("principal", "required"));
+    }
+    if f.action.is_empty() {
+        return Err(invalid(&at.item("action"), "required"));
+    }
+    if f.resource.is_empty() {
+        return Err(invalid(&at.item("resource"), "required"));
+    }
+    text_limit("principal", &f.principal)?;
+    if !fits(&f.action) {
+        text_limit(&at.item("action"), &f.action)?;
+    }
+    if !fits(&f.resource) {
+        text_limit(&at.item("resource"), &f.resource)?;
+    }
+    if !tags_fit(&f.request_tags) {
+        tags_limit(&at.item("request_tags"), &f.request_tags)?;
+    }
+    if let Some(keys) = f.tag_keys.as_ref().filter(|k| !strings_fit(&k.values)) {
+        strings_limit(&at.item("tag_keys"), &keys.values)?;
+    }
+    if !tags_fit(&f.session_tags) {
+        tags_limit("session_tags", &f.session_tags)?;
+    }
+    let request_tags = unique_tags_owned(|| at.item("request_tags"), f.request_tags)?;
+    let session_tags = unique_tags_owned(|| "session_tags".to_string(), f.session_tags)?;
+    let mut req = Request {
+        principal: f.principal,
+        action: f.action,
+        resource: f.resource,
+        request_tags,
+        tag_keys: f.tag_keys.map(|l| l.values),
+        session_tags,
+        context: context_owned(f.context)?,
     };
     if !req.request_tags.is_empty() {
         req.derive_tag_keys();
     }
-    if !validate {
-        return Ok(req);
-    }
-    req.validate().map_err(|e| {
-        invalid(&format!("{}{}", if e.field == "action" || e.field == "resource" { prefix } else { "" }, e.field), e.reason)
-    })?;
     Ok(req)
 }
 
-pub fn authorize_request(r: &proto::AuthorizeRequest, rules: &ContextRules) -> Result<Request, Status> {
-    request(
-        false,
-        "",
-        &r.principal,
-        &r.action,
-        &r.resource,
-        &r.request_tags,
-        r.tag_keys.as_ref(),
-        &r.session_tags,
-        &r.context,
-        rules,
-    )
+/// An Authorize request as an engine request, taking its strings. The
+/// context is not checked against the callers' rules here: decide it with
+/// `engine::authorize_with` and those rules, which validates the request
+/// once (shape, session tags, context). Returns the request, its
+/// `min_revision` and `explain`.
+pub fn authorize_request(r: proto::AuthorizeRequest) -> Result<(Request, u64, bool), Status> {
+    let (min_revision, explain) = (r.min_revision, r.explain);
+    let req = request_owned(
+        At::Top,
+        Fields {
+            principal: r.principal,
+            action: r.action,
+            resource: r.resource,
+            request_tags: r.request_tags,
+            tag_keys: r.tag_keys,
+            session_tags: r.session_tags,
+            context: r.context,
+        },
+    )?;
+    Ok((req, min_revision, explain))
 }
 
-pub fn batch_requests(r: &proto::BatchAuthorizeRequest, max_items: usize, rules: &ContextRules) -> Result<Vec<Request>, Status> {
+/// A batch's items as engine requests, each validated (so that no item is
+/// decided before every item is known to be well-formed), taking the
+/// items' strings; the caller's fields (principal, session tags, context)
+/// are copied into each.
+pub fn batch_requests(r: proto::BatchAuthorizeRequest, max_items: usize, rules: &ContextRules) -> Result<Vec<Request>, Status> {
     if r.items.is_empty() {
         return Err(invalid("items", "at least one item is needed"));
     }
     if r.items.len() > max_items {
         return Err(invalid("items", format!("{} items; at most {max_items} are allowed in one batch", r.items.len())));
     }
-    r.items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| {
-            request(
-                true,
-                &format!("items[{i}]."),
-                &r.principal,
-                &item.action,
-                &item.resource,
-                &item.request_tags,
-                item.tag_keys.as_ref(),
-                &r.session_tags,
-                &r.context,
-                rules,
-            )
-        })
-        .collect()
+    let mut out = Vec::with_capacity(r.items.len());
+    for (i, item) in r.items.into_iter().enumerate() {
+        let at = At::Item(i);
+        let req = request_owned(
+            at,
+            Fields {
+                principal: r.principal.clone(),
+                action: item.action,
+                resource: item.resource,
+                request_tags: item.request_tags,
+                tag_keys: item.tag_keys,
+                session_tags: r.session_tags.clone(),
+                context: r.context.clone(),
+            },
+        )?;
+        // The caller's context is the same for every item: checked against
+        // the rules with the first item, where an error would first show.
+        if i == 0 {
+            rules.check(&req.context).map_err(|e| invalid(&e.field.to_string(), e.reason))?;
+        }
+        req.validate().map_err(|e| {
+            let field = e.field.to_string();
+            let at_item = field == "action" || field == "resource";
+            invalid(&if at_item { at.item(&field) } else { field }, e.reason)
+        })?;
+        out.push(req);
+    }
+    Ok(out)
 }
 
 fn effect(e: Effect) -> String {
-    e.to_string()
+    match e {
+        Effect::Allow => "Allow",
+        Effect::Deny => "Deny",
+    }
+    .to_string()
 }
 
 /// The one mapping between the engine's reasons and the wire's (both ways).
@@ -260,18 +405,27 @@ pub fn reason_wire_name(r: i32) -> &'static str {
     proto::Reason::try_from(r).unwrap_or(proto::Reason::Unspecified).as_str_name()
 }
 
+/// A statement's policy as the wire names it (a managed policy by its
+/// name, without formatting).
+fn policy_name(p: &crate::engine::PolicyRef) -> String {
+    match p {
+        crate::engine::PolicyRef::Managed(name) => String::from(&**name),
+        other => other.to_string(),
+    }
+}
+
 pub fn decision(d: Decision, revision: u64) -> proto::AuthorizeResponse {
     let sref = |s: &crate::engine::StatementRef| proto::StatementRef {
-        policy: s.policy.to_string(),
+        policy: policy_name(&s.policy),
         index: s.index as u32,
-        sid: s.sid.as_deref().unwrap_or_default().to_string(),
+        sid: s.sid.as_deref().map(String::from).unwrap_or_default(),
         effect: effect(s.effect),
     };
     proto::AuthorizeResponse {
         decision: if d.allowed() { proto::Decision::Allow } else { proto::Decision::Deny } as i32,
         reason: reason_to_proto(d.reason) as i32,
         matched: d.matched.iter().map(sref).collect(),
-        missing_keys: d.missing_keys.iter().map(|k| k.to_string()).collect(),
+        missing_keys: d.missing_keys.iter().map(|k| String::from(&**k)).collect(),
         revision,
         considered: d
             .considered
@@ -320,7 +474,7 @@ pub fn list_resource_tags(r: &proto::ListResourceTagsRequest, rules: &ContextRul
 
 /// The authorization request behind `GetResources`.
 pub fn get_resources(r: &proto::GetResourcesRequest, rules: &ContextRules) -> Result<Request, Status> {
-    request(false, "", &r.principal, "tag:GetResources", "*", &[], None, &r.session_tags, &r.context, rules)
+    request(&r.principal, "tag:GetResources", "*", &r.session_tags, &r.context, rules)
 }
 
 fn json(field: &str, text: &str) -> Result<Value, UpdateError> {

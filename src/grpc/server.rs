@@ -112,8 +112,10 @@ const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// The largest header block a request may send.
 const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 
-/// A tonic server builder with `limits` and the flow control above.
-fn builder(limits: &Limits) -> tonic::transport::Server {
+/// A tonic server builder with `limits` and the flow control above: every
+/// listener's, and the bench baseline's (`tagward-bench baseline-server`),
+/// so that a comparison with it measures handlers, not transports.
+pub fn builder(limits: &Limits) -> tonic::transport::Server {
     let keepalive = |d: Duration| (!d.is_zero()).then_some(d);
     tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams.max(1))
@@ -277,6 +279,8 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
         callers: config.callers.clone(),
         tagging: config.tagging,
         evaluations: super::service::evaluation_slots(),
+        // After the exporter is installed (`serve` does that first).
+        meters: Arc::new(crate::observe::Meters::new()),
     };
     let serve_tagging = config.tagging != TaggingMode::Off;
     let (health, health_service) = tonic_health::server::health_reporter();

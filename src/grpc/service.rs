@@ -20,7 +20,7 @@ use super::proto::authorizer_server::Authorizer;
 use super::proto::kms_server::Kms;
 use super::proto::tagging_server::Tagging;
 use super::{convert, invalid, kms_status, proto, request_status, revision_status, status, tag_status, update_error};
-use crate::engine::{authorize, ContextRules, Decision};
+use crate::engine::{authorize, authorize_with, ContextRules, Decision};
 use crate::observe::{self, DecisionLog};
 use crate::state::State;
 use crate::store::tag_refusal;
@@ -49,8 +49,10 @@ pub struct Shared {
     /// How much of the Tagging API is served.
     pub tagging: TaggingMode,
     /// Batch evaluations running at once on the blocking pool (see
-    /// [`Shared::offload`]).
+    /// [`AuthorizerService::batch_authorize`]).
     pub evaluations: Arc<tokio::sync::Semaphore>,
+    /// The request path's metric handles.
+    pub meters: Arc<observe::Meters>,
 }
 
 /// Batch evaluations at once: one fewer than the cores (at least one), so
@@ -86,36 +88,107 @@ const LABELLED_CODES: [Code; 10] = [
     Code::ResourceExhausted,
 ];
 
-/// The gRPC code as a bounded metric label.
-fn code_name(code: Code) -> &'static str {
-    if LABELLED_CODES.contains(&code) {
-        super::code_name(code)
-    } else {
-        "OTHER"
+/// The gRPC code as a bounded metric label, with its index among the
+/// labels (`OTHER` last).
+fn code_label(code: Code) -> (usize, &'static str) {
+    match LABELLED_CODES.iter().position(|c| *c == code) {
+        Some(i) => (i, super::code_name(code)),
+        None => (LABELLED_CODES.len(), "OTHER"),
     }
 }
 
-/// Runs a handler in its span (the RPC, the action, and later the decision)
-/// and records its latency and status code.
-async fn observed<T>(rpc: &'static str, action: &str, handler: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
+/// An RPC's span: the RPC, the action, and later the decision. A disabled
+/// level (the default, info) makes it a no-op that records nothing.
+fn rpc_span(rpc: &'static str, action: &str) -> Span {
+    tracing::debug_span!("rpc", rpc = %rpc, action = %action, decision = field::Empty)
+}
+
+/// Runs a handler in its span (see [`rpc_span`]) and records its latency
+/// and status code.
+async fn observed<T>(
+    shared: &Shared,
+    rpc: &'static str,
+    action: &str,
+    handler: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    observed_in(shared, rpc, rpc_span(rpc, action), handler).await
+}
+
+/// [`observed`] in a span made beforehand (for a handler that takes its
+/// request, action included).
+async fn observed_in<T>(
+    shared: &Shared,
+    rpc: &'static str,
+    span: Span,
+    handler: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
     let started = Instant::now();
-    let span = tracing::debug_span!("rpc", rpc = %rpc, action = %action, decision = field::Empty);
-    let result = handler.instrument(span.clone()).await;
-    let code = code_name(result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok));
-    observe::rpc(rpc, started, code);
+    let result = if span.is_disabled() { handler.await } else { handler.instrument(span.clone()).await };
+    let (index, code) = code_label(result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok));
+    shared.meters.rpc(rpc, started.elapsed(), index, code);
     // One line per RPC at debug level, with the span's rpc, action and
     // decision: `TAGWARD_LOG=tagward=debug`.
-    span.in_scope(|| debug!(code = %code, micros = started.elapsed().as_micros() as u64, "rpc finished"));
+    if !span.is_disabled() {
+        span.in_scope(|| debug!(code = %code, micros = started.elapsed().as_micros() as u64, "rpc finished"));
+    }
     result
 }
 
-/// Counts a decision, notes it on the RPC's span, and logs it if enabled.
+/// Counts a decision, notes it on the RPC's span (when spans at debug
+/// level can be on at all), and logs it if enabled.
 fn decided(shared: &Shared, req: &crate::engine::Request, d: &Decision, revision: u64, started: Instant) {
-    observe::decision(d);
-    Span::current().record("decision", field::display(d.reason.as_str()));
+    shared.meters.decision(d);
+    if tracing::level_enabled!(tracing::Level::DEBUG) {
+        Span::current().record("decision", field::display(d.reason.as_str()));
+    }
     if let Some(log) = &shared.decision_log {
         log.offer(req, d, revision, started.elapsed());
     }
+}
+
+/// Items of a `BatchAuthorize` converted and checked on the async worker;
+/// a longer batch is converted, checked and decided on the blocking pool
+/// (see [`AuthorizerService::batch_authorize`]).
+const INLINE_BATCH_ITEMS: usize = 64;
+
+/// How long a batch's items are decided on the async worker before the
+/// rest move to the blocking pool: a small batch never pays the hop to the
+/// pool, a long one (large policies) holds a worker for about this long.
+const INLINE_BATCH_BUDGET: Duration = Duration::from_micros(200);
+
+/// The items still to decide, with their index.
+type Items = std::iter::Peekable<std::iter::Enumerate<std::vec::IntoIter<crate::engine::Request>>>;
+
+/// What is left of a batch for the blocking pool.
+enum Rest {
+    /// Items converted, checked and partly decided on the async worker.
+    Decide(Items),
+    /// A long batch, not converted yet.
+    Convert(proto::BatchAuthorizeRequest),
+}
+
+/// Decides `items` in order into `out` until they run out (true) or, with
+/// a `budget`, until it is spent with items left (false).
+fn decide_items(
+    shared: &Shared,
+    state: &State,
+    items: &mut Items,
+    explain: bool,
+    started: Instant,
+    budget: Option<Duration>,
+    out: &mut Vec<proto::AuthorizeResponse>,
+) -> Result<bool, Status> {
+    let begun = Instant::now();
+    let revision = state.revision();
+    while let Some((i, req)) = items.next() {
+        let d = authorize(state, &req, explain).map_err(|e| invalid(&format!("items[{i}].{}", e.field), e.reason))?;
+        decided(shared, &req, &d, revision, started);
+        out.push(convert::decision(d, revision));
+        if budget.is_some_and(|b| begun.elapsed() >= b) && items.peek().is_some() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 impl Shared {
@@ -137,12 +210,15 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 #[tonic::async_trait]
 impl Authorizer for AuthorizerService {
     async fn authorize(&self, request: Request<proto::AuthorizeRequest>) -> Result<Response<proto::AuthorizeResponse>, Status> {
-        let r = request.get_ref();
-        observed("Authorize", &r.action, async {
+        let r = request.into_inner();
+        let span = rpc_span("Authorize", &r.action);
+        observed_in(&self.0, "Authorize", span, async {
             let started = Instant::now();
-            let req = convert::authorize_request(r, &self.0.context_rules)?;
-            let state = self.0.snapshot(r.min_revision).await?;
-            let decision = authorize(&state, &req, r.explain).map_err(request_status)?;
+            let (req, min_revision, explain) = convert::authorize_request(r)?;
+            let state = self.0.snapshot(min_revision).await?;
+            // Validates the request once: its shape, and its context
+            // against what this server's callers may supply.
+            let decision = authorize_with(&state, &req, explain, &self.0.context_rules).map_err(request_status)?;
             decided(&self.0, &req, &decision, state.revision(), started);
             Ok(Response::new(convert::decision(decision, state.revision())))
         })
@@ -154,26 +230,38 @@ impl Authorizer for AuthorizerService {
         request: Request<proto::BatchAuthorizeRequest>,
     ) -> Result<Response<proto::BatchAuthorizeResponse>, Status> {
         let r = request.into_inner();
-        observed("BatchAuthorize", "batch", async {
+        observed(&self.0, "BatchAuthorize", "batch", async {
             let started = Instant::now();
             let state = self.0.snapshot(r.min_revision).await?;
-            // A batch can be long (many items, large policies): it runs off
-            // the async workers, a bounded number at once.
+            let explain = r.explain;
+            let revision = state.revision();
+            // A short batch is converted and decided here, on the async
+            // worker, for as long as the budget lasts; a long one (many
+            // items, or items against large policies) goes on, or is done
+            // entirely, off the async workers, a bounded number at once.
+            let (rest, mut results) = if r.items.len() <= INLINE_BATCH_ITEMS {
+                let reqs = convert::batch_requests(r, self.0.max_batch, &self.0.context_rules)?;
+                let mut results = Vec::with_capacity(reqs.len());
+                let mut items = reqs.into_iter().enumerate().peekable();
+                if decide_items(&self.0, &state, &mut items, explain, started, Some(INLINE_BATCH_BUDGET), &mut results)? {
+                    return Ok(Response::new(proto::BatchAuthorizeResponse { results, revision }));
+                }
+                (Rest::Decide(items), results)
+            } else {
+                (Rest::Convert(r), Vec::new())
+            };
             let _slot = self.0.evaluations.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
             let shared = self.0.clone();
             blocking(move || {
-                let reqs = convert::batch_requests(&r, shared.max_batch, &shared.context_rules)?;
-                let revision = state.revision();
-                let results = reqs
-                    .iter()
-                    .enumerate()
-                    .map(|(i, req)| {
-                        let d = authorize(&state, req, r.explain)
-                            .map_err(|e| invalid(&format!("items[{i}].{}", e.field), e.reason))?;
-                        decided(&shared, req, &d, revision, started);
-                        Ok(convert::decision(d, revision))
-                    })
-                    .collect::<Result<Vec<_>, Status>>()?;
+                let mut items = match rest {
+                    Rest::Decide(items) => items,
+                    Rest::Convert(r) => {
+                        let reqs = convert::batch_requests(r, shared.max_batch, &shared.context_rules)?;
+                        results.reserve(reqs.len());
+                        reqs.into_iter().enumerate().peekable()
+                    }
+                };
+                decide_items(&shared, &state, &mut items, explain, started, None, &mut results)?;
                 Ok(Response::new(proto::BatchAuthorizeResponse { results, revision }))
             })
             .await
@@ -323,7 +411,7 @@ impl Kms for KmsService {
         &self,
         request: Request<proto::CreateAliasRequest>,
     ) -> Result<Response<proto::KmsWriteResponse>, Status> {
-        observed("CreateAlias", "kms:CreateAlias", async {
+        observed(&self.0, "CreateAlias", "kms:CreateAlias", async {
             let r = request.get_ref();
             let op = KmsOp::CreateAlias { alias: r.alias_name.clone(), key: r.target_key.clone() };
             let req = convert::kms_request(&r.principal, &r.session_tags, &r.context, &self.0.context_rules, op)?;
@@ -337,7 +425,7 @@ impl Kms for KmsService {
         &self,
         request: Request<proto::UpdateAliasRequest>,
     ) -> Result<Response<proto::KmsWriteResponse>, Status> {
-        observed("UpdateAlias", "kms:UpdateAlias", async {
+        observed(&self.0, "UpdateAlias", "kms:UpdateAlias", async {
             let r = request.get_ref();
             let op = KmsOp::UpdateAlias { alias: r.alias_name.clone(), key: r.target_key.clone() };
             let req = convert::kms_request(&r.principal, &r.session_tags, &r.context, &self.0.context_rules, op)?;
@@ -351,7 +439,7 @@ impl Kms for KmsService {
         &self,
         request: Request<proto::DeleteAliasRequest>,
     ) -> Result<Response<proto::KmsWriteResponse>, Status> {
-        observed("DeleteAlias", "kms:DeleteAlias", async {
+        observed(&self.0, "DeleteAlias", "kms:DeleteAlias", async {
             let r = request.get_ref();
             let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
             let op = KmsOp::DeleteAlias { alias: r.alias.clone(), region: opt(&r.region), account: opt(&r.account) };
@@ -366,7 +454,7 @@ impl Kms for KmsService {
         &self,
         request: Request<proto::ListAliasesRequest>,
     ) -> Result<Response<proto::ListAliasesResponse>, Status> {
-        observed("ListAliases", "kms:ListAliases", async {
+        observed(&self.0, "ListAliases", "kms:ListAliases", async {
             let r = request.get_ref();
             let op = KmsOp::ListAliases { key: (!r.key.is_empty()).then(|| r.key.clone()) };
             let req = convert::kms_request(&r.principal, &r.session_tags, &r.context, &self.0.context_rules, op)?;
@@ -387,7 +475,7 @@ impl Kms for KmsService {
         &self,
         request: Request<proto::CreateGrantRequest>,
     ) -> Result<Response<proto::CreateGrantResponse>, Status> {
-        observed("CreateGrant", "kms:CreateGrant", async {
+        observed(&self.0, "CreateGrant", "kms:CreateGrant", async {
             let r = request.get_ref();
             let grant = r.grant.as_ref().map(convert::grant_from_proto).ok_or_else(|| invalid("grant", "required"))?;
             let op = KmsOp::CreateGrant { key: r.key.clone(), grant };
@@ -403,7 +491,7 @@ impl Kms for KmsService {
     }
 
     async fn retire_grant(&self, request: Request<proto::GrantIdRequest>) -> Result<Response<proto::KmsWriteResponse>, Status> {
-        observed("RetireGrant", "kms:RetireGrant", async {
+        observed(&self.0, "RetireGrant", "kms:RetireGrant", async {
             let r = request.get_ref();
             let op = KmsOp::RetireGrant { key: r.key.clone(), grant_id: r.grant_id.clone() };
             let req = convert::kms_request(&r.principal, &r.session_tags, &r.context, &self.0.context_rules, op)?;
@@ -414,7 +502,7 @@ impl Kms for KmsService {
     }
 
     async fn revoke_grant(&self, request: Request<proto::GrantIdRequest>) -> Result<Response<proto::KmsWriteResponse>, Status> {
-        observed("RevokeGrant", "kms:RevokeGrant", async {
+        observed(&self.0, "RevokeGrant", "kms:RevokeGrant", async {
             let r = request.get_ref();
             let op = KmsOp::RevokeGrant { key: r.key.clone(), grant_id: r.grant_id.clone() };
             let req = convert::kms_request(&r.principal, &r.session_tags, &r.context, &self.0.context_rules, op)?;
@@ -428,7 +516,7 @@ impl Kms for KmsService {
         &self,
         request: Request<proto::ListGrantsRequest>,
     ) -> Result<Response<proto::ListGrantsResponse>, Status> {
-        observed("ListGrants", "kms:ListGrants", async {
+        observed(&self.0, "ListGrants", "kms:ListGrants", async {
             let r = request.get_ref();
             let op = KmsOp::ListGrants { key: r.key.clone() };
             let req = convert::kms_request(&r.principal, &r.session_tags, &r.context, &self.0.context_rules, op)?;
@@ -449,7 +537,7 @@ impl Tagging for TaggingService {
         &self,
         request: Request<proto::TagResourceRequest>,
     ) -> Result<Response<proto::TagResourceResponse>, Status> {
-        observed("TagResource", "TagResource", async {
+        observed(&self.0, "TagResource", "TagResource", async {
             let done = self.write(request, convert::tag_resource).await?;
             Span::current().record("decision", field::display(done.outcome.decision.reason.as_str()));
             Ok(Response::new(proto::TagResourceResponse {
@@ -465,7 +553,7 @@ impl Tagging for TaggingService {
         &self,
         request: Request<proto::UntagResourceRequest>,
     ) -> Result<Response<proto::UntagResourceResponse>, Status> {
-        observed("UntagResource", "UntagResource", async {
+        observed(&self.0, "UntagResource", "UntagResource", async {
             let done = self.write(request, convert::untag_resource).await?;
             Span::current().record("decision", field::display(done.outcome.decision.reason.as_str()));
             Ok(Response::new(proto::UntagResourceResponse {
@@ -482,7 +570,7 @@ impl Tagging for TaggingService {
         request: Request<proto::ListResourceTagsRequest>,
     ) -> Result<Response<proto::ListResourceTagsResponse>, Status> {
         let r = request.get_ref();
-        observed("ListResourceTags", "ListResourceTags", async {
+        observed(&self.0, "ListResourceTags", "ListResourceTags", async {
             let req = convert::list_resource_tags(r, &self.0.context_rules)?;
             let state = self.0.snapshot(r.min_revision).await?;
             let outcome = perform(&state, &req).map_err(tag_status)?;
@@ -495,7 +583,7 @@ impl Tagging for TaggingService {
         &self,
         request: Request<proto::GetResourcesRequest>,
     ) -> Result<Response<proto::GetResourcesResponse>, Status> {
-        observed("GetResources", "tag:GetResources", self.get_resources_inner(request.get_ref())).await
+        observed(&self.0, "GetResources", "tag:GetResources", self.get_resources_inner(request.get_ref())).await
     }
 }
 
@@ -689,15 +777,15 @@ impl Admin for AdminService {
     type WatchStream = WatchStream;
 
     async fn apply(&self, request: Request<Streaming<proto::ApplyRequest>>) -> Result<Response<ApplyStream>, Status> {
-        observed("Apply", "admin:Apply", self.apply_stream(request)).await
+        observed(&self.0, "Apply", "admin:Apply", self.apply_stream(request)).await
     }
 
     async fn export(&self, _request: Request<proto::ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
-        observed("Export", "admin:Export", self.export_stream()).await
+        observed(&self.0, "Export", "admin:Export", self.export_stream()).await
     }
 
     async fn watch(&self, request: Request<proto::WatchRequest>) -> Result<Response<WatchStream>, Status> {
-        observed("Watch", "admin:Watch", self.watch_stream(request)).await
+        observed(&self.0, "Watch", "admin:Watch", self.watch_stream(request)).await
     }
 }
 

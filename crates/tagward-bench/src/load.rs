@@ -136,6 +136,11 @@ pub struct Plan {
     /// target's peak runs).
     pub tag_changes: Option<TagChanges>,
     pub name: String,
+    /// The target server's process on this machine: its CPU time is read
+    /// from `/proc` around each measured run (not the warm-up).
+    pub target_pid: Option<u32>,
+    /// The baseline server's process, likewise.
+    pub baseline_pid: Option<u32>,
 }
 
 /// What one or more runs against one address measured.
@@ -150,6 +155,9 @@ struct Stats {
     errors: BTreeMap<String, u64>,
     decisions: BTreeMap<&'static str, u64>,
     elapsed: Duration,
+    /// The server's CPU time (user + system) over the measured runs, when
+    /// its process was given.
+    cpu: Option<Duration>,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -171,6 +179,7 @@ impl Stats {
             errors: BTreeMap::new(),
             decisions: BTreeMap::new(),
             elapsed: Duration::ZERO,
+            cpu: None,
         }
     }
 
@@ -214,6 +223,14 @@ impl Stats {
         for (k, v) in &other.decisions {
             *self.decisions.entry(k).or_default() += v;
         }
+        if let Some(c) = other.cpu {
+            self.cpu = Some(self.cpu.unwrap_or_default() + c);
+        }
+    }
+
+    /// The server's CPU time per call, in microseconds.
+    fn cpu_per_call(&self) -> Option<f64> {
+        self.cpu.filter(|_| self.count > 0).map(|c| c.as_secs_f64() * 1e6 / self.count as f64)
     }
 
     fn rps(&self) -> f64 {
@@ -229,6 +246,45 @@ impl Stats {
 /// gRPC status code names as grpc-go (and so ghz) spells them; the table
 /// behind them is `tagward::grpc`'s, which also gives the metric labels.
 pub use tagward::grpc::go_code_name as code_name;
+
+// ------------------------------------------------------------------ server CPU
+
+/// Clock ticks per second of `utime` and `stime` in `/proc/PID/stat`
+/// (`USER_HZ`, which the kernel fixes at 100 for user space on Linux).
+const USER_HZ: u64 = 100;
+
+/// A process's CPU time so far (user + system, all its threads) from the
+/// text of `/proc/PID/stat`. The command name (field 2) is in parentheses
+/// and may hold spaces or parentheses itself, so the fields are counted
+/// after the last `)`: state is the first there, `utime` the 12th and
+/// `stime` the 13th (fields 14 and 15 of proc(5)).
+pub fn parse_cpu_time(stat: &str) -> Result<Duration, String> {
+    let rest = stat.rsplit_once(')').map(|(_, rest)| rest).ok_or("no \")\" after the command name")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize, name: &str| -> Result<u64, String> {
+        fields.get(i).ok_or(format!("no {name} field"))?.parse::<u64>().map_err(|e| format!("{name}: {e}"))
+    };
+    let ticks = tick(11, "utime")? + tick(12, "stime")?;
+    Ok(Duration::from_millis(ticks * 1000 / USER_HZ))
+}
+
+/// The CPU time process `pid` has used so far.
+pub fn cpu_time(pid: u32) -> Result<Duration, String> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e} (is the server running on this machine?)"))?;
+    parse_cpu_time(&text).map_err(|e| format!("{path}: {e}"))
+}
+
+/// Runs `run` and, when `pid` is given, notes the CPU time that process
+/// used meanwhile in the stats.
+async fn with_cpu<F: std::future::Future<Output = Result<Stats, String>>>(pid: Option<u32>, run: F) -> Result<Stats, String> {
+    let before = pid.map(cpu_time).transpose()?;
+    let mut stats = run.await?;
+    if let (Some(pid), Some(before)) = (pid, before) {
+        stats.cpu = Some(cpu_time(pid)?.saturating_sub(before));
+    }
+    Ok(stats)
+}
 
 // ------------------------------------------------------------------ report
 
@@ -346,6 +402,21 @@ pub struct Extra {
     /// Each round's ratio (target / the baseline round just before it).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub round_ratios: Vec<f64>,
+    /// The server's CPU time (user + system, from `/proc/PID/stat`) over
+    /// the measured runs, in seconds, when its process was given
+    /// (`--target-pid`, `--baseline-pid`); 10 ms resolution.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_seconds: Option<f64>,
+    /// That CPU time per call, in microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_micros_per_request: Option<f64>,
+    /// The baseline's CPU per call ÷ this run's: 1.0 when the handler costs
+    /// nothing beyond the empty one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_ratio: Option<f64>,
+    /// Each round's CPU ratio.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub round_cpu_ratios: Vec<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub half_peak: Option<Box<Report>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -434,6 +505,8 @@ fn report(name: &str, host: &str, call: Call, options: &Options, rate: Option<f6
             latency: Percentiles::of(h),
             decisions: stats.decisions.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             rounds,
+            server_cpu_seconds: stats.cpu.map(|c| c.as_secs_f64()),
+            server_cpu_micros_per_request: stats.cpu_per_call(),
             ..Extra::default()
         },
     }
@@ -488,6 +561,9 @@ impl Report {
             let d: Vec<String> = self.tagward.decisions.iter().map(|(k, v)| format!("{k} {v}")).collect();
             let _ = writeln!(out, "\nDecisions: {}", d.join(", "));
         }
+        if let (Some(cpu), Some(per)) = (self.tagward.server_cpu_seconds, self.tagward.server_cpu_micros_per_request) {
+            let _ = writeln!(out, "\nServer CPU:   {cpu:.2} s, {per:.2} µs per call (/proc, user + system)");
+        }
         if let Some(v) = &self.tagward.visibility {
             let _ = writeln!(out, "\nTag changes ({} at {:.0}/s on the admin stream):", v.changes, v.rate);
             let _ = writeln!(
@@ -516,6 +592,16 @@ impl Report {
                     "\nThroughput ratio Authorizer / empty handler: {r:.3} ({:.0} / {:.0} rps; per round {})",
                     self.rps,
                     b.rps,
+                    rounds.join(", ")
+                );
+            }
+            if let (Some(r), Some(t), Some(e)) =
+                (self.tagward.cpu_ratio, self.tagward.server_cpu_micros_per_request, b.tagward.server_cpu_micros_per_request)
+            {
+                let rounds: Vec<String> = self.tagward.round_cpu_ratios.iter().map(|r| format!("{r:.3}")).collect();
+                let _ = writeln!(
+                    out,
+                    "Server CPU ratio empty handler / Authorizer: {r:.3} ({e:.2} / {t:.2} µs per call; per round {})",
                     rounds.join(", ")
                 );
             }
@@ -869,15 +955,38 @@ async fn run_target(
     let changes = match (&plan.tag_changes, with_changes) {
         (Some(c), true) => {
             let (stop_tx, stop_rx) = watch::channel(false);
-            Some((stop_tx, tokio::spawn(tag_changes(c.clone(), plan.target.clone(), stop_rx))))
+            let (c, target) = (c.clone(), plan.target.clone());
+            // The changes and their probes run on a thread and runtime of
+            // their own: on the load's runtime, each probe's answer would
+            // also wait for the load workers' turns, which is the load
+            // generator's queue, not the sidecar's visibility.
+            let thread = std::thread::Builder::new().name("tag-changes".into()).spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("cannot start the tag changes' runtime: {e}"))?
+                    .block_on(tag_changes(c, target, stop_rx))
+            });
+            let thread = thread.map_err(|e| format!("cannot start the tag changes' thread: {e}"))?;
+            Some((stop_tx, tokio::task::spawn_blocking(move || thread.join())))
         }
         _ => None,
     };
-    let stats = run_once(channels, &plan.requests, o, rate, o.total, o.duration).await;
+    let stats = with_cpu(plan.target_pid, async { Ok(run_once(channels, &plan.requests, o, rate, o.total, o.duration).await) });
+    let stats = match stats.await {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some((stop, _)) = &changes {
+                let _ = stop.send(true);
+            }
+            return Err(e);
+        }
+    };
     let visibility = match changes {
         Some((stop, task)) => {
             let _ = stop.send(true);
-            Some(task.await.map_err(|e| format!("the tag-change task failed: {e}"))??)
+            let joined = task.await.map_err(|e| format!("the tag-change task failed: {e}"))?;
+            Some(joined.map_err(|_| "the tag-change thread panicked".to_string())??)
         }
         None => None,
     };
@@ -906,13 +1015,17 @@ pub async fn run(plan: &Plan) -> Result<Report, String> {
     let (mut t_all, mut b_all) = (Stats::new(), Stats::new());
     let (mut t_time, mut b_time) = (Duration::ZERO, Duration::ZERO);
     let mut round_ratios = Vec::new();
+    let mut round_cpu_ratios = Vec::new();
     let mut visibility: Option<Visibility> = None;
     for _ in 0..rounds {
         let mut b_rps = None;
+        let mut b_cpu = None;
         if let Some(b) = &baseline {
-            let s = run_once(b, &plan.requests, o, o.rate, o.total, o.duration).await;
+            let s = with_cpu(plan.baseline_pid, async { Ok(run_once(b, &plan.requests, o, o.rate, o.total, o.duration).await) })
+                .await?;
             b_time += s.elapsed;
             b_rps = Some(s.rps());
+            b_cpu = s.cpu_per_call();
             b_all.merge(&s);
         }
         let (s, v) = run_target(&target, plan, o.rate, changes_at_peak).await?;
@@ -922,6 +1035,9 @@ pub async fn run(plan: &Plan) -> Result<Report, String> {
         t_time += s.elapsed;
         if let Some(b) = b_rps.filter(|b| *b > 0.0) {
             round_ratios.push(s.rps() / b);
+        }
+        if let (Some(b), Some(t)) = (b_cpu, s.cpu_per_call().filter(|t| *t > 0.0)) {
+            round_cpu_ratios.push(b / t);
         }
         t_all.merge(&s);
     }
@@ -935,6 +1051,12 @@ pub async fn run(plan: &Plan) -> Result<Report, String> {
             out.tagward.throughput_ratio = Some(out.rps / b.rps);
         }
         out.tagward.round_ratios = round_ratios;
+        if let (Some(b), Some(t)) = (b.tagward.server_cpu_micros_per_request, out.tagward.server_cpu_micros_per_request) {
+            if t > 0.0 {
+                out.tagward.cpu_ratio = Some(b / t);
+            }
+        }
+        out.tagward.round_cpu_ratios = round_cpu_ratios;
         out.tagward.baseline = Some(Box::new(b));
     }
     if plan.half_peak && out.rps > 0.0 {
@@ -963,6 +1085,18 @@ fn merge_visibility(a: Option<Visibility>, b: Visibility) -> Visibility {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_time_is_read_after_the_command_name() {
+        // proc(5): pid (comm) state ppid pgrp session tty tpgid flags minflt
+        // cminflt majflt cmajflt utime stime ...; the name may hold ") ".
+        let stat = "4242 (tag ward) x) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 130 0 0 20 0 5 0 12345 0 0";
+        assert_eq!(parse_cpu_time(stat).unwrap(), Duration::from_millis(3800));
+        assert!(parse_cpu_time("4242 tagward S 1").unwrap_err().contains(")"));
+        assert!(parse_cpu_time("4242 (tagward) S 1 2").unwrap_err().contains("utime"));
+        let own = cpu_time(std::process::id()).unwrap();
+        assert!(cpu_time(std::process::id()).unwrap() >= own);
+    }
 
     #[test]
     fn ghz_data_reads_both_spellings() {

@@ -203,6 +203,16 @@ struct LoadArgs {
     /// sees each change.
     #[arg(long, requires = "admin")]
     tag_changes_per_sec: Option<f64>,
+    /// The target server's process id (a server on this machine): its CPU
+    /// time is read from /proc/PID/stat around each measured run, and the
+    /// report gives the server CPU per call.
+    #[arg(long)]
+    target_pid: Option<u32>,
+    /// The baseline server's process id, likewise; with --target-pid the
+    /// report gives the CPU ratio (the baseline's CPU per call ÷ the
+    /// target's). Use with --rate for the fixed-rate comparison.
+    #[arg(long, requires = "baseline")]
+    baseline_pid: Option<u32>,
     /// Worker threads of the load generator's runtime (default: all cores).
     #[arg(long)]
     cpus: Option<usize>,
@@ -359,6 +369,8 @@ fn load(args: LoadArgs) -> ExitCode {
             rate,
         }),
         name: args.name,
+        target_pid: args.target_pid,
+        baseline_pid: args.baseline_pid,
     };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.cpus {

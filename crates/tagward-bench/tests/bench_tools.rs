@@ -63,6 +63,8 @@ fn plan(target: impl std::fmt::Display, requests: Requests) -> Plan {
         half_peak: false,
         tag_changes: None,
         name: "smoke".into(),
+        target_pid: None,
+        baseline_pid: None,
     }
 }
 
@@ -78,6 +80,9 @@ async fn the_load_generator_reports_like_ghz_against_a_real_server() {
     p.rounds = 2;
     p.half_peak = true;
     p.tag_changes = Some(TagChanges { admin: running.admin_addr.to_string(), token: None, rate: 200.0 });
+    // Both servers run in this process: its CPU time stands for theirs.
+    p.target_pid = Some(std::process::id());
+    p.baseline_pid = Some(std::process::id());
     let report = load::run(&p).await.unwrap();
 
     assert_eq!(report.count, 600, "two rounds of 300");
@@ -119,6 +124,20 @@ async fn the_load_generator_reports_like_ghz_against_a_real_server() {
     assert!(json["tagward"]["latency"]["p99.9"].is_u64());
     assert!(json["tagward"]["halfPeak"]["tagward"]["visibility"]["visibleAfterAck"]["p99"].is_u64());
     assert!(!report.text().is_empty());
+
+    // Server CPU from /proc, for both sides, and their ratio when both are
+    // measurable (the clock ticks are 10 ms).
+    let cpu = report.tagward.server_cpu_seconds.expect("target CPU read");
+    let base_cpu = base.tagward.server_cpu_seconds.expect("baseline CPU read");
+    assert!(cpu >= 0.0 && base_cpu >= 0.0);
+    assert!(json["tagward"]["serverCpuMicrosPerRequest"].is_f64());
+    assert!(json["tagward"]["baseline"]["tagward"]["serverCpuMicrosPerRequest"].is_f64());
+    if cpu > 0.0 && base_cpu > 0.0 {
+        let ratio = report.tagward.cpu_ratio.expect("a ratio when both used CPU");
+        let per = |r: &load::Report| r.tagward.server_cpu_micros_per_request.unwrap();
+        assert!((ratio - per(base) / per(&report)).abs() < 1e-9);
+        assert!(report.text().contains("Server CPU ratio"));
+    }
 
     baseline.shutdown().await;
     running.shutdown().await;
