@@ -359,112 +359,6 @@ impl Unaudited {
     }
 }
 
-/// Snapshot records handed to the builder thread at a time.
-const SNAPSHOT_BATCH: usize = 256;
-
-/// A snapshot's state being built on a thread of its own while the reader
-/// reads and decodes the records that follow: the two halves of a restore
-/// side by side, on two cores.
-struct SnapshotBuild {
-    sender: std::sync::mpsc::SyncSender<Vec<Change>>,
-    batch: Vec<Change>,
-    worker: std::thread::JoinHandle<Result<(State, ResourceBuilder), String>>,
-}
-
-impl SnapshotBuild {
-    /// Starts the builder, or `None` when no thread can be had (the
-    /// records are then replayed on the reader's thread).
-    fn start() -> Option<SnapshotBuild> {
-        let (sender, receiver) = std::sync::mpsc::sync_channel::<Vec<Change>>(8);
-        let worker = std::thread::Builder::new()
-            .name("tagward-restore".into())
-            .spawn(move || {
-                let mut state = State::default();
-                let mut resources = ResourceBuilder::default();
-                for batch in receiver {
-                    for change in &batch {
-                        replay(&mut state, &mut resources, change).map_err(|e| format!("the snapshot does not load: {e}"))?;
-                    }
-                }
-                Ok((state, resources))
-            })
-            .ok()?;
-        Some(SnapshotBuild { sender, batch: Vec::with_capacity(SNAPSHOT_BATCH), worker })
-    }
-
-    /// Queues one decoded record; a builder that stopped gives its error.
-    fn push(&mut self, change: Change) -> Result<(), String> {
-        self.batch.push(change);
-        if self.batch.len() >= SNAPSHOT_BATCH {
-            let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(SNAPSHOT_BATCH));
-            if self.sender.send(batch).is_err() {
-                return Err("the snapshot builder stopped".to_string());
-            }
-        }
-        Ok(())
-    }
-
-    /// Every record sent: the state they build, or the first refusal.
-    fn finish(self) -> Result<(State, ResourceBuilder), String> {
-        let SnapshotBuild { sender, batch, worker } = self;
-        // A builder that already stopped reports why through `join`.
-        let _ = sender.send(batch);
-        drop(sender);
-        worker.join().unwrap_or_else(|_| Err("the snapshot builder stopped".to_string()))
-    }
-}
-
-/// What recovery has rebuilt so far.
-struct Loader<'a> {
-    state: &'a mut State,
-    resources: &'a mut ResourceBuilder,
-    replayed: &'a mut u64,
-    unaudited: &'a mut Option<Unaudited>,
-    /// The snapshot being built, between its begin and end records.
-    building: Option<SnapshotBuild>,
-}
-
-impl Loader<'_> {
-    fn load(&mut self, item: Loaded<'_>) -> Result<(), String> {
-        match item {
-            Loaded::SnapshotBegin { .. } => {
-                // An earlier snapshot abandoned half-way (damaged) is dropped.
-                if let Some(old) = self.building.take() {
-                    let _ = old.finish();
-                }
-                *self.state = State::default();
-                self.building = SnapshotBuild::start();
-                Ok(())
-            }
-            Loaded::SnapshotRecord(bytes) => {
-                let change: Change =
-                    serde_json::from_slice(bytes).map_err(|e| format!("the record is not a snapshot record: {e}"))?;
-                let Some(build) = self.building.as_mut() else {
-                    return replay(self.state, self.resources, &change).map_err(|e| format!("the snapshot does not load: {e}"));
-                };
-                if build.push(change).is_ok() {
-                    return Ok(());
-                }
-                // The builder refused a record: its reason, not the channel's.
-                match self.building.take().map(SnapshotBuild::finish) {
-                    Some(Err(reason)) => Err(reason),
-                    _ => Err("the snapshot builder stopped".to_string()),
-                }
-            }
-            Loaded::SnapshotEnd { revision } => {
-                if let Some(build) = self.building.take() {
-                    let (state, resources) = build.finish()?;
-                    *self.state = state;
-                    *self.resources = resources;
-                }
-                self.state.set_revision(revision);
-                Ok(())
-            }
-            record => load(self.state, self.resources, self.replayed, self.unaudited, record),
-        }
-    }
-}
-
 /// Replays one recovered item onto `state`.
 fn load(
     state: &mut State,
@@ -621,19 +515,7 @@ impl Store {
         let mut replayed = 0u64;
         let mut audit = audit;
         let mut unaudited = audit.as_ref().map(|a| Unaudited { audited: a.last_revision().unwrap_or(0), events: Vec::new() });
-        let mut loader = Loader {
-            state: &mut state,
-            resources: &mut resources,
-            replayed: &mut replayed,
-            unaudited: &mut unaudited,
-            building: None,
-        };
-        let recovered = backend.recover(&mut |item| loader.load(item));
-        // A snapshot cut short by a failure is not waited for.
-        if let Some(build) = loader.building.take() {
-            let _ = build.finish();
-        }
-        let recovered = recovered?;
+        let recovered = backend.recover(&mut |item| load(&mut state, &mut resources, &mut replayed, &mut unaudited, item))?;
         // Changes synced to the log whose audit write a crash prevented:
         // their records now, marked recovered, before anything new.
         if let (Some(log), Some(u)) = (audit.as_mut(), unaudited) {
@@ -1194,8 +1076,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_entity_that_does_not_build_refuses_the_restore_with_its_reason() {
-        // The refused entity sits among many more records than one batch of
-        // the builder thread, so the reader is still sending when it stops.
+        // The refused entity sits among thousands of good ones.
         let dir = scratch("bad-snapshot");
         let mut backend = FileBackend::open(&dir, u64::MAX).unwrap();
         backend.recover(&mut |_| Ok(())).unwrap();
