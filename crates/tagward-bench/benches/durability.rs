@@ -1,7 +1,10 @@
 //! What durability costs, measured: admin updates per second with every
 //! change synced before its acknowledgement (group commit), next to the same
 //! workload in memory in the same run; and the time to restore a data
-//! directory of N resources with 10 tags each.
+//! directory of N resources with 10 tags each (the generated world:
+//! 1,000 policies, 100 roles, N keys), and the time to load the same world
+//! from a world file the way `tagward serve --world` does (read, build, and
+//! for a data directory the first snapshot).
 //!
 //! `cargo bench --bench durability` runs the full sizes (1,000,000 resources;
 //! set TAGWARD_BENCH_RESOURCES to change it); without `--bench` (as
@@ -16,6 +19,7 @@ use tagward::state::State;
 use tagward::storage::{Backend, FileBackend};
 use tagward::store::{write_snapshot, Durability, Store, Ticket, Update};
 use tagward::world::WorldSpec;
+use tagward_bench::gen::GenSpec;
 
 const KEYS: usize = 1_000;
 
@@ -104,9 +108,11 @@ fn main() {
     drop(durable);
     let _ = std::fs::remove_dir_all(&dir);
 
-    println!("== restore: {resources} resources x 10 tags");
+    // The world of the memory bench: 1,000 policies, 100 roles, N keys x 10 tags.
+    let spec = GenSpec { keys: resources, other_resources: 0, tags: 10, principals: 100, policies: 1_000, ..GenSpec::default() };
+    println!("== restore: {resources} keys x 10 tags, 1,000 policies, 100 roles");
     let build = Instant::now();
-    let state: State = world(resources, 10).build().expect("state");
+    let state: State = spec.build_state().expect("state");
     println!("build the state in memory: {:.2?}", build.elapsed());
     let dir = temp_dir("restore");
     let mut backend = FileBackend::open(&dir, u64::MAX).expect("dir");
@@ -126,6 +132,33 @@ fn main() {
         opened.restored,
         store.snapshot().counts().2
     );
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!("== world file: the same world");
+    let file = temp_dir("world").with_extension("json");
+    {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&file).expect("world file"));
+        spec.write_world(&mut out).expect("write world");
+        std::io::Write::flush(&mut out).expect("flush");
+    }
+    let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+    let read = Instant::now();
+    let world: WorldSpec = tagward_core::document::read(&file).expect("read world");
+    let parsed = read.elapsed();
+    let state = world.build().expect("build world");
+    let built = read.elapsed();
+    println!(
+        "read {:.1} MiB: {parsed:.2?}; built: {built:.2?} ({} resources) — what `serve --world --ephemeral` waits for",
+        size as f64 / (1 << 20) as f64,
+        state.counts().2
+    );
+    drop(state);
+    let _ = std::fs::remove_file(&file);
+    let dir = temp_dir("seed");
+    let seed = Instant::now();
+    let (store, _) = Store::open_dir(&dir, Some(&world), false, &options, None).expect("seed");
+    println!("seed an empty data directory (build + first snapshot): {:.2?}", seed.elapsed());
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);
 }

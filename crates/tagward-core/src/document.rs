@@ -22,7 +22,26 @@ pub fn is_yaml(path: &Path) -> bool {
 }
 
 /// Parses `text` (YAML when `yaml`, else JSON) into `T`.
+///
+/// JSON is read straight into `T`, with no tree of the whole document in
+/// between (a world file of a million keys is a gigabyte of text). Only
+/// when that fails is the document read again the careful way, as a tree
+/// first, so that an error (or a document that only the tree accepts, such
+/// as a repeated field) is reported exactly as before.
 pub fn parse<T: DeserializeOwned>(text: &str, yaml: bool) -> Result<T, DocumentError> {
+    if !yaml {
+        let mut direct = serde_json::Deserializer::from_str(text);
+        if let Ok(value) = T::deserialize(&mut direct) {
+            if direct.end().is_ok() {
+                return Ok(value);
+            }
+        }
+    }
+    parse_tree(text, yaml)
+}
+
+/// The document as a JSON tree, then `T`, with the path of what failed.
+fn parse_tree<T: DeserializeOwned>(text: &str, yaml: bool) -> Result<T, DocumentError> {
     let value: serde_json::Value = if yaml {
         serde_norway::from_str(text)
             .map_err(|e| DocumentError { path: String::new(), message: format!("not valid YAML: {e}") })?
@@ -57,9 +76,19 @@ mod tests {
 
     #[derive(Debug, serde::Deserialize)]
     #[serde(deny_unknown_fields)]
-    #[allow(dead_code)]
     struct Item {
         n: u32,
+    }
+
+    #[test]
+    fn the_direct_reading_and_the_tree_agree() {
+        let doc: Doc = parse(r#"{"items": [{"n": 1}, {"n": 2}]}"#, false).unwrap();
+        assert_eq!(doc.items.len(), 2);
+        // A repeated field: the tree keeps the last, as it always has.
+        let doc: Doc = parse(r#"{"items": [{"n": 1, "n": 3}]}"#, false).unwrap();
+        assert_eq!(doc.items[0].n, 3);
+        // Trailing text is refused as before.
+        assert!(parse::<Doc>(r#"{"items": []} x"#, false).unwrap_err().message.starts_with("not valid JSON"));
     }
 
     #[test]

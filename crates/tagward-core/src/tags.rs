@@ -10,6 +10,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 use unicode_general_category::{get_general_category, GeneralCategory as G};
@@ -44,6 +45,11 @@ pub enum TagRuleError {
 }
 
 fn allowed(c: char) -> bool {
+    // Most tags are ASCII: no table lookup for them. The only ASCII space
+    // separator is the space itself.
+    if c.is_ascii() {
+        return c.is_ascii_alphanumeric() || matches!(c, ' ' | '_' | '.' | ':' | '/' | '=' | '+' | '-' | '@');
+    }
     matches!(c, '_' | '.' | ':' | '/' | '=' | '+' | '-' | '@')
         || matches!(
             get_general_category(c),
@@ -102,19 +108,76 @@ pub fn keys_equal_ignoring_case(a: &str, b: &str) -> bool {
     a.eq_ignore_ascii_case(b) || a.chars().map(fold_char).eq(b.chars().map(fold_char))
 }
 
+/// One tag, shared by every tag set that carries it (see [`intern`]).
+#[derive(PartialEq, Eq)]
+struct Pair {
+    key: Box<str>,
+    value: Box<str>,
+}
+
+impl Pair {
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn value(&self) -> &str {
+        &self.value
+    }
+}
+
+/// The interned tags: a million resources carry a few thousand distinct
+/// tags, so each distinct (key, value) is stored once and a tag set holds
+/// pointers. Sharded by hash so that parallel builders rarely meet; a shard
+/// forgets the tags no set holds any more each time it has doubled since
+/// it last looked, so it stays within twice what is alive.
+struct Shard {
+    table: hashbrown::HashTable<Arc<Pair>>,
+    sweep_at: usize,
+}
+
+const SHARDS: usize = 16;
+const PAIR_HASH: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x7461_6773);
+
+static INTERNED: [Mutex<Shard>; SHARDS] =
+    [const { Mutex::new(Shard { table: hashbrown::HashTable::new(), sweep_at: 64 }) }; SHARDS];
+
+fn pair_hash(key: &str, value: &str) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = PAIR_HASH.build_hasher();
+    key.hash(&mut h);
+    value.hash(&mut h);
+    h.finish()
+}
+
+/// The shared copy of one tag.
+fn intern(key: &str, value: &str) -> Arc<Pair> {
+    let hash = pair_hash(key, value);
+    let at = (hash >> 60) as usize % SHARDS;
+    // A panic elsewhere while holding the lock cannot leave the table half
+    // changed in a way that matters: carry on with it.
+    let mut shard = INTERNED[at].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(found) = shard.table.find(hash, |p| p.key() == key && p.value() == value) {
+        return found.clone();
+    }
+    if shard.table.len() >= shard.sweep_at {
+        shard.table.retain(|p| Arc::strong_count(p) > 1);
+        shard.sweep_at = (shard.table.len() * 2).max(64);
+    }
+    let pair = Arc::new(Pair { key: key.into(), value: value.into() });
+    shard.table.insert_unique(hash, pair.clone(), |p| pair_hash(p.key(), p.value()));
+    pair
+}
+
 /// The tags of one resource, sorted by key in byte order.
 ///
 /// Stored compactly: a million resources with ten tags each would otherwise
-/// spend most of their memory on twenty small string allocations apiece.
-/// All keys and values sit back to back in one buffer; `spans` says where.
+/// spend most of their memory on small string allocations. Each distinct
+/// tag is stored once for the whole process (interned), and a set is one
+/// array of pointers to them.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct TagSet {
-    /// Each tag's key then its value, tags in key order.
-    text: Box<str>,
-    /// For each tag: where its key starts, the key's length and the value's
-    /// length in bytes (the value follows the key). The rules bound a key to
-    /// 128 and a value to 256 characters, so both lengths fit in a u16.
-    spans: Box<[(u32, u16, u16)]>,
+    /// The tags in key order.
+    pairs: Box<[Arc<Pair>]>,
     /// Keys are case-insensitive (IAM users and roles).
     case_insensitive: bool,
 }
@@ -127,19 +190,12 @@ impl fmt::Debug for TagSet {
 
 impl TagSet {
     pub fn new(case_insensitive: bool) -> TagSet {
-        TagSet { text: Box::default(), spans: Box::default(), case_insensitive }
+        TagSet { pairs: Box::default(), case_insensitive }
     }
 
     /// Builds a set from pairs already sorted by key and unique.
     fn from_sorted(case_insensitive: bool, pairs: &[(&str, &str)]) -> TagSet {
-        let mut text = String::with_capacity(pairs.iter().map(|(k, v)| k.len() + v.len()).sum());
-        let mut spans = Vec::with_capacity(pairs.len());
-        for (k, v) in pairs {
-            spans.push((text.len() as u32, k.len() as u16, v.len() as u16));
-            text.push_str(k);
-            text.push_str(v);
-        }
-        TagSet { text: text.into_boxed_str(), spans: spans.into_boxed_slice(), case_insensitive }
+        TagSet { pairs: pairs.iter().map(|(k, v)| intern(k, v)).collect(), case_insensitive }
     }
 
     /// Builds a set from initial tags, checking every rule and the limit.
@@ -151,6 +207,15 @@ impl TagSet {
         for (k, v) in &tags {
             check_tag(k, v)?;
         }
+        // Keys given in strictly increasing order (a world file's map, a
+        // snapshot) on a case-sensitive set cannot repeat: only the limit is
+        // left to check, and the order is already the set's.
+        if !case_insensitive && tags.windows(2).all(|w| w[0].0 < w[1].0) {
+            if tags.len() > MAX_TAGS {
+                return Err(TagSetError::Limit { count: tags.len() });
+            }
+            return Ok(TagSet::from_sorted(false, &tags));
+        }
         let set = TagSet::new(case_insensitive).with(tags.iter().copied())?;
         Ok(set)
     }
@@ -160,20 +225,15 @@ impl TagSet {
     }
 
     pub fn len(&self) -> usize {
-        self.spans.len()
+        self.pairs.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.spans.is_empty()
-    }
-
-    fn pair(&self, span: &(u32, u16, u16)) -> (&str, &str) {
-        let (start, key, value) = (span.0 as usize, span.1 as usize, span.2 as usize);
-        (&self.text[start..start + key], &self.text[start + key..start + key + value])
+        self.pairs.is_empty()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
-        self.spans.iter().map(|s| self.pair(s))
+        self.pairs.iter().map(|p| (p.key(), p.value()))
     }
 
     /// The value of the tag a condition key names: the key whose case matches
@@ -182,13 +242,9 @@ impl TagSet {
         lookup_pairs(self.iter(), key, self.get(key))
     }
 
-    fn search(&self, key: &str) -> Result<usize, usize> {
-        self.spans.binary_search_by(|s| self.pair(s).0.cmp(key))
-    }
-
     /// The value of the tag whose key is exactly `key` (case-sensitive).
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.search(key).ok().map(|i| self.pair(&self.spans[i]).1)
+        self.pairs.binary_search_by(|p| p.key().cmp(key)).ok().and_then(|i| self.pairs.get(i)).map(|p| p.value())
     }
 
     /// The stored key that `key` addresses: exact, or for a case-insensitive
@@ -231,7 +287,8 @@ impl TagSet {
                     }
                 }
             }
-            // The compact form needs lengths in a u16; the rules allow far less.
+            // Far over the rules' limits: refused here too, for callers that
+            // skipped the rules (lengths have always been bounded to a u16).
             if k.len() > usize::from(u16::MAX) {
                 return Err(TagRuleError::KeyTooLong { key: k.chars().take(32).collect(), chars: k.chars().count() }.into());
             }

@@ -19,7 +19,7 @@ use crate::error::ErrorCode;
 use crate::kms::{check_alias_name, Constraint, Grant, GrantOps, Grantee, KeyExtras, MAX_ALIASES_PER_KEY, MAX_GRANTS_PER_KEY};
 use crate::path::FieldPath;
 use crate::policy::{Policy, PolicyKind};
-use crate::state::{is_kms_key, KeyInfo, KeyManager, KeyState, Principal, Resource, ResourceKind, State, StateError};
+use crate::state::{is_kms_key, KeyInfo, KeyManager, KeyState, Principal, Resource, ResourceKind, SharedText, State, StateError};
 use crate::tags::{TagSet, TagSetError};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -354,7 +354,7 @@ pub struct ResourceBuilder {
     default_policies: HashMap<String, Arc<Policy>>,
     /// Key specs, usages and origins: a handful of distinct values shared
     /// by a million keys, so each is stored once.
-    key_fields: HashMap<String, Arc<str>>,
+    key_fields: HashMap<String, SharedText>,
 }
 
 impl ResourceBuilder {
@@ -378,13 +378,16 @@ impl ResourceBuilder {
                 return Err(malformed_policy(path.then("resource_policy"), "a KMS key has a key_policy, not a resource_policy"));
             }
             let key_fields = &mut self.key_fields;
-            let mut parse = |field: &str, v: &Option<String>, default: &str| -> Result<Arc<str>, WorldError> {
+            let mut parse = |field: &str, v: &Option<String>, default: &str| -> Result<SharedText, WorldError> {
                 let text = match v.as_deref() {
                     Some("") => return Err(invalid(path.then(field), "empty")),
                     Some(v) => v,
                     None => default,
                 };
-                Ok(key_fields.entry(text.to_string()).or_insert_with(|| Arc::from(text)).clone())
+                if let Some(shared) = key_fields.get(text) {
+                    return Ok(shared.clone());
+                }
+                Ok(key_fields.entry(text.to_string()).or_insert_with(|| SharedText::new(text)).clone())
             };
             let state = match &spec.key_state {
                 Some(s) => s.parse::<KeyState>().map_err(|e| invalid(path.then("key_state"), e.to_string()))?,

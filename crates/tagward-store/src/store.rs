@@ -1276,6 +1276,32 @@ mod tests {
         Durability { compact_after_bytes: u64::MAX, event_capacity: 16 }
     }
 
+    #[test]
+    fn a_snapshot_entity_that_does_not_build_refuses_the_restore_with_its_reason() {
+        // The refused entity sits among thousands of good ones.
+        let dir = scratch("bad-snapshot");
+        let mut backend = FileBackend::open(&dir, u64::MAX).unwrap();
+        backend.recover(&mut |_| Ok(())).unwrap();
+        let key = |i: usize| json!({"put_resource": {"arn": format!("arn:aws:kms:us-east-1:111122223333:key/k{i}")}});
+        let bad = json!({"put_resource": {"arn": "arn:aws:kms:us-east-1:111122223333:key/bad", "tags": {"aws:x": "1"}}});
+        let records: Vec<Value> = (0..10).map(key).chain([bad]).chain((10..5_000).map(key)).collect();
+        let mut records = records.iter().map(|r| Ok(serde_json::to_vec(r).unwrap()));
+        backend.begin_compaction(7).unwrap().write(&mut records).unwrap();
+        drop(backend);
+        let err = Store::open_dir(&dir, None, false, &options(), None).err().unwrap().to_string();
+        assert!(err.contains("the snapshot does not load") && err.contains("reserved for AWS"), "{err}");
+        // The same records, all good, restore.
+        let dir = scratch("good-snapshot");
+        let mut backend = FileBackend::open(&dir, u64::MAX).unwrap();
+        backend.recover(&mut |_| Ok(())).unwrap();
+        let records: Vec<Value> = (0..5_000).map(key).collect();
+        let mut records = records.iter().map(|r| Ok(serde_json::to_vec(r).unwrap()));
+        backend.begin_compaction(7).unwrap().write(&mut records).unwrap();
+        drop(backend);
+        let (s, opened) = Store::open_dir(&dir, None, false, &options(), None).unwrap();
+        assert_eq!((opened.restored, s.snapshot().counts().2), (Some(7), 5_000));
+    }
+
     /// Opens `dir`, retrying while the previous store's committer thread
     /// still holds the directory for a moment after its last change.
     fn reopen(dir: &Path, seed: Option<&WorldSpec>, force: bool, audit: Option<AuditLog>) -> (Arc<Store>, Opened) {
