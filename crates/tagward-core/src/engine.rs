@@ -390,6 +390,18 @@ enum Layer {
     Guard,
 }
 
+/// What the action index already says about a candidate statement's action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ActionHit {
+    /// One of its exact patterns is the action.
+    Known,
+    /// None of its exact patterns is the action (a [`crate::policy::PolicySet`] candidate
+    /// that is not an exact hit): only its wildcard patterns may cover it.
+    NotExact,
+    /// Nothing known: every pattern is tried.
+    Unknown,
+}
+
 /// What the guards of the chain allow; `true` where a guard does not apply.
 struct Guards {
     scp: bool,
@@ -547,11 +559,14 @@ impl<'a> Eval<'a> {
             considered: explain.then(Vec::new),
         };
         if let Some(p) = self.principal {
-            for (name, policy) in p.resolved() {
-                self.run_policy(policy, || PolicyRef::Managed(name.clone()), action, &mut c, Layer::Core);
-            }
-            for (name, policy) in &p.inline {
-                self.run_policy(policy, || PolicyRef::Inline(name.clone()), action, &mut c, Layer::Core);
+            // Managed then inline policies, one action lookup for all.
+            let set = p.identity_policies();
+            for (member, covers) in set.candidates(action) {
+                let Some((name, policy, inline)) = set.policy(member.policy()) else { continue };
+                let Some(st) = policy.statements().get(member.statement()) else { continue };
+                let name = || if inline { PolicyRef::Inline(name.clone()) } else { PolicyRef::Managed(name.clone()) };
+                let hit = if covers { ActionHit::Known } else { ActionHit::NotExact };
+                self.run_statement(st, policy.kind(), hit, name, action, &mut c, Layer::Core);
             }
         }
         let is_key = match self.target {
@@ -795,35 +810,64 @@ impl<'a> Eval<'a> {
     ) -> bool {
         let mut allowed = false;
         for &i in policy.candidates(action) {
-            let st = &policy.statements()[i as usize];
-            let grant = self.check(st, policy.kind(), action, c);
-            let applies = grant.is_ok();
-            if !applies && c.considered.is_none() {
-                continue;
+            if let Some(st) = policy.statements().get(i as usize) {
+                allowed |= self.run_statement(st, policy.kind(), ActionHit::Unknown, &name, action, c, layer);
             }
-            let sref = StatementRef { policy: name(), index: st.index, sid: st.sid.clone(), effect: st.effect };
-            if let Some(list) = c.considered.as_mut() {
-                if let Err(outcome) = &grant {
-                    list.push(Considered { statement: sref, outcome: outcome.clone() });
-                    continue;
-                }
-                list.push(Considered { statement: sref.clone(), outcome: Outcome::Applies });
-            }
-            let Ok(grant) = grant else { continue };
-            match (st.effect, layer, policy.kind()) {
-                (Effect::Deny, _, _) => c.denies.push(sref),
-                (Effect::Allow, Layer::Guard, _) => {}
-                (Effect::Allow, Layer::Core, PolicyKind::Identity) => c.identity_allows.push(sref),
-                (Effect::Allow, Layer::Core, _) => c.resource_allows.push((sref, grant)),
-            }
-            allowed |= st.effect == Effect::Allow;
         }
         allowed
     }
 
+    /// Runs one candidate statement; a deny is collected, a core allow too.
+    /// Returns whether it is an `Allow` that applied.
+    #[allow(clippy::too_many_arguments)]
+    fn run_statement(
+        &self,
+        st: &Statement,
+        kind: PolicyKind,
+        hit: ActionHit,
+        name: impl Fn() -> PolicyRef,
+        action: &ActionKey<'_>,
+        c: &mut Collector,
+        layer: Layer,
+    ) -> bool {
+        let grant = self.check(st, kind, hit, action, c);
+        let applies = grant.is_ok();
+        if !applies && c.considered.is_none() {
+            return false;
+        }
+        let sref = StatementRef { policy: name(), index: st.index, sid: st.sid.clone(), effect: st.effect };
+        if let Some(list) = c.considered.as_mut() {
+            if let Err(outcome) = &grant {
+                list.push(Considered { statement: sref, outcome: outcome.clone() });
+                return false;
+            }
+            list.push(Considered { statement: sref.clone(), outcome: Outcome::Applies });
+        }
+        let Ok(grant) = grant else { return false };
+        match (st.effect, layer, kind) {
+            (Effect::Deny, _, _) => c.denies.push(sref),
+            (Effect::Allow, Layer::Guard, _) => {}
+            (Effect::Allow, Layer::Core, PolicyKind::Identity) => c.identity_allows.push(sref),
+            (Effect::Allow, Layer::Core, _) => c.resource_allows.push((sref, grant)),
+        }
+        st.effect == Effect::Allow
+    }
+
     /// Does the statement apply? `Ok` with how the principal matched.
-    fn check(&self, st: &Statement, kind: PolicyKind, action: &ActionKey<'_>, c: &mut Collector) -> Result<Grant, Outcome> {
-        if !st.covers_action(action.lower) {
+    fn check(
+        &self,
+        st: &Statement,
+        kind: PolicyKind,
+        hit: ActionHit,
+        action: &ActionKey<'_>,
+        c: &mut Collector,
+    ) -> Result<Grant, Outcome> {
+        let covers = match hit {
+            ActionHit::Known => true,
+            ActionHit::NotExact => st.covers_action_by_wildcards(action.lower),
+            ActionHit::Unknown => st.covers_action(action.lower),
+        };
+        if !covers {
             return Err(Outcome::ActionDoesNotMatch);
         }
         let grant = match (&st.principal, kind) {

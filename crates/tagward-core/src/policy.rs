@@ -126,6 +126,17 @@ impl Statement {
     pub fn covers_action(&self, action: &str) -> bool {
         self.actions.patterns.iter().any(|p| p.matches(action, &pattern::NoValues)) != self.actions.negated
     }
+
+    /// [`Statement::covers_action`] for an action known to be none of the
+    /// statement's exact (wildcard-free) action patterns, as a
+    /// [`PolicySet`] candidate that is not an exact hit: only the patterns
+    /// with wildcards are tried.
+    pub fn covers_action_by_wildcards(&self, action: &str) -> bool {
+        if self.actions.negated {
+            return self.covers_action(action);
+        }
+        self.actions.patterns.iter().any(|p| p.exact().is_none() && p.matches(action, &pattern::NoValues))
+    }
 }
 
 /// One list of statement indices in the action index.
@@ -151,6 +162,11 @@ struct ActionIndex {
 /// A fixed seed: the hash of a request's action is computed once and used
 /// against every policy's tables, so all must agree on the hasher.
 const ACTION_HASH: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x7a67_7761_7264);
+
+/// Key equality in the action tables, short keys compared inline.
+fn same(key: &str, text: &str) -> bool {
+    pattern::same_bytes(key.as_bytes(), text.as_bytes())
+}
 
 fn action_hash(text: &str) -> u64 {
     ACTION_HASH.hash_one(text)
@@ -303,10 +319,10 @@ impl Policy {
     /// `service:action`), in document order, each once. The caller still
     /// checks the action against wildcard patterns and `NotAction`.
     pub fn candidates(&self, action: &ActionKey<'_>) -> &[u32] {
-        if let Some((_, list)) = self.index.exact.find(action.exact_hash, |(k, _)| &**k == action.lower) {
+        if let Some((_, list)) = self.index.exact.find(action.exact_hash, |(k, _)| same(k, action.lower)) {
             return list;
         }
-        if let Some((_, list)) = self.index.by_service.find(action.service_hash, |(k, _)| &**k == action.service) {
+        if let Some((_, list)) = self.index.by_service.find(action.service_hash, |(k, _)| same(k, action.service)) {
             return list;
         }
         &self.index.always
@@ -315,27 +331,15 @@ impl Policy {
 
 fn build_index(statements: &[Statement]) -> ActionIndex {
     let mut index = ActionIndex::default();
-    for (i, st) in statements.iter().enumerate() {
-        let i = i as u32;
-        if st.actions.negated {
-            index.always.push(i);
-            continue;
-        }
-        for p in &st.actions.patterns {
-            if let Some(exact) = p.exact() {
-                insert(&mut index.exact, exact, i);
-                continue;
-            }
-            match p.service_prefix() {
-                Some(svc) => insert(&mut index.by_service, svc, i),
-                None => {
-                    if index.always.last() != Some(&i) {
-                        index.always.push(i);
-                    }
-                }
+    file_statements(statements, |bucket, i| match bucket {
+        Bucket::Exact(action) => insert(&mut index.exact, action, i),
+        Bucket::Service(svc) => insert(&mut index.by_service, svc, i),
+        Bucket::Always => {
+            if index.always.last() != Some(&i) {
+                index.always.push(i);
             }
         }
-    }
+    });
     let merge = |list: &mut SmallVec<[u32; 4]>, more: &[u32]| {
         list.extend_from_slice(more);
         list.sort_unstable();
@@ -352,6 +356,170 @@ fn build_index(statements: &[Statement]) -> ActionIndex {
         merge(list, &index.always);
     }
     index
+}
+
+/// Where the action index files a statement, before any merging.
+enum Bucket<'a> {
+    /// Under a lowercased `service:action` without wildcards.
+    Exact(&'a str),
+    /// Under a lowercased service prefix (a pattern with wildcards after the colon).
+    Service(&'a str),
+    /// For every action (`*`, wildcards in the service part, `NotAction`).
+    Always,
+}
+
+/// Calls `file` for every place a statement goes in an action index, in
+/// statement order.
+fn file_statements(statements: &[Statement], mut file: impl FnMut(Bucket<'_>, u32)) {
+    for (i, st) in statements.iter().enumerate() {
+        let i = i as u32;
+        if st.actions.negated {
+            file(Bucket::Always, i);
+            continue;
+        }
+        for p in &st.actions.patterns {
+            match (p.exact(), p.service_prefix()) {
+                (Some(exact), _) => file(Bucket::Exact(exact), i),
+                (None, Some(svc)) => file(Bucket::Service(svc), i),
+                (None, None) => file(Bucket::Always, i),
+            }
+        }
+    }
+}
+
+/// A statement of a [`PolicySet`]: which policy of the set (by position),
+/// and which statement of it. Ordered by policy, then statement: the order
+/// in which evaluating the policies one by one would meet them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Member(u64);
+
+impl Member {
+    fn new(policy: usize, statement: u32) -> Member {
+        Member(((policy as u64) << 32) | u64::from(statement))
+    }
+
+    /// The policy's position in the set.
+    pub fn policy(self) -> usize {
+        (self.0 >> 32) as usize
+    }
+
+    /// The statement's position in its policy.
+    pub fn statement(self) -> usize {
+        (self.0 & u64::from(u32::MAX)) as usize
+    }
+}
+
+/// One list of a [`PolicySet`]'s action tables.
+type SetSlot = (Box<str>, Vec<Member>);
+
+/// A principal's identity policies (its managed policies that exist, then
+/// its inline ones, each with its name) indexed by action as one: a request
+/// looks its action up once for all of them instead of once per policy.
+///
+/// The lists are kept apart (a statement appears under each of its exact
+/// actions, under its service, or in `always`, as it was filed) and merged
+/// per request, so the index grows with the policies, not with their
+/// product. INVARIANT: every list is sorted without repeats, and for every
+/// action [`PolicySet::candidates`] yields exactly the statements that each
+/// policy's [`Policy::candidates`] gives, policy after policy; the set is
+/// built whole by [`PolicySet::new`] and never changed.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    policies: Vec<(Arc<str>, Arc<Policy>)>,
+    /// Where the inline policies start in `policies`.
+    inline_from: usize,
+    exact: HashTable<SetSlot>,
+    by_service: HashTable<SetSlot>,
+    always: Vec<Member>,
+}
+
+fn set_insert(table: &mut HashTable<SetSlot>, key: &str, member: Member) {
+    let hash = action_hash(key);
+    match table.find_mut(hash, |(k, _)| &**k == key) {
+        Some((_, list)) => {
+            if list.last() != Some(&member) {
+                list.push(member);
+            }
+        }
+        None => {
+            table.insert_unique(hash, (key.into(), vec![member]), |(k, _)| action_hash(k));
+        }
+    }
+}
+
+impl PolicySet {
+    /// Indexes the managed policies then the inline ones, in this order
+    /// (the order of [`Member::policy`]).
+    pub fn new(managed: &[(Arc<str>, Arc<Policy>)], inline: &[(Arc<str>, Arc<Policy>)]) -> PolicySet {
+        let policies: Vec<(Arc<str>, Arc<Policy>)> = managed.iter().chain(inline).cloned().collect();
+        let (mut exact, mut by_service, mut always) = (HashTable::new(), HashTable::new(), Vec::new());
+        for (n, (_, policy)) in policies.iter().enumerate() {
+            file_statements(&policy.statements, |bucket, i| {
+                let member = Member::new(n, i);
+                match bucket {
+                    Bucket::Exact(action) => set_insert(&mut exact, action, member),
+                    Bucket::Service(svc) => set_insert(&mut by_service, svc, member),
+                    Bucket::Always => {
+                        if always.last() != Some(&member) {
+                            always.push(member);
+                        }
+                    }
+                }
+            });
+        }
+        PolicySet { policies, inline_from: managed.len(), exact, by_service, always }
+    }
+
+    /// Policy `n` of the set (see [`Member::policy`]): its name, the
+    /// policy, and whether it is an inline policy.
+    pub fn policy(&self, n: usize) -> Option<(&Arc<str>, &Policy, bool)> {
+        self.policies.get(n).map(|(name, policy)| (name, &**policy, n >= self.inline_from))
+    }
+
+    /// The statements that may cover the request's action, in evaluation
+    /// order, each once. Each comes with whether it is already known to
+    /// cover the action (it names the action exactly); the others still
+    /// need [`Statement::covers_action`].
+    pub fn candidates(&self, action: &ActionKey<'_>) -> Candidates<'_> {
+        let exact = self.exact.find(action.exact_hash, |(k, _)| same(k, action.lower)).map_or(&[][..], |(_, l)| l);
+        let service = self.by_service.find(action.service_hash, |(k, _)| same(k, action.service)).map_or(&[][..], |(_, l)| l);
+        Candidates { exact, service, always: &self.always }
+    }
+}
+
+/// The merge of a [`PolicySet`]'s three lists for one action.
+#[derive(Debug, Clone)]
+pub struct Candidates<'a> {
+    exact: &'a [Member],
+    service: &'a [Member],
+    always: &'a [Member],
+}
+
+impl Iterator for Candidates<'_> {
+    /// The statement, and whether it is known to cover the action.
+    type Item = (Member, bool);
+
+    #[inline]
+    fn next(&mut self) -> Option<(Member, bool)> {
+        const END: Member = Member(u64::MAX);
+        let head = |list: &[Member]| list.first().copied().unwrap_or(END);
+        let (e, s, a) = (head(self.exact), head(self.service), head(self.always));
+        let next = e.min(s).min(a);
+        if next == END {
+            return None;
+        }
+        let covers = e == next;
+        if covers {
+            self.exact = &self.exact[1..];
+        }
+        if s == next {
+            self.service = &self.service[1..];
+        }
+        if a == next {
+            self.always = &self.always[1..];
+        }
+        Some((next, covers))
+    }
 }
 
 fn compile_statement(
@@ -684,6 +852,47 @@ mod tests {
         assert_eq!(p.candidates(&ActionKey::new("kms:decrypt")), &[0, 1, 3, 4]);
         assert_eq!(p.candidates(&ActionKey::new("s3:getobject")), &[2, 3, 4]);
         assert_eq!(p.candidates(&ActionKey::new("sqs:deletequeue")), &[3, 4]);
+    }
+
+    #[test]
+    fn a_policy_set_yields_what_its_policies_yield_one_by_one() {
+        let docs = [
+            json!({"Statement": [
+                {"Effect": "Allow", "Action": ["kms:Decrypt", "kms:Gen*"], "Resource": "*"},
+                {"Effect": "Deny", "Action": "kms:*", "Resource": "*"},
+                {"Effect": "Allow", "Action": ["kms:Decrypt", "kms:Decrypt"], "Resource": "*"}]}),
+            json!({"Statement": [
+                {"Effect": "Allow", "NotAction": "kms:*", "Resource": "*"},
+                {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"},
+                {"Effect": "Allow", "Action": "*", "Resource": "*"}]}),
+            json!({"Statement": {"Effect": "Allow", "Action": "k?s:Encrypt", "Resource": "*"}}),
+        ];
+        let named: Vec<(Arc<str>, Arc<Policy>)> = docs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (Arc::from(format!("p{i}")), Arc::new(Policy::compile(d, PolicyKind::Identity).unwrap())))
+            .collect();
+        let set = PolicySet::new(&named[..2], &named[2..]);
+        assert_eq!(set.policy(1).map(|(n, _, inline)| (n.to_string(), inline)), Some(("p1".into(), false)));
+        assert_eq!(set.policy(2).map(|(n, _, inline)| (n.to_string(), inline)), Some(("p2".into(), true)));
+        assert!(set.policy(3).is_none());
+        for action in ["kms:decrypt", "kms:generatedatakey", "kms:encrypt", "s3:getobject", "sqs:sendmessage", "kms"] {
+            let key = ActionKey::new(action);
+            let one_by_one: Vec<(usize, usize)> = named
+                .iter()
+                .enumerate()
+                .flat_map(|(n, (_, p))| p.candidates(&key).iter().map(move |&i| (n, i as usize)))
+                .collect();
+            let merged: Vec<(Member, bool)> = set.candidates(&key).collect();
+            assert_eq!(merged.iter().map(|(m, _)| (m.policy(), m.statement())).collect::<Vec<_>>(), one_by_one, "{action}");
+            for (m, covers) in merged {
+                let st = &named[m.policy()].1.statements()[m.statement()];
+                assert!(!covers || st.covers_action(action), "{action}: {m:?} is no exact hit");
+            }
+        }
+        let kms: Vec<(usize, usize, bool)> =
+            set.candidates(&ActionKey::new("kms:decrypt")).map(|(m, c)| (m.policy(), m.statement(), c)).collect();
+        assert_eq!(kms, [(0, 0, true), (0, 1, false), (0, 2, true), (1, 0, false), (1, 2, false), (2, 0, false)]);
     }
 
     #[test]

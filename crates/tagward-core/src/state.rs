@@ -19,7 +19,7 @@ use crate::arn::{Arn, Caller, CallerKind};
 use crate::chain::{Endpoint, Organization, Session};
 use crate::error::ErrorCode;
 use crate::kms::{alias_arn, Grant, KeyExtras};
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicySet};
 use crate::tags::{TagSet, TagSetError};
 
 /// An IAM user or role, with its tags and identity policies.
@@ -48,6 +48,9 @@ pub struct Principal {
     /// the principal or a policy changes so that a decision looks up none.
     /// INVARIANT: maintained by [`State`] alone (see [`Principal::resolved`]).
     resolved: Vec<(Arc<str>, Arc<Policy>)>,
+    /// `resolved` then `inline`, indexed by action as one for the decision.
+    /// INVARIANT: rebuilt with `resolved`, by [`State`] alone.
+    identity: Arc<PolicySet>,
 }
 
 impl Principal {
@@ -74,6 +77,7 @@ impl Principal {
             boundary: None,
             trust_policy: None,
             resolved: Vec::new(),
+            identity: Arc::default(),
         })
     }
 
@@ -99,6 +103,12 @@ impl Principal {
     /// the state this principal was read from (empty before it is put).
     pub fn resolved(&self) -> &[(Arc<str>, Arc<Policy>)] {
         &self.resolved
+    }
+
+    /// The resolved managed policies then the inline ones, indexed by
+    /// action together, as of the same state as [`Principal::resolved`].
+    pub fn identity_policies(&self) -> &PolicySet {
+        &self.identity
     }
 }
 
@@ -667,6 +677,7 @@ impl State {
     fn resolve(&self, principal: &mut Principal) {
         principal.resolved =
             principal.managed.iter().filter_map(|n| self.policies.get(n).map(|p| (n.clone(), p.clone()))).collect();
+        principal.identity = Arc::new(PolicySet::new(&principal.resolved, &principal.inline));
     }
 
     /// Re-resolves every principal that attaches `name`.

@@ -259,13 +259,45 @@ fn parse_variable(inner: &str, source: &str) -> Result<Variable, PatternError> {
 
 #[inline]
 fn eq(a: &str, b: &str, fold: bool) -> bool {
-    if a.len() == b.len() && a.as_bytes() == b.as_bytes() {
+    if same_bytes(a.as_bytes(), b.as_bytes()) {
         true
     } else if !fold {
         false
     } else {
         eq_folded(a, b)
     }
+}
+
+/// Byte equality with the short texts policies are made of (account ids,
+/// services, regions, tag values) compared inline, in two overlapping
+/// word loads, instead of through a call to `memcmp`.
+#[inline]
+pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    if (8..=16).contains(&n) {
+        return match (a.first_chunk::<8>(), b.first_chunk::<8>(), a.last_chunk::<8>(), b.last_chunk::<8>()) {
+            (Some(a0), Some(b0), Some(a1), Some(b1)) => {
+                u64::from_ne_bytes(*a0) == u64::from_ne_bytes(*b0) && u64::from_ne_bytes(*a1) == u64::from_ne_bytes(*b1)
+            }
+            _ => a == b,
+        };
+    }
+    if (4..8).contains(&n) {
+        return match (a.first_chunk::<4>(), b.first_chunk::<4>(), a.last_chunk::<4>(), b.last_chunk::<4>()) {
+            (Some(a0), Some(b0), Some(a1), Some(b1)) => {
+                u32::from_ne_bytes(*a0) == u32::from_ne_bytes(*b0) && u32::from_ne_bytes(*a1) == u32::from_ne_bytes(*b1)
+            }
+            _ => a == b,
+        };
+    }
+    if n < 4 {
+        // The first, middle and last bytes cover up to three.
+        return a.first() == b.first() && a.get(n / 2) == b.get(n / 2) && a.last() == b.last();
+    }
+    a == b
 }
 
 #[inline(never)]
@@ -424,6 +456,22 @@ mod tests {
     const ACTION: Syntax = Syntax { wildcards: true, variables: false, fold_case: true };
     const IGNORE_CASE: Syntax = Syntax { wildcards: false, variables: true, fold_case: true };
     const EQUALS: Syntax = Syntax { wildcards: false, variables: true, fold_case: false };
+
+    #[test]
+    fn inline_equality_sees_every_byte_of_every_length() {
+        for n in 0..40usize {
+            let a: Vec<u8> = (0..n as u8).map(|i| b'a' + i % 26).collect();
+            assert!(same_bytes(&a, &a.clone()), "length {n}");
+            for at in 0..n {
+                let mut b = a.clone();
+                b[at] ^= 0x20;
+                assert!(!same_bytes(&a, &b), "length {n}, byte {at}");
+            }
+            let mut longer = a.clone();
+            longer.push(b'a');
+            assert!(!same_bytes(&a, &longer) && !same_bytes(&longer, &a), "lengths {n} and {}", n + 1);
+        }
+    }
 
     struct Map(&'static [(&'static str, &'static str)]);
     impl Resolve for Map {
