@@ -4,6 +4,7 @@
 //! [`baseline`] (the empty Authorizer the load tool compares against).
 
 pub mod baseline;
+pub mod decision_world;
 pub mod fleet;
 pub mod gen;
 pub mod load;

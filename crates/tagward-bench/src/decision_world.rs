@@ -1,35 +1,22 @@
-//! Runs a fixed number of decisions on the world of the decision bench
-//! (`crates/tagward-bench/benches/decision.rs`: 1,000 managed ABAC policies,
-//! 10,000 tagged KMS keys, 100 roles attaching ten policies each), for
-//! counting instructions per decision with callgrind, which gives the same
-//! figure however loaded the machine is:
-//!
-//! ```text
-//! cargo build --release -p tagward-core --example decisions
-//! valgrind --tool=callgrind --toggle-collect='tagward_core::engine::authorize*' \
-//!     target/release/examples/decisions 20000
-//! ```
-//!
-//! Only the instructions inside `authorize` are counted; divide the total by
-//! the number of decisions it prints. `decisions N stress` runs the stress
-//! case instead (one role attaching all 1,000 policies).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a tool: a failure stops loudly
-
-use std::hint::black_box;
+//! The decision bench's world (`benches/decision.rs`): 1,000 managed ABAC
+//! policies, 10,000 tagged KMS keys, 100 roles attaching ten policies each
+//! (the IAM default quota), and its request mix; also what
+//! `examples/decisions.rs` runs under callgrind.
+#![allow(clippy::expect_used)] // a bench fixture: a world that does not build stops loudly
 
 use serde_json::{json, Value};
-use tagward_core::engine::{authorize, Request};
+use tagward_core::engine::Request;
 use tagward_core::state::State;
 use tagward_core::world::WorldSpec;
 
-const ACCOUNT: &str = "111122223333";
-const POLICIES: usize = 1_000;
-const KEYS: usize = 10_000;
-const PRINCIPALS: usize = 100;
-const PROJECTS: usize = 50;
+pub const ACCOUNT: &str = "111122223333";
+pub const POLICIES: usize = 1_000;
+pub const KEYS: usize = 10_000;
+pub const PRINCIPALS: usize = 100;
+pub const PROJECTS: usize = 50;
 
-/// Policy `i`, as in the decision bench.
-fn policy(i: usize) -> Value {
+/// Policy `i`, in the styles of the seed documents.
+pub fn policy(i: usize) -> Value {
     let project = format!("p{}", i % PROJECTS);
     match i % 4 {
         0 => json!({"Version": "2012-10-17", "Statement": [{
@@ -53,7 +40,9 @@ fn policy(i: usize) -> Value {
     }
 }
 
-fn world(attach_all_to_first: bool) -> State {
+/// The world; with `attach_all_to_first`, role `r0` attaches all 1,000
+/// policies (the stress case).
+pub fn world(attach_all_to_first: bool) -> State {
     let policies: serde_json::Map<String, Value> = (0..POLICIES).map(|i| (format!("policy{i}"), policy(i))).collect();
     let principals: Vec<Value> = (0..PRINCIPALS)
         .map(|p| {
@@ -83,29 +72,15 @@ fn world(attach_all_to_first: bool) -> State {
     spec.build().expect("world")
 }
 
-fn requests(stress: bool) -> Vec<Request> {
+/// 1,024 requests spread over the roles, six actions and the keys.
+pub fn requests() -> Vec<Request> {
     let actions = ["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKeyPair", "kms:Sign", "kms:ListKeys", "s3:GetObject"];
     (0..1024)
         .map(|i| Request {
-            principal: format!("arn:aws:iam::{ACCOUNT}:role/r{}", if stress { 0 } else { (i * 7) % PRINCIPALS }),
+            principal: format!("arn:aws:iam::{ACCOUNT}:role/r{}", (i * 7) % PRINCIPALS),
             action: actions[i % actions.len()].to_string(),
             resource: format!("arn:aws:kms:us-east-1:{ACCOUNT}:key/{:08}", (i * 131) % KEYS),
             ..Request::default()
         })
         .collect()
-}
-
-fn main() {
-    let mut args = std::env::args().skip(1);
-    let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10_000);
-    let stress = args.next().as_deref() == Some("stress");
-    let state = world(stress);
-    let reqs = requests(stress);
-    let mut allowed = 0usize;
-    for i in 0..n {
-        let d = authorize(&state, &reqs[i % reqs.len()], false).expect("decision");
-        allowed += usize::from(d.allowed());
-        black_box(d);
-    }
-    println!("{n} decisions ({allowed} allowed){}", if stress { ", stress case" } else { "" });
 }
