@@ -257,45 +257,9 @@ fn world_of(state: &State) -> (u64, Value) {
     (state.revision(), serde_json::to_value(WorldSpec::from_state(state)).unwrap())
 }
 
-fn policy_all() -> Value {
-    json!({"Statement": {"Effect": "Allow", "Action": "*", "Resource": "*"}})
-}
-
 /// A mix of every kind of change; returns the acknowledged revisions.
 fn mixed_changes(store: &Store) -> Vec<u64> {
-    let policy = json!({"Statement": {"Effect": "Allow", "Action": "kms:*", "Resource": "*"}});
-    let updates = [
-        Update::PutPolicy { name: "P".into(), document: policy.clone() },
-        Update::PutPrincipal(
-            serde_json::from_value(json!({"arn": "arn:aws:iam::111122223333:role/R", "policies": ["P"]})).unwrap(),
-        ),
-        set(1),
-        Update::RemoveTags { resource: KEY.into(), keys: vec!["Project".into()] },
-        Update::Batch(vec![set(2), Update::PutPolicy { name: "Q".into(), document: policy }]),
-        Update::PutResource(serde_json::from_value(json!({"arn": "arn:aws:kms:us-east-1:111122223333:key/k2"})).unwrap()),
-        Update::DeleteResource { arn: "arn:aws:kms:us-east-1:111122223333:key/k2".into() },
-        Update::DeletePolicy { name: "Q".into() },
-        // The wider chain: a boundary and a trust policy on a principal, the
-        // organization, a session and an endpoint (one put, then deleted).
-        Update::PutPrincipal(
-            serde_json::from_value(json!({"arn": "arn:aws:iam::111122223333:role/T", "permissions_boundary": "P",
-                "trust_policy": {"Statement": {"Effect": "Allow", "Principal": "*", "Action": "sts:AssumeRole"}}}))
-            .unwrap(),
-        ),
-        Update::PutOrganization(
-            serde_json::from_value(json!({"id": "o-a1b2c3d4e5", "policies": {"F": policy_all()},
-                "units": [{"id": "r-ab12", "scps": ["F"]}],
-                "accounts": [{"id": "111122223333", "parent": "r-ab12", "scps": ["F"]}]}))
-            .unwrap(),
-        ),
-        Update::PutSession(
-            serde_json::from_value(json!({"arn": "arn:aws:sts::111122223333:assumed-role/T/s", "policies": ["P"], "tags": {"team": "a"}}))
-                .unwrap(),
-        ),
-        Update::PutEndpoint(serde_json::from_value(json!({"id": "vpce-1", "policy": {"Statement": {"Effect": "Allow", "Principal": "*", "Action": "*", "Resource": "*"}}})).unwrap()),
-        Update::PutEndpoint(serde_json::from_value(json!({"id": "vpce-2"})).unwrap()),
-        Update::DeleteEndpoint { id: "vpce-2".into() },
-    ];
+    let updates = store_suite::every_kind_of_update();
     let mut revs: Vec<u64> = updates.iter().map(|u| store.apply(u, "admin").unwrap().wait().unwrap()).collect();
     let tag = TagRequest {
         principal: ROOT.into(),

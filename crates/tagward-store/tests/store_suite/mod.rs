@@ -131,10 +131,12 @@ fn policy_all() -> Value {
     json!({"Statement": {"Effect": "Allow", "Action": "*", "Resource": "*"}})
 }
 
-/// Every kind of change, acknowledged one by one; their revisions.
-async fn mixed_changes(store: &Store) -> Vec<u64> {
+/// One update of every kind (the wider chain's included: a boundary and a
+/// trust policy, the organization, a session, endpoints), in an order that
+/// applies; shared with the backend-level half of the suite.
+pub fn every_kind_of_update() -> Vec<Update> {
     let policy = json!({"Statement": {"Effect": "Allow", "Action": "kms:*", "Resource": "*"}});
-    let updates = [
+    vec![
         Update::PutPolicy { name: "P".into(), document: policy.clone() },
         Update::PutPrincipal(
             serde_json::from_value(json!({"arn": "arn:aws:iam::111122223333:role/R", "policies": ["P"]})).unwrap(),
@@ -163,7 +165,12 @@ async fn mixed_changes(store: &Store) -> Vec<u64> {
         Update::PutEndpoint(serde_json::from_value(json!({"id": "vpce-1", "policy": {"Statement": {"Effect": "Allow", "Principal": "*", "Action": "*", "Resource": "*"}}})).unwrap()),
         Update::PutEndpoint(serde_json::from_value(json!({"id": "vpce-2"})).unwrap()),
         Update::DeleteEndpoint { id: "vpce-2".into() },
-    ];
+    ]
+}
+
+/// Every kind of change, acknowledged one by one; their revisions.
+async fn mixed_changes(store: &Store) -> Vec<u64> {
+    let updates = every_kind_of_update();
     let mut revs = Vec::new();
     for u in &updates {
         revs.push(store.apply_acked(u, "admin").await.unwrap());
