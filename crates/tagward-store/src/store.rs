@@ -943,7 +943,7 @@ fn commit_loop(inner: &Inner, commit: &Commit, snapshotting: &mut Option<std::th
                 if let Err(message) = inner.audit(&[], &refusals) {
                     tracing::error!(error = %message, dropped = refusals.len(), "cannot write refusal records");
                 }
-                if stop || (failed && !reopen_after_failure(inner, commit, snapshotting)) {
+                if stop || (failed && can_reopen(inner) && !reopen_after_failure(inner, commit, snapshotting)) {
                     return;
                 }
                 continue;
@@ -1020,10 +1020,16 @@ fn commit_loop(inner: &Inner, commit: &Commit, snapshotting: &mut Option<std::th
         }
         // An append failed meanwhile (the caller was answered): try the
         // medium again once what was pending is settled.
-        if lock(&inner.writer).failed.is_some() && !reopen_after_failure(inner, commit, snapshotting) {
+        if lock(&inner.writer).failed.is_some() && can_reopen(inner) && !reopen_after_failure(inner, commit, snapshotting) {
             return;
         }
     }
+}
+
+/// The store was given a way to reopen its medium (a store without one
+/// stays failed, its committer still writing refusal records).
+fn can_reopen(inner: &Inner) -> bool {
+    lock(&inner.reopen).is_some()
 }
 
 /// Waits, then tries the failed store's medium again (see
@@ -1031,7 +1037,7 @@ fn commit_loop(inner: &Inner, commit: &Commit, snapshotting: &mut Option<std::th
 /// dropped (false). Without a way to reopen, returns false at once: the
 /// store stays failed until the process restarts.
 fn reopen_after_failure(inner: &Inner, commit: &Commit, snapshotting: &mut Option<std::thread::JoinHandle<()>>) -> bool {
-    if lock(&inner.reopen).is_none() {
+    if !can_reopen(inner) {
         return false;
     }
     // A snapshot of the failed backend writes into the medium about to be
