@@ -242,6 +242,26 @@ fn camel(field: &str) -> String {
         .collect()
 }
 
+/// A record in CloudTrail's shape: the envelope of one API call (version,
+/// time, source, name, id, caller), with `fields` (the request
+/// parameters, resources and extra data) added to it.
+fn api_call(time: String, identity: Value, source: &str, name: &str, event_id: &str, fields: Value) -> Value {
+    let mut record = json!({
+        "eventVersion": "1.08",
+        "eventTime": time,
+        "eventSource": source,
+        "eventName": name,
+        "eventType": "AwsApiCall",
+        "eventID": event_id,
+        "readOnly": false,
+        "userIdentity": identity,
+    });
+    if let (Some(record), Value::Object(fields)) = (record.as_object_mut(), fields) {
+        record.extend(fields);
+    }
+    record
+}
+
 /// The CloudTrail-shaped record of one refusal.
 pub fn refusal_record(r: &Refusal, node: &str, event_id: &str) -> Value {
     let mut extra = json!({"revision": r.revision, "node": node});
@@ -262,21 +282,20 @@ pub fn refusal_record(r: &Refusal, node: &str, event_id: &str) -> Value {
             ("kms.amazonaws.com".to_string(), name, json!({"resource": resource}), json!([{"ARN": resource}]))
         }
     };
-    json!({
-        "eventVersion": "1.08",
-        "eventTime": time_of(r.time_unix_ms),
-        "eventSource": source,
-        "eventName": name,
-        "eventType": "AwsApiCall",
-        "eventID": event_id,
-        "readOnly": false,
-        "userIdentity": identity_of(&r.actor),
+    api_call(
+        time_of(r.time_unix_ms),
+        identity_of(&r.actor),
+        &source,
+        &name,
+        event_id,
+        json!({
         "errorCode": r.error_code,
         "errorMessage": r.error_message,
         "requestParameters": params,
         "resources": resources,
         "additionalEventData": extra,
-    })
+        }),
+    )
 }
 
 /// The CloudTrail-shaped record of one event.
@@ -299,15 +318,13 @@ pub fn record(e: &Event, node: &str, event_id: &str) -> Value {
             } else {
                 action.split_once(':').map_or(action.as_str(), |(_, n)| n)
             };
-            json!({
-                "eventVersion": "1.08",
-                "eventTime": time,
-                "eventSource": format!("{}.amazonaws.com", service_of(resource)),
-                "eventName": name,
-                "eventType": "AwsApiCall",
-                "eventID": event_id,
-                "readOnly": false,
-                "userIdentity": identity,
+            api_call(
+                time,
+                identity,
+                &format!("{}.amazonaws.com", service_of(resource)),
+                name,
+                event_id,
+                json!({
                 "requestParameters": {"resourceArn": resource, "tags": tags_json(&added), "tagKeys": removed},
                 "resources": [{"ARN": resource}],
                 "additionalEventData": {
@@ -318,7 +335,8 @@ pub fn record(e: &Event, node: &str, event_id: &str) -> Value {
                     "allowedBy": allowed_by,
                     "node": node,
                 },
-            })
+                }),
+            )
         }
         EventKind::Alias { action, alias, key, previous_key, change, allowed_by } => {
             let name = kms_event_name(action, *change, "PutAlias", "DeleteAlias");
@@ -327,15 +345,13 @@ pub fn record(e: &Event, node: &str, event_id: &str) -> Value {
             if let Some(p) = previous_key {
                 resources.push(json!({"ARN": p}));
             }
-            json!({
-                "eventVersion": "1.08",
-                "eventTime": time,
-                "eventSource": "kms.amazonaws.com",
-                "eventName": name,
-                "eventType": "AwsApiCall",
-                "eventID": event_id,
-                "readOnly": false,
-                "userIdentity": identity,
+            api_call(
+                time,
+                identity,
+                "kms.amazonaws.com",
+                &name,
+                event_id,
+                json!({
                 "requestParameters": {"aliasName": alias, "targetKeyId": key},
                 "resources": resources,
                 "additionalEventData": {
@@ -345,7 +361,8 @@ pub fn record(e: &Event, node: &str, event_id: &str) -> Value {
                     "allowedBy": allowed_by,
                     "node": node,
                 },
-            })
+                }),
+            )
         }
         EventKind::Grant { action, key, grant_id, grant, change, allowed_by } => {
             let name = kms_event_name(action, *change, "PutGrant", "DeleteGrant");
@@ -357,15 +374,13 @@ pub fn record(e: &Event, node: &str, event_id: &str) -> Value {
                 params["constraints"] = serde_json::to_value(&g.constraints).unwrap_or(Value::Null);
                 params["name"] = json!(g.name);
             }
-            json!({
-                "eventVersion": "1.08",
-                "eventTime": time,
-                "eventSource": "kms.amazonaws.com",
-                "eventName": name,
-                "eventType": "AwsApiCall",
-                "eventID": event_id,
-                "readOnly": false,
-                "userIdentity": identity,
+            api_call(
+                time,
+                identity,
+                "kms.amazonaws.com",
+                &name,
+                event_id,
+                json!({
                 "requestParameters": params,
                 "resources": [{"ARN": key}],
                 "additionalEventData": {
@@ -374,7 +389,8 @@ pub fn record(e: &Event, node: &str, event_id: &str) -> Value {
                     "allowedBy": allowed_by,
                     "node": node,
                 },
-            })
+                }),
+            )
         }
         EventKind::Entity { kind, name, change } => {
             let verb = match change {
@@ -392,18 +408,17 @@ pub fn record(e: &Event, node: &str, event_id: &str) -> Value {
                 EntityKind::Endpoint => "Endpoint",
             };
             let event_name = format!("{verb}{noun}");
-            json!({
-                "eventVersion": "1.08",
-                "eventTime": time,
-                "eventSource": "tagward",
-                "eventName": event_name,
-                "eventType": "AwsApiCall",
-                "eventID": event_id,
-                "readOnly": false,
-                "userIdentity": identity,
+            api_call(
+                time,
+                identity,
+                "tagward",
+                &event_name,
+                event_id,
+                json!({
                 "requestParameters": {"kind": kind.as_str(), "name": name},
                 "additionalEventData": {"revision": e.revision, "node": node},
-            })
+                }),
+            )
         }
     }
 }
