@@ -1,8 +1,8 @@
-//! Runs a fixed number of decisions on the world of the decision bench
+//! Runs a fixed number of decisions, for counting instructions per decision
+//! with callgrind, which gives the same figure however loaded the machine
+//! is. By default the world is the decision bench's
 //! (`tagward_bench::decision_world`: 1,000 managed ABAC policies, 10,000
-//! tagged KMS keys, 100 roles attaching ten policies each), for counting
-//! instructions per decision with callgrind, which gives the same figure
-//! however loaded the machine is:
+//! tagged KMS keys, 100 roles attaching ten policies each):
 //!
 //! ```text
 //! cargo build --release -p tagward-bench --example decisions
@@ -12,29 +12,84 @@
 //!
 //! Only the instructions inside `authorize` are counted; divide the total by
 //! the number of decisions it prints. `decisions N stress` runs the stress
-//! case instead (one role attaching all 1,000 policies).
+//! case instead (one role attaching all 1,000 policies). `decisions N
+//! WORLD.json REQUESTS.json` runs a `gen-world` world and its Authorize
+//! request file (the load check's workload). It prints the mean wall time
+//! per decision as well; with `THRASH=BYTES` it writes to one cache line in
+//! every 64 bytes of a buffer that size before each decision (not timed),
+//! which shows what a decision costs when the transport around it has
+//! pushed the state out of the CPU's caches, as it does in a server.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a tool: a failure stops loudly
 
 use std::hint::black_box;
+use std::time::Instant;
 
 use tagward_bench::decision_world::{requests, world, ACCOUNT};
 use tagward_core::engine::{authorize, Request};
+use tagward_core::state::State;
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10_000);
-    let stress = args.next().as_deref() == Some("stress");
-    let state = world(stress);
-    let mut reqs = requests();
-    if stress {
-        let r0 = format!("arn:aws:iam::{ACCOUNT}:role/r0");
-        reqs = reqs.into_iter().map(|r| Request { principal: r0.clone(), ..r }).collect();
-    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let n: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(10_000);
+    let stress = args.get(1).map(String::as_str) == Some("stress");
+    let (state, reqs) = match (args.get(1), args.get(2)) {
+        (Some(w), Some(r)) if !stress => generated(w, r),
+        _ => {
+            let mut reqs = requests();
+            if stress {
+                let r0 = format!("arn:aws:iam::{ACCOUNT}:role/r0");
+                reqs = reqs.into_iter().map(|r| Request { principal: r0.clone(), ..r }).collect();
+            }
+            (world(stress), reqs)
+        }
+    };
     let mut allowed = 0usize;
+    let thrash = std::env::var("THRASH").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
+    let mut junk = vec![0u8; thrash.max(1)];
+    let mut spent = std::time::Duration::ZERO;
     for i in 0..n {
+        if thrash > 0 {
+            for j in (0..junk.len()).step_by(64) { junk[j] = junk[j].wrapping_add(1); }
+        }
+        let t = Instant::now();
         let d = authorize(&state, &reqs[i % reqs.len()], false).expect("decision");
         allowed += usize::from(d.allowed());
         black_box(d);
+        spent += t.elapsed();
     }
-    println!("{n} decisions ({allowed} allowed){}", if stress { ", stress case" } else { "" });
+    black_box(&junk);
+    let per = spent.as_nanos() as f64 / n as f64;
+    println!("{n} decisions ({allowed} allowed){}, {per:.0} ns each", if stress { ", stress case" } else { "" });
+}
+
+/// A `gen-world` world file and its request file (JSON objects with
+/// `principal`, `action`, `resource`, optional `request_tags` and
+/// `tag_keys`, as ghz sends them).
+fn generated(world: &str, requests: &str) -> (State, Vec<Request>) {
+    let spec: tagward_core::world::WorldSpec =
+        tagward_core::document::read(std::path::Path::new(world)).expect("world file");
+    let state = spec.build().expect("world");
+    let text = std::fs::read_to_string(requests).expect("request file");
+    let items: Vec<serde_json::Value> = serde_json::from_str(&text).expect("request JSON");
+    let field = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string();
+    let pairs = |v: &serde_json::Value, k: &str| -> Vec<(String, String)> {
+        v.get(k)
+            .and_then(|x| x.as_array())
+            .map(|a| a.iter().map(|t| (field(t, "key"), field(t, "value"))).collect())
+            .unwrap_or_default()
+    };
+    let reqs = items
+        .iter()
+        .map(|v| Request {
+            principal: field(v, "principal"),
+            action: field(v, "action"),
+            resource: field(v, "resource"),
+            request_tags: pairs(v, "request_tags"),
+            tag_keys: v.get("tag_keys").and_then(|t| t.get("values")).and_then(|x| x.as_array()).map(|a| {
+                a.iter().filter_map(|k| k.as_str().map(str::to_string)).collect()
+            }),
+            ..Request::default()
+        })
+        .collect();
+    (state, reqs)
 }
