@@ -6,6 +6,7 @@ pub mod auth;
 pub mod client;
 pub mod codec;
 pub mod convert;
+pub mod decisions;
 pub mod dial;
 pub mod etcd;
 pub mod identity;

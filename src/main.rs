@@ -269,6 +269,11 @@ struct Limits {
     /// Most items in one BatchAuthorize.
     #[arg(long, env = "TAGWARD_MAX_BATCH", default_value_t = 1000)]
     max_batch: usize,
+    /// Bytes of remembered decisions: a request decided before against the
+    /// same snapshot is answered without deciding it again (never across a
+    /// change, never for a decision that read the time). 0 turns it off.
+    #[arg(long, env = "TAGWARD_DECISION_CACHE_BYTES", default_value_t = tagward::grpc::decisions::DEFAULT_BYTES)]
+    decision_cache_bytes: u64,
     /// Change events kept for Admin.Watch resumption.
     #[arg(long, env = "TAGWARD_WATCH_EVENTS", default_value_t = 100_000)]
     watch_events: usize,
@@ -620,6 +625,7 @@ impl TryFrom<&ServeArgs> for Config {
             min_revision_wait: Duration::from_millis(limits.min_revision_wait_ms),
             max_message_bytes: limits.max_message_bytes,
             max_batch: limits.max_batch,
+            decision_cache_bytes: limits.decision_cache_bytes,
             shutdown_grace: Duration::from_secs(limits.shutdown_grace_secs),
             decision_log: None,
             callers: match &args.identity.identity_map {

@@ -25,6 +25,7 @@ pub const RPCS: &str = "tagward_rpc_total";
 pub const DECISION_LOG_DROPPED: &str = "tagward_decision_log_dropped_total";
 pub const BUILD_INFO: &str = "tagward_build_info";
 pub const WATCH_STREAMS: &str = "tagward_watch_streams";
+pub const DECISION_CACHE: &str = "tagward_decision_cache_total";
 
 /// Every RPC the sidecar serves, as the `rpc` label names it.
 pub const RPC_NAMES: &[&str] = &[
@@ -118,6 +119,8 @@ pub struct Meters {
     rpcs: Vec<RpcMeters>,
     /// By allowed/denied and reason.
     decisions: [OnceLock<metrics::Counter>; 6],
+    /// Decision-cache lookups: hits, misses.
+    cache: [OnceLock<metrics::Counter>; 2],
 }
 
 impl Default for Meters {
@@ -134,6 +137,7 @@ impl Meters {
                 .map(|_| RpcMeters { duration: OnceLock::new(), codes: std::array::from_fn(|_| OnceLock::new()) })
                 .collect(),
             decisions: std::array::from_fn(|_| OnceLock::new()),
+            cache: std::array::from_fn(|_| OnceLock::new()),
         }
     }
 
@@ -150,6 +154,13 @@ impl Meters {
             metrics::counter!(DECISIONS, "result" => result, "reason" => d.reason.as_str())
         })
         .increment(1);
+    }
+
+    /// Counts a decision-cache lookup (only requests the cache could
+    /// answer are looked up: see `grpc::decisions`).
+    pub fn decision_cache(&self, hit: bool) {
+        let result = if hit { "hit" } else { "miss" };
+        self.cache[usize::from(!hit)].get_or_init(|| metrics::counter!(DECISION_CACHE, "result" => result)).increment(1);
     }
 
     /// Records an RPC's latency and outcome, as [`rpc`] does; `code` is the
@@ -270,6 +281,7 @@ pub fn install_exporter(addr: std::net::SocketAddr) -> Result<(), ExporterError>
         .install()
         .map_err(|error| ExporterError::Install { addr, error })?;
     metrics::describe_counter!(DECISIONS, "Authorization decisions by result and reason");
+    metrics::describe_counter!(DECISION_CACHE, "Decision-cache lookups by result (hit, miss)");
     metrics::describe_histogram!(RPC_DURATION, metrics::Unit::Seconds, "Latency of each gRPC call");
     metrics::describe_counter!(RPCS, "gRPC calls by method and status code");
     metrics::describe_counter!(ADMIN_UPDATES, "Admin updates applied and rejected");
@@ -312,6 +324,8 @@ fn register_at_zero() {
     for origin in ["tagging", "admin"] {
         metrics::counter!(TAG_CHANGES, "origin" => origin).absolute(0);
     }
+    metrics::counter!(DECISION_CACHE, "result" => "hit").absolute(0);
+    metrics::counter!(DECISION_CACHE, "result" => "miss").absolute(0);
     metrics::counter!(DECISION_LOG_DROPPED).absolute(0);
     metrics::counter!(AUDIT_FAILURES).absolute(0);
     metrics::gauge!(STORE_FAILED).set(0.0);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use tagward::grpc::proto::{self, context_value::Kind, update::Op, watch_event::Event as WatchKind};
-use tagward::grpc::server::{self, ServeError};
+use tagward::grpc::server::{self, Config, ServeError};
 use tagward::store::Store;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -1132,5 +1132,87 @@ async fn reflection_lists_exactly_what_each_listener_serves() {
     let admin_files = resolve_symbol(admin, "tagward.v1.Admin").await;
     assert!(admin_files.iter().any(|f| f == "tagward/v1/tagward.proto"), "{admin_files:?}");
     resolve_symbol(data, "tagward.v1.Authorizer").await;
+    running.shutdown().await;
+}
+
+// ------------------------------------------------------------------ decision cache
+
+/// The decision cache (on by default) never answers across a change: the
+/// same request, asked again and again, follows every tag and policy change
+/// at once, through Authorize and through BatchAuthorize items alike; and a
+/// server without the cache gives the same answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn remembered_decisions_follow_every_change() {
+    let mut answers = Vec::new();
+    for cache_bytes in [tagward::grpc::decisions::DEFAULT_BYTES, 0] {
+        let mut seen = Vec::new();
+        let running = start(Config { decision_cache_bytes: cache_bytes, ..config() }).await;
+        let Clients { mut admin, mut authz, .. } = clients(&running).await;
+        let ask = |authz: &mut AuthorizerClient<tonic::transport::Channel>| {
+            let mut authz = authz.clone();
+            async move {
+                let one = authz.authorize(authorize_req(ALPHA_APP, "kms:Decrypt", KEY_ALPHA)).await.unwrap().into_inner();
+                let batch = proto::BatchAuthorizeRequest {
+                    principal: ALPHA_APP.to_string(),
+                    items: vec![item("kms:Decrypt", KEY_ALPHA)],
+                    ..Default::default()
+                };
+                let b = authz.batch_authorize(batch).await.unwrap().into_inner();
+                assert_eq!(allowed(&one), allowed(&b.results[0]), "{one:?} {b:?}");
+                assert_eq!(one.revision, b.revision, "{one:?} {b:?}");
+                (allowed(&one), one.matched.clone(), one.missing_keys.clone())
+            }
+        };
+        for _ in 0..3 {
+            seen.push(ask(&mut authz).await);
+            assert!(seen.last().unwrap().0, "cache {cache_bytes}");
+        }
+        apply_ok(&mut admin, set_tags(KEY_ALPHA, &[("Project", "Beta"), ("Type", "General")])).await;
+        for _ in 0..3 {
+            seen.push(ask(&mut authz).await);
+            assert!(!seen.last().unwrap().0, "the tag change is seen at once (cache {cache_bytes})");
+        }
+        apply_ok(&mut admin, set_tags(KEY_ALPHA, &[("Project", "Alpha"), ("Type", "General")])).await;
+        seen.push(ask(&mut authz).await);
+        assert!(seen.last().unwrap().0, "cache {cache_bytes}");
+        let no_decrypt = r#"{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "kms:Encrypt",
+            "Resource": "arn:aws:kms:*:111122223333:key/*"}]}"#;
+        apply_ok(&mut admin, put_policy("AlphaKeys", no_decrypt)).await;
+        for _ in 0..3 {
+            seen.push(ask(&mut authz).await);
+            assert!(!seen.last().unwrap().0, "the policy change is seen at once (cache {cache_bytes})");
+        }
+        running.shutdown().await;
+        answers.push(seen);
+    }
+    assert_eq!(answers[0], answers[1], "the same answers, statements and missing keys with and without the cache");
+}
+
+/// A decision that read the time is never remembered: a policy that allows
+/// until a moment a few seconds ahead denies the same request once that
+/// moment has passed, with no change to the state in between.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_decision_that_read_the_clock_is_decided_every_time() {
+    let until = chrono::Utc::now() + chrono::Duration::seconds(3);
+    let world_json = format!(
+        r#"{{"policies": {{"Until": {{"Version": "2012-10-17", "Statement": [{{"Effect": "Allow", "Action": "kms:Decrypt",
+            "Resource": "*", "Condition": {{"DateLessThan": {{"aws:CurrentTime": "{}"}}}}}}]}}}},
+          "principals": [{{"arn": "{ALPHA_APP}", "policies": ["Until"]}}],
+          "resources": [{{"arn": "{KEY_ALPHA}"}}]}}"#,
+        until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    let running = start_with(&world_json, config()).await;
+    let Clients { mut authz, .. } = clients(&running).await;
+    let first = authz.authorize(authorize_req(ALPHA_APP, "kms:Decrypt", KEY_ALPHA)).await.unwrap().into_inner();
+    assert!(allowed(&first), "before the moment: {first:?}");
+    for _ in 0..3 {
+        assert!(allowed(&authz.authorize(authorize_req(ALPHA_APP, "kms:Decrypt", KEY_ALPHA)).await.unwrap().into_inner()));
+    }
+    while chrono::Utc::now() < until + chrono::Duration::milliseconds(500) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let later = authz.authorize(authorize_req(ALPHA_APP, "kms:Decrypt", KEY_ALPHA)).await.unwrap().into_inner();
+    assert!(!allowed(&later), "after the moment, at the same revision: {later:?}");
+    assert_eq!(later.revision, first.revision, "no change in between");
     running.shutdown().await;
 }

@@ -79,6 +79,7 @@ async fn tagging_with_peers(store: Arc<Store>, callers: Arc<Callers>) -> (Socket
         tagging: TaggingMode::On,
         evaluations: tagward::grpc::service::evaluation_slots(),
         meters: Arc::new(tagward::observe::Meters::new()),
+        decisions: None,
     };
     let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
     let addr = listener.local_addr().unwrap();

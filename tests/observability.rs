@@ -723,6 +723,11 @@ async fn metrics_move_with_traffic() {
     assert_eq!(delta("tagward_decisions_total", &[("result", "allow"), ("reason", "Allowed")]), 5.0, "{}", report());
     assert_eq!(delta("tagward_decisions_total", &[("result", "deny"), ("reason", "ImplicitDeny")]), 4.0, "{}", report());
     assert_eq!(delta("tagward_decisions_total", &[("result", "deny"), ("reason", "ExplicitDeny")]), 0.0, "{}", report());
+    // The repeated questions are answered from the decision cache: of the
+    // five Authorize calls, the second and third of each kind; of the
+    // batch, its first item (AlphaApp decrypting key A, asked before).
+    assert_eq!(delta("tagward_decision_cache_total", &[("result", "hit")]), 4.0, "{}", report());
+    assert_eq!(delta("tagward_decision_cache_total", &[("result", "miss")]), 5.0, "{}", report());
     assert_eq!(delta("tagward_rpc_total", &[("rpc", "Authorize"), ("code", "OK")]), 5.0, "{}", report());
     assert_eq!(delta("tagward_rpc_total", &[("rpc", "BatchAuthorize"), ("code", "OK")]), 1.0, "{}", report());
     assert_eq!(delta("tagward_rpc_duration_seconds_count", &[("rpc", "Authorize")]), 5.0, "{}", report());
@@ -789,6 +794,8 @@ async fn every_documented_series_exists_from_the_start() {
     zero("tagward_decisions_total", &[("result", "allow"), ("reason", "Allowed")]);
     zero("tagward_decisions_total", &[("result", "deny"), ("reason", "ExplicitDeny")]);
     zero("tagward_decisions_total", &[("result", "deny"), ("reason", "ImplicitDeny")]);
+    zero("tagward_decision_cache_total", &[("result", "hit")]);
+    zero("tagward_decision_cache_total", &[("result", "miss")]);
     for rpc in [
         "Authorize",
         "BatchAuthorize",

@@ -414,7 +414,7 @@ fn policy_name(p: &crate::engine::PolicyRef) -> String {
     }
 }
 
-pub fn decision(d: Decision, revision: u64) -> proto::AuthorizeResponse {
+pub fn decision(d: &Decision, revision: u64) -> proto::AuthorizeResponse {
     let sref = |s: &crate::engine::StatementRef| proto::StatementRef {
         policy: policy_name(&s.policy),
         index: s.index as u32,
@@ -429,6 +429,7 @@ pub fn decision(d: Decision, revision: u64) -> proto::AuthorizeResponse {
         revision,
         considered: d
             .considered
+            .as_deref()
             .unwrap_or_default()
             .iter()
             .map(|c| proto::Considered { statement: Some(sref(&c.statement)), outcome: c.outcome.to_string() })

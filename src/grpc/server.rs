@@ -53,6 +53,9 @@ pub struct Config {
     pub min_revision_wait: Duration,
     pub max_message_bytes: usize,
     pub max_batch: usize,
+    /// Bytes the decision cache may hold (0: no cache); see
+    /// `grpc::decisions`.
+    pub decision_cache_bytes: u64,
     /// How long shutdown waits for in-flight calls.
     pub shutdown_grace: Duration,
     /// Where decisions are logged, when enabled.
@@ -143,6 +146,7 @@ impl Default for Config {
             min_revision_wait: Duration::from_secs(2),
             max_message_bytes: 4 * 1024 * 1024,
             max_batch: 1000,
+            decision_cache_bytes: super::decisions::DEFAULT_BYTES,
             shutdown_grace: Duration::from_secs(10),
             decision_log: None,
             callers: Callers::trusting_local(),
@@ -281,6 +285,7 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
         evaluations: super::service::evaluation_slots(),
         // After the exporter is installed (`serve` does that first).
         meters: Arc::new(crate::observe::Meters::new()),
+        decisions: super::decisions::DecisionCache::new(config.decision_cache_bytes).map(Arc::new),
     };
     let serve_tagging = config.tagging != TaggingMode::Off;
     let (health, health_service) = tonic_health::server::health_reporter();

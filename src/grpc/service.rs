@@ -13,6 +13,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, field, warn, Instrument, Span};
 
 use super::auth::AdminCaller;
+use super::decisions::{self, DecisionCache};
 use super::identity::{describe, Callers, TaggingMode};
 use super::peer::Peer;
 use super::proto::admin_server::Admin;
@@ -20,7 +21,7 @@ use super::proto::authorizer_server::Authorizer;
 use super::proto::kms_server::Kms;
 use super::proto::tagging_server::Tagging;
 use super::{convert, invalid, kms_status, proto, request_status, revision_status, status, tag_status, update_error};
-use crate::engine::{authorize, authorize_with, ContextRules, Decision};
+use crate::engine::{authorize, authorize_noting_clock, ContextRules, Decision, RequestError};
 use crate::observe::{self, DecisionLog};
 use crate::state::State;
 use crate::store::tag_refusal;
@@ -53,6 +54,9 @@ pub struct Shared {
     pub evaluations: Arc<tokio::sync::Semaphore>,
     /// The request path's metric handles.
     pub meters: Arc<observe::Meters>,
+    /// Decisions already made against the current snapshot
+    /// (`--decision-cache-bytes`; none when 0).
+    pub decisions: Option<Arc<DecisionCache>>,
 }
 
 /// Batch evaluations at once: one fewer than the cores (at least one), so
@@ -179,16 +183,49 @@ fn decide_items(
     out: &mut Vec<proto::AuthorizeResponse>,
 ) -> Result<bool, Status> {
     let begun = Instant::now();
-    let revision = state.revision();
     while let Some((i, req)) = items.next() {
-        let d = authorize(state, &req, explain).map_err(|e| invalid(&format!("items[{i}].{}", e.field), e.reason))?;
-        decided(shared, &req, &d, revision, started);
-        out.push(convert::decision(d, revision));
+        // The items' contexts were checked against the server's rules when
+        // they were converted.
+        let response = decide(shared, state, &req, explain, &ContextRules::TRUSTED, started)
+            .map_err(|e| invalid(&format!("items[{i}].{}", e.field), e.reason))?;
+        out.push(response);
         if budget.is_some_and(|b| begun.elapsed() >= b) && items.peek().is_some() {
             return Ok(false);
         }
     }
     Ok(true)
+}
+
+/// Decides one request against `state` and builds its response: from the
+/// decision cache when this request was decided against this very
+/// snapshot before, else by the engine (and then remembered, unless the
+/// decision read the time).
+fn decide(
+    shared: &Shared,
+    state: &State,
+    req: &crate::engine::Request,
+    explain: bool,
+    rules: &ContextRules,
+    started: Instant,
+) -> Result<proto::AuthorizeResponse, RequestError> {
+    let revision = state.revision();
+    let cache = shared.decisions.as_deref().filter(|_| !explain);
+    let key = cache.and_then(|_| decisions::key(req));
+    if let (Some(cache), Some(key)) = (cache, &key) {
+        let hit = cache.get(key, revision);
+        shared.meters.decision_cache(hit.is_some());
+        if let Some(hit) = hit {
+            decided(shared, req, &hit.decision, revision, started);
+            return Ok(hit.response.clone());
+        }
+    }
+    let (decision, read_clock) = authorize_noting_clock(state, req, explain, rules)?;
+    decided(shared, req, &decision, revision, started);
+    let response = convert::decision(&decision, revision);
+    if let (Some(cache), Some(key), false) = (cache, key, read_clock) {
+        cache.put(key, revision, decision, response.clone());
+    }
+    Ok(response)
 }
 
 impl Shared {
@@ -217,10 +254,10 @@ impl Authorizer for AuthorizerService {
             let (req, min_revision, explain) = convert::authorize_request(r)?;
             let state = self.0.snapshot(min_revision).await?;
             // Validates the request once: its shape, and its context
-            // against what this server's callers may supply.
-            let decision = authorize_with(&state, &req, explain, &self.0.context_rules).map_err(request_status)?;
-            decided(&self.0, &req, &decision, state.revision(), started);
-            Ok(Response::new(convert::decision(decision, state.revision())))
+            // against what this server's callers may supply (a cached
+            // answer is to the same request, checked when it was decided).
+            let response = decide(&self.0, &state, &req, explain, &self.0.context_rules, started).map_err(request_status)?;
+            Ok(Response::new(response))
         })
         .await
     }

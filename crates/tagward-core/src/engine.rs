@@ -459,6 +459,20 @@ pub fn authorize(state: &State, req: &Request, explain: bool) -> Result<Decision
 /// Decides `req` against `state`, its context checked against `rules` (what
 /// a server's callers may supply).
 pub fn authorize_with(state: &State, req: &Request, explain: bool, rules: &ContextRules) -> Result<Decision, RequestError> {
+    authorize_noting_clock(state, req, explain, rules).map(|(d, _)| d)
+}
+
+/// As [`authorize_with`], and says whether the decision read the time
+/// (`aws:CurrentTime`, `aws:EpochTime`, given or from the clock). A decision
+/// that did not is a function of the state and the request alone: the same
+/// request against the same state gets the same answer at any moment, which
+/// is what lets a server remember it (see the sidecar's decision cache).
+pub fn authorize_noting_clock(
+    state: &State,
+    req: &Request,
+    explain: bool,
+    rules: &ContextRules,
+) -> Result<(Decision, bool), RequestError> {
     let caller = req.validate_with(rules)?;
     let principal = match caller.kind {
         CallerKind::User { .. } | CallerKind::Role { .. } => state.principal(caller.arn).map(|p| &**p),
@@ -510,7 +524,8 @@ pub fn authorize_with(state: &State, req: &Request, explain: bool, rules: &Conte
         time: OnceCell::new(),
         missing_variables: RefCell::new(SmallVec::new()),
     };
-    Ok(ev.decide(&ActionKey::new(action_lower), explain))
+    let decision = ev.decide(&ActionKey::new(action_lower), explain);
+    Ok((decision, ev.time.get().is_some()))
 }
 
 /// The alias operations, which act on the alias itself (lowercased).
