@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use quick_cache::sync::Cache;
 use quick_cache::Weighter;
+use smallvec::SmallVec;
 
 use super::proto;
 use crate::engine::{ContextValue, Decision, Request};
@@ -35,6 +36,10 @@ use crate::engine::{ContextValue, Decision, Request};
 /// The longest key kept: a request with more in it (a large context, many
 /// tags) is decided every time.
 pub const MAX_KEY_BYTES: usize = 2048;
+
+/// A request's key; most fit on the stack, so a hit allocates nothing for
+/// it.
+pub type Key = SmallVec<[u8; 512]>;
 
 /// The default budget, in bytes (about 40,000 typical entries).
 pub const DEFAULT_BYTES: u64 = 16 * 1024 * 1024;
@@ -87,14 +92,14 @@ impl DecisionCache {
 
     /// Remembers the answer to the request whose key is `key`, decided
     /// against the snapshot at `revision`, replacing an older one.
-    pub fn put(&self, key: Vec<u8>, revision: u64, decision: Decision, response: proto::AuthorizeResponse) -> Arc<Cached> {
+    pub fn put(&self, key: &[u8], revision: u64, decision: Decision, response: proto::AuthorizeResponse) -> Arc<Cached> {
         let bytes = 160
             + response.matched.iter().map(|s| 48 + s.policy.len() + s.sid.len()).sum::<usize>() as u64
             + response.missing_keys.iter().map(|k| 24 + k.len()).sum::<usize>() as u64
             + decision.matched.len() as u64 * 48
             + decision.missing_keys.len() as u64 * 16;
         let cached = Arc::new(Cached { revision, decision, response, bytes });
-        self.entries.insert(key.into_boxed_slice(), cached.clone());
+        self.entries.insert(Box::from(key), cached.clone());
         cached
     }
 
@@ -112,7 +117,7 @@ impl DecisionCache {
 /// it, each list with its count, so that no two different requests give
 /// the same bytes. None when the key would be longer than
 /// [`MAX_KEY_BYTES`] (counted before anything is copied).
-pub fn key(req: &Request) -> Option<Vec<u8>> {
+pub fn key(req: &Request) -> Option<Key> {
     let text = |s: &String| 4 + s.len();
     let pairs = |v: &[(String, String)]| 4 + v.iter().map(|(k, v)| text(k) + text(v)).sum::<usize>();
     let len = text(&req.principal)
@@ -138,13 +143,13 @@ pub fn key(req: &Request) -> Option<Vec<u8>> {
     if len > MAX_KEY_BYTES {
         return None;
     }
-    let mut out = Vec::with_capacity(len);
-    let count = |out: &mut Vec<u8>, n: usize| out.extend_from_slice(&(n as u32).to_le_bytes());
-    let put = |out: &mut Vec<u8>, s: &str| {
+    let mut out = Key::with_capacity(len);
+    let count = |out: &mut Key, n: usize| out.extend_from_slice(&(n as u32).to_le_bytes());
+    let put = |out: &mut Key, s: &str| {
         count(out, s.len());
         out.extend_from_slice(s.as_bytes());
     };
-    let put_pairs = |out: &mut Vec<u8>, v: &[(String, String)]| {
+    let put_pairs = |out: &mut Key, v: &[(String, String)]| {
         count(out, v.len());
         for (k, v) in v {
             put(out, k);
@@ -242,10 +247,10 @@ mod tests {
         let cache = DecisionCache::new(1 << 20).expect("a cache");
         let k = key(&request()).expect("a key");
         assert!(cache.get(&k, 7).is_none());
-        cache.put(k.clone(), 7, decision(Reason::Allowed), proto::AuthorizeResponse { revision: 7, ..Default::default() });
+        cache.put(&k, 7, decision(Reason::Allowed), proto::AuthorizeResponse { revision: 7, ..Default::default() });
         assert_eq!(cache.get(&k, 7).map(|c| c.decision.reason), Some(Reason::Allowed));
         assert!(cache.get(&k, 8).is_none(), "a newer snapshot is decided afresh");
-        cache.put(k.clone(), 8, decision(Reason::ImplicitDeny), proto::AuthorizeResponse::default());
+        cache.put(&k, 8, decision(Reason::ImplicitDeny), proto::AuthorizeResponse::default());
         assert_eq!(cache.get(&k, 8).map(|c| c.decision.reason), Some(Reason::ImplicitDeny));
         assert!(cache.get(&k, 7).is_none(), "replaced");
         assert_eq!(cache.len(), 1);
@@ -257,7 +262,7 @@ mod tests {
         for i in 0..10_000 {
             let req = Request { resource: format!("arn:aws:kms:us-east-1:111122223333:key/k{i}"), ..request() };
             let k = key(&req).expect("a key");
-            cache.put(k, 1, decision(Reason::Allowed), proto::AuthorizeResponse::default());
+            cache.put(&k, 1, decision(Reason::Allowed), proto::AuthorizeResponse::default());
         }
         assert!(cache.entries.weight() <= 64 * 1024, "{:?}", cache);
         assert!(cache.len() < 10_000 && !cache.is_empty(), "{:?}", cache);

@@ -223,7 +223,7 @@ fn decide(
     decided(shared, req, &decision, revision, started);
     let response = convert::decision(&decision, revision);
     if let (Some(cache), Some(key), false) = (cache, key, read_clock) {
-        cache.put(key, revision, decision, response.clone());
+        cache.put(&key, revision, decision, response.clone());
     }
     Ok(response)
 }
