@@ -527,9 +527,11 @@ pub fn authorize_with(state: &State, req: &Request, explain: bool, rules: &Conte
     let resource_parts = if std::ptr::eq(resource, req.resource.as_str()) { request_parts } else { ArnParts::split(resource) };
     let arn_account = || resource_parts.map(|p| p.account()).filter(|a| !a.is_empty());
     let resource_account = match target {
+        // As `Resource::account`: the override, else the ARN's.
         Some(Target::Resource(r)) => r.account_override.as_deref().or_else(arn_account),
         Some(Target::Principal(p)) => Some(&**p.account()),
-        None => arn_account(),
+        // As `Arn::parse`: only a well-formed ARN has an account.
+        None => resource_parts.filter(ArnParts::is_arn).map(|p| p.account()).filter(|a| !a.is_empty()),
     };
     let trust = action_lower.starts_with("sts:")
         && TRUST_ACTIONS.contains(&action_lower)
