@@ -28,14 +28,15 @@ use std::fmt;
 use std::sync::Arc;
 
 use smallvec::SmallVec;
+use smol_str::SmolStr;
 use thiserror::Error;
 
-use crate::arn::{check_resource, Arn, Caller, CallerKind};
+use crate::arn::{Arn, ArnError, Caller, CallerKind};
 use crate::chain::{is_service_linked_role, rcp_covers, Endpoint, OrgAccount, Session, TRUST_ACTIONS};
 use crate::path::FieldPath;
 use crate::policy::condition::{parse_date, ArnParts, Context, Values};
 use crate::policy::keys::KeyRef;
-use crate::policy::pattern::Resolve;
+use crate::policy::pattern::{same_bytes, Resolve};
 use crate::policy::{ActionKey, Effect, Policy, PolicyKind, PrincipalEntry, Statement};
 use crate::state::{is_kms_key, KeyManager, Principal, State, Target};
 use crate::tags::keys_equal_ignoring_case;
@@ -85,18 +86,32 @@ impl Request {
 
     /// Checks the request's shape, and its context against `rules`.
     pub fn validate_with(&self, rules: &ContextRules) -> Result<Caller<'_>, RequestError> {
+        self.checked(rules).map(|(caller, _)| caller)
+    }
+
+    /// [`Request::validate_with`], also giving the resource ARN split (the
+    /// decision reuses the split it checked: `None` for `*`).
+    fn checked(&self, rules: &ContextRules) -> Result<(Caller<'_>, Option<ArnParts<'_>>), RequestError> {
         let caller = Caller::parse(&self.principal).map_err(|e| RequestError::new("principal", e.to_string()))?;
-        let well_formed_action = self
-            .action
-            .split_once(':')
-            .is_some_and(|(svc, name)| !svc.is_empty() && !name.is_empty() && !self.action.contains(['*', '?', ' ']));
+        let action = self.action.as_bytes();
+        let well_formed_action = match action.iter().position(|&b| b == b':') {
+            Some(colon) => colon > 0 && colon + 1 < action.len() && !action.iter().any(|&b| matches!(b, b'*' | b'?' | b' ')),
+            None => false,
+        };
         if !well_formed_action {
             return Err(RequestError::new("action", format!("{:?} is not an action: expected service:Action", self.action)));
         }
-        check_resource(&self.resource).map_err(|e| RequestError::new("resource", e.to_string()))?;
+        let parts = if self.resource == "*" {
+            None
+        } else {
+            match ArnParts::split(&self.resource).filter(ArnParts::is_arn) {
+                Some(parts) => Some(parts),
+                None => return Err(RequestError::new("resource", ArnError::Malformed(self.resource.clone()).to_string())),
+            }
+        };
         check_session_tags(&caller, &self.session_tags)?;
         rules.check(&self.context)?;
-        Ok(caller)
+        Ok((caller, parts))
     }
 }
 
@@ -143,7 +158,7 @@ impl ContextRules {
         for name in names {
             match KeyRef::parse(name).map_err(AllowListError::Key)? {
                 KeyRef::Context(lower) => {
-                    out.insert(lower);
+                    out.insert(Box::from(lower.as_str()));
                 }
                 key if key.org_key_name().is_some() => {
                     out.insert(key.org_key_name().unwrap_or_default().into());
@@ -402,6 +417,28 @@ enum ActionHit {
     Unknown,
 }
 
+/// Why a statement did not apply, as [`Eval::check`] finds it: an
+/// [`Outcome`] without its names, which only explain mode builds (a
+/// decision that is not explained copies no operator or key name).
+#[derive(Debug, Clone, Copy)]
+enum Miss<'s> {
+    Action,
+    Principal,
+    Resource,
+    Condition(&'s crate::policy::condition::Condition),
+}
+
+impl Miss<'_> {
+    fn outcome(self) -> Outcome {
+        match self {
+            Miss::Action => Outcome::ActionDoesNotMatch,
+            Miss::Principal => Outcome::PrincipalDoesNotMatch,
+            Miss::Resource => Outcome::ResourceDoesNotMatch,
+            Miss::Condition(cond) => Outcome::ConditionFailed { operator: cond.operator.clone(), key: cond.key_name.clone() },
+        }
+    }
+}
+
 /// What the guards of the chain allow; `true` where a guard does not apply.
 struct Guards {
     scp: bool,
@@ -447,6 +484,22 @@ struct Eval<'a> {
     time: OnceCell<(String, String)>,
     /// Policy variables that had no value (and no default).
     missing_variables: RefCell<SmallVec<[Arc<str>; 2]>>,
+    /// Tag values this request already looked up: the same few keys come
+    /// up statement after statement (a key and a variable in each).
+    tag_memo: RefCell<SmallVec<[Remembered<'a>; TAG_MEMO]>>,
+}
+
+/// One looked-up tag: whose, its key as the condition names it, its value.
+type Remembered<'a> = (TagSide, SmolStr, Option<&'a str>);
+
+/// How many looked-up tags a request remembers; past that it looks again.
+const TAG_MEMO: usize = 4;
+
+/// Whose tag a remembered lookup was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TagSide {
+    Resource,
+    Principal,
 }
 
 /// Decides `req` against `state`. `explain` adds every statement looked at.
@@ -473,7 +526,7 @@ pub fn authorize_noting_clock(
     explain: bool,
     rules: &ContextRules,
 ) -> Result<(Decision, bool), RequestError> {
-    let caller = req.validate_with(rules)?;
+    let (caller, request_parts) = req.checked(rules)?;
     let principal = match caller.kind {
         CallerKind::User { .. } | CallerKind::Role { .. } => state.principal(caller.arn).map(|p| &**p),
         CallerKind::Session { role, .. } => state.role_by_name(caller.account, role).map(|p| &**p),
@@ -484,9 +537,15 @@ pub fn authorize_noting_clock(
     let action_lower = std::str::from_utf8(&action_buf).unwrap_or(&req.action);
     let (resource, request_alias) = resolve_alias(state, &req.resource, action_lower);
     let target = if resource == "*" { None } else { state.target(resource) };
+    // The request's split, unless an alias put another ARN in its place.
+    let resource_parts = if std::ptr::eq(resource, req.resource.as_str()) { request_parts } else { ArnParts::split(resource) };
+    let arn_account = || resource_parts.map(|p| p.account()).filter(|a| !a.is_empty());
     let resource_account = match target {
-        Some(t) => t.account(),
-        None => Arn::parse(resource).map(|a| a.account).filter(|a| !a.is_empty()),
+        // As `Resource::account`: the override, else the ARN's.
+        Some(Target::Resource(r)) => r.account_override.as_deref().or_else(arn_account),
+        Some(Target::Principal(p)) => Some(&**p.account()),
+        // As `Arn::parse`: only a well-formed ARN has an account.
+        None => resource_parts.filter(ArnParts::is_arn).map(|p| p.account()).filter(|a| !a.is_empty()),
     };
     let trust = action_lower.starts_with("sts:")
         && TRUST_ACTIONS.contains(&action_lower)
@@ -509,7 +568,7 @@ pub fn authorize_noting_clock(
         caller,
         principal,
         target,
-        resource_parts: ArnParts::split(resource),
+        resource_parts,
         resource_account,
         resource_tags_available: resource != "*" && !NO_EXISTING_RESOURCE.contains(&action_lower),
         kms_action: action_lower.starts_with("kms:"),
@@ -523,6 +582,7 @@ pub fn authorize_noting_clock(
         deny_not_principal: Cell::new(false),
         time: OnceCell::new(),
         missing_variables: RefCell::new(SmallVec::new()),
+        tag_memo: RefCell::new(SmallVec::new()),
     };
     let decision = ev.decide(&ActionKey::new(action_lower), explain);
     Ok((decision, ev.time.get().is_some()))
@@ -576,12 +636,11 @@ impl<'a> Eval<'a> {
         if let Some(p) = self.principal {
             // Managed then inline policies, one action lookup for all.
             let set = p.identity_policies();
-            for (member, covers) in set.candidates(action) {
-                let Some((name, policy, inline)) = set.policy(member.policy()) else { continue };
-                let Some(st) = policy.statements().get(member.statement()) else { continue };
+            for cand in set.candidates(action) {
+                let Some((name, _, inline)) = set.policy(cand.member.policy()) else { continue };
                 let name = || if inline { PolicyRef::Inline(name.clone()) } else { PolicyRef::Managed(name.clone()) };
-                let hit = if covers { ActionHit::Known } else { ActionHit::NotExact };
-                self.run_statement(st, policy.kind(), hit, name, action, &mut c, Layer::Core);
+                let hit = if cand.covers { ActionHit::Known } else { ActionHit::NotExact };
+                self.run_statement(cand.statement, cand.kind, hit, name, action, &mut c, Layer::Core);
             }
         }
         let is_key = match self.target {
@@ -852,8 +911,8 @@ impl<'a> Eval<'a> {
         }
         let sref = StatementRef { policy: name(), index: st.index, sid: st.sid.clone(), effect: st.effect };
         if let Some(list) = c.considered.as_mut() {
-            if let Err(outcome) = &grant {
-                list.push(Considered { statement: sref, outcome: outcome.clone() });
+            if let Err(miss) = &grant {
+                list.push(Considered { statement: sref, outcome: miss.outcome() });
                 return false;
             }
             list.push(Considered { statement: sref.clone(), outcome: Outcome::Applies });
@@ -869,21 +928,21 @@ impl<'a> Eval<'a> {
     }
 
     /// Does the statement apply? `Ok` with how the principal matched.
-    fn check(
+    fn check<'s>(
         &self,
-        st: &Statement,
+        st: &'s Statement,
         kind: PolicyKind,
         hit: ActionHit,
         action: &ActionKey<'_>,
         c: &mut Collector,
-    ) -> Result<Grant, Outcome> {
+    ) -> Result<Grant, Miss<'s>> {
         let covers = match hit {
             ActionHit::Known => true,
             ActionHit::NotExact => st.covers_action_by_wildcards(action.lower),
             ActionHit::Unknown => st.covers_action(action.lower),
         };
         if !covers {
-            return Err(Outcome::ActionDoesNotMatch);
+            return Err(Miss::Action);
         }
         let grant = match (&st.principal, kind) {
             (Some(p), PolicyKind::Key | PolicyKind::Resource) => {
@@ -891,11 +950,11 @@ impl<'a> Eval<'a> {
                     let always = st.effect == Effect::Deny && self.deny_not_principal.get();
                     let listed = !always && p.entries.iter().any(|e| self.lists(e));
                     if listed {
-                        return Err(Outcome::PrincipalDoesNotMatch);
+                        return Err(Miss::Principal);
                     }
                     Grant::Direct
                 } else {
-                    p.entries.iter().filter_map(|e| self.grant(e)).max().ok_or(Outcome::PrincipalDoesNotMatch)?
+                    p.entries.iter().filter_map(|e| self.grant(e)).max().ok_or(Miss::Principal)?
                 }
             }
             _ => Grant::Direct,
@@ -903,7 +962,7 @@ impl<'a> Eval<'a> {
         let resource_hit =
             st.resources.patterns.iter().any(|p| p.matches_split(self.resource_parts.as_ref(), self)) != st.resources.negated;
         if !resource_hit {
-            return Err(Outcome::ResourceDoesNotMatch);
+            return Err(Miss::Resource);
         }
         for cond in &st.conditions {
             let out = cond.evaluate(self);
@@ -911,7 +970,7 @@ impl<'a> Eval<'a> {
                 c.missing.push(cond.key_name.clone());
             }
             if !out.holds {
-                return Err(Outcome::ConditionFailed { operator: cond.operator.clone(), key: cond.key_name.clone() });
+                return Err(Miss::Condition(cond));
             }
         }
         Ok(grant)
@@ -991,16 +1050,14 @@ impl Context for Eval<'_> {
                 if !self.resource_tags_available || self.in_key_policy.get() {
                     return Values::Missing;
                 }
-                one(self.target.and_then(|t| t.tags().lookup(k)))
+                one(self.remembered(TagSide::Resource, k, || self.target.and_then(|t| t.tags().lookup(k))))
             }
             KeyRef::RequestTag(k) => one(lookup_unsorted(&self.req.request_tags, k)),
-            KeyRef::PrincipalTag(k) => match lookup_unsorted(&self.req.session_tags, k) {
-                Some(v) => Values::One(Cow::Borrowed(v)),
-                None => match self.session.and_then(|s| s.tags.lookup(k)) {
-                    Some(v) => Values::One(Cow::Borrowed(v)),
-                    None => one(self.principal.and_then(|p| p.tags.lookup(k))),
-                },
-            },
+            KeyRef::PrincipalTag(k) => one(self.remembered(TagSide::Principal, k, || {
+                lookup_unsorted(&self.req.session_tags, k)
+                    .or_else(|| self.session.and_then(|s| s.tags.lookup(k)))
+                    .or_else(|| self.principal.and_then(|p| p.tags.lookup(k)))
+            })),
             KeyRef::TagKeys => match &self.req.tag_keys {
                 Some(list) => Values::Many(list),
                 None => Values::Missing,
@@ -1067,7 +1124,22 @@ impl Context for Eval<'_> {
     }
 }
 
-impl Eval<'_> {
+impl<'a> Eval<'a> {
+    /// A tag's value, looked up once per request and side.
+    fn remembered(&self, side: TagSide, key: &SmolStr, find: impl FnOnce() -> Option<&'a str>) -> Option<&'a str> {
+        let hit =
+            self.tag_memo.borrow().iter().find(|(s, k, _)| *s == side && same_bytes(k.as_bytes(), key.as_bytes())).map(|e| e.2);
+        if let Some(found) = hit {
+            return found;
+        }
+        let found = find();
+        let mut memo = self.tag_memo.borrow_mut();
+        if memo.len() < TAG_MEMO {
+            memo.push((side, key.clone(), found));
+        }
+        found
+    }
+
     /// A key from the request's context, by its lowercased name.
     fn context(&self, key: &KeyRef) -> Values<'_> {
         let name = match key {

@@ -104,7 +104,8 @@ pub struct Actions {
 #[derive(Debug, Clone)]
 pub struct Resources {
     pub negated: bool,
-    pub patterns: Vec<ArnPattern>,
+    /// One pattern (the usual case) is held in the statement itself.
+    pub patterns: SmallVec<[ArnPattern; 1]>,
 }
 
 /// A compiled statement.
@@ -219,7 +220,9 @@ pub struct Policy {
     kind: PolicyKind,
     version: Version,
     id: Option<String>,
-    statements: Vec<Statement>,
+    /// Shared with the [`PolicySet`]s that index them, which hold each
+    /// statement directly.
+    statements: Vec<Arc<Statement>>,
     index: ActionIndex,
     /// The document as it was given, for export.
     pub source: Arc<Value>,
@@ -291,7 +294,7 @@ impl Policy {
                     return Err(PolicyError::at(&path.then("Sid"), format!("{sid:?} is already the Sid of {first}")));
                 }
             }
-            statements.push(statement);
+            statements.push(Arc::new(statement));
         }
         let index = build_index(&statements);
         Ok(Policy { kind, version, id, statements, index, source: Arc::new(doc.clone()) })
@@ -311,7 +314,7 @@ impl Policy {
     }
 
     /// The statements, in document order (indices match [`Policy::candidates`]).
-    pub fn statements(&self) -> &[Statement] {
+    pub fn statements(&self) -> &[Arc<Statement>] {
         &self.statements
     }
 
@@ -329,7 +332,7 @@ impl Policy {
     }
 }
 
-fn build_index(statements: &[Statement]) -> ActionIndex {
+fn build_index(statements: &[Arc<Statement>]) -> ActionIndex {
     let mut index = ActionIndex::default();
     file_statements(statements, |bucket, i| match bucket {
         Bucket::Exact(action) => insert(&mut index.exact, action, i),
@@ -370,7 +373,7 @@ enum Bucket<'a> {
 
 /// Calls `file` for every place a statement goes in an action index, in
 /// statement order.
-fn file_statements(statements: &[Statement], mut file: impl FnMut(Bucket<'_>, u32)) {
+fn file_statements(statements: &[Arc<Statement>], mut file: impl FnMut(Bucket<'_>, u32)) {
     for (i, st) in statements.iter().enumerate() {
         let i = i as u32;
         if st.actions.negated {
@@ -409,8 +412,18 @@ impl Member {
     }
 }
 
+/// A statement in a [`PolicySet`]'s lists: where it is, the statement
+/// itself and its policy's kind, so that a decision reads neither the
+/// policy nor its statement list to reach it.
+#[derive(Debug, Clone)]
+struct Entry {
+    member: Member,
+    statement: Arc<Statement>,
+    kind: PolicyKind,
+}
+
 /// One list of a [`PolicySet`]'s action tables.
-type SetSlot = (Box<str>, Vec<Member>);
+type SetSlot = (Box<str>, Vec<Entry>);
 
 /// A principal's identity policies (its managed policies that exist, then
 /// its inline ones, each with its name) indexed by action as one: a request
@@ -430,19 +443,19 @@ pub struct PolicySet {
     inline_from: usize,
     exact: HashTable<SetSlot>,
     by_service: HashTable<SetSlot>,
-    always: Vec<Member>,
+    always: Vec<Entry>,
 }
 
-fn set_insert(table: &mut HashTable<SetSlot>, key: &str, member: Member) {
+fn set_insert(table: &mut HashTable<SetSlot>, key: &str, entry: Entry) {
     let hash = action_hash(key);
     match table.find_mut(hash, |(k, _)| &**k == key) {
         Some((_, list)) => {
-            if list.last() != Some(&member) {
-                list.push(member);
+            if list.last().map(|e| e.member) != Some(entry.member) {
+                list.push(entry);
             }
         }
         None => {
-            table.insert_unique(hash, (key.into(), vec![member]), |(k, _)| action_hash(k));
+            table.insert_unique(hash, (key.into(), vec![entry]), |(k, _)| action_hash(k));
         }
     }
 }
@@ -456,12 +469,14 @@ impl PolicySet {
         for (n, (_, policy)) in policies.iter().enumerate() {
             file_statements(&policy.statements, |bucket, i| {
                 let member = Member::new(n, i);
+                let Some(statement) = policy.statements.get(i as usize) else { return };
+                let entry = Entry { member, statement: statement.clone(), kind: policy.kind };
                 match bucket {
-                    Bucket::Exact(action) => set_insert(&mut exact, action, member),
-                    Bucket::Service(svc) => set_insert(&mut by_service, svc, member),
+                    Bucket::Exact(action) => set_insert(&mut exact, action, entry),
+                    Bucket::Service(svc) => set_insert(&mut by_service, svc, entry),
                     Bucket::Always => {
-                        if always.last() != Some(&member) {
-                            always.push(member);
+                        if always.last().map(|e: &Entry| e.member) != Some(member) {
+                            always.push(entry);
                         }
                     }
                 }
@@ -490,35 +505,47 @@ impl PolicySet {
 /// The merge of a [`PolicySet`]'s three lists for one action.
 #[derive(Debug, Clone)]
 pub struct Candidates<'a> {
-    exact: &'a [Member],
-    service: &'a [Member],
-    always: &'a [Member],
+    exact: &'a [Entry],
+    service: &'a [Entry],
+    always: &'a [Entry],
 }
 
-impl Iterator for Candidates<'_> {
-    /// The statement, and whether it is known to cover the action.
-    type Item = (Member, bool);
+/// One statement [`PolicySet::candidates`] yields.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate<'a> {
+    pub member: Member,
+    pub statement: &'a Statement,
+    /// The kind of the statement's policy.
+    pub kind: PolicyKind,
+    /// The statement names the action exactly, so it covers it.
+    pub covers: bool,
+}
+
+impl<'a> Iterator for Candidates<'a> {
+    type Item = Candidate<'a>;
 
     #[inline]
-    fn next(&mut self) -> Option<(Member, bool)> {
+    fn next(&mut self) -> Option<Candidate<'a>> {
         const END: Member = Member(u64::MAX);
-        let head = |list: &[Member]| list.first().copied().unwrap_or(END);
+        let head = |list: &[Entry]| list.first().map_or(END, |e| e.member);
         let (e, s, a) = (head(self.exact), head(self.service), head(self.always));
         let next = e.min(s).min(a);
         if next == END {
             return None;
         }
         let covers = e == next;
-        if covers {
-            self.exact = &self.exact[1..];
+        // The entry itself, from whichever list holds it first.
+        let mut found = None;
+        for list in [&mut self.exact, &mut self.service, &mut self.always] {
+            if let Some((first, rest)) = list.split_first() {
+                if first.member == next {
+                    found = found.or(Some(first));
+                    *list = rest;
+                }
+            }
         }
-        if s == next {
-            self.service = &self.service[1..];
-        }
-        if a == next {
-            self.always = &self.always[1..];
-        }
-        Some((next, covers))
+        let entry = found?;
+        Some(Candidate { member: next, statement: &entry.statement, kind: entry.kind, covers })
     }
 }
 
@@ -639,7 +666,7 @@ fn compile_actions(path: &FieldPath, value: &Value) -> Result<Vec<Pattern>, Poli
         .collect()
 }
 
-fn compile_resources(path: &FieldPath, value: &Value, variables: bool) -> Result<Vec<ArnPattern>, PolicyError> {
+fn compile_resources(path: &FieldPath, value: &Value, variables: bool) -> Result<SmallVec<[ArnPattern; 1]>, PolicyError> {
     strings(path, value)?
         .into_iter()
         .map(|(p, s)| {
@@ -883,7 +910,7 @@ mod tests {
                 .enumerate()
                 .flat_map(|(n, (_, p))| p.candidates(&key).iter().map(move |&i| (n, i as usize)))
                 .collect();
-            let merged: Vec<(Member, bool)> = set.candidates(&key).collect();
+            let merged: Vec<(Member, bool)> = set.candidates(&key).map(|c| (c.member, c.covers)).collect();
             assert_eq!(merged.iter().map(|(m, _)| (m.policy(), m.statement())).collect::<Vec<_>>(), one_by_one, "{action}");
             for (m, covers) in merged {
                 let st = &named[m.policy()].1.statements()[m.statement()];
@@ -891,7 +918,7 @@ mod tests {
             }
         }
         let kms: Vec<(usize, usize, bool)> =
-            set.candidates(&ActionKey::new("kms:decrypt")).map(|(m, c)| (m.policy(), m.statement(), c)).collect();
+            set.candidates(&ActionKey::new("kms:decrypt")).map(|c| (c.member.policy(), c.member.statement(), c.covers)).collect();
         assert_eq!(kms, [(0, 0, true), (0, 1, false), (0, 2, true), (1, 0, false), (1, 2, false), (2, 0, false)]);
     }
 

@@ -19,11 +19,12 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use ipnet::IpNet;
+use smallvec::SmallVec;
 
 use thiserror::Error;
 
 use super::keys::{KeyError, KeyRef};
-use super::pattern::{Pattern, PatternError, Resolve, Syntax};
+use super::pattern::{same_bytes, Literal, Pattern, PatternError, Resolve, Syntax};
 use crate::arn::Arn;
 
 /// The values a request holds for a condition key.
@@ -71,8 +72,9 @@ impl Cmp {
 #[derive(Debug, Clone)]
 enum Operand {
     /// `String*`: patterns (wildcards for `Like`, variables in 2012-10-17,
-    /// case folded for `IgnoreCase`).
-    Str(Vec<Pattern>),
+    /// case folded for `IgnoreCase`); one value (the usual case) is held in
+    /// the condition itself.
+    Str(SmallVec<[Pattern; 1]>),
     Num {
         values: Vec<f64>,
         cmp: Cmp,
@@ -342,7 +344,7 @@ impl Condition {
         let operand = match spec.family {
             Family::String => {
                 let syntax = Syntax { wildcards: spec.like, variables, fold_case: spec.ignore_case };
-                Operand::Str(values.iter().map(|v| Pattern::compile(v, syntax)).collect::<Result<Vec<_>, _>>()?)
+                Operand::Str(values.iter().map(|v| Pattern::compile(v, syntax)).collect::<Result<SmallVec<_>, _>>()?)
             }
             Family::Numeric => Operand::Num { values: parse_all(values, parse_number, ConditionError::NotANumber)?, cmp },
             Family::Date => Operand::Date { millis: parse_all(values, parse_date, ConditionError::NotADate)?, cmp },
@@ -462,7 +464,77 @@ pub enum ArnPatternError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ArnPattern {
     Any,
+    /// Six parts that are each `*`, a literal or a literal then `*` (most
+    /// `Resource` patterns): matched in one pass over one text, with no
+    /// pattern of its own per part.
+    Flat(FlatArn),
     Parts(Box<[Pattern; 5]>, Pattern),
+}
+
+/// The literals of an [`ArnPattern::Flat`] one after the other, and where
+/// each part's ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlatArn {
+    text: Box<str>,
+    parts: [Span; 6],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    /// Where the part's literal ends in [`FlatArn::text`] (it starts where
+    /// the previous part's ends).
+    end: u16,
+    kind: SpanKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SpanKind {
+    Any,
+    Exact,
+    Prefix,
+}
+
+impl FlatArn {
+    /// The flat form of six compiled parts, when every one is plain text.
+    fn new(parts: [&Pattern; 6]) -> Option<FlatArn> {
+        let mut text = String::new();
+        let mut spans = [Span { end: 0, kind: SpanKind::Any }; 6];
+        for (span, part) in spans.iter_mut().zip(parts) {
+            let kind = match part.literal()? {
+                Literal::Any => SpanKind::Any,
+                Literal::Exact(lit) => {
+                    text.push_str(lit);
+                    SpanKind::Exact
+                }
+                Literal::Prefix(lit) => {
+                    text.push_str(lit);
+                    SpanKind::Prefix
+                }
+            };
+            *span = Span { end: u16::try_from(text.len()).ok()?, kind };
+        }
+        Some(FlatArn { text: text.into(), parts: spans })
+    }
+
+    fn matches(&self, arn: &ArnParts<'_>) -> bool {
+        let text = self.text.as_bytes();
+        let mut start = 0usize;
+        for (i, span) in self.parts.iter().enumerate() {
+            let end = usize::from(span.end);
+            let part = arn.head.get(i).copied().unwrap_or(arn.resource).as_bytes();
+            let Some(lit) = text.get(start..end) else { return false };
+            start = end;
+            let ok = match span.kind {
+                SpanKind::Any => true,
+                SpanKind::Exact => same_bytes(lit, part),
+                SpanKind::Prefix => part.get(..lit.len()).is_some_and(|head| same_bytes(lit, head)),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        true
+    }
 }
 
 impl ArnPattern {
@@ -485,6 +557,10 @@ impl ArnPattern {
             Pattern::compile(parts[4], syntax(vars_elsewhere))?,
         ];
         let resource = Pattern::compile(parts[5], syntax(vars_in_resource))?;
+        let [a, b, c, d, e] = &head;
+        if let Some(flat) = FlatArn::new([a, b, c, d, e, &resource]) {
+            return Ok(ArnPattern::Flat(flat));
+        }
         Ok(ArnPattern::Parts(Box::new(head), resource))
     }
 
@@ -495,10 +571,12 @@ impl ArnPattern {
 
     /// Matches an ARN split once for many patterns; `None` for text that
     /// is not an ARN (such as `*`), which only the pattern `*` matches.
+    #[inline]
     pub fn matches_split(&self, arn: Option<&ArnParts<'_>>, values: &dyn Resolve) -> bool {
         match (self, arn) {
             (ArnPattern::Any, _) => true,
-            (ArnPattern::Parts(..), None) => false,
+            (_, None) => false,
+            (ArnPattern::Flat(flat), Some(arn)) => flat.matches(arn),
             (ArnPattern::Parts(head, resource), Some(arn)) => {
                 head.iter().zip(arn.head.iter()).all(|(p, part)| p.matches(part, values))
                     && resource.matches(arn.resource, values)
@@ -518,6 +596,17 @@ impl<'a> ArnParts<'a> {
     pub fn split(text: &'a str) -> Option<ArnParts<'a>> {
         let (head, resource) = crate::arn::split_arn(text)?;
         Some(ArnParts { head, resource })
+    }
+
+    /// Whether the split text is an ARN as [`Arn::parse`] takes it.
+    pub fn is_arn(&self) -> bool {
+        let [arn, partition, service, _, _] = self.head;
+        arn == "arn" && !partition.is_empty() && !service.is_empty() && !self.resource.is_empty()
+    }
+
+    /// The account part.
+    pub fn account(&self) -> &'a str {
+        self.head[4]
     }
 }
 
@@ -747,6 +836,50 @@ mod tests {
         assert!(holds("ArnNotLike", "aws:SourceArn", &["arn:aws:sqs:*:*:*"], &arn));
         let not_arn = one("aws:SourceArn", "not-an-arn");
         assert!(!holds("ArnNotLike", "aws:SourceArn", &["arn:aws:sqs:*:*:*"], &not_arn));
+    }
+
+    #[test]
+    fn flat_arn_patterns_match_as_their_parts_do() {
+        let syntax = Syntax { wildcards: true, variables: true, fold_case: false };
+        let patterns = [
+            "arn:aws:kms:*:111122223333:key/*",
+            "arn:aws:kms:us-east-1:111122223333:key/k1",
+            "arn:aws:s3:::bucket*",
+            "arn:aws*:iam::*:role/*",
+            "arn:aws:kms:*:*:*",
+            "arn:aws:sqs:eu-west-1:111122223333:queue",
+            "arn:${*}:kms:*:1:k",
+        ];
+        let arns = [
+            "arn:aws:kms:us-east-1:111122223333:key/k1",
+            "arn:aws:kms:us-east-1:111122223333:key/",
+            "arn:aws:kms:us-east-1:111122223333:alias/a",
+            "arn:aws:kms:us-east-1:111122223334:key/k1",
+            "arn:aws:s3:::bucket",
+            "arn:aws:s3:::bucket-2/object:with:colons",
+            "arn:aws-cn:iam::111122223333:role/r",
+            "arn:aws:iam::111122223333:role",
+            "arn:aws:sqs:eu-west-1:111122223333:queue",
+            "arn:aws:sqs:eu-west-1:111122223333:queu",
+            "arn:*:kms:x:1:k",
+            "arn:aws:kms:x:1:k",
+            "arn:é:kms:x:1:k",
+        ];
+        for source in patterns {
+            let compiled = ArnPattern::compile(source, true, true).unwrap();
+            assert!(matches!(compiled, ArnPattern::Flat(_)), "{source} is plain text in every part");
+            let parts = split_arn_parts(source);
+            let each: Vec<Pattern> = parts.iter().map(|p| Pattern::compile(p, syntax).unwrap()).collect();
+            for arn in arns {
+                let split = ArnParts::split(arn).unwrap();
+                let by_parts = each[..5].iter().zip(split.head.iter()).all(|(p, part)| p.matches(part, &none()))
+                    && each[5].matches(split.resource, &none());
+                assert_eq!(compiled.matches(arn, &none()), by_parts, "{source} against {arn}");
+            }
+        }
+        let with_variable = ArnPattern::compile("arn:aws:s3:::${aws:username}/*", true, true).unwrap();
+        assert!(matches!(with_variable, ArnPattern::Parts(..)), "a variable keeps the part-by-part form");
+        assert!(matches!(ArnPattern::compile("arn:aws:s3:::b?cket", false, false).unwrap(), ArnPattern::Parts(..)));
     }
 
     #[test]

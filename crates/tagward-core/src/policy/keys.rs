@@ -6,14 +6,15 @@
 //! the case it was written in, since the tag lookup itself prefers an exact
 //! match before falling back to a case-insensitive one.
 
+use smol_str::SmolStr;
 use thiserror::Error;
 
 /// A condition key as the engine knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum KeyRef {
-    ResourceTag(Box<str>),
-    RequestTag(Box<str>),
-    PrincipalTag(Box<str>),
+    ResourceTag(SmolStr),
+    RequestTag(SmolStr),
+    PrincipalTag(SmolStr),
     TagKeys,
     PrincipalArn,
     PrincipalAccount,
@@ -39,7 +40,7 @@ pub enum KeyRef {
     /// `kms:ResourceAliases`: the key's aliases (multivalued).
     ResourceAliases,
     /// Any other key: supplied by the request's context. Stored lowercased.
-    Context(Box<str>),
+    Context(SmolStr),
 }
 
 /// Why a key name was refused.
@@ -63,7 +64,7 @@ impl KeyRef {
             return Err(KeyError::WhiteSpace(name.to_string()));
         }
         for (prefix, make) in [
-            ("aws:resourcetag/", KeyRef::ResourceTag as fn(Box<str>) -> KeyRef),
+            ("aws:resourcetag/", KeyRef::ResourceTag as fn(SmolStr) -> KeyRef),
             ("aws:requesttag/", KeyRef::RequestTag),
             ("aws:principaltag/", KeyRef::PrincipalTag),
         ] {

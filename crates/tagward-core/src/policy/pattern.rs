@@ -10,6 +10,7 @@
 use std::borrow::Cow;
 
 use smallvec::SmallVec;
+use smol_str::SmolStr;
 use thiserror::Error;
 
 use super::keys::{KeyError, KeyRef};
@@ -62,7 +63,8 @@ enum Tok {
     Lit(u32, u32),
     Star,
     One,
-    Var(Box<Variable>),
+    /// Held in place: a one-variable pattern reads its key from here.
+    Var(Variable),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -89,10 +91,23 @@ enum Shape {
     Variables,
 }
 
+/// A pattern that is plain text (see [`Pattern::literal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Literal<'a> {
+    /// `*`: anything.
+    Any,
+    /// Exactly this text.
+    Exact(&'a str),
+    /// This text, then anything.
+    Prefix(&'a str),
+}
+
 /// A compiled pattern.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pattern {
-    text: Box<str>,
+    /// Inline when short (most are: actions, account ids, tag values), so
+    /// matching reads no other allocation.
+    text: SmolStr,
     toks: Box<[Tok]>,
     shape: Shape,
     fold: bool,
@@ -130,7 +145,7 @@ impl Pattern {
                         let literal = inner.chars().next().unwrap_or('$');
                         push_char(&mut text, &mut toks, literal);
                     }
-                    _ => toks.push(Tok::Var(Box::new(parse_variable(inner, source)?))),
+                    _ => toks.push(Tok::Var(parse_variable(inner, source)?)),
                 }
                 continue;
             }
@@ -153,7 +168,7 @@ impl Pattern {
                 _ => Shape::General,
             }
         };
-        Ok(Pattern { text: text.into(), toks: toks.into(), shape, fold: syntax.fold_case })
+        Ok(Pattern { text: SmolStr::from(text), toks: toks.into(), shape, fold: syntax.fold_case })
     }
 
     /// True when the pattern is `*` alone.
@@ -171,6 +186,21 @@ impl Pattern {
     pub fn service_prefix(&self) -> Option<&str> {
         match self.toks.first() {
             Some(Tok::Lit(s, e)) => self.text[*s as usize..*e as usize].split_once(':').map(|(svc, _)| svc),
+            _ => None,
+        }
+    }
+
+    /// The pattern as plain text, when it is `*`, a literal, or a literal
+    /// then one trailing `*`, case-sensitive and without variables: what a
+    /// caller may store flat and match with [`same_bytes`] alone.
+    pub fn literal(&self) -> Option<Literal<'_>> {
+        if self.fold {
+            return None;
+        }
+        match self.shape {
+            Shape::Any => Some(Literal::Any),
+            Shape::Exact => Some(Literal::Exact(&self.text)),
+            Shape::Prefix => Some(Literal::Prefix(&self.text)),
             _ => None,
         }
     }
