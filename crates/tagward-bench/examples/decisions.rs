@@ -49,7 +49,9 @@ fn main() {
     let mut spent = std::time::Duration::ZERO;
     for i in 0..n {
         if thrash > 0 {
-            for j in (0..junk.len()).step_by(64) { junk[j] = junk[j].wrapping_add(1); }
+            for j in (0..junk.len()).step_by(64) {
+                junk[j] = junk[j].wrapping_add(1);
+            }
         }
         let t = Instant::now();
         let d = authorize(&state, &reqs[i % reqs.len()], false).expect("decision");
@@ -66,8 +68,7 @@ fn main() {
 /// `principal`, `action`, `resource`, optional `request_tags` and
 /// `tag_keys`, as ghz sends them).
 fn generated(world: &str, requests: &str) -> (State, Vec<Request>) {
-    let spec: tagward_core::world::WorldSpec =
-        tagward_core::document::read(std::path::Path::new(world)).expect("world file");
+    let spec: tagward_core::world::WorldSpec = tagward_core::document::read(std::path::Path::new(world)).expect("world file");
     let state = spec.build().expect("world");
     let text = std::fs::read_to_string(requests).expect("request file");
     let items: Vec<serde_json::Value> = serde_json::from_str(&text).expect("request JSON");
@@ -85,9 +86,11 @@ fn generated(world: &str, requests: &str) -> (State, Vec<Request>) {
             action: field(v, "action"),
             resource: field(v, "resource"),
             request_tags: pairs(v, "request_tags"),
-            tag_keys: v.get("tag_keys").and_then(|t| t.get("values")).and_then(|x| x.as_array()).map(|a| {
-                a.iter().filter_map(|k| k.as_str().map(str::to_string)).collect()
-            }),
+            tag_keys: v
+                .get("tag_keys")
+                .and_then(|t| t.get("values"))
+                .and_then(|x| x.as_array())
+                .map(|a| a.iter().filter_map(|k| k.as_str().map(str::to_string)).collect()),
             ..Request::default()
         })
         .collect();
