@@ -21,6 +21,15 @@ use tagward::store::{write_snapshot, Durability, Store, Ticket, Update};
 use tagward::world::WorldSpec;
 use tagward_bench::gen::GenSpec;
 
+/// The sidecar's allocator (src/main.rs), with the same `.cargo/config.toml`
+/// settings, so that the figures are the sidecar's. Built with
+/// `--features system-alloc`, the bench uses the system allocator instead.
+#[cfg(not(feature = "system-alloc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+const ALLOCATOR_NAME: &str = if cfg!(feature = "system-alloc") { "system allocator" } else { "jemalloc" };
+
 const KEYS: usize = 1_000;
 
 fn world(resources: usize, tags: usize) -> WorldSpec {
@@ -88,7 +97,7 @@ fn main() {
     let scale = if full { 1 } else { 20 };
     let options = Durability { compact_after_bytes: u64::MAX, event_capacity: 1024 };
 
-    println!("== update throughput ({} keys, SetTags of one tag)", KEYS);
+    println!("== update throughput ({} keys, SetTags of one tag; {ALLOCATOR_NAME})", KEYS);
     let seed = world(KEYS, 2);
     let memory = Arc::new(Store::new(seed.build().expect("state"), 1024));
     let dir = temp_dir("throughput");
@@ -110,7 +119,7 @@ fn main() {
 
     // The world of the memory bench: 1,000 policies, 100 roles, N keys x 10 tags.
     let spec = GenSpec { keys: resources, other_resources: 0, tags: 10, principals: 100, policies: 1_000, ..GenSpec::default() };
-    println!("== restore: {resources} keys x 10 tags, 1,000 policies, 100 roles");
+    println!("== restore: {resources} keys x 10 tags, 1,000 policies, 100 roles ({ALLOCATOR_NAME})");
     let build = Instant::now();
     let state: State = spec.build_state().expect("state");
     println!("build the state in memory: {:.2?}", build.elapsed());

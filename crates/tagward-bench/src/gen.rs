@@ -410,8 +410,10 @@ impl GenSpec {
     /// with this content would give, without its text in memory).
     pub fn build_state(&self) -> Result<State, WorldError> {
         let mut state = State::default();
-        self.add_policies(&mut state)?;
-        self.add_resources(&mut state)?;
+        state.bulk(|state| {
+            self.add_policies(state)?;
+            self.add_resources(state)
+        })?;
         Ok(state)
     }
 

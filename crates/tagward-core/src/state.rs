@@ -22,6 +22,9 @@ use crate::kms::{alias_arn, Grant, KeyExtras};
 use crate::policy::{Policy, PolicySet};
 use crate::tags::{TagSet, TagSetError};
 
+mod arn_set;
+use arn_set::ArnSet;
+
 /// An IAM user or role, with its tags and identity policies.
 ///
 /// The ARN and what is read from it (account, user or role, name) are fixed
@@ -371,9 +374,13 @@ pub struct State {
     /// Tag key (exact case) to tag value to the ARNs carrying that tag, for
     /// `GetResources`. INVARIANT: holds exactly the tags of every resource
     /// and principal.
-    tag_index: Map<Map<imbl::OrdSet<IndexedArn>>>,
+    tag_index: Map<Map<ArnSet>>,
     /// Tags on all resources and principals.
     tag_count: usize,
+    /// The tag index is left empty while a state is built from nothing and
+    /// is built once at the end ([`State::bulk`]). INVARIANT: when set, no
+    /// change has replaced or removed a tagged entity since it was set.
+    index_deferred: bool,
     /// The organization (SCPs, RCPs), if any.
     organization: Option<Arc<Organization>>,
     /// Declared assumed-role sessions, by session ARN.
@@ -579,7 +586,70 @@ impl State {
         self.revision = previous + 1;
     }
 
+    /// Runs `build` on this state; when the state holds no resource and no
+    /// principal yet (a world or a snapshot built from nothing), the tag
+    /// index is built once at the end instead of one entry at a time: each
+    /// value's ARNs are gathered in ARN order and filled into whole chunks.
+    /// The index is complete when this returns, whatever `build` returned.
+    pub fn bulk<T>(&mut self, build: impl FnOnce(&mut State) -> T) -> T {
+        self.defer_tag_index();
+        let out = build(self);
+        self.complete_tag_index();
+        out
+    }
+
+    /// Leaves the tag index empty until [`State::complete_tag_index`], when
+    /// the state holds no resource and no principal (else nothing).
+    pub fn defer_tag_index(&mut self) {
+        if self.resources.is_empty() && self.principals.is_empty() {
+            self.index_deferred = true;
+        }
+    }
+
+    /// Builds the tag index deferred by [`State::defer_tag_index`] (nothing
+    /// when none is).
+    pub fn complete_tag_index(&mut self) {
+        if !std::mem::take(&mut self.index_deferred) {
+            return;
+        }
+        let mut tagged: Vec<(&Arc<str>, &TagSet)> = self
+            .resources
+            .values()
+            .map(|r| (&r.arn, &r.tags))
+            .chain(self.principals.values().map(|p| (&p.arn, &p.tags)))
+            .filter(|(_, tags)| !tags.is_empty())
+            .collect();
+        tagged.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        // Walking the ARNs in order gives every value's ARNs in order.
+        let mut runs: std::collections::HashMap<(&str, &str), Vec<IndexedArn>, foldhash::fast::RandomState> =
+            std::collections::HashMap::default();
+        for (arn, tags) in &tagged {
+            let handle = IndexedArn(Arc::new(Arc::clone(arn)));
+            for pair in tags.iter() {
+                runs.entry(pair).or_default().push(handle.clone());
+            }
+        }
+        let mut index: Map<Map<ArnSet>> = Map::default();
+        for ((k, v), arns) in runs {
+            let values = match index.get_mut(k) {
+                Some(values) => values,
+                None => index.entry(Arc::from(k)).or_default(),
+            };
+            values.insert(Arc::from(v), ArnSet::from_sorted(arns));
+        }
+        self.tag_index = index;
+    }
+
     fn index_tags(&mut self, arn: &Arc<str>, old: Option<&TagSet>, new: Option<&TagSet>) {
+        if self.index_deferred {
+            if old.is_none() {
+                self.tag_count += new.map_or(0, TagSet::len);
+                return;
+            }
+            // A replacement or removal during a bulk build (a snapshot
+            // never holds one): the index is completed first.
+            self.complete_tag_index();
+        }
         if let Some(old) = old {
             for (k, v) in old.iter() {
                 if new.is_some_and(|n| n.get(k) == Some(v)) {
@@ -588,7 +658,7 @@ impl State {
                 self.tag_count -= 1;
                 if let Some(values) = self.tag_index.get_mut(k) {
                     if let Some(set) = values.get_mut(v) {
-                        set.remove(&**arn);
+                        set.remove(arn);
                         if set.is_empty() {
                             values.remove(v);
                         }
@@ -619,7 +689,7 @@ impl State {
                         set.insert(handle);
                     }
                     None => {
-                        values.insert(Arc::from(v), imbl::OrdSet::unit(handle));
+                        values.insert(Arc::from(v), ArnSet::unit(handle));
                     }
                 }
             }
@@ -631,27 +701,29 @@ impl State {
     /// after `after`, at most `limit`. The second value tells whether more
     /// follow.
     pub fn find_by_tags(&self, filters: &[(String, Vec<String>)], after: Option<&str>, limit: usize) -> (Vec<Arc<str>>, bool) {
-        use std::ops::Bound;
+        if self.index_deferred {
+            // Not reached: a bulk build completes the index before the state
+            // is shared. Answered correctly all the same.
+            let mut complete = self.clone();
+            complete.complete_tag_index();
+            return complete.find_by_tags(filters, after, limit);
+        }
         let Some(((first_key, first_values), rest)) = filters.split_first() else {
             return (Vec::new(), false);
         };
         let Some(values) = self.tag_index.get(first_key.as_str()) else {
             return (Vec::new(), false);
         };
-        let sets: Vec<&imbl::OrdSet<IndexedArn>> = if first_values.is_empty() {
+        let sets: Vec<&ArnSet> = if first_values.is_empty() {
             values.values().collect()
         } else {
             // A value named twice must not list its resources twice.
             let wanted: std::collections::BTreeSet<&str> = first_values.iter().map(String::as_str).collect();
             wanted.into_iter().filter_map(|v| values.get(v)).collect()
         };
-        let lower = match after {
-            Some(a) => Bound::Excluded(a),
-            None => Bound::Unbounded,
-        };
         // Sets under one key are disjoint (a resource has one value per key),
         // so a k-way merge gives each ARN once.
-        let mut iters: Vec<_> = sets.iter().map(|s| s.range::<_, str>((lower, Bound::Unbounded)).peekable()).collect();
+        let mut iters: Vec<_> = sets.iter().map(|s| s.after(after).peekable()).collect();
         let mut out = Vec::new();
         loop {
             let next = iters
@@ -1031,6 +1103,65 @@ mod tests {
         s.delete_resource(k0).unwrap();
         assert_eq!(find(&s, &[("Project", &["Beta"])], None, 10).0, vec!["k1"]);
         assert_eq!(find(&s, &[("project", &[])], None, 10).0, Vec::<String>::new(), "keys are exact");
+    }
+
+    #[test]
+    fn a_bulk_build_indexes_tags_as_one_at_a_time_does() {
+        let specs: Vec<crate::world::ResourceSpec> = (0..700)
+            .map(|i| {
+                let region = ["us-east-1", "eu-west-1", "ap-south-1"][i % 3];
+                let mut tags = serde_json::json!({"Project": format!("p{}", i % 7), "Team": "t"});
+                if i % 5 == 0 {
+                    tags = serde_json::json!({"Owner": format!("o{}", i % 2)});
+                }
+                serde_json::from_value(
+                    serde_json::json!({"arn": format!("arn:aws:kms:{region}:111122223333:key/k{:05}", (i * 7_919) % 10_007), "tags": tags}),
+                )
+                .unwrap()
+            })
+            .collect();
+        let build = |s: &mut State| {
+            let mut builder = crate::world::ResourceBuilder::default();
+            for spec in &specs {
+                s.put_resource(builder.build("r", spec).unwrap()).unwrap();
+            }
+        };
+        let mut one_by_one = State::default();
+        build(&mut one_by_one);
+        let mut bulk = State::default();
+        bulk.bulk(|s| {
+            build(s);
+            // A replacement inside the build completes the index first.
+            let arn = format!("arn:aws:kms:us-east-1:111122223333:key/k{:05}", 0);
+            s.replace_tags(&arn, TagSet::from_tags(false, [("Project", "p9")]).unwrap()).unwrap();
+        });
+        one_by_one
+            .replace_tags("arn:aws:kms:us-east-1:111122223333:key/k00000", TagSet::from_tags(false, [("Project", "p9")]).unwrap())
+            .unwrap();
+        assert_eq!(bulk.tag_count(), one_by_one.tag_count());
+        let filters: Vec<Vec<(String, Vec<String>)>> = vec![
+            vec![("Project".into(), vec![])],
+            vec![("Project".into(), vec!["p3".into(), "p9".into()])],
+            vec![("Team".into(), vec![]), ("Project".into(), vec!["p1".into()])],
+            vec![("Owner".into(), vec!["o1".into()])],
+        ];
+        for f in &filters {
+            let mut after: Option<Arc<str>> = None;
+            loop {
+                let a = bulk.find_by_tags(f, after.as_deref(), 37);
+                assert_eq!(a, one_by_one.find_by_tags(f, after.as_deref(), 37), "{f:?} after {after:?}");
+                if !a.1 {
+                    break;
+                }
+                after = a.0.last().cloned();
+            }
+        }
+        // Both go on changing alike.
+        let mut fresh = State::default();
+        fresh.bulk(build);
+        fresh.delete_resource("arn:aws:kms:us-east-1:111122223333:key/k00000").unwrap();
+        one_by_one.delete_resource("arn:aws:kms:us-east-1:111122223333:key/k00000").unwrap();
+        assert_eq!(fresh.find_by_tags(&filters[0], None, 1_000), one_by_one.find_by_tags(&filters[0], None, 1_000));
     }
 
     #[test]

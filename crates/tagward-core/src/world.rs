@@ -584,6 +584,10 @@ impl WorldSpec {
     /// Adds everything to `state`; on error `state` may hold part of it, so
     /// callers apply to a copy and keep the original on failure.
     pub fn apply(&self, state: &mut State) -> Result<(), WorldError> {
+        state.bulk(|state| self.apply_entities(state))
+    }
+
+    fn apply_entities(&self, state: &mut State) -> Result<(), WorldError> {
         // A role listed under resources with a resource_policy beside the
         // same role under principals: that policy is the role's trust policy.
         let mut trust: HashMap<usize, &Value> = HashMap::new();

@@ -380,13 +380,20 @@ fn load(
     item: Loaded<'_>,
 ) -> Result<(), String> {
     match item {
-        Loaded::SnapshotBegin { .. } => *state = State::default(),
+        Loaded::SnapshotBegin { .. } => {
+            // The snapshot's tag index is built once, at its end.
+            *state = State::default();
+            state.defer_tag_index();
+        }
         Loaded::SnapshotRecord(bytes) => {
             let change: Change =
                 serde_json::from_slice(bytes).map_err(|e| format!("the record is not a snapshot record: {e}"))?;
             replay(state, resources, &change).map_err(|e| format!("the snapshot does not load: {e}"))?;
         }
-        Loaded::SnapshotEnd { revision } => state.set_revision(revision),
+        Loaded::SnapshotEnd { revision } => {
+            state.complete_tag_index();
+            state.set_revision(revision);
+        }
         Loaded::Record(record) => {
             let (prev, rev) = (record.prev, record.rev);
             if prev != state.revision() {
@@ -545,6 +552,10 @@ impl Store {
         let mut audit = audit;
         let mut unaudited = audit.as_ref().map(|a| Unaudited { audited: a.last_revision().unwrap_or(0), events: Vec::new() });
         let recovered = backend.recover(&mut |item| load(&mut state, &mut resources, &mut replayed, &mut unaudited, item))?;
+        // A snapshot cut short leaves its tag index to build (a recovery
+        // that stops inside one fails, but the state must hold its
+        // invariants whatever happens next).
+        state.complete_tag_index();
         // Changes synced to the log whose audit write a crash prevented:
         // their records now, marked recovered, before anything new.
         if let (Some(log), Some(u)) = (audit.as_mut(), unaudited) {
@@ -1131,6 +1142,7 @@ fn reopen(inner: &Inner) -> Result<u64, String> {
     let recovered = backend
         .recover(&mut |item| load(&mut state, &mut resources, &mut replayed, &mut beyond, item))
         .map_err(|e| e.to_string())?;
+    state.complete_tag_index();
     if state.revision() < published.revision() {
         return Err(format!(
             "the reopened storage ends at revision {}, before the acknowledged revision {}",

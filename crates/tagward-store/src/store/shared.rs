@@ -493,10 +493,14 @@ fn build(entries: &[(String, Vec<u8>)], revision: u64, resources: &mut ResourceB
         entries.iter().filter_map(|(k, v)| EntityKey::parse(k).map(|key| (key, v))).collect();
     // Policies before principals (which resolve them), then resources.
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    for (key, bytes) in sorted {
-        let change: Change = serde_json::from_slice(bytes).map_err(|e| format!("{}: not an entity record: {e}", key.path()))?;
-        replay(&mut state, resources, &change).map_err(|e| format!("{}: does not load: {e}", key.path()))?;
-    }
+    state.bulk(|state| {
+        for (key, bytes) in sorted {
+            let change: Change =
+                serde_json::from_slice(bytes).map_err(|e| format!("{}: not an entity record: {e}", key.path()))?;
+            replay(state, resources, &change).map_err(|e| format!("{}: does not load: {e}", key.path()))?;
+        }
+        Ok::<(), String>(())
+    })?;
     state.set_revision(revision);
     Ok(state)
 }
