@@ -23,7 +23,9 @@ use crate::policy::{Policy, PolicySet};
 use crate::tags::{TagSet, TagSetError};
 
 mod arn_set;
+mod by_arn;
 use arn_set::ArnSet;
+use by_arn::ByArn;
 
 /// An IAM user or role, with its tags and identity policies.
 ///
@@ -368,7 +370,7 @@ pub struct State {
     /// `ACCOUNT:ROLE-NAME` to the role's ARN, for assumed-role sessions,
     /// whose ARNs drop the role's path.
     roles: Map<Arc<str>>,
-    resources: Map<Arc<Resource>>,
+    resources: ByArn<Arc<Resource>>,
     /// Managed policy name to the principals that attach it.
     attached_by: Map<imbl::HashSet<Arc<str>>>,
     /// Tag key (exact case) to tag value to the ARNs carrying that tag, for
@@ -391,6 +393,12 @@ pub struct State {
     /// exactly the aliases of every key (an alias ARN is unique per
     /// account and region by construction).
     aliases: Map<Arc<str>>,
+}
+
+impl by_arn::Named for Arc<Resource> {
+    fn name(&self) -> &str {
+        &self.arn
+    }
 }
 
 impl fmt::Debug for State {
@@ -638,6 +646,7 @@ impl State {
             values.insert(Arc::from(v), ArnSet::from_sorted(arns));
         }
         self.tag_index = index;
+        self.resources = self.resources.compacted();
     }
 
     fn index_tags(&mut self, arn: &Arc<str>, old: Option<&TagSet>, new: Option<&TagSet>) {
@@ -799,7 +808,7 @@ impl State {
     /// Adds or replaces a principal. An ARN that is already a resource is
     /// refused, so that one ARN always names one thing.
     pub fn put_principal(&mut self, mut principal: Principal) -> Result<(), StateError> {
-        if self.resources.contains_key(&*principal.arn) {
+        if self.resources.contains_key(&principal.arn) {
             return Err(StateError::Invalid(format!("{:?} is already a resource", principal.arn)));
         }
         let role_key: Arc<str> = format!("{}:{}", principal.account, principal.name).into();
@@ -863,7 +872,7 @@ impl State {
             self.aliases.insert(alias_arn(&resource.arn, name).unwrap_or_default().into(), resource.arn.clone());
         }
         self.index_tags(&resource.arn, old.as_ref().map(|o| &o.tags), Some(&resource.tags));
-        self.resources.insert(resource.arn.clone(), Arc::new(resource));
+        self.resources.insert(Arc::new(resource));
         self.bump();
         Ok(())
     }
@@ -906,7 +915,7 @@ impl State {
         for name in next.key().map(KeyInfo::aliases).unwrap_or_default() {
             self.aliases.insert(alias_arn(&next.arn, name).unwrap_or_default().into(), next.arn.clone());
         }
-        self.resources.insert(next.arn.clone(), Arc::new(next));
+        self.resources.insert(Arc::new(next));
         Ok(true)
     }
 
@@ -992,7 +1001,7 @@ impl State {
             let mut next = Resource::clone(r);
             let old = std::mem::replace(&mut next.tags, tags);
             self.index_tags(&next.arn, Some(&old), Some(&next.tags));
-            self.resources.insert(next.arn.clone(), Arc::new(next));
+            self.resources.insert(Arc::new(next));
         } else if let Some(p) = self.principals.get(arn) {
             if p.tags == tags {
                 return Ok(false);
