@@ -6,15 +6,16 @@
 //!
 //! ```text
 //! cargo build --release -p tagward-bench --example decisions
-//! valgrind --tool=callgrind --toggle-collect='tagward_core::engine::authorize_with' \
+//! valgrind --tool=callgrind --toggle-collect='tagward_core::engine::authorize_noting_clock' \
 //!     target/release/examples/decisions 20000
 //! ```
 //!
-//! Only the instructions inside `authorize_with` are counted; divide the
-//! total by the number of decisions it prints. (A pattern such as
-//! `authorize*` also matches `authorize`, whose tail jump into
-//! `authorize_with` turns collection off again: it counts two instructions
-//! a decision.) Add `--cache-sim=yes --D1=32768,8,64 --LL=1048576,16,64`
+//! Only the instructions inside `authorize_noting_clock` (which holds the
+//! decision; `authorize` and `authorize_with` jump into it) are counted;
+//! divide the total by the number of decisions it prints. (A pattern that
+//! also matches one of the jumping functions, such as `authorize*`, turns
+//! collection off again at the jump: it counts two instructions a
+//! decision.) Add `--cache-sim=yes --D1=32768,8,64 --LL=1048576,16,64`
 //! with `THRASH` set to count the cache lines a decision fetches from
 //! memory (callgrind's DLmr + DLmw). `decisions N stress` runs the stress
 //! case instead (one role attaching all 1,000 policies). `decisions N
