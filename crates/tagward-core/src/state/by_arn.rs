@@ -3,41 +3,48 @@
 //! imbl's `HashMap` gives every trie node room for 32 entries, and with a
 //! million resources most nodes near the leaves hold a few: about 150 bytes
 //! per resource went to the map alone. Here the entries, each an ARN's hash
-//! and the resource, are kept sorted by hash in chunks of up to [`CHUNK`],
-//! and a persistent ordered map finds a chunk by its first hash. A lookup
-//! hashes the ARN once, descends a tree of integers, binary-searches one
-//! chunk and compares the ARN text once (twice for a hash collision, which
-//! is handled: entries of one hash always sit in one chunk). A change
-//! copies at most one chunk when an older state still shares it.
+//! and the resource, sit in [`BUCKETS`] buckets by the hash's top bits, each
+//! bucket one shared array sorted by hash, and the buckets in a persistent
+//! vector. A lookup hashes the ARN once, indexes the vector (a descent of
+//! two or three nodes, no comparisons), binary-searches one bucket and
+//! compares the ARN text once (more for a hash collision, which is
+//! handled: entries of one hash are in one bucket, next to each other). A
+//! change copies one bucket (about 64 entries of 16 bytes for a million
+//! resources) and the vector's path to it when an older state still shares
+//! them; cloning the map copies nothing.
 
 use std::hash::BuildHasher;
-use std::ops::Bound;
 use std::sync::Arc;
 
-/// Entries per chunk (16 bytes each).
-const CHUNK: usize = 64;
+/// Buckets (a power of two): about 64 entries each for 1,000,000 resources.
+const BUCKET_BITS: u32 = 14;
+const BUCKETS: usize = 1 << BUCKET_BITS;
 
 /// What the map holds: a value that knows its ARN.
 pub(super) trait Named {
     fn name(&self) -> &str;
 }
 
-type Chunk<V> = Arc<Vec<(u64, V)>>;
+type Bucket<V> = Option<Arc<Vec<(u64, V)>>>;
 
 #[derive(Clone)]
 pub(super) struct ByArn<V> {
-    /// Each chunk by its first hash. INVARIANT: chunks are non-empty and
-    /// sorted by hash, every hash of a chunk is below the next chunk's
-    /// key, and all entries of one hash are in one chunk.
-    chunks: imbl::OrdMap<u64, Chunk<V>>,
+    /// INVARIANT: empty, or exactly [`BUCKETS`] long; bucket `b` holds the
+    /// entries whose hash's top bits are `b`, sorted by hash, and is `None`
+    /// when it holds none.
+    buckets: imbl::Vector<Bucket<V>>,
     len: usize,
     hasher: foldhash::fast::RandomState,
 }
 
-impl<V> Default for ByArn<V> {
+impl<V: Clone> Default for ByArn<V> {
     fn default() -> Self {
-        ByArn { chunks: imbl::OrdMap::new(), len: 0, hasher: foldhash::fast::RandomState::default() }
+        ByArn { buckets: imbl::Vector::new(), len: 0, hasher: foldhash::fast::RandomState::default() }
     }
+}
+
+fn bucket_of(hash: u64) -> usize {
+    (hash >> (64 - BUCKET_BITS)) as usize
 }
 
 impl<V: Named + Clone> ByArn<V> {
@@ -53,19 +60,10 @@ impl<V: Named + Clone> ByArn<V> {
         self.len == 0
     }
 
-    /// The key of the chunk that holds, or would hold, `hash`.
-    fn chunk_for(&self, hash: u64) -> Option<u64> {
-        self.chunks
-            .range((Bound::Unbounded, Bound::Included(hash)))
-            .next_back()
-            .or_else(|| self.chunks.get_min().map(|(k, v)| (k, v)))
-            .map(|(k, _)| *k)
-    }
-
-    /// Where `name` is in `chunk`: `Ok` at its index, `Err` where it would go.
-    fn position(chunk: &[(u64, V)], hash: u64, name: &str) -> Result<usize, usize> {
-        let mut at = chunk.partition_point(|(h, _)| *h < hash);
-        while let Some((h, v)) = chunk.get(at) {
+    /// Where `name` is in `bucket`: `Ok` at its index, `Err` where it would go.
+    fn position(bucket: &[(u64, V)], hash: u64, name: &str) -> Result<usize, usize> {
+        let mut at = bucket.partition_point(|(h, _)| *h < hash);
+        while let Some((h, v)) = bucket.get(at) {
             if *h != hash {
                 break;
             }
@@ -79,118 +77,69 @@ impl<V: Named + Clone> ByArn<V> {
 
     pub(super) fn get(&self, name: &str) -> Option<&V> {
         let hash = self.hash(name);
-        let (_, chunk) = self.chunks.range((Bound::Unbounded, Bound::Included(hash))).next_back()?;
-        Self::position(chunk, hash, name).ok().map(|at| &chunk[at].1)
+        let bucket = self.buckets.get(bucket_of(hash))?.as_deref()?;
+        Self::position(bucket, hash, name).ok().map(|at| &bucket[at].1)
     }
 
     pub(super) fn contains_key(&self, name: &str) -> bool {
         self.get(name).is_some()
     }
 
+    /// Every value, in the order of their hashes.
     pub(super) fn values(&self) -> impl Iterator<Item = &V> {
-        self.chunks.values().flat_map(|chunk| chunk.iter().map(|(_, v)| v))
+        self.buckets.iter().flat_map(|bucket| bucket.iter().flat_map(|b| b.iter().map(|(_, v)| v)))
     }
 
     /// Adds `value` under its name; returns the value it replaced.
     pub(super) fn insert(&mut self, value: V) -> Option<V> {
         let hash = self.hash(value.name());
-        let Some(key) = self.chunk_for(hash) else {
-            let mut chunk = Vec::with_capacity(CHUNK);
-            chunk.push((hash, value));
-            self.chunks.insert(hash, Arc::new(chunk));
-            self.len = 1;
-            return None;
-        };
-        let chunk = self.chunks.get_mut(&key)?;
-        let at = match Self::position(chunk, hash, value.name()) {
-            Ok(at) => return Some(std::mem::replace(&mut unshare(chunk)[at], (hash, value)).1),
-            Err(at) => at,
-        };
-        self.len += 1;
-        if at > 0 && chunk.len() < CHUNK {
-            unshare(chunk).insert(at, (hash, value));
-            return None;
+        if self.buckets.is_empty() {
+            self.buckets = std::iter::repeat_n(None, BUCKETS).collect();
         }
-        let mut chunk = self.chunks.remove(&key)?;
-        let entries = unshare(&mut chunk);
-        entries.insert(at, (hash, value));
-        if entries.len() > CHUNK {
-            // Split in halves, moved so that one hash stays in one chunk.
-            let mut cut = entries.len() / 2;
-            while cut > 0 && entries[cut - 1].0 == entries[cut].0 {
-                cut -= 1;
-            }
-            if cut == 0 {
-                cut = entries.len() / 2;
-                while cut < entries.len() && entries[cut - 1].0 == entries[cut].0 {
-                    cut += 1;
-                }
-            }
-            if cut < entries.len() {
-                let mut right = Vec::with_capacity(CHUNK);
-                right.extend(entries.drain(cut..));
-                self.put(Arc::new(right));
+        let slot = self.buckets.get_mut(bucket_of(hash))?;
+        let bucket = slot.get_or_insert_with(|| Arc::new(Vec::new()));
+        match Self::position(bucket, hash, value.name()) {
+            Ok(at) => Some(std::mem::replace(&mut unshare(bucket, 0)[at], (hash, value)).1),
+            Err(at) => {
+                unshare(bucket, 1).insert(at, (hash, value));
+                self.len += 1;
+                None
             }
         }
-        self.put(chunk);
-        None
     }
 
     /// Removes the value named `name`.
     pub(super) fn remove(&mut self, name: &str) -> Option<V> {
         let hash = self.hash(name);
-        let key = self.chunk_for(hash)?;
-        let at = Self::position(self.chunks.get(&key)?, hash, name).ok()?;
-        self.len -= 1;
-        if at > 0 {
-            let chunk = self.chunks.get_mut(&key)?;
-            return Some(unshare(chunk).remove(at).1);
+        let slot = self.buckets.get_mut(bucket_of(hash))?;
+        let bucket = slot.as_mut()?;
+        let at = Self::position(bucket, hash, name).ok()?;
+        let (_, removed) = unshare(bucket, 0).remove(at);
+        if bucket.is_empty() {
+            *slot = None;
         }
-        let mut chunk = self.chunks.remove(&key)?;
-        let (_, removed) = unshare(&mut chunk).remove(at);
-        self.put(chunk);
+        self.len -= 1;
         Some(removed)
     }
 
-    /// Files a chunk under its first hash (an empty one is dropped).
-    fn put(&mut self, chunk: Chunk<V>) {
-        if let Some((first, _)) = chunk.first() {
-            self.chunks.insert(*first, chunk);
-        }
-    }
-
-    /// The same map with every chunk full: for a map built from nothing,
-    /// whose chunks inserts in hash order (random order) left partly
-    /// filled.
+    /// The same map with no spare room in its buckets: for a map built
+    /// from nothing, whose buckets grew by doubling.
     pub(super) fn compacted(&self) -> ByArn<V> {
-        let mut entries: Vec<(u64, V)> = Vec::with_capacity(self.len);
-        for chunk in self.chunks.values() {
-            entries.extend(chunk.iter().cloned());
-        }
-        let mut out = ByArn { chunks: imbl::OrdMap::new(), len: entries.len(), hasher: self.hasher.clone() };
-        let mut rest = &entries[..];
-        while !rest.is_empty() {
-            let mut cut = rest.len().min(CHUNK);
-            while cut < rest.len() && rest[cut - 1].0 == rest[cut].0 {
-                cut += 1;
-            }
-            let mut chunk = Vec::with_capacity(cut);
-            chunk.extend(rest[..cut].iter().cloned());
-            out.put(Arc::new(chunk));
-            rest = &rest[cut..];
-        }
-        out
+        let buckets =
+            self.buckets.iter().map(|bucket| bucket.as_ref().map(|b| Arc::new(b.iter().cloned().collect::<Vec<_>>()))).collect();
+        ByArn { buckets, len: self.len, hasher: self.hasher.clone() }
     }
 }
 
-/// The chunk to change, unshared: copied when an older state holds it too.
-fn unshare<V: Clone>(chunk: &mut Chunk<V>) -> &mut Vec<(u64, V)> {
-    if Arc::get_mut(chunk).is_none() {
-        let mut copy = Vec::with_capacity(CHUNK.max(chunk.len() + 1));
-        copy.extend(chunk.iter().cloned());
-        *chunk = Arc::new(copy);
+/// The bucket to change, unshared: copied (with room for `extra` more)
+/// when an older state holds it too.
+fn unshare<V: Clone>(bucket: &mut Arc<Vec<(u64, V)>>, extra: usize) -> &mut Vec<(u64, V)> {
+    if Arc::get_mut(bucket).is_none() {
+        let mut copy = Vec::with_capacity(bucket.len() + extra);
+        copy.extend(bucket.iter().cloned());
+        *bucket = Arc::new(copy);
     }
-    Arc::make_mut(chunk)
+    Arc::make_mut(bucket)
 }
 
 #[cfg(test)]
@@ -218,6 +167,7 @@ mod tests {
         assert_eq!(all, model.iter().map(|(k, v)| (k.clone(), *v)).collect::<Vec<_>>());
         for i in (0..2_100).step_by(7) {
             assert_eq!(map.get(&name(i)).map(|v| v.1), model.get(&name(i)).copied(), "get {i}");
+            assert_eq!(map.contains_key(&name(i)), model.contains_key(&name(i)), "contains {i}");
         }
     }
 
@@ -225,6 +175,8 @@ mod tests {
     fn follows_a_map_under_inserts_removals_and_sharing() {
         let mut map: ByArn<Item> = ByArn::default();
         let mut model = BTreeMap::new();
+        check(&map, &model);
+        assert_eq!(map.remove(&name(1)), None, "removing from an empty map");
         let mut kept = Vec::new();
         let mut seed = 0x9e37_79b9_u64;
         for round in 0..8_000u32 {
@@ -248,30 +200,28 @@ mod tests {
         }
         let compact = map.compacted();
         check(&compact, &model);
-        assert!(compact.chunks.len() <= model.len().div_ceil(CHUNK) + 1);
+        let hashes: Vec<u64> = compact.buckets.iter().flatten().flat_map(|b| b.iter().map(|(h, _)| *h)).collect();
+        assert!(hashes.windows(2).all(|w| w[0] <= w[1]), "values come in hash order");
     }
 
     #[test]
     fn entries_of_one_hash_stay_together() {
         // Entries forced onto a few hashes, as colliding ARNs would be.
         let mut map: ByArn<Item> = ByArn::default();
-        let mut entries: Vec<(u64, Item)> = (0..500u32).map(|i| ((i % 5) as u64, Item(name(i), i))).collect();
-        entries.sort_by_key(|e| e.0);
-        let mut chunk = Vec::new();
-        chunk.extend(entries.iter().cloned());
-        map.len = chunk.len();
-        map.put(Arc::new(chunk));
-        let position = |map: &ByArn<Item>, h: u64, i: u32| {
-            let key = map.chunk_for(h).unwrap();
-            ByArn::position(map.chunks.get(&key).unwrap(), h, &name(i)).is_ok()
-        };
-        for i in 0..500u32 {
-            assert!(position(&map, (i % 5) as u64, i), "{i}");
+        map.insert(Item(name(0), 0));
+        map.remove(&name(0));
+        let hashes = [3u64, 3, 3, u64::MAX, u64::MAX];
+        for (i, h) in hashes.iter().enumerate() {
+            let slot = map.buckets.get_mut(bucket_of(*h)).unwrap();
+            let bucket = slot.get_or_insert_with(|| Arc::new(Vec::new()));
+            let at = ByArn::position(bucket, *h, &name(i as u32)).unwrap_err();
+            unshare(bucket, 1).insert(at, (*h, Item(name(i as u32), i as u32)));
+            map.len += 1;
         }
-        let compact = map.compacted();
-        for i in 0..500u32 {
-            assert!(position(&compact, (i % 5) as u64, i), "{i} after compaction");
+        for (i, h) in hashes.iter().enumerate() {
+            let bucket = map.buckets.get(bucket_of(*h)).unwrap().as_deref().unwrap();
+            assert_eq!(ByArn::position(bucket, *h, &name(i as u32)).map(|at| bucket[at].1 .1), Ok(i as u32), "{i}");
         }
-        assert_eq!(compact.chunks.len(), 5, "one chunk per hash");
+        assert_eq!(map.buckets.get(bucket_of(3)).unwrap().as_deref().unwrap().len(), 3, "one hash, one bucket");
     }
 }
