@@ -22,7 +22,8 @@
 //! Why it exists: in a server the decision runs between the transport's
 //! work, which has pushed the state out of the CPU's caches; deciding a
 //! request then costs several times its tight-loop figure (BENCHMARKS.md,
-//! "Server CPU per call"), while a hit reads a few cache lines.
+//! "What a decision costs inside the server, and the decision cache"),
+//! while a hit reads a few cache lines.
 
 use std::sync::Arc;
 
