@@ -27,18 +27,10 @@ pub const BUILD_INFO: &str = "tagward_build_info";
 pub const WATCH_STREAMS: &str = "tagward_watch_streams";
 pub const DECISION_CACHE: &str = "tagward_decision_cache_total";
 
-/// Every RPC the sidecar serves, as the `rpc` label names it.
-pub const RPC_NAMES: &[&str] = &[
-    "Authorize",
-    "BatchAuthorize",
-    "TagResource",
-    "UntagResource",
-    "ListResourceTags",
-    "GetResources",
-    "Apply",
-    "Export",
-    "Watch",
-];
+/// The RPCs whose `rpc` series exist from start-up (at 0): the data
+/// plane's and the admin streams; the KMS operations' appear with their
+/// first call. The first entries of [`OBSERVED_RPCS`].
+pub const RPC_NAMES: &[&str] = OBSERVED_RPCS.split_at(9).0;
 
 /// Buckets for RPC latency, from 25 µs to 2.5 s.
 pub const RPC_BUCKETS: &[f64] =
@@ -73,9 +65,9 @@ impl Drop for WatchStreamGauge {
     }
 }
 
-/// Every RPC the handlers observe (the data plane's, the KMS ones, the
-/// admin streams), the most frequent first: [`Meters`] keeps handles for
-/// these.
+/// Every RPC the handlers observe (the data plane's, the admin streams, the
+/// KMS ones), as the `rpc` label names them: [`Meters`] keeps handles for
+/// these. The first nine are [`RPC_NAMES`].
 const OBSERVED_RPCS: &[&str] = &[
     "Authorize",
     "BatchAuthorize",
@@ -83,6 +75,9 @@ const OBSERVED_RPCS: &[&str] = &[
     "UntagResource",
     "ListResourceTags",
     "GetResources",
+    "Apply",
+    "Export",
+    "Watch",
     "CreateAlias",
     "UpdateAlias",
     "DeleteAlias",
@@ -91,9 +86,6 @@ const OBSERVED_RPCS: &[&str] = &[
     "RetireGrant",
     "RevokeGrant",
     "ListGrants",
-    "Apply",
-    "Export",
-    "Watch",
 ];
 
 /// The `code` labels an RPC is counted under (the gRPC code names the
