@@ -10,6 +10,7 @@
 
 mod common;
 #[path = "../crates/tagward-store/tests/store_suite/mod.rs"]
+#[macro_use]
 mod store_suite;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -132,12 +133,4 @@ macro_rules! etcd_conformance {
     };
 }
 
-etcd_conformance!(
-    round_trip_through_a_reopen,
-    recovery_after_compaction,
-    following,
-    oversize_change_leaves_nothing,
-    a_failing_store_refuses_then_recovers,
-    no_acknowledged_change_is_lost,
-    a_second_writer_is_refused_or_serialized,
-);
+every_store_property!(etcd_conformance);

@@ -562,6 +562,7 @@ fn second_writer_is_refused(h: &dyn Harness) {
 
 // ---- the store-level half, for the file and memory backends ---------------
 
+#[macro_use]
 mod store_suite;
 
 use store_suite::{Followed, Limits, OpenFailed, StoreHarness};
@@ -638,15 +639,7 @@ macro_rules! store_conformance {
     };
 }
 
-store_conformance!(
-    round_trip_through_a_reopen,
-    recovery_after_compaction,
-    following,
-    oversize_change_leaves_nothing,
-    a_failing_store_refuses_then_recovers,
-    no_acknowledged_change_is_lost,
-    a_second_writer_is_refused_or_serialized,
-);
+every_store_property!(store_conformance);
 
 // ---- every backend-level property, once per backend -----------------------
 

@@ -14,6 +14,23 @@
 
 #![allow(dead_code)] // each includer runs the properties its harnesses support
 
+/// Calls `$run!` with the name of every property below, so that a
+/// property added here runs for every medium (the includers declare this
+/// module `#[macro_use]` and pass the macro that makes their tests).
+macro_rules! every_store_property {
+    ($run:ident) => {
+        $run!(
+            round_trip_through_a_reopen,
+            recovery_after_compaction,
+            following,
+            oversize_change_leaves_nothing,
+            a_failing_store_refuses_then_recovers,
+            no_acknowledged_change_is_lost,
+            a_second_writer_is_refused_or_serialized,
+        );
+    };
+}
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
