@@ -70,35 +70,18 @@ fn main() {
     println!("{n} decisions ({allowed} allowed){}, {per:.0} ns each", if stress { ", stress case" } else { "" });
 }
 
-/// A `gen-world` world file and its request file (JSON objects with
-/// `principal`, `action`, `resource`, optional `request_tags` and
-/// `tag_keys`, as ghz sends them).
+/// A `gen-world` world file and its request file (ghz's data format, read
+/// as `tagward load` reads it and converted as the server converts it).
 fn generated(world: &str, requests: &str) -> (State, Vec<Request>) {
     let spec: tagward_core::world::WorldSpec = tagward_core::document::read(std::path::Path::new(world)).expect("world file");
     let state = spec.build().expect("world");
     let text = std::fs::read_to_string(requests).expect("request file");
-    let items: Vec<serde_json::Value> = serde_json::from_str(&text).expect("request JSON");
-    let field = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string();
-    let pairs = |v: &serde_json::Value, k: &str| -> Vec<(String, String)> {
-        v.get(k)
-            .and_then(|x| x.as_array())
-            .map(|a| a.iter().map(|t| (field(t, "key"), field(t, "value"))).collect())
-            .unwrap_or_default()
-    };
-    let reqs = items
-        .iter()
-        .map(|v| Request {
-            principal: field(v, "principal"),
-            action: field(v, "action"),
-            resource: field(v, "resource"),
-            request_tags: pairs(v, "request_tags"),
-            tag_keys: v
-                .get("tag_keys")
-                .and_then(|t| t.get("values"))
-                .and_then(|x| x.as_array())
-                .map(|a| a.iter().filter_map(|k| k.as_str().map(str::to_string)).collect()),
-            ..Request::default()
-        })
+    let data: serde_json::Value = serde_json::from_str(&text).expect("request JSON");
+    // Read as the load tool sends them, converted as the server does.
+    let reqs = tagward_bench::load::authorize_requests_from_json(&data)
+        .expect("Authorize requests")
+        .into_iter()
+        .map(|r| tagward::grpc::convert::authorize_request(r).expect("a valid request").0)
         .collect();
     (state, reqs)
 }
