@@ -11,6 +11,7 @@ pub mod dial;
 pub mod etcd;
 pub mod identity;
 pub mod peer;
+pub mod repeat;
 pub mod server;
 pub mod service;
 pub mod transport;

@@ -135,15 +135,22 @@ impl Meters {
 
     /// Counts a decision by result and reason, as [`decision`] does.
     pub fn decision(&self, d: &Decision) {
-        let reason = match d.reason {
+        self.reason(d.reason);
+    }
+
+    /// Counts a decision known by its reason (allowed exactly when the
+    /// reason is `ALLOWED`).
+    pub fn reason(&self, reason: crate::engine::Reason) {
+        let allowed = reason == crate::engine::Reason::Allowed;
+        let index = match reason {
             crate::engine::Reason::Allowed => 0,
             crate::engine::Reason::ExplicitDeny => 1,
             crate::engine::Reason::ImplicitDeny => 2,
         };
-        let slot = &self.decisions[reason * 2 + usize::from(d.allowed())];
+        let slot = &self.decisions[index * 2 + usize::from(allowed)];
         slot.get_or_init(|| {
-            let result = if d.allowed() { "allow" } else { "deny" };
-            metrics::counter!(DECISIONS, "result" => result, "reason" => d.reason.as_str())
+            let result = if allowed { "allow" } else { "deny" };
+            metrics::counter!(DECISIONS, "result" => result, "reason" => reason.as_str())
         })
         .increment(1);
     }

@@ -357,36 +357,6 @@ impl tonic::codec::Codec for RawCodec {
     }
 }
 
-/// One HTTP/2 connection spoken frame by frame.
-async fn h2_connect(addr: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
-}
-
-fn grpc_request(addr: std::net::SocketAddr, path: &str) -> http::Request<()> {
-    http::Request::builder()
-        .method("POST")
-        .uri(format!("http://{addr}{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap()
-}
-
-/// A gRPC message: the compression flag, the length, the protobuf bytes.
-fn framed(msg: &impl prost::Message) -> bytes::Bytes {
-    let body = msg.encode_to_vec();
-    let mut out = Vec::with_capacity(body.len() + 5);
-    out.push(0);
-    out.extend((body.len() as u32).to_be_bytes());
-    out.extend(body);
-    out.into()
-}
-
 /// The probe's producer: `n` small updates on one `Admin.Apply` stream,
 /// each in a DATA frame of its own, all queued before any acknowledgement
 /// is read. Returns the acknowledgements and how the stream ended.

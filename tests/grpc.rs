@@ -1203,10 +1203,18 @@ async fn a_decision_that_read_the_clock_is_decided_every_time() {
     );
     let running = start_with(&world_json, config()).await;
     let Clients { mut authz, .. } = clients(&running).await;
+    // A batch with one item that reads the time and one that does not.
+    let batch = || proto::BatchAuthorizeRequest {
+        principal: ALPHA_APP.to_string(),
+        items: vec![item("kms:Decrypt", KEY_ALPHA), item("kms:Encrypt", KEY_ALPHA)],
+        ..Default::default()
+    };
     let first = authz.authorize(authorize_req(ALPHA_APP, "kms:Decrypt", KEY_ALPHA)).await.unwrap().into_inner();
     assert!(allowed(&first), "before the moment: {first:?}");
     for _ in 0..3 {
         assert!(allowed(&authz.authorize(authorize_req(ALPHA_APP, "kms:Decrypt", KEY_ALPHA)).await.unwrap().into_inner()));
+        let b = authz.batch_authorize(batch()).await.unwrap().into_inner();
+        assert!(allowed(&b.results[0]) && !allowed(&b.results[1]), "{b:?}");
     }
     while chrono::Utc::now() < until + chrono::Duration::milliseconds(500) {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1214,5 +1222,90 @@ async fn a_decision_that_read_the_clock_is_decided_every_time() {
     let later = authz.authorize(authorize_req(ALPHA_APP, "kms:Decrypt", KEY_ALPHA)).await.unwrap().into_inner();
     assert!(!allowed(&later), "after the moment, at the same revision: {later:?}");
     assert_eq!(later.revision, first.revision, "no change in between");
+    let b = authz.batch_authorize(batch()).await.unwrap().into_inner();
+    assert!(!allowed(&b.results[0]) && !allowed(&b.results[1]), "the batch too: {b:?}");
+    assert_eq!(b.revision, first.revision);
     running.shutdown().await;
+}
+
+/// An `Authorize` call spoken as raw HTTP/2, reduced to what a client sees:
+/// the HTTP status, the content type, `grpc-status` and `grpc-message`,
+/// and the decoded answer (none for an error).
+type Seen = (u16, Option<String>, Option<String>, Option<String>, Option<proto::AuthorizeResponse>);
+
+fn seen_of(raw: (http::StatusCode, http::HeaderMap, Vec<u8>, Option<http::HeaderMap>)) -> Seen {
+    let (status, headers, body, trailers) = raw;
+    let text = |v: &http::HeaderValue| v.to_str().unwrap().to_string();
+    // In the trailers, or in the headers of a trailers-only answer.
+    let trailer = |name: &str| trailers.as_ref().and_then(|t| t.get(name)).or(headers.get(name)).map(text);
+    let answer = (body.len() > 5).then(|| <proto::AuthorizeResponse as prost::Message>::decode(&body[5..]).unwrap());
+    (status.as_u16(), headers.get("content-type").map(text), trailer("grpc-status"), trailer("grpc-message"), answer)
+}
+
+/// A repeated `Authorize` is answered from the bytes of its message
+/// (`grpc::repeat`) exactly as the handler answers it, byte for byte (the
+/// same status, headers, message and trailers), however the message is cut
+/// into DATA frames; a change is seen at once; and what the layer does not
+/// answer (two messages in one call, a cut-off message, one that does not
+/// decode, an `explain` request) gets the same answer as from a server
+/// without the cache, where the layer is off. `BatchAuthorize` likewise.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_call_is_answered_from_its_bytes_as_the_handler_answers() {
+    let path = "/tagward.v1.Authorizer/Authorize";
+    let mut outcomes: Vec<Vec<Seen>> = Vec::new();
+    for cache_bytes in [tagward::grpc::decisions::DEFAULT_BYTES, 0] {
+        let running = start(Config { decision_cache_bytes: cache_bytes, ..config() }).await;
+        let Clients { mut admin, .. } = clients(&running).await;
+        let addr = running.data_addr.tcp().unwrap();
+        let client = h2_connect(addr).await;
+        let msg = framed(&authorize_req(ALPHA_APP, "kms:Decrypt", KEY_ALPHA));
+        let first = h2_unary(&client, addr, path, &[&msg]).await;
+        for _ in 0..3 {
+            assert_eq!(h2_unary(&client, addr, path, &[&msg]).await, first, "cache {cache_bytes}");
+            let cut = h2_unary(&client, addr, path, &[&msg[..1], &msg[1..7], &msg[7..]]).await;
+            assert_eq!(cut, first, "cache {cache_bytes}");
+        }
+        let mut seen = vec![seen_of(first)];
+        apply_ok(&mut admin, set_tags(KEY_ALPHA, &[("Project", "Beta"), ("Type", "General")])).await;
+        for _ in 0..2 {
+            seen.push(seen_of(h2_unary(&client, addr, path, &[&msg]).await));
+        }
+        let two: Vec<u8> = [&msg[..], &msg[..]].concat();
+        let junk = [0u8, 0, 0, 0, 3, 0x0a, 0x7f, b'x'];
+        let explain = framed(&proto::AuthorizeRequest { explain: true, ..authorize_req(ALPHA_APP, "kms:Decrypt", KEY_ALPHA) });
+        for _ in 0..2 {
+            seen.push(seen_of(h2_unary(&client, addr, path, &[&two]).await));
+            seen.push(seen_of(h2_unary(&client, addr, path, &[&msg[..msg.len() - 1]]).await));
+            seen.push(seen_of(h2_unary(&client, addr, path, &[&junk]).await));
+            seen.push(seen_of(h2_unary(&client, addr, path, &[&explain]).await));
+            seen.push(seen_of(h2_unary(&client, addr, path, &[]).await));
+        }
+        // A batch, the same way: the same bytes as the handler's answer, cut
+        // or whole, and the change already seen.
+        let batch_path = "/tagward.v1.Authorizer/BatchAuthorize";
+        let batch = framed(&proto::BatchAuthorizeRequest {
+            principal: ALPHA_APP.to_string(),
+            items: vec![item("kms:Decrypt", KEY_ALPHA), item("kms:Encrypt", KEY_ALPHA)],
+            ..Default::default()
+        });
+        let first_batch = h2_unary(&client, addr, batch_path, &[&batch]).await;
+        for _ in 0..2 {
+            assert_eq!(h2_unary(&client, addr, batch_path, &[&batch]).await, first_batch, "cache {cache_bytes}");
+            assert_eq!(h2_unary(&client, addr, batch_path, &[&batch[..9], &batch[9..]]).await, first_batch);
+        }
+        let (status, _, body, trailers) = first_batch;
+        let b = <proto::BatchAuthorizeResponse as prost::Message>::decode(&body[5..]).unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(trailers.and_then(|t| t.get("grpc-status").cloned()).unwrap(), "0");
+        assert!(!allowed(&b.results[0]) && b.results.len() == 2, "the change is seen by the batch too: {b:?}");
+        seen.push((200, None, None, None, Some(proto::AuthorizeResponse { revision: b.revision, ..b.results[0].clone() })));
+        let answers = || seen.iter().filter_map(|s| s.4.as_ref());
+        assert!(allowed(seen[0].4.as_ref().unwrap()), "{seen:?}");
+        assert!(!allowed(seen[1].4.as_ref().unwrap()) && seen[1] == seen[2], "the change is seen at once: {seen:?}");
+        assert!(answers().any(|a| !a.considered.is_empty()), "explained: {seen:?}");
+        assert!(seen.iter().any(|s| s.2.as_deref() == Some("3")), "an INVALID_ARGUMENT: {seen:?}");
+        running.shutdown().await;
+        outcomes.push(seen);
+    }
+    assert_eq!(outcomes[0], outcomes[1], "with the cache as without it");
 }

@@ -13,7 +13,10 @@
 //! The key is the whole request, byte for byte (principal, action,
 //! resource, request tags, tag keys, session tags and context, each with its
 //! length), compared in full on every hit: two requests share an answer only
-//! when they are the same request. A request whose key would be longer than
+//! when they are the same request. An `Authorize` message is known by its
+//! encoded bytes instead ([`message_key`]), and its answer is kept encoded,
+//! for `grpc::repeat` to send before the call is decoded; the two kinds of
+//! key start with different bytes and never meet. A request whose key would be longer than
 //! [`MAX_KEY_BYTES`] and every `explain` request are decided without the
 //! cache. The cache holds at most its byte budget (`--decision-cache-bytes`;
 //! 0 turns it off) and evicts with S3-FIFO (`quick_cache`), which keeps a
@@ -32,7 +35,7 @@ use quick_cache::Weighter;
 use smallvec::SmallVec;
 
 use super::proto;
-use crate::engine::{ContextValue, Decision, Request};
+use crate::engine::{ContextValue, Decision, Reason, Request};
 
 /// The longest key kept: a request with more in it (a large context, many
 /// tags) is decided every time.
@@ -45,15 +48,45 @@ pub type Key = SmallVec<[u8; 512]>;
 /// The default budget, in bytes (about 40,000 typical entries).
 pub const DEFAULT_BYTES: u64 = 16 * 1024 * 1024;
 
-/// What a hit gives back: the decision (for the metrics and the decision
-/// log) and the response built from it.
+/// What a hit gives back.
 #[derive(Debug)]
 pub struct Cached {
     pub revision: u64,
-    pub decision: Decision,
-    pub response: proto::AuthorizeResponse,
+    pub reply: Reply,
     /// What the entry is charged against the budget, its key excluded.
     bytes: u64,
+}
+
+/// A remembered answer.
+#[derive(Debug)]
+pub enum Reply {
+    /// To a request known by its fields ([`key`]): the decision (for the
+    /// metrics and the decision log) and the response built from it.
+    Message { decision: Decision, response: proto::AuthorizeResponse },
+    /// To a call known by its message's bytes ([`message_key`]), answered
+    /// before it is decoded (`grpc::repeat`): the reason of each decision
+    /// in it (for the metrics) and the response's gRPC frame.
+    Encoded { reasons: Box<[Reason]>, frame: bytes::Bytes },
+}
+
+/// The call a message was sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    Authorize,
+    BatchAuthorize,
+}
+
+/// The first byte of a key made by [`key`]; a [`message_key`] starts with
+/// its call's.
+const BY_FIELDS: u8 = 0;
+
+impl Call {
+    fn key_byte(self) -> u8 {
+        match self {
+            Call::Authorize => 1,
+            Call::BatchAuthorize => 2,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -93,13 +126,17 @@ impl DecisionCache {
 
     /// Remembers the answer to the request whose key is `key`, decided
     /// against the snapshot at `revision`, replacing an older one.
-    pub fn put(&self, key: &[u8], revision: u64, decision: Decision, response: proto::AuthorizeResponse) -> Arc<Cached> {
-        let bytes = 160
-            + response.matched.iter().map(|s| 48 + s.policy.len() + s.sid.len()).sum::<usize>() as u64
-            + response.missing_keys.iter().map(|k| 24 + k.len()).sum::<usize>() as u64
-            + decision.matched.len() as u64 * 48
-            + decision.missing_keys.len() as u64 * 16;
-        let cached = Arc::new(Cached { revision, decision, response, bytes });
+    pub fn put(&self, key: &[u8], revision: u64, reply: Reply) -> Arc<Cached> {
+        let reply_bytes = match &reply {
+            Reply::Message { decision, response } => {
+                response.matched.iter().map(|s| 48 + s.policy.len() + s.sid.len()).sum::<usize>()
+                    + response.missing_keys.iter().map(|k| 24 + k.len()).sum::<usize>()
+                    + decision.matched.len() * 48
+                    + decision.missing_keys.len() * 16
+            }
+            Reply::Encoded { reasons, frame } => 32 + reasons.len() + frame.len(),
+        };
+        let cached = Arc::new(Cached { revision, reply, bytes: 160 + reply_bytes as u64 });
         self.entries.insert(Box::from(key), cached.clone());
         cached
     }
@@ -114,14 +151,31 @@ impl DecisionCache {
     }
 }
 
+/// An encoded message as a key: its call, then its bytes, as they came. The
+/// same bytes are the same request, so they have the same answer; the
+/// same request encoded otherwise (fields in another order) is another
+/// key, and is decided once more. None when the key would be longer than
+/// [`MAX_KEY_BYTES`].
+pub fn message_key(call: Call, message: &[u8]) -> Option<Key> {
+    if 1 + message.len() > MAX_KEY_BYTES {
+        return None;
+    }
+    let mut out = Key::with_capacity(1 + message.len());
+    out.push(call.key_byte());
+    out.extend_from_slice(message);
+    Some(out)
+}
+
 /// The request as a key: every field, each string with its length before
 /// it, each list with its count, so that no two different requests give
-/// the same bytes. None when the key would be longer than
-/// [`MAX_KEY_BYTES`] (counted before anything is copied).
+/// the same bytes (nor the bytes of a [`message_key`]). None when the key
+/// would be longer than [`MAX_KEY_BYTES`] (counted before anything is
+/// copied).
 pub fn key(req: &Request) -> Option<Key> {
     let text = |s: &String| 4 + s.len();
     let pairs = |v: &[(String, String)]| 4 + v.iter().map(|(k, v)| text(k) + text(v)).sum::<usize>();
-    let len = text(&req.principal)
+    let len = 1
+        + text(&req.principal)
         + text(&req.action)
         + text(&req.resource)
         + pairs(&req.request_tags)
@@ -157,6 +211,7 @@ pub fn key(req: &Request) -> Option<Key> {
             put(out, v);
         }
     };
+    out.push(BY_FIELDS);
     put(&mut out, &req.principal);
     put(&mut out, &req.action);
     put(&mut out, &req.resource);
@@ -196,7 +251,6 @@ pub fn key(req: &Request) -> Option<Key> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Reason;
 
     fn request() -> Request {
         Request {
@@ -207,8 +261,16 @@ mod tests {
         }
     }
 
-    fn decision(reason: Reason) -> Decision {
-        Decision { reason, matched: Vec::new(), missing_keys: Vec::new(), considered: None }
+    fn reply(reason: Reason) -> Reply {
+        let decision = Decision { reason, matched: Vec::new(), missing_keys: Vec::new(), considered: None };
+        Reply::Message { decision, response: proto::AuthorizeResponse::default() }
+    }
+
+    fn reason(c: Arc<Cached>) -> Option<Reason> {
+        match &c.reply {
+            Reply::Message { decision, .. } => Some(decision.reason),
+            Reply::Encoded { .. } => None,
+        }
     }
 
     #[test]
@@ -237,6 +299,16 @@ mod tests {
     }
 
     #[test]
+    fn a_message_key_is_never_a_request_key() {
+        let fields = key(&request()).expect("a key");
+        let one = message_key(Call::Authorize, &fields).expect("a key");
+        let batch = message_key(Call::BatchAuthorize, &fields).expect("a key");
+        assert!(fields[0] != one[0] && fields[0] != batch[0] && one[0] != batch[0]);
+        assert_eq!(&one[1..], &fields[..]);
+        assert_eq!(message_key(Call::Authorize, &vec![0u8; MAX_KEY_BYTES]), None, "too long");
+    }
+
+    #[test]
     fn a_long_request_has_no_key() {
         let mut req = request();
         req.context = vec![("app:blob".into(), ContextValue::One("x".repeat(MAX_KEY_BYTES)))];
@@ -248,11 +320,11 @@ mod tests {
         let cache = DecisionCache::new(1 << 20).expect("a cache");
         let k = key(&request()).expect("a key");
         assert!(cache.get(&k, 7).is_none());
-        cache.put(&k, 7, decision(Reason::Allowed), proto::AuthorizeResponse { revision: 7, ..Default::default() });
-        assert_eq!(cache.get(&k, 7).map(|c| c.decision.reason), Some(Reason::Allowed));
+        cache.put(&k, 7, reply(Reason::Allowed));
+        assert_eq!(cache.get(&k, 7).and_then(reason), Some(Reason::Allowed));
         assert!(cache.get(&k, 8).is_none(), "a newer snapshot is decided afresh");
-        cache.put(&k, 8, decision(Reason::ImplicitDeny), proto::AuthorizeResponse::default());
-        assert_eq!(cache.get(&k, 8).map(|c| c.decision.reason), Some(Reason::ImplicitDeny));
+        cache.put(&k, 8, reply(Reason::ImplicitDeny));
+        assert_eq!(cache.get(&k, 8).and_then(reason), Some(Reason::ImplicitDeny));
         assert!(cache.get(&k, 7).is_none(), "replaced");
         assert_eq!(cache.len(), 1);
     }
@@ -263,7 +335,7 @@ mod tests {
         for i in 0..10_000 {
             let req = Request { resource: format!("arn:aws:kms:us-east-1:111122223333:key/k{i}"), ..request() };
             let k = key(&req).expect("a key");
-            cache.put(&k, 1, decision(Reason::Allowed), proto::AuthorizeResponse::default());
+            cache.put(&k, 1, reply(Reason::Allowed));
         }
         assert!(cache.entries.weight() <= 64 * 1024, "{:?}", cache);
         assert!(cache.len() < 10_000 && !cache.is_empty(), "{:?}", cache);

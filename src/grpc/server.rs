@@ -307,8 +307,12 @@ pub async fn start(config: Config, store: Arc<Store>) -> Result<Running, ServeEr
     let admin_reflection = reflection(ADMIN_SERVICES)?;
 
     let max = config.max_message_bytes;
-    let authorizer =
-        AuthorizerServer::new(AuthorizerService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max);
+    // Repeated Authorize calls are answered in front of the service (see
+    // `grpc::repeat`).
+    let authorizer = super::repeat::Repeat::new(
+        AuthorizerServer::new(AuthorizerService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max),
+        shared.clone(),
+    );
     let tagging = serve_tagging.then(|| {
         TaggingServer::new(TaggingService(shared.clone())).max_decoding_message_size(max).max_encoding_message_size(max)
     });

@@ -13,13 +13,14 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, field, warn, Instrument, Span};
 
 use super::auth::AdminCaller;
-use super::decisions::{self, DecisionCache};
+use super::decisions::{self, Call, DecisionCache, Reply};
 use super::identity::{describe, Callers, TaggingMode};
 use super::peer::Peer;
 use super::proto::admin_server::Admin;
 use super::proto::authorizer_server::Authorizer;
 use super::proto::kms_server::Kms;
 use super::proto::tagging_server::Tagging;
+use super::repeat::{self, EncodedRequest};
 use super::{convert, invalid, kms_status, proto, request_status, revision_status, status, tag_status, update_error};
 use crate::engine::{authorize, authorize_noting_clock, ContextRules, Decision, RequestError};
 use crate::observe::{self, DecisionLog};
@@ -94,7 +95,7 @@ const LABELLED_CODES: [Code; 10] = [
 
 /// The gRPC code as a bounded metric label, with its index among the
 /// labels (`OTHER` last).
-fn code_label(code: Code) -> (usize, &'static str) {
+pub(super) fn code_label(code: Code) -> (usize, &'static str) {
     match LABELLED_CODES.iter().position(|c| *c == code) {
         Some(i) => (i, super::code_name(code)),
         None => (LABELLED_CODES.len(), "OTHER"),
@@ -171,6 +172,20 @@ enum Rest {
     Convert(proto::BatchAuthorizeRequest),
 }
 
+/// A batch's answers so far.
+struct Batch {
+    results: Vec<proto::AuthorizeResponse>,
+    reasons: Vec<crate::engine::Reason>,
+    /// Whether every answer so far may be given again (see [`Decided`]).
+    repeatable: bool,
+}
+
+impl Batch {
+    fn with_capacity(n: usize) -> Batch {
+        Batch { results: Vec::with_capacity(n), reasons: Vec::with_capacity(n), repeatable: true }
+    }
+}
+
 /// Decides `items` in order into `out` until they run out (true) or, with
 /// a `budget`, until it is spent with items left (false).
 fn decide_items(
@@ -180,15 +195,17 @@ fn decide_items(
     explain: bool,
     started: Instant,
     budget: Option<Duration>,
-    out: &mut Vec<proto::AuthorizeResponse>,
+    out: &mut Batch,
 ) -> Result<bool, Status> {
     let begun = Instant::now();
     while let Some((i, req)) = items.next() {
         // The items' contexts were checked against the server's rules when
         // they were converted.
-        let response = decide(shared, state, &req, explain, &ContextRules::TRUSTED, started)
+        let d = decide(shared, state, &req, None, explain, &ContextRules::TRUSTED, started)
             .map_err(|e| invalid(&format!("items[{i}].{}", e.field), e.reason))?;
-        out.push(response);
+        out.results.push(d.response);
+        out.reasons.push(d.reason);
+        out.repeatable &= d.repeatable;
         if budget.is_some_and(|b| begun.elapsed() >= b) && items.peek().is_some() {
             return Ok(false);
         }
@@ -196,36 +213,78 @@ fn decide_items(
     Ok(true)
 }
 
+/// One request's answer, as [`decide`] gives it.
+struct Decided {
+    response: proto::AuthorizeResponse,
+    reason: crate::engine::Reason,
+    /// Whether the same request may be given this answer again at this
+    /// revision (the decision did not read the time, nor was it explained).
+    repeatable: bool,
+}
+
 /// Decides one request against `state` and builds its response: from the
 /// decision cache when this request was decided against this very
 /// snapshot before, else by the engine (and then remembered, unless the
-/// decision read the time).
+/// decision read the time). An `Authorize` call that `grpc::repeat` could
+/// not answer comes with its encoded `message`: it was looked up by those
+/// bytes already, and its answer is kept under them, encoded, for that
+/// layer to send.
 fn decide(
     shared: &Shared,
     state: &State,
     req: &crate::engine::Request,
+    message: Option<&[u8]>,
     explain: bool,
     rules: &ContextRules,
     started: Instant,
-) -> Result<proto::AuthorizeResponse, RequestError> {
+) -> Result<Decided, RequestError> {
     let revision = state.revision();
     let cache = shared.decisions.as_deref().filter(|_| !explain);
-    let key = cache.and_then(|_| decisions::key(req));
+    let by_message = cache.and(message).and_then(|m| decisions::message_key(Call::Authorize, m));
+    let key = if by_message.is_some() { None } else { cache.and_then(|_| decisions::key(req)) };
     if let (Some(cache), Some(key)) = (cache, &key) {
         let hit = cache.get(key, revision);
         shared.meters.decision_cache(hit.is_some());
         if let Some(hit) = hit {
-            decided(shared, req, &hit.decision, revision, started);
-            return Ok(hit.response.clone());
+            if let Reply::Message { decision, response } = &hit.reply {
+                decided(shared, req, decision, revision, started);
+                return Ok(Decided { response: response.clone(), reason: decision.reason, repeatable: true });
+            }
         }
     }
     let (decision, read_clock) = authorize_noting_clock(state, req, explain, rules)?;
     decided(shared, req, &decision, revision, started);
     let response = convert::decision(&decision, revision);
-    if let (Some(cache), Some(key), false) = (cache, key, read_clock) {
-        cache.put(&key, revision, decision, response.clone());
+    let (reason, repeatable) = (decision.reason, !explain && !read_clock);
+    if let (Some(cache), true) = (cache, repeatable) {
+        if let Some(k) = &by_message {
+            if let Some(frame) = repeat::framed(&prost::Message::encode_to_vec(&response)) {
+                cache.put(k, revision, Reply::Encoded { reasons: Box::new([reason]), frame });
+            }
+        } else if let Some(k) = &key {
+            cache.put(k, revision, Reply::Message { decision, response: response.clone() });
+        }
     }
-    Ok(response)
+    Ok(Decided { response, reason, repeatable })
+}
+
+/// Keeps a whole `BatchAuthorize` answer, encoded, under the bytes of its
+/// request `message` (see `grpc::repeat`); `reasons` are its items'. Only
+/// for a batch whose every answer may be given again.
+fn remember_batch(
+    shared: &Shared,
+    message: Option<&[u8]>,
+    reasons: Vec<crate::engine::Reason>,
+    response: &proto::BatchAuthorizeResponse,
+) {
+    let (Some(cache), Some(key)) =
+        (shared.decisions.as_deref(), message.and_then(|m| decisions::message_key(Call::BatchAuthorize, m)))
+    else {
+        return;
+    };
+    if let Some(frame) = repeat::framed(&prost::Message::encode_to_vec(response)) {
+        cache.put(&key, response.revision, Reply::Encoded { reasons: reasons.into_boxed_slice(), frame });
+    }
 }
 
 impl Shared {
@@ -247,7 +306,8 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 #[tonic::async_trait]
 impl Authorizer for AuthorizerService {
     async fn authorize(&self, request: Request<proto::AuthorizeRequest>) -> Result<Response<proto::AuthorizeResponse>, Status> {
-        let r = request.into_inner();
+        let (_, extensions, r) = request.into_parts();
+        let message = extensions.get::<EncodedRequest>().map(|m| &m.0[..]);
         let span = rpc_span("Authorize", &r.action);
         observed_in(&self.0, "Authorize", span, async {
             let started = Instant::now();
@@ -256,8 +316,9 @@ impl Authorizer for AuthorizerService {
             // Validates the request once: its shape, and its context
             // against what this server's callers may supply (a cached
             // answer is to the same request, checked when it was decided).
-            let response = decide(&self.0, &state, &req, explain, &self.0.context_rules, started).map_err(request_status)?;
-            Ok(Response::new(response))
+            let decided =
+                decide(&self.0, &state, &req, message, explain, &self.0.context_rules, started).map_err(request_status)?;
+            Ok(Response::new(decided.response))
         })
         .await
     }
@@ -266,42 +327,52 @@ impl Authorizer for AuthorizerService {
         &self,
         request: Request<proto::BatchAuthorizeRequest>,
     ) -> Result<Response<proto::BatchAuthorizeResponse>, Status> {
-        let r = request.into_inner();
+        let (_, extensions, r) = request.into_parts();
+        let message = extensions.get::<EncodedRequest>().map(|m| m.0.clone());
         observed(&self.0, "BatchAuthorize", "batch", async {
             let started = Instant::now();
             let state = self.0.snapshot(r.min_revision).await?;
             let explain = r.explain;
             let revision = state.revision();
+            let answer = |shared: &Shared, batch: Batch| {
+                let response = proto::BatchAuthorizeResponse { results: batch.results, revision };
+                if batch.repeatable {
+                    remember_batch(shared, message.as_deref(), batch.reasons, &response);
+                }
+                Response::new(response)
+            };
             // A short batch is converted and decided here, on the async
             // worker, for as long as the budget lasts; a long one (many
             // items, or items against large policies) goes on, or is done
             // entirely, off the async workers, a bounded number at once.
-            let (rest, mut results) = if r.items.len() <= INLINE_BATCH_ITEMS {
+            let (rest, mut batch) = if r.items.len() <= INLINE_BATCH_ITEMS {
                 let reqs = convert::batch_requests(r, self.0.max_batch, &self.0.context_rules)?;
-                let mut results = Vec::with_capacity(reqs.len());
+                let mut batch = Batch::with_capacity(reqs.len());
                 let mut items = reqs.into_iter().enumerate().peekable();
-                if decide_items(&self.0, &state, &mut items, explain, started, Some(INLINE_BATCH_BUDGET), &mut results)? {
-                    return Ok(Response::new(proto::BatchAuthorizeResponse { results, revision }));
+                if decide_items(&self.0, &state, &mut items, explain, started, Some(INLINE_BATCH_BUDGET), &mut batch)? {
+                    return Ok(answer(&self.0, batch));
                 }
-                (Rest::Decide(items), results)
+                (Rest::Decide(items), batch)
             } else {
-                (Rest::Convert(r), Vec::new())
+                (Rest::Convert(r), Batch::with_capacity(0))
             };
             let _slot = self.0.evaluations.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
             let shared = self.0.clone();
-            blocking(move || {
+            let decided = blocking(move || {
                 let mut items = match rest {
                     Rest::Decide(items) => items,
                     Rest::Convert(r) => {
                         let reqs = convert::batch_requests(r, shared.max_batch, &shared.context_rules)?;
-                        results.reserve(reqs.len());
+                        batch.results.reserve(reqs.len());
+                        batch.reasons.reserve(reqs.len());
                         reqs.into_iter().enumerate().peekable()
                     }
                 };
-                decide_items(&shared, &state, &mut items, explain, started, None, &mut results)?;
-                Ok(Response::new(proto::BatchAuthorizeResponse { results, revision }))
+                decide_items(&shared, &state, &mut items, explain, started, None, &mut batch)?;
+                Ok(batch)
             })
-            .await
+            .await?;
+            Ok(answer(&self.0, decided))
         })
         .await
     }

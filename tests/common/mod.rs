@@ -288,3 +288,64 @@ pub fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// One HTTP/2 connection spoken frame by frame.
+pub async fn h2_connect(addr: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+pub fn grpc_request(addr: std::net::SocketAddr, path: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// A gRPC message: the compression flag, the length, the protobuf bytes.
+pub fn framed(msg: &impl prost::Message) -> bytes::Bytes {
+    let body = msg.encode_to_vec();
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.push(0);
+    out.extend((body.len() as u32).to_be_bytes());
+    out.extend(body);
+    out.into()
+}
+
+/// One unary call spoken over `client` as raw HTTP/2: `body` sent in the
+/// given pieces, each in a DATA frame of its own; the answer's status,
+/// headers, whole body and trailers.
+pub async fn h2_unary(
+    client: &h2::client::SendRequest<bytes::Bytes>,
+    addr: std::net::SocketAddr,
+    path: &str,
+    pieces: &[&[u8]],
+) -> (http::StatusCode, http::HeaderMap, Vec<u8>, Option<http::HeaderMap>) {
+    let mut ready = client.clone().ready().await.unwrap();
+    let (response, mut send) = ready.send_request(grpc_request(addr, path), false).unwrap();
+    for (i, piece) in pieces.iter().enumerate() {
+        send.send_data(bytes::Bytes::copy_from_slice(piece), i + 1 == pieces.len()).unwrap();
+    }
+    if pieces.is_empty() {
+        send.send_data(bytes::Bytes::new(), true).unwrap();
+    }
+    let response = response.await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let mut body = response.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.unwrap();
+    (status, headers, data, trailers)
+}
