@@ -13,12 +13,12 @@
 //! The key is the whole request, byte for byte (principal, action,
 //! resource, request tags, tag keys, session tags and context, each with its
 //! length), compared in full on every hit: two requests share an answer only
-//! when they are the same request. An `Authorize` message is known by its
-//! encoded bytes instead ([`message_key`]), and its answer is kept encoded,
-//! for `grpc::repeat` to send before the call is decoded; the two kinds of
-//! key start with different bytes and never meet. A request whose key would be longer than
-//! [`MAX_KEY_BYTES`] and every `explain` request are decided without the
-//! cache. The cache holds at most its byte budget (`--decision-cache-bytes`;
+//! when they are the same request. An `Authorize` or `BatchAuthorize`
+//! message is known by its encoded bytes instead ([`message_key`]), and its
+//! answer is kept encoded, for `grpc::repeat` to send before the call is
+//! decoded; the kinds of key start with different bytes and never meet. A
+//! request whose key would be longer than [`MAX_KEY_BYTES`] and every
+//! `explain` request are decided without the cache. The cache holds at most its byte budget (`--decision-cache-bytes`;
 //! 0 turns it off) and evicts with S3-FIFO (`quick_cache`), which keeps a
 //! scan of one-off requests from pushing out the ones that repeat.
 //!
