@@ -314,6 +314,21 @@ def _():
     assert [x.reason for x in r2.results] == [x.reason for x in reversed(r.results)]
 
 
+@check("a repeated Authorize and BatchAuthorize (answered from the decision cache before decoding) equal the first answer")
+def _():
+    first = TW.authorize(ALPHA, "kms:Decrypt", K_ALPHA)
+    items = [("kms:Decrypt", K_ALPHA), ("kms:Decrypt", K_RESERVED)]
+    first_batch = TW.batch_authorize(ALPHA, items)
+    for _ in range(3):
+        again = TW.authorize(ALPHA, "kms:Decrypt", K_ALPHA)
+        assert again == first, (again, first)
+        assert again.SerializeToString() == first.SerializeToString()
+        batch = TW.batch_authorize(ALPHA, items)
+        assert batch == first_batch, (batch, first_batch)
+    assert first.reason == pb.ALLOWED, first
+    assert [x.reason for x in first_batch.results] == [pb.ALLOWED, pb.EXPLICIT_DENY], first_batch
+
+
 @check("BatchAuthorize INVALID_ARGUMENT names the item's field (items[1].resource)")
 def _():
     e = expect_error(
