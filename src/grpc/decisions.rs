@@ -18,9 +18,10 @@
 //! answer is kept encoded, for `grpc::repeat` to send before the call is
 //! decoded; the kinds of key start with different bytes and never meet. A
 //! request whose key would be longer than [`MAX_KEY_BYTES`] and every
-//! `explain` request are decided without the cache. The cache holds at most its byte budget (`--decision-cache-bytes`;
-//! 0 turns it off) and evicts with S3-FIFO (`quick_cache`), which keeps a
-//! scan of one-off requests from pushing out the ones that repeat.
+//! `explain` request are decided without the cache. The cache holds at
+//! most its byte budget (`--decision-cache-bytes`; 0 turns it off) and
+//! evicts with S3-FIFO (`quick_cache`), which keeps a scan of one-off
+//! requests from pushing out the ones that repeat.
 //!
 //! Why it exists: in a server the decision runs between the transport's
 //! work, which has pushed the state out of the CPU's caches; deciding a

@@ -64,13 +64,14 @@ const MOST_READ: usize = FRAME_HEADER + decisions::MAX_KEY_BYTES;
 #[derive(Debug, Clone)]
 pub struct EncodedRequest(pub Bytes);
 
-/// A gRPC message in a frame of its own: the header, then the message.
-pub fn framed(message: &[u8]) -> Option<Bytes> {
-    let len = u32::try_from(message.len()).ok()?;
-    let mut out = BytesMut::with_capacity(FRAME_HEADER + message.len());
+/// A message encoded in a gRPC frame of its own: the header, then the
+/// message, written once into one buffer.
+pub fn framed(message: &impl prost::Message) -> Option<Bytes> {
+    let len = message.encoded_len();
+    let mut out = BytesMut::with_capacity(FRAME_HEADER + len);
     out.put_u8(0);
-    out.put_u32(len);
-    out.extend_from_slice(message);
+    out.put_u32(u32::try_from(len).ok()?);
+    message.encode(&mut out).ok()?;
     Some(out.freeze())
 }
 
@@ -272,7 +273,17 @@ mod tests {
     use super::*;
 
     fn frame_of(message: &[u8]) -> Vec<u8> {
-        framed(message).map(|b| b.to_vec()).unwrap_or_default()
+        let mut out = vec![0];
+        out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        out.extend_from_slice(message);
+        out
+    }
+
+    #[test]
+    fn a_response_is_framed_as_grpc_frames_it() {
+        let response = super::super::proto::AuthorizeResponse { revision: 7, ..Default::default() };
+        let frame = framed(&response).expect("a frame");
+        assert_eq!(&frame[..], &frame_of(&prost::Message::encode_to_vec(&response))[..]);
     }
 
     #[test]

@@ -258,7 +258,7 @@ fn decide(
     let (reason, repeatable) = (decision.reason, !explain && !read_clock);
     if let (Some(cache), true) = (cache, repeatable) {
         if let Some(k) = &by_message {
-            if let Some(frame) = repeat::framed(&prost::Message::encode_to_vec(&response)) {
+            if let Some(frame) = repeat::framed(&response) {
                 cache.put(k, revision, Reply::Encoded { reasons: Box::new([reason]), frame });
             }
         } else if let Some(k) = &key {
@@ -282,7 +282,7 @@ fn remember_batch(
     else {
         return;
     };
-    if let Some(frame) = repeat::framed(&prost::Message::encode_to_vec(response)) {
+    if let Some(frame) = repeat::framed(response) {
         cache.put(&key, response.revision, Reply::Encoded { reasons: reasons.into_boxed_slice(), frame });
     }
 }
