@@ -24,6 +24,7 @@ use crate::tags::{TagSet, TagSetError};
 
 mod arn_set;
 mod by_arn;
+mod text_sort;
 use arn_set::ArnSet;
 use by_arn::ByArn;
 
@@ -335,6 +336,44 @@ type Map<V> = imbl::GenericHashMap<Arc<str>, V, foldhash::fast::RandomState, imb
 #[derive(Clone)]
 struct IndexedArn(Arc<Arc<str>>);
 
+/// Bulk builds of more tagged entities than this build their tag index on
+/// two threads.
+const PARALLEL_INDEX_FROM: usize = 4_096;
+
+/// A tag's run while the index is built: its key and value, and the ARNs
+/// holding it in order; found by the address of the tag's key text.
+type Runs<'s> = std::collections::HashMap<usize, (&'s str, &'s str, Vec<IndexedArn>), foldhash::fast::RandomState>;
+
+/// The runs of `tagged` (in ARN order). A tag's run is found by the
+/// address of its key text: tags are interned (`tags::intern`), so every
+/// set holding a tag (a key and its value) holds its one copy, and hashing
+/// an address replaces hashing both texts ten million times. Two copies of
+/// one tag (a set built without the interner) would only make two runs of
+/// the same text, which the caller merges.
+fn runs_of<'s>(tagged: &[(&'s Arc<str>, &'s TagSet)]) -> Runs<'s> {
+    let mut runs = Runs::default();
+    for (arn, tags) in tagged {
+        let handle = IndexedArn(Arc::new(Arc::clone(arn)));
+        for (k, v) in tags.iter() {
+            runs.entry(k.as_ptr() as usize).or_insert_with(|| (k, v, Vec::new())).2.push(handle.clone());
+        }
+    }
+    runs
+}
+
+/// `a()` and `b()`, on two threads when `parallel` (a panic in either is
+/// the caller's, as if both ran here).
+fn both<A: Send, B: Send>(parallel: bool, a: impl FnOnce() -> A + Send, b: impl FnOnce() -> B + Send) -> (A, B) {
+    if !parallel {
+        return (a(), b());
+    }
+    std::thread::scope(|scope| {
+        let other = scope.spawn(b);
+        let a = a();
+        (a, other.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+    })
+}
+
 impl PartialEq for IndexedArn {
     fn eq(&self, other: &Self) -> bool {
         **self.0 == **other.0
@@ -620,30 +659,53 @@ impl State {
         if !std::mem::take(&mut self.index_deferred) {
             return;
         }
-        let mut tagged: Vec<(&Arc<str>, &TagSet)> = self
+        let tagged: Vec<(&Arc<str>, &TagSet)> = self
             .resources
             .values()
             .map(|r| (&r.arn, &r.tags))
             .chain(self.principals.values().map(|p| (&p.arn, &p.tags)))
             .filter(|(_, tags)| !tags.is_empty())
             .collect();
-        tagged.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        // Walking the ARNs in order gives every value's ARNs in order.
-        let mut runs: std::collections::HashMap<(&str, &str), Vec<IndexedArn>, foldhash::fast::RandomState> =
-            std::collections::HashMap::default();
-        for (arn, tags) in &tagged {
-            let handle = IndexedArn(Arc::new(Arc::clone(arn)));
-            for pair in tags.iter() {
-                runs.entry(pair).or_default().push(handle.clone());
+        let tagged = text_sort::sorted_by_text(&tagged, |(arn, _)| arn.as_bytes());
+        // Each half of the ARNs gives its runs on a thread of its own, the
+        // later half's appended to the earlier's: still in order.
+        let parallel = tagged.len() >= PARALLEL_INDEX_FROM && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
+        let (earlier, later) = tagged.split_at(if parallel { tagged.len() / 2 } else { tagged.len() });
+        let (mut runs, more) = both(parallel, || runs_of(earlier), || runs_of(later));
+        for (at, (k, v, arns)) in more {
+            runs.entry(at).or_insert_with(|| (k, v, Vec::new())).2.extend(arns);
+        }
+        let mut runs: Vec<(&str, &str, Vec<IndexedArn>)> = runs.into_values().collect();
+        runs.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let mut merged: Vec<(&str, &str, Vec<IndexedArn>)> = Vec::with_capacity(runs.len());
+        for (k, v, arns) in runs {
+            match merged.last_mut() {
+                Some(last) if (last.0, last.1) == (k, v) => {
+                    last.2.extend(arns);
+                    last.2.sort_unstable();
+                }
+                _ => merged.push((k, v, arns)),
             }
         }
+        // The sets built on two threads, about half of the entries each.
+        let total: usize = merged.iter().map(|r| r.2.len()).sum();
+        let mut seen = 0;
+        let cut = merged
+            .iter()
+            .position(|r| {
+                seen += r.2.len();
+                seen > total / 2
+            })
+            .unwrap_or(merged.len());
+        let cut = if parallel { cut } else { merged.len() };
+        let second = merged.split_off(cut);
+        let sets = |runs: Vec<(&'_ str, &'_ str, Vec<IndexedArn>)>| -> Vec<(Arc<str>, Arc<str>, ArnSet)> {
+            runs.into_iter().map(|(k, v, arns)| (Arc::from(k), Arc::from(v), ArnSet::from_sorted(arns))).collect()
+        };
+        let (first, second) = both(parallel, || sets(merged), || sets(second));
         let mut index: Map<Map<ArnSet>> = Map::default();
-        for ((k, v), arns) in runs {
-            let values = match index.get_mut(k) {
-                Some(values) => values,
-                None => index.entry(Arc::from(k)).or_default(),
-            };
-            values.insert(Arc::from(v), ArnSet::from_sorted(arns));
+        for (k, v, set) in first.into_iter().chain(second) {
+            index.entry(k).or_default().insert(v, set);
         }
         self.tag_index = index;
         self.resources = self.resources.compacted();
@@ -1115,62 +1177,70 @@ mod tests {
     }
 
     #[test]
-    fn a_bulk_build_indexes_tags_as_one_at_a_time_does() {
-        let specs: Vec<crate::world::ResourceSpec> = (0..700)
-            .map(|i| {
-                let region = ["us-east-1", "eu-west-1", "ap-south-1"][i % 3];
-                let mut tags = serde_json::json!({"Project": format!("p{}", i % 7), "Team": "t"});
-                if i % 5 == 0 {
-                    tags = serde_json::json!({"Owner": format!("o{}", i % 2)});
+    fn a_bulk_build_indexes_tags_as_one_at_a_time_does_on_one_thread_or_two() {
+        // 700 entities build the index on one thread; 9,000 on two
+        // (`PARALLEL_INDEX_FROM`).
+        const { assert!(700 < PARALLEL_INDEX_FROM && PARALLEL_INDEX_FROM <= 9_000) };
+        for count in [700, 9_000] {
+            let specs: Vec<crate::world::ResourceSpec> = (0..count)
+                .map(|i| {
+                    let region = ["us-east-1", "eu-west-1", "ap-south-1"][i % 3];
+                    let mut tags = serde_json::json!({"Project": format!("p{}", i % 7), "Team": "t"});
+                    if i % 5 == 0 {
+                        tags = serde_json::json!({"Owner": format!("o{}", i % 2)});
+                    }
+                    serde_json::from_value(
+                        serde_json::json!({"arn": format!("arn:aws:kms:{region}:111122223333:key/k{:05}", (i * 7_919) % 10_007), "tags": tags}),
+                    )
+                    .unwrap()
+                })
+                .collect();
+            let build = |s: &mut State| {
+                let mut builder = crate::world::ResourceBuilder::default();
+                for spec in &specs {
+                    s.put_resource(builder.build("r", spec).unwrap()).unwrap();
                 }
-                serde_json::from_value(
-                    serde_json::json!({"arn": format!("arn:aws:kms:{region}:111122223333:key/k{:05}", (i * 7_919) % 10_007), "tags": tags}),
+            };
+            let mut one_by_one = State::default();
+            build(&mut one_by_one);
+            let mut bulk = State::default();
+            bulk.bulk(|s| {
+                build(s);
+                // A replacement inside the build completes the index first.
+                let arn = format!("arn:aws:kms:us-east-1:111122223333:key/k{:05}", 0);
+                s.replace_tags(&arn, TagSet::from_tags(false, [("Project", "p9")]).unwrap()).unwrap();
+            });
+            one_by_one
+                .replace_tags(
+                    "arn:aws:kms:us-east-1:111122223333:key/k00000",
+                    TagSet::from_tags(false, [("Project", "p9")]).unwrap(),
                 )
-                .unwrap()
-            })
-            .collect();
-        let build = |s: &mut State| {
-            let mut builder = crate::world::ResourceBuilder::default();
-            for spec in &specs {
-                s.put_resource(builder.build("r", spec).unwrap()).unwrap();
-            }
-        };
-        let mut one_by_one = State::default();
-        build(&mut one_by_one);
-        let mut bulk = State::default();
-        bulk.bulk(|s| {
-            build(s);
-            // A replacement inside the build completes the index first.
-            let arn = format!("arn:aws:kms:us-east-1:111122223333:key/k{:05}", 0);
-            s.replace_tags(&arn, TagSet::from_tags(false, [("Project", "p9")]).unwrap()).unwrap();
-        });
-        one_by_one
-            .replace_tags("arn:aws:kms:us-east-1:111122223333:key/k00000", TagSet::from_tags(false, [("Project", "p9")]).unwrap())
-            .unwrap();
-        assert_eq!(bulk.tag_count(), one_by_one.tag_count());
-        let filters: Vec<Vec<(String, Vec<String>)>> = vec![
-            vec![("Project".into(), vec![])],
-            vec![("Project".into(), vec!["p3".into(), "p9".into()])],
-            vec![("Team".into(), vec![]), ("Project".into(), vec!["p1".into()])],
-            vec![("Owner".into(), vec!["o1".into()])],
-        ];
-        for f in &filters {
-            let mut after: Option<Arc<str>> = None;
-            loop {
-                let a = bulk.find_by_tags(f, after.as_deref(), 37);
-                assert_eq!(a, one_by_one.find_by_tags(f, after.as_deref(), 37), "{f:?} after {after:?}");
-                if !a.1 {
-                    break;
+                .unwrap();
+            assert_eq!(bulk.tag_count(), one_by_one.tag_count());
+            let filters: Vec<Vec<(String, Vec<String>)>> = vec![
+                vec![("Project".into(), vec![])],
+                vec![("Project".into(), vec!["p3".into(), "p9".into()])],
+                vec![("Team".into(), vec![]), ("Project".into(), vec!["p1".into()])],
+                vec![("Owner".into(), vec!["o1".into()])],
+            ];
+            for f in &filters {
+                let mut after: Option<Arc<str>> = None;
+                loop {
+                    let a = bulk.find_by_tags(f, after.as_deref(), 37);
+                    assert_eq!(a, one_by_one.find_by_tags(f, after.as_deref(), 37), "{f:?} after {after:?}");
+                    if !a.1 {
+                        break;
+                    }
+                    after = a.0.last().cloned();
                 }
-                after = a.0.last().cloned();
             }
+            // Both go on changing alike.
+            let mut fresh = State::default();
+            fresh.bulk(build);
+            fresh.delete_resource("arn:aws:kms:us-east-1:111122223333:key/k00000").unwrap();
+            one_by_one.delete_resource("arn:aws:kms:us-east-1:111122223333:key/k00000").unwrap();
+            assert_eq!(fresh.find_by_tags(&filters[0], None, 1_000), one_by_one.find_by_tags(&filters[0], None, 1_000));
         }
-        // Both go on changing alike.
-        let mut fresh = State::default();
-        fresh.bulk(build);
-        fresh.delete_resource("arn:aws:kms:us-east-1:111122223333:key/k00000").unwrap();
-        one_by_one.delete_resource("arn:aws:kms:us-east-1:111122223333:key/k00000").unwrap();
-        assert_eq!(fresh.find_by_tags(&filters[0], None, 1_000), one_by_one.find_by_tags(&filters[0], None, 1_000));
     }
 
     #[test]
