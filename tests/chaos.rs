@@ -443,7 +443,7 @@ impl tagward::storage::Backend for FullDisk {
     }
     fn recover(
         &mut self,
-        load: &mut dyn FnMut(tagward::storage::Loaded<'_>) -> Result<(), String>,
+        load: &mut dyn FnMut(tagward::storage::Loaded<'_>) -> Result<(), tagward::storage::NotLoaded>,
     ) -> Result<tagward::storage::Recovered, tagward::storage::StorageError> {
         self.inner.recover(load)
     }

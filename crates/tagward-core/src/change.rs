@@ -21,7 +21,7 @@ use crate::kms::alias_of_arn;
 use crate::kms_ops::{KmsChange, KmsEffect};
 use crate::path::FieldPath;
 use crate::policy::PolicyKind;
-use crate::state::{State, StateError};
+use crate::state::{Resource, State, StateError};
 use crate::tagging::{check_keys, check_tags, remove_tags, write_tags, TagChange, TagWriteError};
 use crate::tags::TagSet;
 use crate::world::{
@@ -678,11 +678,23 @@ pub fn replay(state: &mut State, resources: &mut ResourceBuilder, change: &Chang
     // copy of the spec that nobody reads here (same checks, same errors,
     // same revision).
     if let Change::PutResource(spec) = change {
-        let resource = resources.build("put_resource", spec).map_err(world_error)?;
-        return state.put_resource(resource).map_err(|e| state_error("put_resource.arn", e));
+        return put_built(state, build_resource(resources, spec)?);
     }
     let mut out = Applied::default();
     replay_into(state, resources, change, &mut out)
+}
+
+/// The first half of [`replay`] for a `PutResource`: the resource, lowered
+/// and checked, with no state needed (so a restore can build resources on
+/// another thread while it puts earlier ones).
+pub fn build_resource(resources: &mut ResourceBuilder, spec: &ResourceSpec) -> Result<Resource, UpdateError> {
+    resources.build("put_resource", spec).map_err(world_error)
+}
+
+/// The second half: puts a resource [`build_resource`] built, as [`replay`]
+/// does (the same checks, errors and revision).
+pub fn put_built(state: &mut State, resource: Resource) -> Result<(), UpdateError> {
+    state.put_resource(resource).map_err(|e| state_error("put_resource.arn", e))
 }
 
 /// [`replay`], returning the events the change makes (for the audit

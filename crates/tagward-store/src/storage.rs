@@ -56,14 +56,36 @@ pub enum Loaded<'a> {
     SnapshotBegin {
         revision: u64,
     },
-    /// One encoded snapshot record.
-    SnapshotRecord(&'a [u8]),
+    /// Encoded snapshot records, in order: a batch of them, so that the
+    /// store can decode one part while it applies another. An `Err` names
+    /// the record it refuses by its place in the batch ([`NotLoaded::record`]).
+    SnapshotRecords(&'a [&'a [u8]]),
     SnapshotEnd {
         revision: u64,
     },
     /// A logged record after the snapshot.
     Record(LogRecord),
 }
+
+/// Why `load` refused an item during [`Backend::recover`]: the reason, and
+/// for [`Loaded::SnapshotRecords`] which record of the batch (0 for any
+/// other item), so that the damage is reported at that record's offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotLoaded {
+    pub reason: String,
+    pub record: usize,
+}
+
+impl From<String> for NotLoaded {
+    fn from(reason: String) -> Self {
+        NotLoaded { reason, record: 0 }
+    }
+}
+
+/// Snapshot records handed to `load` at once: at most this many, or as
+/// many as fill [`SNAPSHOT_BATCH_BYTES`].
+pub(crate) const SNAPSHOT_BATCH: usize = 2_048;
+pub(crate) const SNAPSHOT_BATCH_BYTES: usize = 4 << 20;
 
 /// What recovery found.
 #[derive(Debug, Clone, Default)]
@@ -155,7 +177,7 @@ pub trait Backend: Send {
     /// at that record); a torn tail is cut off. Afterwards the backend
     /// appends after the last revision found. Called once, before anything
     /// else.
-    fn recover(&mut self, load: &mut dyn FnMut(Loaded<'_>) -> Result<(), String>) -> Result<Recovered, StorageError>;
+    fn recover(&mut self, load: &mut dyn FnMut(Loaded<'_>) -> Result<(), NotLoaded>) -> Result<Recovered, StorageError>;
 
     /// Appends a record; it is durable once a later `prepare_sync`'s sync
     /// returns. A record over [`Backend::max_record`] is refused with
@@ -333,17 +355,33 @@ pub(crate) fn snapshot_item<'a>(path: &Path, offset: u64, payload: &'a [u8]) -> 
     }
 }
 
-/// Checks the order of a snapshot's records and hands them to `load`.
+/// Checks the order of a snapshot's records and hands them to `load`, the
+/// records in batches. A backend calls [`SnapshotReader::item`] for each
+/// record it reads and [`SnapshotReader::finish`] once the file ends (or
+/// stops on damage), which hands over what is still batched.
 pub(crate) struct SnapshotReader<'l> {
-    pub path: PathBuf,
-    pub revision: u64,
-    pub records: u64,
-    pub begun: bool,
-    pub ended: bool,
-    pub load: &'l mut dyn FnMut(Loaded<'_>) -> Result<(), String>,
+    path: PathBuf,
+    revision: u64,
+    records: u64,
+    begun: bool,
+    ended: bool,
+    load: &'l mut dyn FnMut(Loaded<'_>) -> Result<(), NotLoaded>,
+    /// The batched records' bytes, one after the other, and each one's
+    /// offset in the file and end in `bytes`.
+    bytes: Vec<u8>,
+    batched: Vec<(u64, usize)>,
 }
 
-impl SnapshotReader<'_> {
+impl<'l> SnapshotReader<'l> {
+    pub fn new(path: PathBuf, revision: u64, load: &'l mut dyn FnMut(Loaded<'_>) -> Result<(), NotLoaded>) -> Self {
+        SnapshotReader { path, revision, records: 0, begun: false, ended: false, load, bytes: Vec::new(), batched: Vec::new() }
+    }
+
+    /// The end record was read (and everything before it handed over).
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
     pub fn item(&mut self, offset: u64, payload: &[u8]) -> Result<(), StorageError> {
         let path = self.path.clone();
         if self.ended {
@@ -356,14 +394,47 @@ impl SnapshotReader<'_> {
             }
             SnapItem::Put(record) if self.begun => {
                 self.records += 1;
-                Loaded::SnapshotRecord(record)
+                self.bytes.extend_from_slice(record);
+                self.batched.push((offset, self.bytes.len()));
+                if self.batched.len() >= SNAPSHOT_BATCH || self.bytes.len() >= SNAPSHOT_BATCH_BYTES {
+                    self.finish()?;
+                }
+                return Ok(());
             }
             SnapItem::End { revision: r, records: n } if self.begun && r == self.revision && n == self.records => {
+                self.finish()?;
                 self.ended = true;
                 Loaded::SnapshotEnd { revision: r }
             }
             _ => return Err(damaged(&path, offset, "a snapshot record out of place")),
         };
-        (self.load)(loaded).map_err(|reason| damaged(&path, offset, reason))
+        (self.load)(loaded).map_err(|refused| damaged(&path, offset, refused.reason))
+    }
+
+    /// Hands the batched records to `load`; a refusal is reported at the
+    /// offset of the record refused.
+    pub fn finish(&mut self) -> Result<(), StorageError> {
+        if self.batched.is_empty() {
+            return Ok(());
+        }
+        let mut start = 0;
+        let records: Vec<&[u8]> = self
+            .batched
+            .iter()
+            .map(|&(_, end)| {
+                let record = self.bytes.get(start..end).unwrap_or_default();
+                start = end;
+                record
+            })
+            .collect();
+        let handed = (self.load)(Loaded::SnapshotRecords(&records));
+        drop(records);
+        let result = handed.map_err(|refused| {
+            let offset = self.batched.get(refused.record).or(self.batched.last()).map_or(0, |&(offset, _)| offset);
+            damaged(&self.path, offset, refused.reason)
+        });
+        self.bytes.clear();
+        self.batched.clear();
+        result
     }
 }

@@ -40,7 +40,7 @@ use tagward_core::tagging::{TagOp, TagRequest};
 use tagward_core::world::WorldSpec;
 use tagward_core::ErrorCode;
 use tagward_store::storage::{
-    Backend, DurableSync, FileBackend, Follow, Loaded, LogRecord, MemoryBackend, MemoryMedium, Recovered, SnapshotJob,
+    Backend, DurableSync, FileBackend, Follow, Loaded, LogRecord, MemoryBackend, MemoryMedium, NotLoaded, Recovered, SnapshotJob,
     StorageError,
 };
 use tagward_store::store::{Durability, Opened, Store};
@@ -186,7 +186,7 @@ impl Backend for Faulty {
     fn max_record(&self) -> u32 {
         self.inner.max_record()
     }
-    fn recover(&mut self, load: &mut dyn FnMut(Loaded<'_>) -> Result<(), String>) -> Result<Recovered, StorageError> {
+    fn recover(&mut self, load: &mut dyn FnMut(Loaded<'_>) -> Result<(), NotLoaded>) -> Result<Recovered, StorageError> {
         self.inner.recover(load)
     }
     fn append(&mut self, record: &LogRecord) -> Result<(), StorageError> {
@@ -347,12 +347,12 @@ fn compaction_then_recovery(h: &dyn Harness) {
     let mut b = h.open(u64::MAX, u32::MAX);
     let mut seen = Vec::new();
     b.recover(&mut |item| {
-        seen.push(match item {
-            Loaded::SnapshotBegin { revision } => format!("begin {revision}"),
-            Loaded::SnapshotRecord(r) => String::from_utf8(r.to_vec()).unwrap(),
-            Loaded::SnapshotEnd { revision } => format!("end {revision}"),
-            Loaded::Record(r) => format!("record {}->{}", r.prev, r.rev),
-        });
+        match item {
+            Loaded::SnapshotBegin { revision } => seen.push(format!("begin {revision}")),
+            Loaded::SnapshotRecords(rs) => seen.extend(rs.iter().map(|r| String::from_utf8(r.to_vec()).unwrap())),
+            Loaded::SnapshotEnd { revision } => seen.push(format!("end {revision}")),
+            Loaded::Record(r) => seen.push(format!("record {}->{}", r.prev, r.rev)),
+        }
         Ok(())
     })
     .unwrap();

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 
 use super::{
     check_size, damaged, frame, has_record_in, io, read_frames, revisions, snapshot_put, Backend, Cut, DurableSync, Follow,
-    Loaded, LogRecord, Marker, ReadRecords, Recovered, SnapshotJob, SnapshotReader, StorageError, MAX_RECORD, SNAP_MAGIC,
-    WAL_MAGIC,
+    Loaded, LogRecord, Marker, NotLoaded, ReadRecords, Recovered, SnapshotJob, SnapshotReader, StorageError, MAX_RECORD,
+    SNAP_MAGIC, WAL_MAGIC,
 };
 
 /// The write-ahead log and snapshots in a directory.
@@ -109,13 +109,20 @@ fn new_log(path: &Path) -> Result<Wal, StorageError> {
     Ok(Wal { out: BufWriter::with_capacity(1 << 16, file), path: path.to_path_buf(), bytes: 8 })
 }
 
-fn read_snapshot(path: &Path, revision: u64, load: &mut dyn FnMut(Loaded<'_>) -> Result<(), String>) -> Result<(), StorageError> {
-    let mut reader = SnapshotReader { path: path.to_path_buf(), revision, records: 0, begun: false, ended: false, load };
+fn read_snapshot(
+    path: &Path,
+    revision: u64,
+    load: &mut dyn FnMut(Loaded<'_>) -> Result<(), NotLoaded>,
+) -> Result<(), StorageError> {
+    let mut reader = SnapshotReader::new(path.to_path_buf(), revision, load);
     let (_, bad, _) = read_records(path, SNAP_MAGIC, |offset, payload| reader.item(offset, payload))?;
+    // What is still batched is handed over first: a record that does not
+    // load, before damage later in the file, is what is reported.
+    reader.finish()?;
     if let Some((offset, reason)) = bad {
         return Err(damaged(path, offset, reason));
     }
-    if !reader.ended {
+    if !reader.ended() {
         return Err(damaged(path, fs::metadata(path).map(|m| m.len()).unwrap_or(0), "the snapshot has no end record"));
     }
     Ok(())
@@ -198,7 +205,7 @@ impl Backend for FileBackend {
         self.max_record
     }
 
-    fn recover(&mut self, load: &mut dyn FnMut(Loaded<'_>) -> Result<(), String>) -> Result<Recovered, StorageError> {
+    fn recover(&mut self, load: &mut dyn FnMut(Loaded<'_>) -> Result<(), NotLoaded>) -> Result<Recovered, StorageError> {
         let (snaps, wals) = listing(&self.dir)?;
         let mut found = false;
         let mut base = 0u64;
@@ -223,7 +230,7 @@ impl Backend for FileBackend {
                 found = true;
                 last = rev;
                 load(Loaded::Record(LogRecord { prev, rev, bytes: payload.to_vec() }))
-                    .map_err(|reason| damaged(path, offset, reason))
+                    .map_err(|refused| damaged(path, offset, refused.reason))
             })?;
             let Some((offset, reason)) = bad else { continue };
             if !newest {

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
     check_size, damaged, frame, has_record_in, read_frames, revisions, snapshot_put, Backend, Cut, DurableSync, Follow, Loaded,
-    LogRecord, Marker, Recovered, SnapshotJob, SnapshotReader, StorageError, MAX_RECORD, SNAP_MAGIC, WAL_MAGIC,
+    LogRecord, Marker, NotLoaded, Recovered, SnapshotJob, SnapshotReader, StorageError, MAX_RECORD, SNAP_MAGIC, WAL_MAGIC,
 };
 
 #[derive(Debug, Default)]
@@ -173,7 +173,7 @@ impl Backend for MemoryBackend {
         self.max_record
     }
 
-    fn recover(&mut self, load: &mut dyn FnMut(Loaded<'_>) -> Result<(), String>) -> Result<Recovered, StorageError> {
+    fn recover(&mut self, load: &mut dyn FnMut(Loaded<'_>) -> Result<(), NotLoaded>) -> Result<Recovered, StorageError> {
         let path = place();
         let mut disk = lock(&self.medium.disk);
         let mut found = false;
@@ -181,12 +181,13 @@ impl Backend for MemoryBackend {
         if let Some((revision, bytes)) = &disk.snapshot {
             base = *revision;
             found = true;
-            let mut reader = SnapshotReader { path: path.clone(), revision: base, records: 0, begun: false, ended: false, load };
+            let mut reader = SnapshotReader::new(path.clone(), base, load);
             let (_, bad, _) = read_frames(&path, &bytes[..], bytes.len() as u64, SNAP_MAGIC, |offset, p| reader.item(offset, p))?;
+            reader.finish()?;
             if let Some((offset, reason)) = bad {
                 return Err(damaged(&path, offset, reason));
             }
-            if !reader.ended {
+            if !reader.ended() {
                 return Err(damaged(&path, bytes.len() as u64, "the snapshot has no end record"));
             }
         }
@@ -202,7 +203,7 @@ impl Backend for MemoryBackend {
                 found = true;
                 last = rev;
                 load(Loaded::Record(LogRecord { prev, rev, bytes: payload.to_vec() }))
-                    .map_err(|reason| damaged(&path, offset, reason))
+                    .map_err(|refused| damaged(&path, offset, refused.reason))
             })?;
             let Some((offset, reason)) = bad else { continue };
             if i + 1 != count {
