@@ -73,7 +73,7 @@ pub struct ResourceSpec {
     pub arn: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "read_tag_map")]
     pub tags: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_policy: Option<Value>,
@@ -95,6 +95,32 @@ pub struct ResourceSpec {
     /// KMS keys: grants, ids unique per key.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub grants: Vec<GrantSpec>,
+}
+
+/// Reads a tag map as serde's own `BTreeMap` does (the same errors, a later
+/// duplicate key wins), but collects the entries before building the map in
+/// one pass: tags arrive in key order (a snapshot's, a world file's), and
+/// inserting them one by one compared each key with its neighbours again,
+/// ten million times in a restore.
+fn read_tag_map<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error> {
+    struct Entries;
+    impl<'de> serde::de::Visitor<'de> for Entries {
+        type Value = BTreeMap<String, String>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
+            while let Some(entry) = map.next_entry::<String, String>()? {
+                entries.push(entry);
+            }
+            // A stable sort, then the last of equal keys kept: as inserting.
+            Ok(entries.into_iter().collect())
+        }
+    }
+    deserializer.deserialize_map(Entries)
 }
 
 /// A grant in the world-file shape (docs/scenarios.md, "Grant").
@@ -767,6 +793,35 @@ impl WorldSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resource_s_tags_read_as_serde_s_own_map_reads_them() {
+        #[derive(Deserialize)]
+        struct Plain {
+            #[allow(dead_code)]
+            arn: String,
+            tags: BTreeMap<String, String>,
+        }
+        let texts = [
+            r#"{"arn": "a", "tags": {}}"#,
+            r#"{"arn": "a", "tags": {"B": "2", "A": "1", "C": "3"}}"#,
+            r#"{"arn": "a", "tags": {"A": "1", "B": "2", "A": "3"}}"#,
+            r#"{"arn": "a", "tags": {"A": "\u00e9t\u00e9", "\u0042": "x"}}"#,
+            r#"{"arn": "a", "tags": {"A": 1}}"#,
+            r#"{"arn": "a", "tags": ["A", "1"]}"#,
+            r#"{"arn": "a", "tags": null}"#,
+            r#"{"arn": "a", "tags": {"A": "1",}}"#,
+        ];
+        for text in texts {
+            let ours = serde_json::from_str::<ResourceSpec>(text).map(|r| r.tags).map_err(|e| e.to_string());
+            let serdes = serde_json::from_str::<Plain>(text).map(|r| r.tags).map_err(|e| e.to_string());
+            assert_eq!(ours, serdes, "{text}");
+        }
+        let last = serde_json::from_str::<ResourceSpec>(texts[2]).map(|r| r.tags);
+        assert_eq!(last.ok().and_then(|t| t.get("A").cloned()).as_deref(), Some("3"), "a later duplicate wins");
+        let absent = serde_json::from_str::<ResourceSpec>(r#"{"arn": "a"}"#).map(|r| r.tags.len());
+        assert_eq!(absent.ok(), Some(0), "no tags is no tags");
+    }
 
     /// How change.rs classified a world error by sniffing its path text.
     fn code_from_path_text(path: &str) -> ErrorCode {
