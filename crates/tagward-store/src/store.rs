@@ -464,13 +464,43 @@ fn apply_snapshot_record(state: &mut State, resources: &mut ResourceBuilder, dec
 /// Batches of fewer records are loaded on one thread.
 const PARALLEL_FROM: usize = 64;
 
+/// Records a thread takes at a time while two share a batch.
+const CHUNK: usize = 32;
+
+/// What the two threads sharing a batch share: which chunks are taken, and
+/// the second thread's decoded chunks this one has not put yet.
+struct Sharing {
+    /// The second thread takes chunks from here on, in order.
+    front: usize,
+    /// This thread takes chunks from before here, last first.
+    back: usize,
+    /// The second thread's decoded chunks, in order.
+    decoded: VecDeque<(usize, Vec<Result<Decoded, String>>)>,
+    /// The second thread takes no more.
+    done: bool,
+}
+
+/// Marks the second thread done, however it stops (a panic included), so
+/// that the thread waiting for its chunks never waits for nothing.
+struct Finishing<'a>(&'a (Mutex<Sharing>, Condvar));
+
+impl Drop for Finishing<'_> {
+    fn drop(&mut self) {
+        lock(&self.0 .0).done = true;
+        self.0 .1.notify_all();
+    }
+}
+
 /// Replays a batch of snapshot records, in order, onto `state`. Decoding a
-/// record and lowering a resource need no state, so while this thread
-/// decodes and puts the first part of the batch, a second decodes the rest
-/// (with `spare`, its own builder), which this thread then puts: a restore
-/// takes about the time of decoding half of it plus putting it, on two
-/// cores. The first record that fails, in the batch's order, is the one
-/// refused, with the same reason as one by one; nothing after it is put.
+/// record and lowering a resource need no state, so two threads share the
+/// decoding, in chunks of [`CHUNK`] records: a second thread (with `spare`,
+/// its own builder) decodes chunks from the front of the batch and hands
+/// them over in order; this one puts each as it comes and, while the next
+/// is not ready, decodes chunks from the back and keeps them; when the two
+/// meet, it puts what it kept, in order. Neither part is fixed in advance,
+/// so neither thread waits for the other until they meet. The first record
+/// that fails, in the batch's order, is the one refused, with the same
+/// reason as one by one; nothing after it is put.
 fn load_snapshot_records(
     state: &mut State,
     resources: &mut ResourceBuilder,
@@ -487,43 +517,89 @@ fn load_snapshot_records(
         }
         return Ok(());
     }
-    // This thread also puts every record, so it takes the smaller part to
-    // decode: putting is about a fifth of a record's cost, so that both
-    // threads are done at about the same time (a profile of a million-key
-    // restore).
-    let split = records.len() * 2 / 5;
-    let (mine, theirs) = records.split_at(split);
-    std::thread::scope(|scope| {
-        let decoder = scope.spawn(|| {
-            let mut decoded = Vec::with_capacity(theirs.len());
-            for bytes in theirs {
-                let item = decode_snapshot_record(spare, bytes);
-                let failed = item.is_err();
-                decoded.push(item);
-                if failed {
-                    break;
-                }
-            }
-            decoded
-        });
-        let mut result = Ok(());
-        for (i, bytes) in mine.iter().enumerate() {
-            result = decode_snapshot_record(resources, bytes)
-                .and_then(|decoded| apply_snapshot_record(state, resources, decoded))
-                .map_err(refused(i));
-            if result.is_err() {
+    let chunks = records.len().div_ceil(CHUNK);
+    let chunk = |c: usize| c * CHUNK..records.len().min((c + 1) * CHUNK);
+    // A chunk decoded up to its first record that fails.
+    let decode = |builder: &mut ResourceBuilder, c: usize| {
+        let mut items = Vec::with_capacity(CHUNK);
+        for bytes in records.get(chunk(c)).unwrap_or_default() {
+            let item = decode_snapshot_record(builder, bytes);
+            let failed = item.is_err();
+            items.push(item);
+            if failed {
                 break;
             }
         }
-        // Joined either way: the scope would join it, and its panic (there
-        // is none to expect) is a refusal, not a panic here.
-        let decoded = decoder.join();
-        result?;
-        let decoded = decoded.map_err(|_| refused(split)("the snapshot's second decoding thread stopped".to_string()))?;
-        for (i, item) in decoded.into_iter().enumerate() {
-            item.and_then(|decoded| apply_snapshot_record(state, resources, decoded)).map_err(refused(split + i))?;
+        items
+    };
+    let failed = |items: &[Result<Decoded, String>]| items.last().is_some_and(|i| i.is_err());
+    let sharing = (Mutex::new(Sharing { front: 0, back: chunks, decoded: VecDeque::new(), done: false }), Condvar::new());
+    std::thread::scope(|scope| {
+        let second = scope.spawn(|| {
+            let _finishing = Finishing(&sharing);
+            loop {
+                let c = {
+                    let mut s = lock(&sharing.0);
+                    if s.front >= s.back {
+                        break;
+                    }
+                    s.front += 1;
+                    s.front - 1
+                };
+                let items = decode(spare, c);
+                let stop = failed(&items);
+                let mut s = lock(&sharing.0);
+                s.decoded.push_back((c, items));
+                if stop {
+                    // Nothing after a refused record is needed.
+                    s.back = s.front;
+                }
+                drop(s);
+                sharing.1.notify_all();
+            }
+        });
+        let result: Result<(), NotLoaded> = (|| {
+            let mut kept: Vec<(usize, Vec<Result<Decoded, String>>)> = Vec::new();
+            let put = |state: &mut State, resources: &mut ResourceBuilder, c: usize, items| -> Result<(), NotLoaded> {
+                for (i, item) in chunk(c).zip(items) {
+                    let item: Result<Decoded, String> = item;
+                    item.and_then(|decoded| apply_snapshot_record(state, resources, decoded)).map_err(refused(i))?;
+                }
+                Ok(())
+            };
+            loop {
+                let mut s = lock(&sharing.0);
+                if let Some((c, items)) = s.decoded.pop_front() {
+                    drop(s);
+                    put(state, resources, c, items)?;
+                } else if s.front < s.back {
+                    s.back -= 1;
+                    let c = s.back;
+                    drop(s);
+                    kept.push((c, decode(resources, c)));
+                } else if s.done {
+                    break;
+                } else {
+                    // The second thread is decoding its last chunk.
+                    drop(sharing.1.wait(s).unwrap_or_else(|poisoned| poisoned.into_inner()));
+                }
+            }
+            // Kept last first: put from the last kept, in order.
+            for (c, items) in kept.into_iter().rev() {
+                put(state, resources, c, items)?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            // The second thread takes no more; it is joined either way.
+            let mut s = lock(&sharing.0);
+            s.back = s.front;
         }
-        Ok(())
+        let joined = second.join();
+        result?;
+        // A panic of the second thread (there is none to expect) left a
+        // chunk it took undecoded: the batch is refused.
+        joined.map_err(|_| refused(records.len().saturating_sub(1))("the snapshot's second decoding thread stopped".to_string()))
     })
 }
 
@@ -1411,10 +1487,10 @@ mod tests {
 
     #[test]
     fn a_snapshot_entity_that_does_not_build_refuses_the_restore_with_its_reason_at_its_offset() {
-        // The refused entity sits among thousands of good ones: in the part
-        // of a batch the restoring thread decodes (10, 2,100) or in the
-        // part the second thread decodes (1,500, 4,990), in the first batch
-        // or a later one; or it does not decode at all (700, 3,000).
+        // The refused entity sits among thousands of good ones: early or
+        // late in a batch (either thread may decode it), in the first batch
+        // (10, 1,500) or a later one (2,100, 4,990); or it does not decode
+        // at all (700, 3,000).
         let key = |i: usize| json!({"put_resource": {"arn": format!("arn:aws:kms:us-east-1:111122223333:key/k{i}")}});
         let bad = json!({"put_resource": {"arn": "arn:aws:kms:us-east-1:111122223333:key/bad", "tags": {"aws:x": "1"}}});
         let undecodable = json!({"put_resource": {"arn": "arn:aws:kms:us-east-1:111122223333:key/bad", "tags": 7}});
@@ -1458,6 +1534,69 @@ mod tests {
         drop(backend);
         let (s, opened) = Store::open_dir(&dir, None, false, &options(), None).unwrap();
         assert_eq!((opened.restored, s.snapshot().counts().2), (Some(7), 5_000));
+    }
+
+    #[test]
+    fn a_batch_shared_by_two_threads_puts_every_record_in_order_or_refuses_the_first_bad_one() {
+        // Records of one ARN given twice keep the later (as one by one);
+        // a bad record anywhere (chunk edges included) is the one refused,
+        // wherever the two threads met.
+        let key = |i: usize, v: usize| {
+            let arn = format!("arn:aws:kms:us-east-1:111122223333:key/k{}", i % 1_500);
+            serde_json::to_vec(&json!({"put_resource": {"arn": arn, "tags": {"V": v.to_string()}}})).unwrap()
+        };
+        let bad = serde_json::to_vec(
+            &json!({"put_resource": {"arn": "arn:aws:kms:us-east-1:111122223333:key/bad", "tags": {"aws:x": "1"}}}),
+        )
+        .unwrap();
+        let undecodable = b"{\"put_resource\": 7}".to_vec();
+        let len = 2_000;
+        for bad_at in [
+            None,
+            Some(0),
+            Some(CHUNK - 1),
+            Some(CHUNK),
+            Some(CHUNK + 1),
+            Some(999),
+            Some(1_000),
+            Some(len - CHUNK),
+            Some(len - 1),
+        ] {
+            for refused in [&bad, &undecodable] {
+                let mut owned: Vec<Vec<u8>> = (0..len).map(|i| key(i, i)).collect();
+                if let Some(at) = bad_at {
+                    owned[at] = refused.clone();
+                    // A second bad record later: the first is the one refused.
+                    owned[len - 1] = undecodable.clone();
+                    if at == len - 1 {
+                        owned[len - 1] = refused.clone();
+                    }
+                }
+                let records: Vec<&[u8]> = owned.iter().map(Vec::as_slice).collect();
+                let mut state = State::default();
+                state.defer_tag_index();
+                let (mut builder, mut spare) = (ResourceBuilder::default(), ResourceBuilder::default());
+                let loaded = load_snapshot_records(&mut state, &mut builder, &mut spare, &records);
+                match bad_at {
+                    None => {
+                        assert!(loaded.is_ok(), "{:?}", loaded.err().map(|e| e.reason));
+                        state.complete_tag_index();
+                        assert_eq!(state.counts().2, 1_500);
+                        for i in [0, 499, 500, 1_499] {
+                            let arn = format!("arn:aws:kms:us-east-1:111122223333:key/k{i}");
+                            let last = if i < 500 { i + 1_500 } else { i };
+                            let tags = state.resource(&arn).map(|r| r.tags.get("V").map(str::to_string));
+                            assert_eq!(tags, Some(Some(last.to_string())), "{arn}");
+                        }
+                    }
+                    Some(at) => {
+                        let refusal = loaded.err().map(|e| e.record);
+                        assert_eq!(refusal, Some(at), "bad record at {at}");
+                        assert_eq!(state.counts().2, at.min(1_500), "nothing after the refused record is put (at {at})");
+                    }
+                }
+            }
+        }
     }
 
     /// Opens `dir`, retrying while the previous store's committer thread
