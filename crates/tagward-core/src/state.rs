@@ -1201,12 +1201,21 @@ mod tests {
                     s.put_resource(builder.build("r", spec).unwrap()).unwrap();
                 }
             };
+            // A resource put again with other tags: the later one stays.
+            let again: crate::world::ResourceSpec =
+                serde_json::from_value(serde_json::json!({"arn": specs[1].arn, "tags": {"Project": "p8", "Other": "x"}}))
+                    .unwrap();
+            let put_again = |s: &mut State| {
+                s.put_resource(crate::world::ResourceBuilder::default().build("r", &again).unwrap()).unwrap();
+            };
             let mut one_by_one = State::default();
             build(&mut one_by_one);
+            put_again(&mut one_by_one);
             let mut bulk = State::default();
             bulk.bulk(|s| {
                 build(s);
                 // A replacement inside the build completes the index first.
+                put_again(s);
                 let arn = format!("arn:aws:kms:us-east-1:111122223333:key/k{:05}", 0);
                 s.replace_tags(&arn, TagSet::from_tags(false, [("Project", "p9")]).unwrap()).unwrap();
             });
@@ -1222,6 +1231,8 @@ mod tests {
                 vec![("Project".into(), vec!["p3".into(), "p9".into()])],
                 vec![("Team".into(), vec![]), ("Project".into(), vec!["p1".into()])],
                 vec![("Owner".into(), vec!["o1".into()])],
+                vec![("Other".into(), vec![])],
+                vec![("Project".into(), vec!["p8".into()])],
             ];
             for f in &filters {
                 let mut after: Option<Arc<str>> = None;

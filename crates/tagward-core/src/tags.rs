@@ -170,6 +170,38 @@ fn intern(key: &str, value: &str) -> Arc<Pair> {
     pair
 }
 
+/// Tags one builder has checked and interned, so that the next set holding
+/// the same tag takes it from here: no rule checked again (they depend on
+/// the tag alone), no interner shard locked (two builders on two threads
+/// met on the shards' locks ten million times in a restore). Bounded: it
+/// forgets everything when it is full, so it never holds more than
+/// [`TagCache::MOST`] tags alive that no set holds.
+#[derive(Default)]
+pub struct TagCache {
+    table: hashbrown::HashTable<Arc<Pair>>,
+}
+
+impl TagCache {
+    /// The most tags a cache keeps.
+    pub const MOST: usize = 4_096;
+
+    /// The shared copy of a tag the rules allow, checked only when this
+    /// cache has not seen it.
+    fn checked(&mut self, key: &str, value: &str) -> Result<Arc<Pair>, TagRuleError> {
+        let hash = pair_hash(key, value);
+        if let Some(found) = self.table.find(hash, |p| p.key() == key && p.value() == value) {
+            return Ok(found.clone());
+        }
+        check_tag(key, value)?;
+        if self.table.len() >= Self::MOST {
+            self.table.clear();
+        }
+        let pair = intern(key, value);
+        self.table.insert_unique(hash, pair.clone(), |p| pair_hash(p.key(), p.value()));
+        Ok(pair)
+    }
+}
+
 /// The tags of one resource, sorted by key in byte order.
 ///
 /// Stored compactly: a million resources with ten tags each would otherwise
@@ -220,6 +252,25 @@ impl TagSet {
         }
         let set = TagSet::new(case_insensitive).with(tags.iter().copied())?;
         Ok(set)
+    }
+
+    /// [`TagSet::from_tags`] on a case-sensitive set, with the tags `cache`
+    /// has seen taken from it: the same set, or the same error.
+    pub fn from_tags_cached<'a>(
+        cache: &mut TagCache,
+        tags: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<TagSet, TagSetError> {
+        let tags: Vec<(&str, &str)> = tags.into_iter().collect();
+        if !tags.windows(2).all(|w| w[0].0 < w[1].0) {
+            return TagSet::from_tags(false, tags);
+        }
+        // Checked in order, as `from_tags` does, so the first bad tag is
+        // the one refused; then the limit.
+        let pairs = tags.iter().map(|(k, v)| cache.checked(k, v)).collect::<Result<Box<[_]>, _>>()?;
+        if pairs.len() > MAX_TAGS {
+            return Err(TagSetError::Limit { count: pairs.len() });
+        }
+        Ok(TagSet { pairs, case_insensitive: false })
     }
 
     pub fn case_insensitive(&self) -> bool {
@@ -374,6 +425,40 @@ mod tests {
         assert!(matches!(check_tag("AWS:team", "x"), Err(TagRuleError::ReservedKey { .. })));
         assert!(matches!(check_tag("team", "Aws:x"), Err(TagRuleError::ReservedValue { .. })));
         assert!(check_tag("awsteam", "aws").is_ok());
+    }
+
+    #[test]
+    fn a_cached_build_gives_the_set_or_the_error_an_uncached_one_gives() {
+        let many: Vec<(String, String)> = (0..51).map(|i| (format!("k{i:02}"), "v".to_string())).collect();
+        let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let cases: Vec<Vec<(&str, &str)>> = vec![
+            vec![],
+            vec![("Owner", "team-1"), ("Project", "p1")],
+            vec![("Owner", "team-1"), ("Project", "p2")],
+            vec![("Project", "p1"), ("Owner", "team-1")],
+            vec![("a", "1"), ("a", "2")],
+            vec![("Owner", "team-1"), ("aws:x", "1")],
+            vec![("Owner", "team-1"), ("team#1", "x"), ("zz", "aws:y")],
+            vec![("Owner", "a\tb")],
+            vec![("k", "v"), ("l", "é")],
+            many[..50].to_vec(),
+            many.clone(),
+            vec![("k00", "v"), ("zz", "aws:y")],
+        ];
+        let mut cache = TagCache::default();
+        // Twice over: the second time, the good tags come from the cache.
+        for round in 0..2 {
+            for tags in &cases {
+                let cached = TagSet::from_tags_cached(&mut cache, tags.iter().copied());
+                assert_eq!(cached, TagSet::from_tags(false, tags.iter().copied()), "round {round}: {tags:?}");
+            }
+        }
+        // Bounded: full, it forgets what it kept.
+        let names: Vec<String> = (0..TagCache::MOST + 10).map(|i| format!("v{i}")).collect();
+        for name in &names {
+            TagSet::from_tags_cached(&mut cache, [("Name", name.as_str())]).unwrap();
+            assert!(cache.table.len() <= TagCache::MOST);
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::kms::{check_alias_name, Constraint, Grant, GrantOps, Grantee, KeyExtr
 use crate::path::FieldPath;
 use crate::policy::{Policy, PolicyKind};
 use crate::state::{is_kms_key, KeyInfo, KeyManager, KeyState, Principal, Resource, ResourceKind, SharedText, State, StateError};
-use crate::tags::{TagSet, TagSetError};
+use crate::tags::{TagCache, TagSet, TagSetError};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -381,6 +381,8 @@ pub struct ResourceBuilder {
     /// Key specs, usages and origins: a handful of distinct values shared
     /// by a million keys, so each is stored once.
     key_fields: HashMap<String, SharedText>,
+    /// Tags checked and interned, for the next resource that carries them.
+    tags: TagCache,
 }
 
 impl ResourceBuilder {
@@ -397,7 +399,7 @@ impl ResourceBuilder {
         };
         let account = account_override.as_deref().or(Some(arn.account).filter(|a| !a.is_empty()));
         let is_key = is_kms_key(&spec.arn);
-        let tags = TagSet::from_tags(false, spec.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        let tags = TagSet::from_tags_cached(&mut self.tags, spec.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .map_err(|e| bad_tags(path.then("tags"), e))?;
         let kind = if is_key {
             if spec.resource_policy.is_some() {
