@@ -239,35 +239,29 @@ mod tests {
         assert!(hashes.windows(2).all(|w| w[0] <= w[1]), "values come in hash order");
     }
 
-    #[test]
-    fn the_guessed_place_is_the_place_a_binary_search_finds() {
-        // Buckets spread evenly, bunched at one end, all of one hash, with
-        // repeats; every hash in and around them looked up.
-        let mut seed = 0x2545_f491_u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        let top = 5u64 << (64 - BUCKET_BITS);
-        let span = 1u64 << (64 - BUCKET_BITS);
-        for len in [0usize, 1, 2, 7, 64, 300] {
-            let shapes: [Box<dyn Fn(u64) -> u64>; 4] = [
-                Box::new(|r| top + r % span),
-                Box::new(|r| top + r % 1_000),
-                Box::new(|_| top + span / 2),
-                Box::new(|r| top + (r % 5) * (span / 5)),
-            ];
-            for shape in &shapes {
-                let mut bucket: Vec<(u64, ())> = (0..len).map(|_| (shape(next()), ())).collect();
-                bucket.sort_unstable_by_key(|e| e.0);
-                let mut probes: Vec<u64> = bucket.iter().flat_map(|e| [e.0, e.0.wrapping_sub(1), e.0 + 1]).collect();
-                probes.extend([0, top, top + span - 1, u64::MAX, top + next() % span]);
-                for hash in probes {
-                    let expected = bucket.partition_point(|(h, _)| *h < hash);
-                    assert_eq!(first_not_below(&bucket, hash), expected, "len {len}, hash {hash:#x}");
-                }
+    proptest::proptest! {
+        #[test]
+        fn the_guessed_place_is_the_place_a_binary_search_finds(
+            lows in proptest::collection::vec(proptest::prelude::any::<u64>(), 0..300),
+            shape in 0usize..4,
+            probe in proptest::prelude::any::<u64>(),
+        ) {
+            // A bucket spread evenly, bunched at one end, all of one hash,
+            // or of a few repeated hashes; every hash in and around it.
+            let top = 5u64 << (64 - BUCKET_BITS);
+            let span = 1u64 << (64 - BUCKET_BITS);
+            let place = |r: u64| match shape {
+                0 => top + r % span,
+                1 => top + r % 1_000,
+                2 => top + span / 2,
+                _ => top + (r % 5) * (span / 5),
+            };
+            let mut bucket: Vec<(u64, ())> = lows.iter().map(|r| (place(*r), ())).collect();
+            bucket.sort_unstable_by_key(|e| e.0);
+            let mut probes: Vec<u64> = bucket.iter().flat_map(|e| [e.0, e.0.wrapping_sub(1), e.0.wrapping_add(1)]).collect();
+            probes.extend([0, top, top + span - 1, u64::MAX, place(probe), probe]);
+            for hash in probes {
+                proptest::prop_assert_eq!(first_not_below(&bucket, hash), bucket.partition_point(|(h, _)| *h < hash));
             }
         }
     }
