@@ -261,15 +261,14 @@ impl TagSet {
         tags: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<TagSet, TagSetError> {
         let tags: Vec<(&str, &str)> = tags.into_iter().collect();
-        if !tags.windows(2).all(|w| w[0].0 < w[1].0) {
+        // Over the limit (refused after every tag is checked, none
+        // interned) or not in key order: built as without a cache.
+        if tags.len() > MAX_TAGS || !tags.windows(2).all(|w| w[0].0 < w[1].0) {
             return TagSet::from_tags(false, tags);
         }
         // Checked in order, as `from_tags` does, so the first bad tag is
-        // the one refused; then the limit.
+        // the one refused.
         let pairs = tags.iter().map(|(k, v)| cache.checked(k, v)).collect::<Result<Box<[_]>, _>>()?;
-        if pairs.len() > MAX_TAGS {
-            return Err(TagSetError::Limit { count: pairs.len() });
-        }
         Ok(TagSet { pairs, case_insensitive: false })
     }
 
