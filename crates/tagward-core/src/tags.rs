@@ -237,21 +237,7 @@ impl TagSet {
         case_insensitive: bool,
         tags: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<TagSet, TagSetError> {
-        let tags: Vec<(&str, &str)> = tags.into_iter().collect();
-        for (k, v) in &tags {
-            check_tag(k, v)?;
-        }
-        // Keys given in strictly increasing order (a world file's map, a
-        // snapshot) on a case-sensitive set cannot repeat: only the limit is
-        // left to check, and the order is already the set's.
-        if !case_insensitive && tags.windows(2).all(|w| w[0].0 < w[1].0) {
-            if tags.len() > MAX_TAGS {
-                return Err(TagSetError::Limit { count: tags.len() });
-            }
-            return Ok(TagSet::from_sorted(false, &tags));
-        }
-        let set = TagSet::new(case_insensitive).with(tags.iter().copied())?;
-        Ok(set)
+        TagSet::built(case_insensitive, tags.into_iter().collect(), None)
     }
 
     /// [`TagSet::from_tags`] on a case-sensitive set, with the tags `cache`
@@ -260,16 +246,32 @@ impl TagSet {
         cache: &mut TagCache,
         tags: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<TagSet, TagSetError> {
-        let tags: Vec<(&str, &str)> = tags.into_iter().collect();
-        // Over the limit (refused after every tag is checked, none
-        // interned) or not in key order: built as without a cache.
-        if tags.len() > MAX_TAGS || !tags.windows(2).all(|w| w[0].0 < w[1].0) {
-            return TagSet::from_tags(false, tags);
+        TagSet::built(false, tags.into_iter().collect(), Some(cache))
+    }
+
+    fn built(case_insensitive: bool, tags: Vec<(&str, &str)>, cache: Option<&mut TagCache>) -> Result<TagSet, TagSetError> {
+        // Keys given in strictly increasing order (a world file's map, a
+        // snapshot) on a case-sensitive set cannot repeat: only the rules
+        // and the limit are left to check, and the order is already the
+        // set's.
+        let sorted = !case_insensitive && tags.windows(2).all(|w| w[0].0 < w[1].0);
+        if let Some(cache) = cache.filter(|_| sorted && tags.len() <= MAX_TAGS) {
+            // Checked in order, as below, so the first bad tag is the one
+            // refused; a tag the cache has seen is not checked again.
+            let pairs = tags.iter().map(|(k, v)| cache.checked(k, v)).collect::<Result<Box<[_]>, _>>()?;
+            return Ok(TagSet { pairs, case_insensitive: false });
         }
-        // Checked in order, as `from_tags` does, so the first bad tag is
-        // the one refused.
-        let pairs = tags.iter().map(|(k, v)| cache.checked(k, v)).collect::<Result<Box<[_]>, _>>()?;
-        Ok(TagSet { pairs, case_insensitive: false })
+        for (k, v) in &tags {
+            check_tag(k, v)?;
+        }
+        if sorted {
+            if tags.len() > MAX_TAGS {
+                return Err(TagSetError::Limit { count: tags.len() });
+            }
+            return Ok(TagSet::from_sorted(false, &tags));
+        }
+        let set = TagSet::new(case_insensitive).with(tags.iter().copied())?;
+        Ok(set)
     }
 
     pub fn case_insensitive(&self) -> bool {
