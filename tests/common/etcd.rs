@@ -58,7 +58,7 @@ impl Etcd {
 
     /// Starts etcd with more flags (`--max-request-bytes N`, say).
     pub async fn start_args(scratch: &Path, extra: &[&str]) -> Etcd {
-        let mut etcd = Etcd {
+        let etcd = Etcd {
             child: None,
             dir: scratch.join("etcd"),
             client: super::free_port(),
@@ -66,17 +66,28 @@ impl Etcd {
             tls: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
-        etcd.spawn();
-        etcd.wait_ready().await;
-        etcd
+        etcd.launch().await
     }
 
     async fn start_with(scratch: &Path, tls: Option<(PathBuf, PathBuf, EtcdTls)>) -> Etcd {
         let (client, peer) = (super::free_port(), super::free_port());
-        let mut etcd = Etcd { child: None, dir: scratch.join("etcd"), client, peer, tls, extra: Vec::new() };
-        etcd.spawn();
-        etcd.wait_ready().await;
-        etcd
+        Etcd { child: None, dir: scratch.join("etcd"), client, peer, tls, extra: Vec::new() }.launch().await
+    }
+
+    /// Starts etcd and waits until it answers, on fresh ports when it could
+    /// not bind the ones chosen: [`super::free_port`] finds a port that was
+    /// free a moment ago, and tests running beside this one take ports too.
+    async fn launch(mut self) -> Etcd {
+        for _ in 0..5 {
+            self.spawn();
+            if self.answered().await {
+                return self;
+            }
+            self.kill9();
+            let _ = std::fs::remove_dir_all(&self.dir);
+            (self.client, self.peer) = (super::free_port(), super::free_port());
+        }
+        panic!("etcd exited before answering five times; see {}", self.dir.with_extension("log").display());
     }
 
     fn spawn(&mut self) {
@@ -107,12 +118,20 @@ impl Etcd {
         self.child = Some(child);
     }
 
-    async fn wait_ready(&self) {
+    async fn wait_ready(&mut self) {
+        assert!(self.answered().await, "etcd exited before answering; see {}", self.dir.with_extension("log").display());
+    }
+
+    /// Waits until etcd answers (true) or its process has exited (false).
+    async fn answered(&mut self) -> bool {
         let client = self.client();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if client.newest().await.is_ok() {
-                return;
+                return true;
+            }
+            if self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some()) {
+                return false;
             }
             assert!(
                 Instant::now() < deadline,
