@@ -691,6 +691,15 @@ pub fn build_resource(resources: &mut ResourceBuilder, spec: &ResourceSpec) -> R
     resources.build("put_resource", spec).map_err(world_error)
 }
 
+/// [`build_resource`] on fields borrowed from wherever they were read (a
+/// snapshot record read in place): the same checks and errors.
+pub fn build_resource_fields<'a>(
+    resources: &mut ResourceBuilder,
+    fields: crate::world::ResourceFields<'a, impl IntoIterator<Item = (&'a str, &'a str)>>,
+) -> Result<Resource, UpdateError> {
+    resources.build_fields("put_resource", fields).map_err(world_error)
+}
+
 /// The second half: puts a resource [`build_resource`] built, as [`replay`]
 /// does (the same checks, errors and revision).
 pub fn put_built(state: &mut State, resource: Resource) -> Result<(), UpdateError> {

@@ -242,16 +242,17 @@ pub fn grant_spec(g: &Grant) -> GrantSpec {
 /// The aliases and grants of a key spec, checked.
 fn key_extras(
     path: &FieldPath,
-    spec: &ResourceSpec,
+    aliases: &[String],
+    grants: &[GrantSpec],
     manager: KeyManager,
     key_spec: &str,
     key_usage: &str,
 ) -> Result<Option<Arc<KeyExtras>>, WorldError> {
-    if spec.aliases.is_empty() && spec.grants.is_empty() {
+    if aliases.is_empty() && grants.is_empty() {
         return Ok(None);
     }
     let mut extras = KeyExtras::default();
-    for (i, name) in spec.aliases.iter().enumerate() {
+    for (i, name) in aliases.iter().enumerate() {
         check_alias_name(name, manager == KeyManager::Aws)
             .map_err(|e| WorldError::new(ErrorCode::InvalidAliasName, path.then("aliases").at(i), e.to_string()))?;
         if extras.aliases.contains(name) {
@@ -271,7 +272,7 @@ fn key_extras(
         ));
     }
     extras.aliases.sort();
-    for (i, g) in spec.grants.iter().enumerate() {
+    for (i, g) in grants.iter().enumerate() {
         let at = path.then("grants").at(i);
         if g.id.is_empty() {
             return Err(invalid(at.then("id"), "a grant in a world file needs an id"));
@@ -374,6 +375,49 @@ pub fn default_key_policy_document(account: &str) -> Value {
     })
 }
 
+/// A resource's fields, borrowed: what [`ResourceBuilder::build_fields`]
+/// lowers. A [`ResourceSpec`] lends its own ([`ResourceFields::of`]); a
+/// snapshot record read in place lends the record's bytes.
+pub struct ResourceFields<'a, T> {
+    pub arn: &'a str,
+    pub account: Option<&'a str>,
+    /// The tags, in key order when they come from a map or a snapshot.
+    pub tags: T,
+    pub key_policy: Option<&'a Value>,
+    pub key_state: Option<&'a str>,
+    pub key_spec: Option<&'a str>,
+    pub key_usage: Option<&'a str>,
+    pub origin: Option<&'a str>,
+    pub key_manager: Option<&'a str>,
+    pub resource_policy: Option<&'a Value>,
+    pub aliases: &'a [String],
+    pub grants: &'a [GrantSpec],
+}
+
+impl<'a> ResourceFields<'a, std::iter::Map<std::collections::btree_map::Iter<'a, String, String>, TagPair<'a>>> {
+    /// The fields of `spec`.
+    pub fn of(spec: &'a ResourceSpec) -> Self {
+        let pair: TagPair<'a> = |(k, v)| (k.as_str(), v.as_str());
+        ResourceFields {
+            arn: &spec.arn,
+            account: spec.account.as_deref(),
+            tags: spec.tags.iter().map(pair),
+            key_policy: spec.key_policy.as_ref(),
+            key_state: spec.key_state.as_deref(),
+            key_spec: spec.key_spec.as_deref(),
+            key_usage: spec.key_usage.as_deref(),
+            origin: spec.origin.as_deref(),
+            key_manager: spec.key_manager.as_deref(),
+            resource_policy: spec.resource_policy.as_ref(),
+            aliases: &spec.aliases,
+            grants: &spec.grants,
+        }
+    }
+}
+
+/// A map entry's key and value as text.
+type TagPair<'a> = fn((&'a String, &'a String)) -> (&'a str, &'a str);
+
 /// Builds resources, sharing one compiled default key policy per account.
 #[derive(Default)]
 pub struct ResourceBuilder {
@@ -388,26 +432,36 @@ pub struct ResourceBuilder {
 impl ResourceBuilder {
     /// Lowers one resource spec; `path` prefixes every error.
     pub fn build(&mut self, path: impl Into<FieldPath>, spec: &ResourceSpec) -> Result<Resource, WorldError> {
+        self.build_fields(path, ResourceFields::of(spec))
+    }
+
+    /// Lowers a resource's fields, borrowed from wherever they were read:
+    /// what [`ResourceBuilder::build`] does with a spec's, with the same
+    /// checks and errors.
+    pub fn build_fields<'a>(
+        &mut self,
+        path: impl Into<FieldPath>,
+        spec: ResourceFields<'a, impl IntoIterator<Item = (&'a str, &'a str)>>,
+    ) -> Result<Resource, WorldError> {
         let path = path.into();
-        let arn = Arn::parse(&spec.arn).ok_or_else(|| {
+        let arn = Arn::parse(spec.arn).ok_or_else(|| {
             invalid(path.then("arn"), format!("{:?} is not an ARN (arn:PARTITION:SERVICE:REGION:ACCOUNT:RESOURCE)", spec.arn))
         })?;
         // Stored only when the ARN does not already say it.
-        let account_override: Option<Arc<str>> = match &spec.account {
-            Some(a) if a != arn.account => Some(Arc::from(a.as_str())),
+        let account_override: Option<Arc<str>> = match spec.account {
+            Some(a) if a != arn.account => Some(Arc::from(a)),
             _ => None,
         };
         let account = account_override.as_deref().or(Some(arn.account).filter(|a| !a.is_empty()));
-        let is_key = is_kms_key(&spec.arn);
-        let tags = TagSet::from_tags_cached(&mut self.tags, spec.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .map_err(|e| bad_tags(path.then("tags"), e))?;
+        let is_key = is_kms_key(spec.arn);
+        let tags = TagSet::from_tags_cached(&mut self.tags, spec.tags).map_err(|e| bad_tags(path.then("tags"), e))?;
         let kind = if is_key {
             if spec.resource_policy.is_some() {
                 return Err(malformed_policy(path.then("resource_policy"), "a KMS key has a key_policy, not a resource_policy"));
             }
             let key_fields = &mut self.key_fields;
-            let mut parse = |field: &str, v: &Option<String>, default: &str| -> Result<SharedText, WorldError> {
-                let text = match v.as_deref() {
+            let mut parse = |field: &str, v: Option<&str>, default: &str| -> Result<SharedText, WorldError> {
+                let text = match v {
                     Some("") => return Err(invalid(path.then(field), "empty")),
                     Some(v) => v,
                     None => default,
@@ -417,15 +471,15 @@ impl ResourceBuilder {
                 }
                 Ok(key_fields.entry(text.to_string()).or_insert_with(|| SharedText::new(text)).clone())
             };
-            let state = match &spec.key_state {
+            let state = match spec.key_state {
                 Some(s) => s.parse::<KeyState>().map_err(|e| invalid(path.then("key_state"), e.to_string()))?,
                 None => KeyState::Enabled,
             };
-            let manager = match &spec.key_manager {
+            let manager = match spec.key_manager {
                 Some(s) => s.parse::<KeyManager>().map_err(|e| invalid(path.then("key_manager"), e.to_string()))?,
                 None => KeyManager::Customer,
             };
-            let (policy, default_policy) = match &spec.key_policy {
+            let (policy, default_policy) = match spec.key_policy {
                 Some(doc) => (compile_policy(path.then("key_policy"), doc, PolicyKind::Key)?, false),
                 None => {
                     let acct = account.unwrap_or_default().to_string();
@@ -441,14 +495,14 @@ impl ResourceBuilder {
                     (policy, true)
                 }
             };
-            let key_spec = parse("key_spec", &spec.key_spec, "SYMMETRIC_DEFAULT")?;
-            let usage = parse("key_usage", &spec.key_usage, "ENCRYPT_DECRYPT")?;
-            let extras = key_extras(&path, spec, manager, &key_spec, &usage)?;
+            let key_spec = parse("key_spec", spec.key_spec, "SYMMETRIC_DEFAULT")?;
+            let usage = parse("key_usage", spec.key_usage, "ENCRYPT_DECRYPT")?;
+            let extras = key_extras(&path, spec.aliases, spec.grants, manager, &key_spec, &usage)?;
             ResourceKind::Key(KeyInfo {
                 state,
                 spec: key_spec,
                 usage,
-                origin: parse("origin", &spec.origin, "AWS_KMS")?,
+                origin: parse("origin", spec.origin, "AWS_KMS")?,
                 manager,
                 policy,
                 default_policy,
@@ -475,7 +529,7 @@ impl ResourceBuilder {
                     });
                 }
             }
-            let policy = match &spec.resource_policy {
+            let policy = match spec.resource_policy {
                 // An IAM role's resource policy is its trust policy.
                 Some(doc) if arn.service == "iam" && arn.resource_type() == "role" => {
                     Some(compile_trust_policy(path.then("resource_policy"), doc)?)
@@ -485,7 +539,7 @@ impl ResourceBuilder {
             };
             ResourceKind::Other { policy }
         };
-        Ok(Resource { arn: spec.arn.as_str().into(), account_override, tags, kind })
+        Ok(Resource { arn: spec.arn.into(), account_override, tags, kind })
     }
 }
 

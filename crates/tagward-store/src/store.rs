@@ -30,19 +30,21 @@ use thiserror::Error;
 use tokio::sync::{broadcast, watch};
 
 use tagward_core::change::{
-    apply, build_resource, kms_event, kms_record, now_ms, put_built, replay, replay_events, state_changes, tag_event, tag_record,
-    update_field, Applied,
+    apply, kms_event, kms_record, now_ms, put_built, replay, replay_events, state_changes, tag_event, tag_record, update_field,
+    Applied,
 };
 use tagward_core::change::{Change, Record};
 use tagward_core::error::ErrorCode;
 use tagward_core::kms_ops::{KmsError, KmsOutcome, KmsRequest};
-use tagward_core::state::{Resource, State};
+use tagward_core::state::State;
 use tagward_core::tagging::{perform, TagError, TagOutcome, TagRequest};
 use tagward_core::world::{ResourceBuilder, WorldSpec};
 
 use crate::audit::{AuditLog, Refusal, Refused as RefusedWrite};
+mod record;
 mod shared;
 use crate::storage::{Backend, Cut, FileBackend, Loaded, LogRecord, MemoryBackend, NotLoaded, StorageError};
+use record::Decoded;
 pub use shared::{
     delivered_events, entities, load_state, seed_transaction, CommitError, CommitFuture, Delivered, EntityKey, Guard, History,
     HistoryError, HistoryFuture, LogEntry, Op, Shared, Txn, WatchRefused, Watched, ENTITY_DIR, LOG_KEY,
@@ -302,7 +304,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 fn snapshot_records(state: &State, max_record: u32, place: PathBuf) -> impl Iterator<Item = Result<Vec<u8>, StorageError>> + '_ {
     state_changes(state).map(move |change| {
         let what = || format!("the snapshot record of {}", change.describe());
-        let bytes = serde_json::to_vec(&change).map_err(|e| StorageError::Encode { what: what(), reason: e.to_string() })?;
+        let bytes = record::encode(&change).map_err(|reason| StorageError::Encode { what: what(), reason })?;
         if bytes.len() > max_record as usize {
             return Err(StorageError::TooLarge { path: place.clone(), what: what(), bytes: bytes.len(), limit: max_record });
         }
@@ -429,30 +431,6 @@ fn load(
     Ok(())
 }
 
-/// A snapshot record decoded, and lowered when it is a resource.
-enum Decoded {
-    Resource(Resource),
-    Change(Change),
-}
-
-fn decode_snapshot_record(resources: &mut ResourceBuilder, bytes: &[u8]) -> Result<Decoded, String> {
-    // One UTF-8 check of the whole record, then a reader that checks no
-    // string again (serde_json's byte reader checks each one on its own:
-    // 7% of a restore). A record that is not UTF-8 is read as bytes, for
-    // the byte reader's own error and its place.
-    let decoded = match std::str::from_utf8(bytes) {
-        Ok(text) => serde_json::from_str::<Change>(text),
-        Err(_) => serde_json::from_slice::<Change>(bytes),
-    };
-    let change = decoded.map_err(|e| format!("the record is not a snapshot record: {e}"))?;
-    match change {
-        Change::PutResource(spec) => {
-            build_resource(resources, &spec).map(Decoded::Resource).map_err(|e| format!("the snapshot does not load: {e}"))
-        }
-        change => Ok(Decoded::Change(change)),
-    }
-}
-
 fn apply_snapshot_record(state: &mut State, resources: &mut ResourceBuilder, decoded: Decoded) -> Result<(), String> {
     match decoded {
         Decoded::Resource(resource) => put_built(state, resource),
@@ -511,7 +489,7 @@ fn load_snapshot_records(
     let parallel = records.len() >= PARALLEL_FROM && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
     if !parallel {
         for (i, bytes) in records.iter().enumerate() {
-            decode_snapshot_record(resources, bytes)
+            record::decode(resources, bytes)
                 .and_then(|decoded| apply_snapshot_record(state, resources, decoded))
                 .map_err(refused(i))?;
         }
@@ -523,7 +501,7 @@ fn load_snapshot_records(
     let decode = |builder: &mut ResourceBuilder, c: usize| {
         let mut items = Vec::with_capacity(CHUNK);
         for bytes in records.get(chunk(c)).unwrap_or_default() {
-            let item = decode_snapshot_record(builder, bytes);
+            let item = record::decode(builder, bytes);
             let failed = item.is_err();
             items.push(item);
             if failed {
@@ -1534,6 +1512,106 @@ mod tests {
         drop(backend);
         let (s, opened) = Store::open_dir(&dir, None, false, &options(), None).unwrap();
         assert_eq!((opened.restored, s.snapshot().counts().2), (Some(7), 5_000));
+    }
+
+    /// A world with every kind of resource field, over a batch's size.
+    fn varied_world() -> WorldSpec {
+        let keys = (0..300).map(|i| {
+            let mut key = json!({"arn": format!("arn:aws:kms:us-east-1:111122223333:key/k{i}"),
+                "tags": {"Project": format!("p{}", i % 7), "Owner": "team-1", "n": i.to_string()}});
+            match i % 5 {
+                1 => key["key_state"] = json!("Disabled"),
+                2 => key["aliases"] = json!([format!("alias/k{i}")]),
+                3 => {
+                    key["grants"] = json!([{"id": "g", "grantee_principal": "arn:aws:iam::111122223333:role/app",
+                        "operations": ["Decrypt"], "constraints": {"encryption_context_subset": {"a": "b"}}}])
+                }
+                4 => {
+                    key["key_policy"] = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+                        "Principal": {"AWS": "arn:aws:iam::111122223333:root"}, "Action": "kms:*", "Resource": "*"}]})
+                }
+                _ => key["account"] = json!("444455556666"),
+            }
+            key
+        });
+        let others = [
+            json!({"arn": "arn:aws:s3:::bucket", "tags": {"Project": "p1"},
+                "resource_policy": {"Statement": [{"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject", "Resource": "*"}]}}),
+            json!({"arn": "arn:aws:sqs:us-east-1:111122223333:queue"}),
+        ];
+        serde_json::from_value(json!({
+            "policies": {"P": {"Statement": {"Effect": "Allow", "Action": "kms:*", "Resource": "*"}}},
+            "principals": [{"arn": "arn:aws:iam::111122223333:role/app", "tags": {"project": "p1"}, "policies": ["P"]}],
+            "resources": keys.chain(others).collect::<Vec<_>>(),
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_snapshot_of_binary_and_json_resource_records_restores_the_state_written() {
+        let world = varied_world();
+        let state = world.build().unwrap();
+        let expected = serde_json::to_value(WorldSpec::from_state(&state)).unwrap();
+        // As this version writes it (resources as binary records), as
+        // earlier versions did (all JSON), and both mixed in one file.
+        for (name, binary_every) in [("binary", 1), ("json", 0), ("mixed", 2)] {
+            let dir = scratch(&format!("formats-{name}"));
+            let mut backend = FileBackend::open(&dir, u64::MAX).unwrap();
+            backend.recover(&mut |_| Ok(())).unwrap();
+            let records: Vec<Vec<u8>> = state_changes(&state)
+                .enumerate()
+                .map(|(i, c)| match binary_every {
+                    0 => serde_json::to_vec(&c).unwrap(),
+                    n if i % n == 0 => record::encode(&c).unwrap(),
+                    _ => serde_json::to_vec(&c).unwrap(),
+                })
+                .collect();
+            let binary = records.iter().filter(|r| r[0] != b'{').count();
+            assert_eq!(binary > 0, binary_every > 0, "{name}: {binary} binary records");
+            backend.begin_compaction(9).unwrap().write(&mut records.into_iter().map(Ok)).unwrap();
+            drop(backend);
+            let (s, opened) = Store::open_dir(&dir, None, false, &options(), None).unwrap();
+            assert_eq!(opened.restored, Some(9), "{name}");
+            assert_eq!(serde_json::to_value(WorldSpec::from_state(&s.snapshot())).unwrap(), expected, "{name}");
+        }
+        // The store's own snapshots write resources as binary records.
+        let dir = scratch("formats-written");
+        let mut backend = FileBackend::open(&dir, u64::MAX).unwrap();
+        backend.recover(&mut |_| Ok(())).unwrap();
+        write_snapshot(&mut backend, &state).unwrap();
+        drop(backend);
+        let snapshot = dir.join(format!("snap-{:020}.tws", state.revision()));
+        let bytes = std::fs::read(&snapshot).unwrap();
+        let needle = b"key/k17";
+        let at = bytes.windows(needle.len()).position(|w| w == needle).unwrap();
+        assert!(!bytes[at.saturating_sub(64)..at].windows(15).any(|w| w == b"\"put_resource\""), "a JSON resource record");
+        let (s, _) = Store::open_dir(&dir, None, false, &options(), None).unwrap();
+        assert_eq!(serde_json::to_value(WorldSpec::from_state(&s.snapshot())).unwrap(), expected);
+    }
+
+    #[test]
+    fn a_damaged_binary_resource_record_refuses_the_restore_at_its_offset() {
+        let state = varied_world().build().unwrap();
+        let dir = scratch("binary-damaged");
+        let mut backend = FileBackend::open(&dir, u64::MAX).unwrap();
+        backend.recover(&mut |_| Ok(())).unwrap();
+        let mut records: Vec<Vec<u8>> = state_changes(&state).map(|c| record::encode(&c).unwrap()).collect();
+        // Cut inside its tags: a valid frame (its checksum is of the cut
+        // bytes) holding a record that does not decode.
+        let victim = records.iter().position(|r| r.windows(8).any(|w| w == b"key/k150")).unwrap();
+        let cut = records[victim].len() - 10;
+        records[victim].truncate(cut);
+        backend.begin_compaction(9).unwrap().write(&mut records.into_iter().map(Ok)).unwrap();
+        drop(backend);
+        let snapshot = dir.join(format!("snap-{:020}.tws", 9));
+        let expected = offset_of(&snapshot, b"key/k150");
+        match Store::open_dir(&dir, None, false, &options(), None).err().unwrap() {
+            OpenError::Storage(StorageError::Damaged { path, offset, reason }) => {
+                assert_eq!((path, offset), (snapshot, expected), "{reason}");
+                assert!(reason.contains("the record is not a resource record"), "{reason}");
+            }
+            other => panic!("{other}"),
+        }
     }
 
     #[test]
