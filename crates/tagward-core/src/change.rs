@@ -465,7 +465,7 @@ pub fn update_field(update: &Update) -> &'static str {
 }
 
 /// A state as the changes that build it from nothing: every policy (by
-/// name), principal and resource put. What a snapshot holds.
+/// name), principal and resource (by ARN) put. What a snapshot holds.
 pub fn state_changes(state: &State) -> impl Iterator<Item = Change> + '_ {
     let mut policies: Vec<_> = state.policies().collect();
     policies.sort_by(|a, b| a.0.cmp(b.0));
@@ -473,7 +473,7 @@ pub fn state_changes(state: &State) -> impl Iterator<Item = Change> + '_ {
         .into_iter()
         .map(|(name, policy)| Change::PutPolicy { name: name.to_string(), document: Value::clone(&policy.source) });
     let principals = state.principals().map(|p| Change::PutPrincipal(principal_spec(p)));
-    let resources = state.resources().map(|r| Change::PutResource(resource_spec(r)));
+    let resources = state.resources_by_arn().map(|r| Change::PutResource(resource_spec(r)));
     let organization = state.organization().map(|o| Change::PutOrganization(o.spec.clone()));
     let sessions = state.sessions().map(|s| Change::PutSession(session_spec(s)));
     let endpoints = state.endpoints().map(|e| Change::PutEndpoint(endpoint_spec(e)));

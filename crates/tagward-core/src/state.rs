@@ -361,6 +361,28 @@ fn runs_of<'s>(tagged: &[(&'s Arc<str>, &'s TagSet)]) -> Runs<'s> {
     runs
 }
 
+/// Two lists in ARN order as one (no ARN is in both: a principal is never
+/// a resource).
+fn merged_by_arn<'s>(a: Vec<(&'s Arc<str>, &'s TagSet)>, b: Vec<(&'s Arc<str>, &'s TagSet)>) -> Vec<(&'s Arc<str>, &'s TagSet)> {
+    if b.is_empty() {
+        return a;
+    }
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x.0 <= y.0 => a.next(),
+            (Some(_), Some(_)) => b.next(),
+            (Some(_), None) => a.next(),
+            (None, _) => b.next(),
+        };
+        match next {
+            Some(entry) => out.push(entry),
+            None => return out,
+        }
+    }
+}
+
 /// `a()` and `b()`, on two threads when `parallel` (a panic in either is
 /// the caller's, as if both ran here).
 fn both<A: Send, B: Send>(parallel: bool, a: impl FnOnce() -> A + Send, b: impl FnOnce() -> B + Send) -> (A, B) {
@@ -422,6 +444,10 @@ pub struct State {
     /// is built once at the end ([`State::bulk`]). INVARIANT: when set, no
     /// change has replaced or removed a tagged entity since it was set.
     index_deferred: bool,
+    /// While the index is deferred: the tagged resources put, in the order
+    /// they came (a snapshot's is ARN order, so the index needs no sort).
+    /// Empty otherwise.
+    bulk_resources: Vec<Arc<Resource>>,
     /// The organization (SCPs, RCPs), if any.
     organization: Option<Arc<Organization>>,
     /// Declared assumed-role sessions, by session ARN.
@@ -535,6 +561,14 @@ impl State {
 
     pub fn resources(&self) -> impl Iterator<Item = &Arc<Resource>> {
         self.resources.values()
+    }
+
+    /// Every resource, in ARN order: what a snapshot writes, so that a
+    /// restore builds its tag index without sorting (and the same state
+    /// always writes the same snapshot).
+    pub fn resources_by_arn(&self) -> impl Iterator<Item = &Arc<Resource>> {
+        let all: Vec<&Arc<Resource>> = self.resources.values().collect();
+        text_sort::sorted_by_text(&all, |r| r.arn.as_bytes()).into_iter()
     }
 
     pub fn organization(&self) -> Option<&Arc<Organization>> {
@@ -659,14 +693,22 @@ impl State {
         if !std::mem::take(&mut self.index_deferred) {
             return;
         }
-        let tagged: Vec<(&Arc<str>, &TagSet)> = self
-            .resources
-            .values()
-            .map(|r| (&r.arn, &r.tags))
-            .chain(self.principals.values().map(|p| (&p.arn, &p.tags)))
-            .filter(|(_, tags)| !tags.is_empty())
-            .collect();
-        let tagged = text_sort::sorted_by_text(&tagged, |(arn, _)| arn.as_bytes());
+        // Every entity put since the index was deferred is new (a
+        // replacement or removal completes the index first), so the
+        // resources listed as they came are all of them. In ARN order (a
+        // snapshot's) they need no sort, and they are read in the order
+        // they were allocated.
+        let bulk = std::mem::take(&mut self.bulk_resources);
+        let resources: Vec<(&Arc<str>, &TagSet)> = bulk.iter().map(|r| (&r.arn, &r.tags)).collect();
+        let resources = if resources.windows(2).all(|w| w[0].0 < w[1].0) {
+            resources
+        } else {
+            text_sort::sorted_by_text(&resources, |(arn, _)| arn.as_bytes())
+        };
+        let principals: Vec<(&Arc<str>, &TagSet)> =
+            self.principals.values().map(|p| (&p.arn, &p.tags)).filter(|(_, tags)| !tags.is_empty()).collect();
+        let principals = text_sort::sorted_by_text(&principals, |(arn, _)| arn.as_bytes());
+        let tagged = merged_by_arn(resources, principals);
         // Each half of the ARNs gives its runs on a thread of its own, the
         // later half's appended to the earlier's: still in order.
         let parallel = tagged.len() >= PARALLEL_INDEX_FROM && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
@@ -934,7 +976,11 @@ impl State {
             self.aliases.insert(alias_arn(&resource.arn, name).unwrap_or_default().into(), resource.arn.clone());
         }
         self.index_tags(&resource.arn, old.as_ref().map(|o| &o.tags), Some(&resource.tags));
-        self.resources.insert(Arc::new(resource));
+        let resource = Arc::new(resource);
+        if self.index_deferred && !resource.tags.is_empty() {
+            self.bulk_resources.push(Arc::clone(&resource));
+        }
+        self.resources.insert(resource);
         self.bump();
         Ok(())
     }
@@ -1181,8 +1227,10 @@ mod tests {
         // 700 entities build the index on one thread; 9,000 on two
         // (`PARALLEL_INDEX_FROM`).
         const { assert!(700 < PARALLEL_INDEX_FROM && PARALLEL_INDEX_FROM <= 9_000) };
-        for count in [700, 9_000] {
-            let specs: Vec<crate::world::ResourceSpec> = (0..count)
+        // In ARN order (a snapshot's: no sort) or not (a world file's), with
+        // tagged principals whose ARNs fall between the resources'.
+        for (count, in_order) in [(700, false), (700, true), (9_000, false), (9_000, true)] {
+            let mut specs: Vec<crate::world::ResourceSpec> = (0..count)
                 .map(|i| {
                     let region = ["us-east-1", "eu-west-1", "ap-south-1"][i % 3];
                     let mut tags = serde_json::json!({"Project": format!("p{}", i % 7), "Team": "t"});
@@ -1194,8 +1242,19 @@ mod tests {
                     )
                     .unwrap()
                 })
+                .chain([serde_json::from_value(serde_json::json!({
+                    "arn": "arn:aws:dynamodb:us-east-1:111122223333:table/t", "tags": {"Project": "p1"}}))
+                .unwrap()])
                 .collect();
+            if in_order {
+                specs.sort_by(|a, b| a.arn.cmp(&b.arn));
+            }
             let build = |s: &mut State| {
+                for name in ["b", "a", "c"] {
+                    let mut role = Principal::new(&format!("arn:aws:iam::111122223333:role/{name}")).unwrap();
+                    role.tags = TagSet::from_tags(true, [("Project", "p1")]).unwrap();
+                    s.put_principal(role).unwrap();
+                }
                 let mut builder = crate::world::ResourceBuilder::default();
                 for spec in &specs {
                     s.put_resource(builder.build("r", spec).unwrap()).unwrap();
