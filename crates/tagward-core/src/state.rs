@@ -341,21 +341,32 @@ struct IndexedArn(Arc<Arc<str>>);
 const PARALLEL_INDEX_FROM: usize = 4_096;
 
 /// A tag's run while the index is built: its key and value, and the ARNs
-/// holding it in order; found by the address of the tag's key text.
-type Runs<'s> = std::collections::HashMap<usize, (&'s str, &'s str, Vec<IndexedArn>), foldhash::fast::RandomState>;
+/// holding it in order.
+type Run<'s> = (&'s str, &'s str, Vec<IndexedArn>);
 
-/// The runs of `tagged` (in ARN order). A tag's run is found by the
-/// address of its key text: tags are interned (`tags::intern`), so every
-/// set holding a tag (a key and its value) holds its one copy, and hashing
-/// an address replaces hashing both texts ten million times. Two copies of
-/// one tag (a set built without the interner) would only make two runs of
-/// the same text, which the caller merges.
-fn runs_of<'s>(tagged: &[(&'s Arc<str>, &'s TagSet)]) -> Runs<'s> {
-    let mut runs = Runs::default();
+/// The runs of `tagged` (in ARN order), one per tag. A tag's run is found
+/// by the address of its key text: sets share a copy of each tag
+/// (`tags::TagCache`, `tags::intern`), so hashing an address replaces
+/// hashing both texts ten million times. The first time an address comes
+/// up, the run is found by the tag's text, so that every copy of one tag
+/// (one per builder that made them) shares one run, still in ARN order.
+fn runs_of<'s>(tagged: &[(&'s Arc<str>, &'s TagSet)]) -> Vec<Run<'s>> {
+    type ByAddress = std::collections::HashMap<usize, usize, foldhash::fast::RandomState>;
+    type ByText<'s> = std::collections::HashMap<(&'s str, &'s str), usize, foldhash::fast::RandomState>;
+    let (mut by_address, mut by_text) = (ByAddress::default(), ByText::default());
+    let mut runs: Vec<Run<'s>> = Vec::new();
     for (arn, tags) in tagged {
         let handle = IndexedArn(Arc::new(Arc::clone(arn)));
         for (k, v) in tags.iter() {
-            runs.entry(k.as_ptr() as usize).or_insert_with(|| (k, v, Vec::new())).2.push(handle.clone());
+            let at = *by_address.entry(k.as_ptr() as usize).or_insert_with(|| {
+                *by_text.entry((k, v)).or_insert_with(|| {
+                    runs.push((k, v, Vec::new()));
+                    runs.len() - 1
+                })
+            });
+            if let Some(run) = runs.get_mut(at) {
+                run.2.push(handle.clone());
+            }
         }
     }
     runs
@@ -713,22 +724,19 @@ impl State {
         // later half's appended to the earlier's: still in order.
         let parallel = tagged.len() >= PARALLEL_INDEX_FROM && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
         let (earlier, later) = tagged.split_at(if parallel { tagged.len() / 2 } else { tagged.len() });
-        let (mut runs, more) = both(parallel, || runs_of(earlier), || runs_of(later));
-        for (at, (k, v, arns)) in more {
-            runs.entry(at).or_insert_with(|| (k, v, Vec::new())).2.extend(arns);
-        }
-        let mut runs: Vec<(&str, &str, Vec<IndexedArn>)> = runs.into_values().collect();
-        runs.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-        let mut merged: Vec<(&str, &str, Vec<IndexedArn>)> = Vec::with_capacity(runs.len());
-        for (k, v, arns) in runs {
-            match merged.last_mut() {
-                Some(last) if (last.0, last.1) == (k, v) => {
-                    last.2.extend(arns);
-                    last.2.sort_unstable();
+        let (mut merged, more) = both(parallel, || runs_of(earlier), || runs_of(later));
+        let mut by_text: std::collections::HashMap<(&str, &str), usize, foldhash::fast::RandomState> =
+            merged.iter().enumerate().map(|(i, run)| ((run.0, run.1), i)).collect();
+        for (k, v, arns) in more {
+            match by_text.get(&(k, v)).and_then(|&i| merged.get_mut(i)) {
+                Some(run) => run.2.extend(arns),
+                None => {
+                    by_text.insert((k, v), merged.len());
+                    merged.push((k, v, arns));
                 }
-                _ => merged.push((k, v, arns)),
             }
         }
+        merged.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
         // The sets built on two threads, about half of the entries each.
         let total: usize = merged.iter().map(|r| r.2.len()).sum();
         let mut seen = 0;
@@ -1255,9 +1263,11 @@ mod tests {
                     role.tags = TagSet::from_tags(true, [("Project", "p1")]).unwrap();
                     s.put_principal(role).unwrap();
                 }
-                let mut builder = crate::world::ResourceBuilder::default();
-                for spec in &specs {
-                    s.put_resource(builder.build("r", spec).unwrap()).unwrap();
+                // Two builders, as a restore's two threads: each has its
+                // own copy of a tag, and both copies index as one tag.
+                let mut builders = [crate::world::ResourceBuilder::default(), crate::world::ResourceBuilder::default()];
+                for (i, spec) in specs.iter().enumerate() {
+                    s.put_resource(builders[(i / 32) % 2].build("r", spec).unwrap()).unwrap();
                 }
             };
             // A resource put again with other tags: the later one stays.

@@ -170,11 +170,17 @@ fn intern(key: &str, value: &str) -> Arc<Pair> {
     pair
 }
 
-/// Tags one builder has checked and interned, so that the next set holding
-/// the same tag takes it from here: no rule checked again (they depend on
-/// the tag alone), no interner shard locked (two builders on two threads
-/// met on the shards' locks ten million times in a restore). Bounded: it
-/// forgets everything when it is full, so it never holds more than
+/// Tags one builder has checked, so that the next set holding the same
+/// tag takes it from here: no rule checked again (they depend on the tag
+/// alone), no interner shard locked (two builders on two threads met on
+/// the shards' locks ten million times in a restore). The cache holds its
+/// own copy of each tag instead of the interner's: two builders on two
+/// threads cloning one shared copy ten million times wrote its reference
+/// count from both cores, and a restore spent a seventh of its CPU waiting
+/// for that cache line. A tag then has a copy per builder that met it (and
+/// one more each time a full cache forgets it and meets it again): a few
+/// thousand small allocations for a million sets. Bounded: it forgets
+/// everything when it is full, so it never holds more than
 /// [`TagCache::MOST`] tags alive that no set holds.
 #[derive(Default)]
 pub struct TagCache {
@@ -185,7 +191,7 @@ impl TagCache {
     /// The most tags a cache keeps.
     pub const MOST: usize = 4_096;
 
-    /// The shared copy of a tag the rules allow, checked only when this
+    /// This cache's copy of a tag the rules allow, checked only when this
     /// cache has not seen it.
     fn checked(&mut self, key: &str, value: &str) -> Result<Arc<Pair>, TagRuleError> {
         let hash = pair_hash(key, value);
@@ -196,7 +202,7 @@ impl TagCache {
         if self.table.len() >= Self::MOST {
             self.table.clear();
         }
-        let pair = intern(key, value);
+        let pair = Arc::new(Pair { key: key.into(), value: value.into() });
         self.table.insert_unique(hash, pair.clone(), |p| pair_hash(p.key(), p.value()));
         Ok(pair)
     }
