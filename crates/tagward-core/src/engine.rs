@@ -9,7 +9,7 @@
 //! cross-account requests need both sides. Nothing allowed: implicit deny.
 //!
 //! The wider chain ("The whole chain") is a set of guards around that core,
-//! each its own function called from [`Eval::decide`]: the SCPs of the
+//! each its own function called from `Eval::decide` (private): the SCPs of the
 //! caller's account and the RCPs of the resource's, the permissions
 //! boundary, the session policies of a declared session and the policy of
 //! the VPC endpoint the request came through. Their denies deny; the SCPs,
