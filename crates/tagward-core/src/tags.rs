@@ -110,7 +110,8 @@ pub fn keys_equal_ignoring_case(a: &str, b: &str) -> bool {
     a.eq_ignore_ascii_case(b) || a.chars().map(fold_char).eq(b.chars().map(fold_char))
 }
 
-/// One tag, shared by every tag set that carries it (see [`intern`]).
+/// One tag, shared by the tag sets that carry it: the interner's copy (see
+/// [`intern`]), or a resource builder's own ([`TagCache`]).
 #[derive(PartialEq, Eq)]
 struct Pair {
     key: Box<str>,
@@ -212,8 +213,9 @@ impl TagCache {
 ///
 /// Stored compactly: a million resources with ten tags each would otherwise
 /// spend most of their memory on small string allocations. Each distinct
-/// tag is stored once for the whole process (interned), and a set is one
-/// array of pointers to them.
+/// tag is stored once for the process (interned), or once per resource
+/// builder that met it (a restore's two), and a set is one array of
+/// pointers to them.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct TagSet {
     /// The tags in key order.
