@@ -376,7 +376,7 @@ pub fn default_key_policy_document(account: &str) -> Value {
 }
 
 /// A resource's fields, borrowed: what [`ResourceBuilder::build_fields`]
-/// lowers. A [`ResourceSpec`] lends its own ([`ResourceFields::of`]); a
+/// lowers. A [`ResourceSpec`] lends its own ([`ResourceSpec::fields`]); a
 /// snapshot record read in place lends the record's bytes.
 pub struct ResourceFields<'a, T> {
     pub arn: &'a str,
@@ -394,29 +394,25 @@ pub struct ResourceFields<'a, T> {
     pub grants: &'a [GrantSpec],
 }
 
-impl<'a> ResourceFields<'a, std::iter::Map<std::collections::btree_map::Iter<'a, String, String>, TagPair<'a>>> {
-    /// The fields of `spec`.
-    pub fn of(spec: &'a ResourceSpec) -> Self {
-        let pair: TagPair<'a> = |(k, v)| (k.as_str(), v.as_str());
+impl ResourceSpec {
+    /// This spec's fields, borrowed, for [`ResourceBuilder::build_fields`].
+    pub fn fields(&self) -> ResourceFields<'_, impl Iterator<Item = (&str, &str)> + '_> {
         ResourceFields {
-            arn: &spec.arn,
-            account: spec.account.as_deref(),
-            tags: spec.tags.iter().map(pair),
-            key_policy: spec.key_policy.as_ref(),
-            key_state: spec.key_state.as_deref(),
-            key_spec: spec.key_spec.as_deref(),
-            key_usage: spec.key_usage.as_deref(),
-            origin: spec.origin.as_deref(),
-            key_manager: spec.key_manager.as_deref(),
-            resource_policy: spec.resource_policy.as_ref(),
-            aliases: &spec.aliases,
-            grants: &spec.grants,
+            arn: &self.arn,
+            account: self.account.as_deref(),
+            tags: self.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            key_policy: self.key_policy.as_ref(),
+            key_state: self.key_state.as_deref(),
+            key_spec: self.key_spec.as_deref(),
+            key_usage: self.key_usage.as_deref(),
+            origin: self.origin.as_deref(),
+            key_manager: self.key_manager.as_deref(),
+            resource_policy: self.resource_policy.as_ref(),
+            aliases: &self.aliases,
+            grants: &self.grants,
         }
     }
 }
-
-/// A map entry's key and value as text.
-type TagPair<'a> = fn((&'a String, &'a String)) -> (&'a str, &'a str);
 
 /// Builds resources, sharing one compiled default key policy per account.
 #[derive(Default)]
@@ -432,7 +428,7 @@ pub struct ResourceBuilder {
 impl ResourceBuilder {
     /// Lowers one resource spec; `path` prefixes every error.
     pub fn build(&mut self, path: impl Into<FieldPath>, spec: &ResourceSpec) -> Result<Resource, WorldError> {
-        self.build_fields(path, ResourceFields::of(spec))
+        self.build_fields(path, spec.fields())
     }
 
     /// Lowers a resource's fields, borrowed from wherever they were read:
