@@ -149,7 +149,10 @@ fn main() {
     {
         let mut out = std::io::BufWriter::new(std::fs::File::create(&file).expect("world file"));
         spec.write_world(&mut out).expect("write world");
-        std::io::Write::flush(&mut out).expect("flush");
+        // On disk before it is read, as the snapshot is (written durably):
+        // else the read below also waits for the kernel writing the file
+        // back (about 3 s of a 9 s load on the machine of 2026-12-04).
+        out.into_inner().map_err(|e| e.into_error()).and_then(|f| f.sync_all()).expect("sync world file");
     }
     let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
     let read = Instant::now();
