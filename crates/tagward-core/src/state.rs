@@ -542,12 +542,17 @@ impl State {
     }
 
     /// The role that an assumed-role session belongs to.
+    /// Every session request asks this: the key `ACCOUNT:NAME` is built on
+    /// the stack (an IAM role name has at most 64 characters; a longer one
+    /// from a forged ARN spills to the heap), not allocated.
     pub fn role_by_name(&self, account: &str, name: &str) -> Option<&Arc<Principal>> {
-        let mut buf = String::with_capacity(account.len() + name.len() + 1);
-        buf.push_str(account);
-        buf.push(':');
-        buf.push_str(name);
-        self.roles.get(buf.as_str()).and_then(|arn| self.principals.get(arn))
+        let mut buf: smallvec::SmallVec<[u8; 96]> = smallvec::SmallVec::new();
+        buf.extend_from_slice(account.as_bytes());
+        buf.push(b':');
+        buf.extend_from_slice(name.as_bytes());
+        // Two texts and a colon are text; the check cannot fail.
+        let key = std::str::from_utf8(&buf).ok()?;
+        self.roles.get(key).and_then(|arn| self.principals.get(arn))
     }
 
     pub fn resource(&self, arn: &str) -> Option<&Arc<Resource>> {
