@@ -938,8 +938,8 @@ impl<'a> Eval<'a> {
     ) -> Result<Grant, Miss<'s>> {
         let covers = match hit {
             ActionHit::Known => true,
-            ActionHit::NotExact => st.covers_action_by_wildcards(action.lower),
-            ActionHit::Unknown => st.covers_action(action.lower),
+            ActionHit::NotExact => st.covers_by_wildcards(action),
+            ActionHit::Unknown => st.covers(action),
         };
         if !covers {
             return Err(Miss::Action);

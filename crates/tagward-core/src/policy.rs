@@ -7,6 +7,7 @@
 //! Compiling builds the wildcard matchers, pre-parses condition values and
 //! indexes statements by action so a request looks at few of them.
 
+mod catalog;
 pub mod condition;
 pub mod keys;
 pub mod pattern;
@@ -23,6 +24,7 @@ use thiserror::Error;
 
 use crate::arn::{is_account_id, Arn};
 use crate::path::FieldPath;
+use catalog::{ActionSet, KnownAction};
 use condition::{ArnPattern, Condition};
 use pattern::{Pattern, Syntax};
 
@@ -119,6 +121,9 @@ pub struct Statement {
     pub actions: Actions,
     pub resources: Resources,
     pub conditions: Vec<Condition>,
+    /// The known actions (`catalog`) that `actions` covers, matched when
+    /// the statement was compiled.
+    known_actions: ActionSet,
 }
 
 impl Statement {
@@ -137,6 +142,28 @@ impl Statement {
             return self.covers_action(action);
         }
         self.actions.patterns.iter().any(|p| p.exact().is_none() && p.matches(action, &pattern::NoValues))
+    }
+
+    /// [`Statement::covers_action`] for a request's action: one bit when
+    /// the action is a known one, the patterns otherwise.
+    #[inline]
+    pub fn covers(&self, action: &ActionKey<'_>) -> bool {
+        match action.known {
+            Some(id) => self.known_actions.contains(id),
+            None => self.covers_action(action.lower),
+        }
+    }
+
+    /// [`Statement::covers_action_by_wildcards`] for a request's action.
+    /// For a known action this is the same bit as [`Statement::covers`]:
+    /// a statement that names the action exactly is an exact hit, so for
+    /// any other its exact patterns cannot match.
+    #[inline]
+    pub fn covers_by_wildcards(&self, action: &ActionKey<'_>) -> bool {
+        match action.known {
+            Some(id) => self.known_actions.contains(id),
+            None => self.covers_action_by_wildcards(action.lower),
+        }
     }
 }
 
@@ -180,13 +207,16 @@ pub struct ActionKey<'a> {
     service: &'a str,
     exact_hash: u64,
     service_hash: u64,
+    /// Its number, when it is one of the actions the `catalog` knows.
+    known: Option<KnownAction>,
 }
 
 impl<'a> ActionKey<'a> {
     /// `lower` must already be lowercased.
     pub fn new(lower: &'a str) -> ActionKey<'a> {
         let service = lower.split_once(':').map_or(lower, |(s, _)| s);
-        ActionKey { lower, service, exact_hash: action_hash(lower), service_hash: action_hash(service) }
+        let exact_hash = action_hash(lower);
+        ActionKey { lower, service, exact_hash, service_hash: action_hash(service), known: catalog::known(lower, exact_hash) }
     }
 }
 
@@ -628,7 +658,8 @@ fn compile_statement(
         None => Vec::new(),
         Some(c) => compile_conditions(&at("Condition"), c, variables)?,
     };
-    Ok(Statement { index, sid, effect, principal, actions, resources, conditions })
+    let known_actions = ActionSet::covered_by(&actions);
+    Ok(Statement { index, sid, effect, principal, actions, resources, conditions, known_actions })
 }
 
 /// A string or a non-empty array of strings.
