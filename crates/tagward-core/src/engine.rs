@@ -704,7 +704,10 @@ impl<'a> Eval<'a> {
             // allowing (a key policy delegating to IAM) did not decide.
             return Decision { reason: Reason::Allowed, matched: grants.into_vec(), missing_keys, considered: c.considered };
         }
-        let mut matched = c.identity_allows.into_vec();
+        // One allocation for all three (the identity allows' own, grown
+        // for the others, was two in most allowed decisions).
+        let mut matched = Vec::with_capacity(c.identity_allows.len() + c.resource_allows.len() + grants.len());
+        matched.extend(c.identity_allows);
         matched.extend(c.resource_allows.into_iter().map(|(s, _)| s));
         matched.extend(grants);
         Decision { reason: Reason::Allowed, matched, missing_keys, considered: c.considered }
