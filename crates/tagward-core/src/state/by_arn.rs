@@ -5,14 +5,16 @@
 //! per resource went to the map alone. Here the entries, each an ARN's hash
 //! and the resource, sit in [`BUCKETS`] buckets by the hash's top bits, each
 //! bucket one shared array sorted by hash, and the buckets in a persistent
-//! vector. A lookup hashes the ARN once, indexes the vector (a descent of
-//! two or three nodes, no comparisons), finds the hash in one bucket by
-//! stepping from where its lower bits place it (the hashes spread evenly;
-//! see [`first_not_below`]) and compares the ARN text once (more for a hash collision, which is
-//! handled: entries of one hash are in one bucket, next to each other). A
-//! change copies one bucket (about 64 entries of 16 bytes for a million
-//! resources) and the vector's path to it when an older state still shares
-//! them; cloning the map copies nothing.
+//! array of two fixed levels ([`CHUNKS`] shared chunks of [`CHUNK`]
+//! buckets). A lookup hashes the ARN once, reads the bucket's place in two
+//! steps (no comparisons), finds the hash in one bucket by stepping from
+//! where its lower bits place it (the hashes spread evenly; see
+//! [`first_not_below`]) and compares the ARN text once (more for a hash
+//! collision, which is handled: entries of one hash are in one bucket, next
+//! to each other). A change copies one bucket (about 64 entries of 16 bytes
+//! for a million resources), its chunk and the chunk list (128 pointers
+//! each) when an older state still shares them; cloning the map copies
+//! nothing.
 
 use std::hash::BuildHasher;
 use std::sync::Arc;
@@ -20,6 +22,10 @@ use std::sync::Arc;
 /// Buckets (a power of two): about 64 entries each for 1,000,000 resources.
 const BUCKET_BITS: u32 = 14;
 const BUCKETS: usize = 1 << BUCKET_BITS;
+/// Buckets per chunk, and chunks: a change copies one of each level.
+const CHUNK_BITS: u32 = 7;
+const CHUNK: usize = 1 << CHUNK_BITS;
+const CHUNKS: usize = BUCKETS >> CHUNK_BITS;
 
 /// What the map holds: a value that knows its ARN.
 pub(super) trait Named {
@@ -27,25 +33,32 @@ pub(super) trait Named {
 }
 
 type Bucket<V> = Option<Arc<Vec<(u64, V)>>>;
+type Chunk<V> = Arc<[Bucket<V>]>;
 
 #[derive(Clone)]
 pub(super) struct ByArn<V> {
-    /// INVARIANT: empty, or exactly [`BUCKETS`] long; bucket `b` holds the
-    /// entries whose hash's top bits are `b`, sorted by hash, and is `None`
-    /// when it holds none.
-    buckets: imbl::Vector<Bucket<V>>,
+    /// INVARIANT: `None`, or exactly [`CHUNKS`] chunks of exactly [`CHUNK`]
+    /// buckets; bucket `b` (chunk `b >> CHUNK_BITS`, place `b % CHUNK`)
+    /// holds the entries whose hash's top bits are `b`, sorted by hash, and
+    /// is `None` when it holds none.
+    buckets: Option<Arc<[Chunk<V>]>>,
     len: usize,
     hasher: foldhash::fast::RandomState,
 }
 
 impl<V: Clone> Default for ByArn<V> {
     fn default() -> Self {
-        ByArn { buckets: imbl::Vector::new(), len: 0, hasher: foldhash::fast::RandomState::default() }
+        ByArn { buckets: None, len: 0, hasher: foldhash::fast::RandomState::default() }
     }
 }
 
 fn bucket_of(hash: u64) -> usize {
     (hash >> (64 - BUCKET_BITS)) as usize
+}
+
+/// Every bucket empty.
+fn empty_chunks<V>() -> Arc<[Chunk<V>]> {
+    (0..CHUNKS).map(|_| (0..CHUNK).map(|_| None).collect()).collect()
 }
 
 impl<V: Named + Clone> ByArn<V> {
@@ -59,6 +72,19 @@ impl<V: Named + Clone> ByArn<V> {
 
     pub(super) fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The entries of bucket `b`.
+    fn bucket(&self, b: usize) -> Option<&[(u64, V)]> {
+        let chunk = self.buckets.as_deref()?.get(b >> CHUNK_BITS)?;
+        chunk.get(b % CHUNK)?.as_deref().map(Vec::as_slice)
+    }
+
+    /// Bucket `b`'s slot, its chunk and the chunk list unshared first.
+    fn slot_mut(&mut self, b: usize) -> Option<&mut Bucket<V>> {
+        let chunks = self.buckets.get_or_insert_with(empty_chunks);
+        let chunk = Arc::make_mut(chunks).get_mut(b >> CHUNK_BITS)?;
+        Arc::make_mut(chunk).get_mut(b % CHUNK)
     }
 
     /// Where `name` is in `bucket`: `Ok` at its index, `Err` where it would go.
@@ -78,7 +104,7 @@ impl<V: Named + Clone> ByArn<V> {
 
     pub(super) fn get(&self, name: &str) -> Option<&V> {
         let hash = self.hash(name);
-        let bucket = self.buckets.get(bucket_of(hash))?.as_deref()?;
+        let bucket = self.bucket(bucket_of(hash))?;
         Self::position(bucket, hash, name).ok().map(|at| &bucket[at].1)
     }
 
@@ -88,16 +114,17 @@ impl<V: Named + Clone> ByArn<V> {
 
     /// Every value, in the order of their hashes.
     pub(super) fn values(&self) -> impl Iterator<Item = &V> {
-        self.buckets.iter().flat_map(|bucket| bucket.iter().flat_map(|b| b.iter().map(|(_, v)| v)))
+        self.buckets
+            .iter()
+            .flat_map(|chunks| chunks.iter())
+            .flat_map(|chunk| chunk.iter())
+            .flat_map(|bucket| bucket.iter().flat_map(|b| b.iter().map(|(_, v)| v)))
     }
 
     /// Adds `value` under its name; returns the value it replaced.
     pub(super) fn insert(&mut self, value: V) -> Option<V> {
         let hash = self.hash(value.name());
-        if self.buckets.is_empty() {
-            self.buckets = std::iter::repeat_n(None, BUCKETS).collect();
-        }
-        let slot = self.buckets.get_mut(bucket_of(hash))?;
+        let slot = self.slot_mut(bucket_of(hash))?;
         let bucket = slot.get_or_insert_with(|| Arc::new(Vec::new()));
         match Self::position(bucket, hash, value.name()) {
             Ok(at) => Some(std::mem::replace(&mut unshare(bucket, 0)[at], (hash, value)).1),
@@ -112,9 +139,11 @@ impl<V: Named + Clone> ByArn<V> {
     /// Removes the value named `name`.
     pub(super) fn remove(&mut self, name: &str) -> Option<V> {
         let hash = self.hash(name);
-        let slot = self.buckets.get_mut(bucket_of(hash))?;
+        let b = bucket_of(hash);
+        // Not there: nothing is unshared.
+        let at = Self::position(self.bucket(b)?, hash, name).ok()?;
+        let slot = self.slot_mut(b)?;
         let bucket = slot.as_mut()?;
-        let at = Self::position(bucket, hash, name).ok()?;
         let (_, removed) = unshare(bucket, 0).remove(at);
         if bucket.is_empty() {
             *slot = None;
@@ -126,8 +155,14 @@ impl<V: Named + Clone> ByArn<V> {
     /// The same map with no spare room in its buckets: for a map built
     /// from nothing, whose buckets grew by doubling.
     pub(super) fn compacted(&self) -> ByArn<V> {
-        let buckets =
-            self.buckets.iter().map(|bucket| bucket.as_ref().map(|b| Arc::new(b.iter().cloned().collect::<Vec<_>>()))).collect();
+        let buckets = self.buckets.as_ref().map(|chunks| {
+            chunks
+                .iter()
+                .map(|chunk| {
+                    chunk.iter().map(|bucket| bucket.as_ref().map(|b| Arc::new(b.iter().cloned().collect::<Vec<_>>()))).collect()
+                })
+                .collect()
+        });
         ByArn { buckets, len: self.len, hasher: self.hasher.clone() }
     }
 }
@@ -235,8 +270,14 @@ mod tests {
         }
         let compact = map.compacted();
         check(&compact, &model);
-        let hashes: Vec<u64> = compact.buckets.iter().flatten().flat_map(|b| b.iter().map(|(h, _)| *h)).collect();
+        let hashes: Vec<u64> = compact.values().map(|v| compact.hash(&v.0)).collect();
         assert!(hashes.windows(2).all(|w| w[0] <= w[1]), "values come in hash order");
+        // Removing what is not there changes nothing, shared or not.
+        let before = compact.clone();
+        let mut after = compact.clone();
+        assert_eq!(after.remove("arn:aws:kms:us-east-1:111122223333:key/none"), None);
+        check(&after, &model);
+        check(&before, &model);
     }
 
     proptest::proptest! {
@@ -274,16 +315,16 @@ mod tests {
         map.remove(&name(0));
         let hashes = [3u64, 3, 3, u64::MAX, u64::MAX];
         for (i, h) in hashes.iter().enumerate() {
-            let slot = map.buckets.get_mut(bucket_of(*h)).unwrap();
+            let slot = map.slot_mut(bucket_of(*h)).unwrap();
             let bucket = slot.get_or_insert_with(|| Arc::new(Vec::new()));
             let at = ByArn::position(bucket, *h, &name(i as u32)).unwrap_err();
             unshare(bucket, 1).insert(at, (*h, Item(name(i as u32), i as u32)));
             map.len += 1;
         }
         for (i, h) in hashes.iter().enumerate() {
-            let bucket = map.buckets.get(bucket_of(*h)).unwrap().as_deref().unwrap();
+            let bucket = map.bucket(bucket_of(*h)).unwrap();
             assert_eq!(ByArn::position(bucket, *h, &name(i as u32)).map(|at| bucket[at].1 .1), Ok(i as u32), "{i}");
         }
-        assert_eq!(map.buckets.get(bucket_of(3)).unwrap().as_deref().unwrap().len(), 3, "one hash, one bucket");
+        assert_eq!(map.bucket(bucket_of(3)).unwrap().len(), 3, "one hash, one bucket");
     }
 }
