@@ -1,7 +1,7 @@
 //! The actions Tagward knows by number: the AWS actions its callers ask
-//! about most (every KMS operation, the IAM, STS, S3, Resource Groups
-//! Tagging and Secrets Manager actions on tags), each given a number when
-//! the process starts.
+//! about most (the KMS actions, the IAM, STS, S3, Resource Groups
+//! Tagging and Secrets Manager actions on tags), each numbered by its place
+//! in the list.
 //!
 //! A statement's `Action` or `NotAction` is matched against every known
 //! action once, when the policy is compiled, into an [`ActionSet`]; a
