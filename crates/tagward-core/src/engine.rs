@@ -86,13 +86,22 @@ impl Request {
 
     /// Checks the request's shape, and its context against `rules`.
     pub fn validate_with(&self, rules: &ContextRules) -> Result<Caller<'_>, RequestError> {
-        self.checked(rules).map(|(caller, _)| caller)
+        self.checked(rules, None).map(|(caller, _)| caller)
     }
 
     /// [`Request::validate_with`], also giving the resource ARN split (the
-    /// decision reuses the split it checked: `None` for `*`).
-    fn checked(&self, rules: &ContextRules) -> Result<(Caller<'_>, Option<ArnParts<'_>>), RequestError> {
-        let caller = Caller::parse(&self.principal).map_err(|e| RequestError::new("principal", e.to_string()))?;
+    /// decision reuses the split it checked: `None` for `*`). `known` is
+    /// the caller of the principal the state holds under this request's
+    /// principal ARN, if any: what parsing that ARN gives, already parsed.
+    fn checked<'s>(
+        &'s self,
+        rules: &ContextRules,
+        known: Option<Caller<'s>>,
+    ) -> Result<(Caller<'s>, Option<ArnParts<'s>>), RequestError> {
+        let caller = match known {
+            Some(caller) => caller,
+            None => Caller::parse(&self.principal).map_err(|e| RequestError::new("principal", e.to_string()))?,
+        };
         let action = self.action.as_bytes();
         let well_formed_action = match action.iter().position(|&b| b == b':') {
             Some(colon) => colon > 0 && colon + 1 < action.len() && !action.iter().any(|&b| matches!(b, b'*' | b'?' | b' ')),
@@ -526,9 +535,14 @@ pub fn authorize_noting_clock(
     explain: bool,
     rules: &ContextRules,
 ) -> Result<(Decision, bool), RequestError> {
-    let (caller, request_parts) = req.checked(rules)?;
+    // A user or role the state holds is found by the request's principal
+    // ARN as it stands, and its ARN needs no parsing: the principal kept
+    // what parsing it gave. Any other ARN is parsed (and checked) here.
+    let known = state.principal(&req.principal).map(|p| &**p);
+    let (caller, request_parts) = req.checked(rules, known.map(Principal::caller))?;
     let principal = match caller.kind {
-        CallerKind::User { .. } | CallerKind::Role { .. } => state.principal(caller.arn).map(|p| &**p),
+        // Looked up above by the same text (`caller.arn` is the request's).
+        CallerKind::User { .. } | CallerKind::Role { .. } => known,
         CallerKind::Session { role, .. } => state.role_by_name(caller.account, role).map(|p| &**p),
         CallerKind::Root => None,
     };

@@ -105,6 +105,16 @@ impl Principal {
         &self.name
     }
 
+    /// What [`Caller::parse`] makes of this principal's ARN, without
+    /// parsing it again: [`Principal::new`] parsed it, and kept its
+    /// account, name and kind (a user or a role, nothing else).
+    pub fn caller(&self) -> Caller<'_> {
+        let partition = self.arn.split(':').nth(1).unwrap_or_default();
+        let name = &*self.name;
+        let kind = if self.is_role { CallerKind::Role { name } } else { CallerKind::User { name } };
+        Caller { arn: &self.arn, partition, account: &self.account, kind }
+    }
+
     /// The attached managed policies that exist, in `managed` order, as of
     /// the state this principal was read from (empty before it is put).
     pub fn resolved(&self) -> &[(Arc<str>, Arc<Policy>)] {
@@ -1151,6 +1161,21 @@ mod tests {
             )
             .unwrap(),
         )
+    }
+
+    #[test]
+    fn a_principal_gives_the_caller_its_arn_parses_to() {
+        for arn in [
+            "arn:aws:iam::111122223333:user/alice",
+            "arn:aws:iam::111122223333:user/division/team/richard-roe",
+            "arn:aws:iam::111122223333:role/Dev",
+            "arn:aws:iam::111122223333:role/service-role/path/Build",
+            "arn:aws-cn:iam::444455556666:role/China",
+            "arn:aws-us-gov:iam::444455556666:user/gov",
+        ] {
+            let p = Principal::new(arn).unwrap();
+            assert_eq!(p.caller(), Caller::parse(arn).unwrap(), "{arn}");
+        }
     }
 
     #[test]
