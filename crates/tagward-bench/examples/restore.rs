@@ -27,6 +27,11 @@ use tagward_bench::gen::GenSpec;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// The memory and durability benches' world with `keys` keys.
+fn spec(keys: usize) -> GenSpec {
+    GenSpec { keys, other_resources: 0, tags: 10, principals: 100, policies: 1_000, ..GenSpec::default() }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = "usage: restore write DIR KEYS | restore open DIR | restore write-world FILE KEYS | restore load-world FILE";
@@ -34,7 +39,7 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("write") => {
             let keys: usize = args.get(2).and_then(|k| k.parse().ok()).expect(usage);
-            let spec = GenSpec { keys, other_resources: 0, tags: 10, principals: 100, policies: 1_000, ..GenSpec::default() };
+            let spec = spec(keys);
             let started = Instant::now();
             let state = spec.build_state().expect("state");
             println!("built {keys} keys in {:.2?}", started.elapsed());
@@ -61,10 +66,12 @@ fn main() {
         }
         Some("write-world") => {
             let keys: usize = args.get(2).and_then(|k| k.parse().ok()).expect(usage);
-            let spec = GenSpec { keys, other_resources: 0, tags: 10, principals: 100, policies: 1_000, ..GenSpec::default() };
+            let spec = spec(keys);
             let mut out = std::io::BufWriter::new(std::fs::File::create(&dir).expect("world file"));
             spec.write_world(&mut out).expect("write world");
-            std::io::Write::flush(&mut out).expect("flush");
+            // Synced, so that a `load-world` right after it does not also
+            // wait for the kernel writing the file back.
+            out.into_inner().map_err(|e| e.into_error()).and_then(|f| f.sync_all()).expect("sync world file");
         }
         Some("load-world") => {
             let started = Instant::now();

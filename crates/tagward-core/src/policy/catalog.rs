@@ -127,6 +127,20 @@ impl ActionSet {
 
     const ALL: ActionSet = ActionSet([u64::MAX; 2]);
 
+    /// Every known action: the bits below `KNOWN.len()`.
+    const KNOWN: ActionSet = {
+        let n = KNOWN.len();
+        let low = if n >= 64 { u64::MAX } else { (1 << n) - 1 };
+        let high = if n <= 64 {
+            0
+        } else if n >= 128 {
+            u64::MAX
+        } else {
+            (1 << (n - 64)) - 1
+        };
+        ActionSet([low, high])
+    };
+
     fn insert(&mut self, id: usize) {
         if let Some(word) = self.0.get_mut(id / 64) {
             *word |= 1 << (id % 64);
@@ -190,11 +204,7 @@ impl ActionSet {
     }
 
     fn intersect_known(self) -> ActionSet {
-        let mut known = ActionSet::default();
-        for id in 0..KNOWN.len() {
-            known.insert(id);
-        }
-        ActionSet([self.0[0] & known.0[0], self.0[1] & known.0[1]])
+        ActionSet([self.0[0] & ActionSet::KNOWN.0[0], self.0[1] & ActionSet::KNOWN.0[1]])
     }
 }
 
@@ -233,6 +243,9 @@ mod tests {
             assert_eq!(known(a, super::super::action_hash(a)).map(|k| KNOWN[usize::from(k.0)]), Some(*a));
         }
         assert_eq!(known("kms:nosuchaction", super::super::action_hash("kms:nosuchaction")), None);
+        let mut every = ActionSet::default();
+        (0..KNOWN.len()).for_each(|id| every.insert(id));
+        assert_eq!(ActionSet::KNOWN, every, "the mask holds exactly the known actions");
     }
 
     #[test]
